@@ -1,0 +1,345 @@
+//! Model configuration: the DiT network and the CLIP image tower.
+//!
+//! Two file formats are accepted by [`ModelConfig::from_file`]:
+//! * the project's own JSON (`{"dit": {...}, "clip": {...}}`, the serde form of [`ModelConfig`]);
+//! * the parity/official description (`official_cli_flags` with the official flag names, and the CLIP
+//!   tower under `clip.open_clip_model_config`), as in `shared/parity/config.json`.
+//!
+//! The built-in default, [`ModelConfig::released`], is the released Inf-DiT checkpoint (hidden 1280,
+//! depth 28, 16 heads, patch 4, block 128, open_clip ViT-L/14).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{InfditError, Result};
+
+/// Hyper-parameters of the diffusion transformer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DitConfig {
+    /// Hidden width D (`--hidden-size`). Released: 1280.
+    pub hidden: usize,
+    /// Number of transformer layers (`--num-layers`). Released: 28.
+    pub depth: usize,
+    /// Attention heads (`--num-attention-heads`). Released: 16 (head dim 80).
+    pub heads: usize,
+    /// MLP inner width. Released: 4 * hidden = 5120.
+    pub mlp_hidden: usize,
+    /// Patch size in pixels (`--patch-size`). Released: 4.
+    pub patch: usize,
+    /// Input channels: noisy RGB plus upsampled LR RGB (`--in-channels`). Released: 6.
+    pub in_channels: usize,
+    /// Output channels (`--out-channels`). Released: 3.
+    pub out_channels: usize,
+    /// UniBA block size in pixels (`--image-block-size`). Released: 128.
+    pub block_px: usize,
+    /// CLIP embedding width fed to the condition MLP (`--vector-dim`). Released: 768.
+    pub vector_dim: usize,
+    /// Sinusoid channels of the time embedding. Released: 192.
+    pub time_channels: usize,
+    /// `--image-size`; fixes the RoPE table side `8 * image_size / patch` and the position modulo.
+    pub image_size: usize,
+    /// Ratio HR/LR the network was built for (`--sr-scale`, a model constant). Released: 4.
+    pub sr_scale: usize,
+    /// Patch size of the LR convolution feeding the layer-0 cross-attention. Released: 2.
+    pub lr_patch: usize,
+    /// LayerNorm epsilon of the transformer. Released: 1e-6.
+    pub ln_eps: f64,
+}
+
+/// Hyper-parameters of the open_clip ViT image tower (vision part only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClipConfig {
+    /// Input side in pixels. ViT-L/14: 224.
+    pub image_size: usize,
+    /// Patch size. ViT-L/14: 14.
+    pub patch: usize,
+    /// Transformer width. ViT-L/14: 1024.
+    pub width: usize,
+    /// Number of residual blocks. ViT-L/14: 24.
+    pub layers: usize,
+    /// Attention heads (width / head_width). ViT-L/14: 16.
+    pub heads: usize,
+    /// MLP width. ViT-L/14: 4096.
+    pub mlp_hidden: usize,
+    /// Embedding width after `proj`. ViT-L/14: 768.
+    pub output_dim: usize,
+    /// LayerNorm epsilon. open_clip: 1e-5.
+    pub ln_eps: f64,
+    /// Normalisation mean (OpenAI CLIP values).
+    pub mean: [f32; 3],
+    /// Normalisation std (OpenAI CLIP values).
+    pub std: [f32; 3],
+}
+
+/// The whole model: DiT plus (optionally) the CLIP tower that makes its conditioning vector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The diffusion transformer.
+    pub dit: DitConfig,
+    /// The CLIP image tower. `None` for models trained without CLIP conditioning: the
+    /// conditioning vector is then all zeros.
+    pub clip: Option<ClipConfig>,
+}
+
+/// OpenAI CLIP normalisation constants (used by open_clip and by Inf-DiT's preprocessing).
+pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+/// See [`CLIP_MEAN`].
+pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
+
+impl DitConfig {
+    /// The released Inf-DiT network (spec §3.1).
+    pub fn released() -> Self {
+        Self {
+            hidden: 1280,
+            depth: 28,
+            heads: 16,
+            mlp_hidden: 5120,
+            patch: 4,
+            in_channels: 6,
+            out_channels: 3,
+            block_px: 128,
+            vector_dim: 768,
+            time_channels: 192,
+            image_size: 512,
+            sr_scale: 4,
+            lr_patch: 2,
+            ln_eps: 1e-6,
+        }
+    }
+
+    /// Per-head width.
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+    /// Tokens along one side of a block (128 / 4 = 32).
+    pub fn block_tokens(&self) -> usize {
+        self.block_px / self.patch
+    }
+    /// Tokens in one block (1024).
+    pub fn tokens_per_block(&self) -> usize {
+        self.block_tokens() * self.block_tokens()
+    }
+    /// Side of the RoPE position table and modulo of the positions (`8 * image_size / patch` = 1024).
+    pub fn rope_positions(&self) -> usize {
+        8 * self.image_size / self.patch
+    }
+    /// LR-feature tokens per block side for the cross-attention (`block_px / sr_scale / lr_patch` = 16).
+    pub fn lr_block(&self) -> usize {
+        self.block_px / self.sr_scale / self.lr_patch
+    }
+    /// Side of the LR window around a block (3x3 LR blocks = 48).
+    pub fn lr_window(&self) -> usize {
+        3 * self.lr_block()
+    }
+
+    /// Checks the relations between the fields that the network relies on.
+    pub fn validate(&self) -> Result<()> {
+        let mut errs = Vec::new();
+        if self.heads == 0 || self.hidden % self.heads != 0 {
+            errs.push(format!("hidden {} is not divisible by heads {}", self.hidden, self.heads));
+        } else if self.head_dim() % 4 != 0 {
+            errs.push(format!("head dim {} must be a multiple of 4 for 2-D RoPE", self.head_dim()));
+        }
+        if self.patch == 0 || self.block_px % self.patch != 0 {
+            errs.push(format!("block {} px is not a multiple of patch {}", self.block_px, self.patch));
+        }
+        if self.sr_scale == 0 || self.lr_patch == 0 || self.block_px % (self.sr_scale * self.lr_patch) != 0 {
+            errs.push(format!(
+                "block {} px is not a multiple of sr_scale {} x lr_patch {}",
+                self.block_px, self.sr_scale, self.lr_patch
+            ));
+        }
+        if self.in_channels != 2 * self.out_channels {
+            errs.push(format!(
+                "in_channels {} must be twice out_channels {} (noisy image and upsampled LR)",
+                self.in_channels, self.out_channels
+            ));
+        }
+        if self.time_channels % 2 != 0 || self.time_channels == 0 {
+            errs.push(format!("time_channels {} must be even", self.time_channels));
+        }
+        if self.rope_positions() % self.block_tokens().max(1) != 0 {
+            errs.push("the RoPE table side must be a multiple of the block side in tokens".into());
+        }
+        for (name, v) in [("depth", self.depth), ("mlp_hidden", self.mlp_hidden), ("vector_dim", self.vector_dim)] {
+            if v == 0 {
+                errs.push(format!("{name} must be > 0"));
+            }
+        }
+        if errs.is_empty() { Ok(()) } else { Err(InfditError::Config(errs.join("; "))) }
+    }
+}
+
+impl ClipConfig {
+    /// open_clip ViT-L-14 (the tower Inf-DiT uses, `datacomp_xl_s13b_b90k` weights), exact GELU.
+    pub fn vit_l_14() -> Self {
+        Self {
+            image_size: 224,
+            patch: 14,
+            width: 1024,
+            layers: 24,
+            heads: 16,
+            mlp_hidden: 4096,
+            output_dim: 768,
+            ln_eps: 1e-5,
+            mean: CLIP_MEAN,
+            std: CLIP_STD,
+        }
+    }
+    /// Number of tokens (patches plus the class token).
+    pub fn tokens(&self) -> usize {
+        let g = self.image_size / self.patch;
+        g * g + 1
+    }
+    /// Checks the relations between the fields.
+    pub fn validate(&self) -> Result<()> {
+        if self.heads == 0 || self.width % self.heads != 0 {
+            return Err(InfditError::Config(format!(
+                "CLIP width {} is not divisible by heads {}",
+                self.width, self.heads
+            )));
+        }
+        if self.patch == 0 || self.image_size % self.patch != 0 {
+            return Err(InfditError::Config(format!(
+                "CLIP image size {} is not a multiple of patch {}",
+                self.image_size, self.patch
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self::released()
+    }
+}
+
+impl ModelConfig {
+    /// The released Inf-DiT model: DiT of spec §3 plus open_clip ViT-L/14.
+    pub fn released() -> Self {
+        Self { dit: DitConfig::released(), clip: Some(ClipConfig::vit_l_14()) }
+    }
+
+    /// Validates both parts.
+    pub fn validate(&self) -> Result<()> {
+        self.dit.validate()?;
+        if let Some(c) = &self.clip {
+            c.validate()?;
+            if c.output_dim != self.dit.vector_dim {
+                return Err(InfditError::Config(format!(
+                    "CLIP output_dim {} differs from the DiT vector_dim {}",
+                    c.output_dim, self.dit.vector_dim
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a config file in either accepted format (see the module docs).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| InfditError::io(path, e))?;
+        Self::from_json_str(&text).map_err(|e| match e {
+            InfditError::Config(m) => InfditError::Config(format!("{}: {m}", path.display())),
+            e => e,
+        })
+    }
+
+    /// Parses a config from JSON text in either accepted format.
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| InfditError::Config(format!("invalid JSON: {e}")))?;
+        let cfg = if value.get("official_cli_flags").is_some() {
+            Self::from_official(&value)?
+        } else {
+            serde_json::from_value(value).map_err(|e| InfditError::Config(format!("invalid config: {e}")))?
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Writes the project's own JSON form.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("config serialises")
+    }
+
+    fn from_official(v: &serde_json::Value) -> Result<Self> {
+        let flags = &v["official_cli_flags"];
+        let released = DitConfig::released();
+        let int = |name: &str, default: usize| -> Result<usize> {
+            match flags.get(name) {
+                None => Ok(default),
+                Some(x) => x.as_u64().map(|x| x as usize).ok_or_else(|| {
+                    InfditError::Config(format!("official flag {name} must be an unsigned integer, got {x}"))
+                }),
+            }
+        };
+        let hidden = int("--hidden-size", released.hidden)?;
+        let patch = int("--patch-size", released.patch)?;
+        let mut dit = DitConfig {
+            hidden,
+            depth: int("--num-layers", released.depth)?,
+            heads: int("--num-attention-heads", released.heads)?,
+            mlp_hidden: 4 * hidden,
+            patch,
+            in_channels: int("--in-channels", released.in_channels)?,
+            out_channels: int("--out-channels", released.out_channels)?,
+            block_px: int("--image-block-size", released.block_px)?,
+            vector_dim: int("--vector-dim", released.vector_dim)?,
+            time_channels: released.time_channels,
+            image_size: int("--image-size", released.image_size)?,
+            sr_scale: int("--sr-scale", released.sr_scale)?,
+            lr_patch: released.lr_patch,
+            ln_eps: flags.get("--layernorm-epsilon").and_then(|x| x.as_f64()).unwrap_or(released.ln_eps),
+        };
+        if let Some(m) = v.pointer("/derived/mlp_hidden").and_then(|x| x.as_u64()) {
+            dit.mlp_hidden = m as usize;
+        }
+        // Flags that change the architecture away from what this implementation provides.
+        for (flag, expected) in [("--nogate", true), ("--qk-ln", true), ("--re-position", true), ("--cross-lr", true)] {
+            if let Some(b) = flags.get(flag).and_then(|x| x.as_bool())
+                && b != expected
+            {
+                return Err(InfditError::Config(format!(
+                    "official flag {flag}={b} is not supported (only the released architecture, {flag}={expected})"
+                )));
+            }
+        }
+        let clip = match v.pointer("/clip/open_clip_model_config") {
+            None => None,
+            Some(oc) => {
+                let vc = &oc["vision_cfg"];
+                let g = |name: &str| -> Result<f64> {
+                    vc.get(name).and_then(|x| x.as_f64()).ok_or_else(|| {
+                        InfditError::Config(format!("clip.open_clip_model_config.vision_cfg.{name} is missing"))
+                    })
+                };
+                let width = g("width")? as usize;
+                let head_width = vc.get("head_width").and_then(|x| x.as_f64()).unwrap_or(64.0) as usize;
+                let mlp_ratio = vc.get("mlp_ratio").and_then(|x| x.as_f64()).unwrap_or(4.0);
+                if v.pointer("/clip/quick_gelu").and_then(|x| x.as_bool()) == Some(true) {
+                    return Err(InfditError::Config("QuickGELU CLIP towers are not supported".into()));
+                }
+                Some(ClipConfig {
+                    image_size: g("image_size")? as usize,
+                    patch: g("patch_size")? as usize,
+                    width,
+                    layers: g("layers")? as usize,
+                    heads: width / head_width.max(1),
+                    mlp_hidden: (width as f64 * mlp_ratio) as usize,
+                    output_dim: oc.get("embed_dim").and_then(|x| x.as_u64()).ok_or_else(|| {
+                        InfditError::Config("clip.open_clip_model_config.embed_dim is missing".into())
+                    })? as usize,
+                    ln_eps: 1e-5,
+                    mean: CLIP_MEAN,
+                    std: CLIP_STD,
+                })
+            }
+        };
+        Ok(Self { dit, clip })
+    }
+}

@@ -1,0 +1,43 @@
+//! The library's error type. Every variant says whose fault it is and names the file where one is involved.
+
+use std::path::{Path, PathBuf};
+
+/// Result alias used across the library.
+pub type Result<T, E = InfditError> = std::result::Result<T, E>;
+
+/// Errors of the infdit library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InfditError {
+    /// The environment: a file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file concerned.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The user's configuration is invalid or not supported.
+    #[error("config: {0}")]
+    Config(String),
+    /// A checkpoint does not fit the configured model (missing, unexpected or mis-shaped tensors),
+    /// or cannot be parsed.
+    #[error("{0}")]
+    Weights(#[from] crate::weights::WeightError),
+    /// An input (image, noise file, size) is unusable.
+    #[error("{0}")]
+    Input(String),
+    /// The computation produced a non-finite value.
+    #[error("numerical failure: {0}")]
+    NonFinite(String),
+    /// A failure inside the tensor library.
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl InfditError {
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io { path: path.to_path_buf(), source }
+    }
+}
