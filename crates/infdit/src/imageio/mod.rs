@@ -1,0 +1,638 @@
+//! Image file input/output and the exact pixel conversions of the reference pipeline.
+//!
+//! * [`load_rgb`] decodes a file into the `(1, 3, H, W)` f32 tensor in `[-1, 1]` that
+//!   torchvision's `ToTensor()(img.convert('RGB')) * 2 - 1` produces, bit for bit.
+//! * [`tensor_to_rgb8`] is the reference output conversion (truncating, not rounding).
+//! * [`save_rgb8_atomic`] writes through a temporary file and a rename, so a crash never leaves
+//!   a half-written output, and it refuses to overwrite the input image.
+//!
+//! The bicubic resampling used around these lives in [`resize`].
+
+pub mod resize;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use candle_core::{DType, Device, Tensor};
+use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits, RgbImage};
+
+/// Errors of the image I/O helpers. Every variant names the file it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageIoError {
+    /// The file could not be opened, read, written, synced or renamed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file concerned.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The format is not one this build can read or write.
+    #[error("{}: unsupported image format: {reason}", path.display())]
+    UnsupportedFormat {
+        /// The file concerned.
+        path: PathBuf,
+        /// What was not supported.
+        reason: String,
+    },
+    /// The decoder or encoder failed (corrupt or truncated data, encoder limitation, ...).
+    #[error("{}: cannot {action} image: {source}", path.display())]
+    Codec {
+        /// The file concerned.
+        path: PathBuf,
+        /// `"decode"` or `"encode"`.
+        action: &'static str,
+        /// The codec's error.
+        #[source]
+        source: ImageError,
+    },
+    /// The image has a zero width or height.
+    #[error("{}: image has zero size ({width} x {height})", path.display())]
+    ZeroSize {
+        /// The file concerned.
+        path: PathBuf,
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+    },
+    /// The image has more pixels than the caller allows.
+    #[error(
+        "{}: image is {width} x {height} = {pixels} pixels, above the limit of {limit}",
+        path.display()
+    )]
+    TooLarge {
+        /// The file concerned.
+        path: PathBuf,
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+        /// `width * height`.
+        pixels: u64,
+        /// The caller's limit.
+        limit: u64,
+    },
+    /// The tensor handed to the output conversion is not an RGB image tensor, or holds NaN.
+    #[error("{}: {reason}", path.display())]
+    BadTensor {
+        /// The output the tensor was meant for (empty when not known).
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The output path is (canonically) the same file as an input.
+    #[error("{}: refusing to overwrite the input image {}", path.display(), input.display())]
+    WouldOverwriteInput {
+        /// The requested output path.
+        path: PathBuf,
+        /// The input path it resolves to.
+        input: PathBuf,
+    },
+}
+
+impl ImageIoError {
+    fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    fn codec(path: &Path, action: &'static str, source: ImageError) -> Self {
+        match source {
+            ImageError::Unsupported(e) => Self::UnsupportedFormat {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            },
+            ImageError::IoError(e) => Self::io(path, e),
+            source => Self::Codec {
+                path: path.to_path_buf(),
+                action,
+                source,
+            },
+        }
+    }
+
+    fn bad_tensor(reason: impl Into<String>) -> Self {
+        Self::BadTensor {
+            path: PathBuf::new(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Load an image file as RGB and return a `(1, 3, H, W)` f32 tensor on the CPU with values in
+/// `[-1, 1]`.
+///
+/// * The format is detected from the content (falling back to the extension): PNG, JPEG, WebP,
+///   TIFF, BMP.
+/// * Colour handling follows PIL's `.convert('RGB')`: gray is replicated to three channels,
+///   palettes are expanded, an alpha channel is dropped (no compositing). EXIF orientation is
+///   ignored, as PIL's `Image.open` does.
+/// * 8-bit samples map to `fl32(fl32(v as f32 / 255) * 2 - 1)`, which is bitwise what
+///   `ToTensor()(img) * 2 - 1` gives (an f32 division by 255, an exact doubling, one f32
+///   subtraction). 16-bit samples use `v / 65535` instead; float samples (TIFF) are used as
+///   they are, `x * 2 - 1`.
+/// * Images with more than `max_pixels` pixels are rejected from the header, before the pixel
+///   data is decoded; so are images with a zero dimension.
+pub fn load_rgb(path: &Path, max_pixels: u64) -> Result<Tensor, ImageIoError> {
+    let file = File::open(path).map_err(|e| ImageIoError::io(path, e))?;
+    let mut reader = ImageReader::new(BufReader::new(file));
+    if let Ok(fmt) = ImageFormat::from_path(path) {
+        reader.set_format(fmt);
+    }
+    let mut reader = reader
+        .with_guessed_format()
+        .map_err(|e| ImageIoError::io(path, e))?;
+    if reader.format().is_none() {
+        return Err(ImageIoError::UnsupportedFormat {
+            path: path.to_path_buf(),
+            reason: "neither the content nor the extension names a known format".into(),
+        });
+    }
+    // Our own pixel cap replaces the crate's default 512 MiB allocation cap; the allocation
+    // cap is scaled to the largest image we accept (up to 4 x f32 per pixel, plus slack).
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(max_pixels.saturating_mul(16).saturating_add(256 << 20));
+    reader.limits(limits);
+    let decoder = reader
+        .into_decoder()
+        .map_err(|e| ImageIoError::codec(path, "decode", e))?;
+
+    let (width, height) = decoder.dimensions();
+    if width == 0 || height == 0 {
+        return Err(ImageIoError::ZeroSize {
+            path: path.to_path_buf(),
+            width,
+            height,
+        });
+    }
+    let pixels = width as u64 * height as u64;
+    if pixels > max_pixels {
+        return Err(ImageIoError::TooLarge {
+            path: path.to_path_buf(),
+            width,
+            height,
+            pixels,
+            limit: max_pixels,
+        });
+    }
+    let img =
+        DynamicImage::from_decoder(decoder).map_err(|e| ImageIoError::codec(path, "decode", e))?;
+    dynamic_to_tensor(&img).map_err(|e| ImageIoError::BadTensor {
+        path: path.to_path_buf(),
+        reason: format!("cannot build tensor: {e}"),
+    })
+}
+
+/// Planar `[-1, 1]` tensor of a decoded image (see [`load_rgb`] for the exact mapping).
+fn dynamic_to_tensor(img: &DynamicImage) -> candle_core::Result<Tensor> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let n = w * h;
+    let mut planar = vec![0f32; 3 * n];
+    let mut put = |i: usize, rgb: [f32; 3]| {
+        for (c, v) in rgb.into_iter().enumerate() {
+            planar[c * n + i] = v * 2.0 - 1.0;
+        }
+    };
+    match img {
+        DynamicImage::ImageLuma16(_)
+        | DynamicImage::ImageLumaA16(_)
+        | DynamicImage::ImageRgb16(_)
+        | DynamicImage::ImageRgba16(_) => {
+            for (i, p) in img.to_rgb16().pixels().enumerate() {
+                put(i, p.0.map(|v| v as f32 / 65535.0));
+            }
+        }
+        DynamicImage::ImageRgb32F(_) | DynamicImage::ImageRgba32F(_) => {
+            for (i, p) in img.to_rgb32f().pixels().enumerate() {
+                put(i, p.0);
+            }
+        }
+        _ => {
+            for (i, p) in img.to_rgb8().pixels().enumerate() {
+                put(i, p.0.map(|v| v as f32 / 255.0));
+            }
+        }
+    }
+    Tensor::from_vec(planar, (1, 3, h, w), &Device::Cpu)
+}
+
+/// Convert a `(1, 3, H, W)` or `(3, H, W)` tensor in `[-1, 1]` to an 8-bit RGB image the way
+/// the reference script does: `((x as f64 + 1) * 127.5).clamp(0, 255)`, then truncation
+/// toward zero (not rounding). Other float dtypes are converted to f32 first.
+///
+/// Fails on a wrong shape or when any value is NaN (infinities saturate to 0 or 255).
+pub fn tensor_to_rgb8(t: &Tensor) -> Result<RgbImage, ImageIoError> {
+    let (h, w) = match *t.dims() {
+        [1, 3, h, w] | [3, h, w] => (h, w),
+        _ => {
+            return Err(ImageIoError::bad_tensor(format!(
+                "expected a (1,3,H,W) or (3,H,W) image tensor, got shape {:?}",
+                t.dims()
+            )));
+        }
+    };
+    let (wu, hu) = match (u32::try_from(w), u32::try_from(h)) {
+        (Ok(wu), Ok(hu)) if wu > 0 && hu > 0 => (wu, hu),
+        _ => {
+            return Err(ImageIoError::bad_tensor(format!(
+                "cannot make a {w} x {h} image"
+            )));
+        }
+    };
+    let data = t
+        .to_dtype(DType::F32)
+        .and_then(|x| x.flatten_all())
+        .and_then(|x| x.to_vec1::<f32>())
+        .map_err(|e| ImageIoError::bad_tensor(format!("cannot read tensor: {e}")))?;
+    let n = h * w;
+    let mut out = Vec::with_capacity(3 * n);
+    for i in 0..n {
+        for c in 0..3 {
+            let x = data[c * n + i];
+            if x.is_nan() {
+                return Err(ImageIoError::bad_tensor(format!(
+                    "NaN in channel {c} at pixel (row {}, column {})",
+                    i / w,
+                    i % w
+                )));
+            }
+            // Truncation, like numpy's astype(uint8) after clip.
+            out.push(((x as f64 + 1.0) * 127.5).clamp(0.0, 255.0) as u8);
+        }
+    }
+    Ok(RgbImage::from_raw(wu, hu, out).expect("buffer size matches the dimensions"))
+}
+
+/// The output format implied by the extension of `out` (png, jpg/jpeg, webp, tif/tiff; case
+/// insensitive).
+fn output_format(out: &Path) -> Result<ImageFormat, ImageIoError> {
+    let ext = out
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("png") => Ok(ImageFormat::Png),
+        Some("jpg" | "jpeg") => Ok(ImageFormat::Jpeg),
+        Some("webp") => Ok(ImageFormat::WebP),
+        Some("tif" | "tiff") => Ok(ImageFormat::Tiff),
+        other => Err(ImageIoError::UnsupportedFormat {
+            path: out.to_path_buf(),
+            reason: match other {
+                Some(e) => format!("cannot write '.{e}' files (use png, jpg, webp or tiff)"),
+                None => "no file extension to choose the format from".into(),
+            },
+        }),
+    }
+}
+
+/// Best-effort canonical form of a path that may not exist yet: the canonical parent joined
+/// with the file name (or the canonical path itself when it exists).
+fn canonical_target(p: &Path) -> PathBuf {
+    if let Ok(c) = fs::canonicalize(p) {
+        return c;
+    }
+    let parent = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match (fs::canonicalize(parent), p.file_name()) {
+        (Ok(d), Some(name)) => d.join(name),
+        _ => std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()),
+    }
+}
+
+/// Write `img` to `out` atomically.
+///
+/// The image is encoded (format from the extension: png, jpg/jpeg, webp, tif/tiff) into a
+/// temporary file `.<name>.<pid>.<n>.partial` in the same directory, fsynced, then renamed
+/// over `out` (and the directory is fsynced on Unix), so `out` is either the old file or the
+/// complete new one. The temporary file is removed on failure.
+///
+/// Refuses to write when `out` resolves (symlinks and `..` followed) to the same file as one
+/// of the `inputs`, so an upscale can never overwrite its source image.
+///
+/// JPEG is written at quality 95 (4:2:0); WebP is written lossless (the only WebP encoder
+/// available).
+pub fn save_rgb8_atomic(img: &RgbImage, out: &Path, inputs: &[&Path]) -> Result<(), ImageIoError> {
+    let format = output_format(out)?;
+    let target = canonical_target(out);
+    for input in inputs {
+        if canonical_target(input) == target {
+            return Err(ImageIoError::WouldOverwriteInput {
+                path: out.to_path_buf(),
+                input: input.to_path_buf(),
+            });
+        }
+    }
+    let Some(name) = out.file_name() else {
+        return Err(ImageIoError::io(
+            out,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "output path has no file name",
+            ),
+        ));
+    };
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        ".{}.{}.{}.partial",
+        name.to_string_lossy(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| ImageIoError::io(&tmp, e))?;
+
+    let write = || -> Result<(), ImageIoError> {
+        let mut w = BufWriter::new(file);
+        match format {
+            ImageFormat::Jpeg => {
+                let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut w, 95);
+                img.write_with_encoder(enc)
+                    .map_err(|e| ImageIoError::codec(out, "encode", e))?
+            }
+            f => img
+                .write_to(&mut w, f)
+                .map_err(|e| ImageIoError::codec(out, "encode", e))?,
+        }
+        w.flush().map_err(|e| ImageIoError::io(&tmp, e))?;
+        let file = w
+            .into_inner()
+            .map_err(|e| ImageIoError::io(&tmp, e.into_error()))?;
+        file.sync_all().map_err(|e| ImageIoError::io(&tmp, e))?;
+        drop(file);
+        fs::rename(&tmp, out).map_err(|e| ImageIoError::io(out, e))?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // Persist the rename itself; not every platform/filesystem supports syncing a directory.
+    #[cfg(unix)]
+    if let Ok(d) = File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Directory of a golden-vector set (`"parity"` or `"parity2"`): `$INFDIT_SHARED_DIR/<set>`,
+/// or `<workspace>/../shared/<set>` when the variable is not set.
+#[cfg(test)]
+pub(crate) fn parity_dir(set: &str) -> PathBuf {
+    let base = std::env::var("INFDIT_SHARED_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared").to_string());
+    PathBuf::from(base).join(set)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
+    fn assert_bit_equal(a: &Tensor, b: &Tensor, what: &str) {
+        assert_eq!(a.dims(), b.dims(), "{what}: shape");
+        let (a, b) = (bits(a), bits(b));
+        let n = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+        let m = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (f32::from_bits(*x) - f32::from_bits(*y)).abs())
+            .fold(0f32, f32::max);
+        assert_eq!(n, 0, "{what}: {n} values differ, max abs diff {m:e}");
+    }
+
+    fn case(set: &str, name: &str) -> std::collections::HashMap<String, Tensor> {
+        let p = parity_dir(set).join(format!("{name}.safetensors"));
+        candle_core::safetensors::load(&p, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("cannot load {}: {e}", p.display()))
+    }
+
+    /// A fresh scratch directory under the target directory's tmp area.
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("infdit-imageio-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn load_rgb_matches_reference_lr() {
+        for (set, name, key) in [
+            ("parity", "case_a", "lr"),
+            ("parity", "case_b", "lr"),
+            ("parity", "case_c", "lr"),
+            ("parity2", "case_d", "lr"),
+            ("parity2", "case_e", "lr_input"),
+        ] {
+            let png = parity_dir(set).join(format!("{name}_lr.png"));
+            let t = load_rgb(&png, 1 << 30).unwrap();
+            assert_bit_equal(&t, &case(set, name)[key], &format!("{name} {key}"));
+        }
+    }
+
+    #[test]
+    fn load_rgb_pixel_formula() {
+        // Every 8-bit value through the documented formula, via a gray PNG (gray -> RGB).
+        let d = scratch("formula");
+        let g = image::GrayImage::from_fn(256, 1, |x, _| image::Luma([x as u8]));
+        let p = d.join("g.png");
+        g.save(&p).unwrap();
+        let t = load_rgb(&p, 1000).unwrap();
+        assert_eq!(t.dims(), &[1, 3, 1, 256]);
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for c in 0..3 {
+            for x in 0..256 {
+                let expect = (x as f32 / 255.0) * 2.0 - 1.0;
+                assert_eq!(v[c * 256 + x].to_bits(), expect.to_bits());
+            }
+        }
+        assert_eq!(v[0], -1.0);
+        assert_eq!(v[255], 1.0);
+        // RGBA: alpha dropped, not composited.
+        let rgba = image::RgbaImage::from_pixel(2, 2, image::Rgba([255, 0, 51, 0]));
+        let p = d.join("a.png");
+        rgba.save(&p).unwrap();
+        let v = load_rgb(&p, 1000)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = (51f32 / 255.0) * 2.0 - 1.0;
+        assert_eq!(
+            &v[..],
+            &[1.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0, b, b, b, b]
+        );
+        // 16-bit: v / 65535.
+        let g16 =
+            image::ImageBuffer::<image::Luma<u16>, _>::from_raw(2, 1, vec![0u16, 65535]).unwrap();
+        let p = d.join("g16.png");
+        g16.save(&p).unwrap();
+        let v = load_rgb(&p, 1000)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(&v[..], &[-1.0, 1.0, -1.0, 1.0, -1.0, 1.0]);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn load_rgb_errors_name_the_file() {
+        let d = scratch("errors");
+        let png = parity_dir("parity").join("case_a_lr.png");
+        let e = load_rgb(&png, 1000).unwrap_err();
+        assert!(matches!(
+            e,
+            ImageIoError::TooLarge {
+                pixels: 1024,
+                limit: 1000,
+                ..
+            }
+        ));
+        let msg = e.to_string();
+        assert!(msg.contains("case_a_lr.png"), "{msg}");
+        assert!(
+            msg.contains("image is 32 x 32 = 1024 pixels, above the limit of 1000"),
+            "{msg}"
+        );
+        assert!(load_rgb(&png, 1024).is_ok());
+
+        let missing = d.join("missing.png");
+        let e = load_rgb(&missing, 1000).unwrap_err();
+        assert!(matches!(e, ImageIoError::Io { .. }) && e.to_string().contains("missing.png"));
+
+        let junk = d.join("junk.xyz");
+        fs::write(&junk, b"definitely not an image").unwrap();
+        let e = load_rgb(&junk, 1000).unwrap_err();
+        assert!(matches!(e, ImageIoError::UnsupportedFormat { .. }), "{e}");
+        assert!(e.to_string().contains("junk.xyz"));
+
+        let bad = d.join("bad.png");
+        let mut bytes = fs::read(&png).unwrap();
+        bytes.truncate(bytes.len() / 2);
+        fs::write(&bad, &bytes).unwrap();
+        let e = load_rgb(&bad, 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("bad.png"), "{e}");
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn tensor_to_rgb8_matches_reference_png() {
+        let t = case("parity", "case_a");
+        let img = tensor_to_rgb8(&t["sample"]).unwrap();
+        let reference = image::open(parity_dir("parity").join("case_a_sr.png"))
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(img.dimensions(), reference.dimensions());
+        let n = img
+            .pixels()
+            .zip(reference.pixels())
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(n, 0, "{n} pixels differ from case_a_sr.png");
+        // The (3,H,W) form gives the same image.
+        let img3 = tensor_to_rgb8(&t["sample"].squeeze(0).unwrap()).unwrap();
+        assert_eq!(img3, img);
+    }
+
+    #[test]
+    fn tensor_to_rgb8_truncates_and_rejects_nan() {
+        // 1 pixel row: -1 -> 0, 1 -> 255, -0.996 -> 0.51 -> 0, 0 -> 127.5 -> 127, big -> 255.
+        let vals = [
+            -1.0f32,
+            1.0,
+            -0.996,
+            0.0,
+            7.0,
+            -3.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.5,
+        ];
+        let t = Tensor::from_vec(vals.to_vec(), (3, 1, 3), &Device::Cpu).unwrap();
+        let img = tensor_to_rgb8(&t).unwrap();
+        assert_eq!(img.as_raw(), &vec![0, 127, 255, 255, 255, 0, 0, 0, 191]);
+        let nan =
+            Tensor::from_vec(vec![0.0f32, f32::NAN, 0.0], (1, 3, 1, 1), &Device::Cpu).unwrap();
+        let e = tensor_to_rgb8(&nan).unwrap_err();
+        assert!(e.to_string().contains("NaN"), "{e}");
+        let wrong = Tensor::zeros((1, 4, 2, 2), DType::F32, &Device::Cpu).unwrap();
+        assert!(tensor_to_rgb8(&wrong).is_err());
+    }
+
+    fn partial_files(d: &Path) -> Vec<String> {
+        fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".partial"))
+            .collect()
+    }
+
+    #[test]
+    fn atomic_write_roundtrip_and_guard() {
+        let d = scratch("atomic");
+        let img = RgbImage::from_fn(13, 7, |x, y| image::Rgb([x as u8 * 19, y as u8 * 31, 200]));
+        let out = d.join("out.png");
+        save_rgb8_atomic(&img, &out, &[]).unwrap();
+        assert_eq!(image::open(&out).unwrap().to_rgb8(), img);
+        // Overwriting an existing output is fine and still atomic.
+        let img2 = RgbImage::from_pixel(3, 2, image::Rgb([1, 2, 3]));
+        save_rgb8_atomic(&img2, &out, &[]).unwrap();
+        assert_eq!(image::open(&out).unwrap().to_rgb8(), img2);
+        assert!(partial_files(&d).is_empty(), "{:?}", partial_files(&d));
+
+        // Other formats decode back (lossless ones exactly).
+        for ext in ["webp", "tiff", "TIF"] {
+            let p = d.join(format!("out.{ext}"));
+            save_rgb8_atomic(&img, &p, &[]).unwrap();
+            assert_eq!(image::open(&p).unwrap().to_rgb8(), img, "{ext}");
+        }
+        let jpg = d.join("out.jpg");
+        save_rgb8_atomic(&img, &jpg, &[]).unwrap();
+        assert_eq!(image::open(&jpg).unwrap().to_rgb8().dimensions(), (13, 7));
+        let e = save_rgb8_atomic(&img, &d.join("out.gif"), &[]).unwrap_err();
+        assert!(matches!(e, ImageIoError::UnsupportedFormat { .. }), "{e}");
+
+        // Refuses to overwrite the input, also through a different spelling of the path.
+        let input = d.join("in.png");
+        save_rgb8_atomic(&img2, &input, &[]).unwrap();
+        let before = fs::read(&input).unwrap();
+        let alias = d.join(".").join("sub").join("..").join("in.png");
+        fs::create_dir_all(d.join("sub")).unwrap();
+        for target in [&input, &alias] {
+            let e = save_rgb8_atomic(&img, target, &[&input]).unwrap_err();
+            assert!(matches!(e, ImageIoError::WouldOverwriteInput { .. }), "{e}");
+        }
+        assert_eq!(fs::read(&input).unwrap(), before);
+        // A different output next to it is allowed.
+        save_rgb8_atomic(&img, &d.join("in_x4.png"), &[&input]).unwrap();
+        assert!(partial_files(&d).is_empty(), "{:?}", partial_files(&d));
+        let _ = fs::remove_dir_all(&d);
+    }
+}
