@@ -1,0 +1,58 @@
+//! `infdit convert`: any readable checkpoint to safetensors, optionally changing the float dtype.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device};
+
+use super::{Checkpoint, WeightError, parse_err};
+
+/// What a conversion did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConvertSummary {
+    /// Tensors written.
+    pub tensors: usize,
+    /// Total parameters (elements) written.
+    pub elements: usize,
+    /// Bytes of the output file.
+    pub bytes: u64,
+}
+
+/// Converts `input` (a `.pt`/`.pth`/`.bin` torch pickle or a safetensors file) to a safetensors file
+/// at `output`, every key kept under its name. Floating tensors are cast to `dtype` when given
+/// (f32, bf16 or f16); integer tensors keep their type. The output is written atomically (temporary
+/// file in the same folder, then rename); `output` may not be the input.
+pub fn convert(input: &Path, output: &Path, dtype: Option<DType>) -> Result<ConvertSummary, WeightError> {
+    if let Some(d) = dtype
+        && !matches!(d, DType::F32 | DType::BF16 | DType::F16)
+    {
+        return Err(parse_err(output, format!("unsupported output dtype {d:?} (use f32, bf16 or f16)")));
+    }
+    if let (Ok(a), Ok(b)) = (input.canonicalize(), output.canonicalize())
+        && a == b
+    {
+        return Err(parse_err(output, "the output path is the input file; refusing to overwrite it"));
+    }
+    let ck = Checkpoint::open(input)?;
+    let dev = Device::Cpu;
+    let mut tensors = HashMap::new();
+    let mut elements = 0;
+    for k in ck.keys() {
+        let t = ck.load(k, &dev).map_err(|e| parse_err(input, format!("{k}: {e}")))?;
+        let t = match dtype {
+            Some(d) if t.dtype().is_float() => t.to_dtype(d).map_err(|e| parse_err(input, e))?,
+            _ => t,
+        };
+        elements += t.elem_count();
+        tensors.insert(k.to_string(), t);
+    }
+    let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = output.with_file_name(format!(".{name}.partial"));
+    candle_core::safetensors::save(&tensors, &tmp).map_err(|e| parse_err(output, e))?;
+    std::fs::rename(&tmp, output).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        parse_err(output, e)
+    })?;
+    let bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    Ok(ConvertSummary { tensors: tensors.len(), elements, bytes })
+}
