@@ -1,0 +1,129 @@
+//! EDM preconditioning (spec §3.7), the sigma schedule and the deterministic Heun sampler (§5), and
+//! the seeded noise generator.
+
+pub mod noise;
+
+use candle_core::{Result, Tensor};
+
+/// EDM's data standard deviation used by Inf-DiT.
+pub const SIGMA_DATA: f32 = 0.5;
+
+/// The four EDM scalings for one sigma, computed in f32 in the reference's operation order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EdmScalings {
+    /// `sd^2 / (s^2 + sd^2)`
+    pub c_skip: f32,
+    /// `s sd / sqrt(s^2 + sd^2)`
+    pub c_out: f32,
+    /// `1 / sqrt(s^2 + sd^2)`
+    pub c_in: f32,
+    /// `ln(s) / 4`
+    pub c_noise: f32,
+}
+
+impl EdmScalings {
+    /// Scalings for `sigma` > 0.
+    pub fn new(sigma: f32) -> Self {
+        let sd2 = SIGMA_DATA * SIGMA_DATA;
+        let den = sigma * sigma + sd2;
+        let root = den.sqrt();
+        Self { c_skip: sd2 / den, c_out: sigma * SIGMA_DATA / root, c_in: 1.0 / root, c_noise: sigma.ln() / 4.0 }
+    }
+}
+
+/// The sampler's settings. Defaults are the released ones.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HeunConfig {
+    /// Number of sigmas before the final 0 (the reference: 20, i.e. 39 network evaluations).
+    pub steps: usize,
+    /// Smallest nonzero sigma.
+    pub sigma_min: f32,
+    /// Largest sigma.
+    pub sigma_max: f32,
+    /// Karras rho.
+    pub rho: f32,
+}
+
+impl Default for HeunConfig {
+    fn default() -> Self {
+        Self { steps: 20, sigma_min: 0.002, sigma_max: 40.0, rho: 7.0 }
+    }
+}
+
+impl HeunConfig {
+    /// The Karras schedule `(max^(1/rho) + ramp (min^(1/rho) - max^(1/rho)))^rho` in f32, as the
+    /// reference evaluates it (f32 `linspace` ramp, scalars rounded to f32, f32 power), with a final 0
+    /// appended: `steps + 1` values.
+    pub fn sigmas(&self) -> Vec<f32> {
+        let n = self.steps;
+        let inv_rho = 1.0 / self.rho as f64;
+        let max_inv = (self.sigma_max as f64).powf(inv_rho);
+        let min_inv = (self.sigma_min as f64).powf(inv_rho);
+        let diff = (min_inv - max_inv) as f32;
+        let step = if n > 1 { 1.0f32 / (n - 1) as f32 } else { 0.0 };
+        let mut out: Vec<f32> = (0..n)
+            .map(|i| {
+                // torch.linspace fills the second half from the end to keep it symmetric.
+                let ramp = if n == 1 {
+                    0.0
+                } else if i < n / 2 {
+                    step * i as f32
+                } else {
+                    1.0 - step * (n - 1 - i) as f32
+                };
+                let base = max_inv as f32 + ramp * diff;
+                (base as f64).powf(self.rho as f64) as f32
+            })
+            .collect();
+        out.push(0.0);
+        out
+    }
+
+    /// Number of network evaluations for a full run.
+    pub fn evaluations(&self) -> usize {
+        2 * self.steps - 1
+    }
+}
+
+/// Something that computes the EDM denoiser `D(x; sigma)` on the whole image.
+pub trait Denoise {
+    /// `index` is the position of `sigma` in the schedule (for progress reporting).
+    fn denoise(&mut self, x: &Tensor, sigma: f32, index: usize) -> Result<Tensor>;
+}
+
+/// One Heun step from `sigmas[i]` to `sigmas[i+1]` (Euler when the next sigma is 0).
+pub fn heun_step(den: &mut dyn Denoise, x: &Tensor, sigmas: &[f32], i: usize) -> Result<Tensor> {
+    let (s, s_next) = (sigmas[i], sigmas[i + 1]);
+    let dt = (s_next - s) as f64;
+    let d1 = den.denoise(x, s, i)?;
+    let d = ((x - &d1)? / s as f64)?;
+    let euler = (x + (&d * dt)?)?;
+    if s_next <= 0.0 {
+        return Ok(euler);
+    }
+    let d2 = den.denoise(&euler, s_next, i + 1)?;
+    let d_new = ((&euler - &d2)? / s_next as f64)?;
+    let d_prime = ((d + d_new)? / 2.0)?;
+    x + (d_prime * dt)?
+}
+
+/// Runs the sampler from state `x` at step `start` (0 for a fresh run) to the end, calling
+/// `after_step(k, &x)` after each step k.
+pub fn heun_sample(
+    den: &mut dyn Denoise,
+    mut x: Tensor,
+    sigmas: &[f32],
+    start: usize,
+    after_step: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
+) -> Result<Tensor> {
+    for i in start..sigmas.len().saturating_sub(1) {
+        x = heun_step(den, &x, sigmas, i)?;
+        after_step(i, &x)?;
+    }
+    Ok(x)
+}
+
+/// The initial state `concat_lr + sigma_0 * eps`, elementwise in f32 (product rounded, then sum).
+pub fn initial_state(concat_lr: &Tensor, eps: &Tensor, sigma0: f32) -> Result<Tensor> {
+    concat_lr + (eps * sigma0 as f64)?
+}

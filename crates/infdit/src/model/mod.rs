@@ -1,0 +1,213 @@
+//! The Inf-DiT diffusion transformer (spec §3).
+//!
+//! Hidden states are kept **block-major**: a batch of n blocks is (n, T, D) with T = 1024 tokens per
+//! block in block-local row-major order. Every part of the network except the UniBA attention is
+//! per token or per block, so whole-image mode and the block scheduler share this code; they differ
+//! only in the [`blocks::KvSource`] that supplies each block's neighbourhood keys.
+
+pub mod blocks;
+pub mod layer;
+pub mod ops;
+pub mod rope;
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+
+use crate::config::DitConfig;
+use crate::weights::WeightLoader;
+use blocks::{BlockGrid, BlockPos, KvSource};
+use layer::{Layer, LayerInputs, LayerMod, LrKv};
+use ops::{Linear, PatchConv, layer_norm, modulate};
+use rope::Rope;
+
+/// Per-sigma conditioning: the vector c and every adaLN output derived from it.
+#[derive(Debug, Clone)]
+pub struct StepCond {
+    /// c = SiLU(time + vector), (1, D).
+    pub c: Tensor,
+    /// Per-layer modulation.
+    pub layers: Vec<LayerMod>,
+    /// Final layer shift and scale, (1, 1, D) each.
+    pub final_shift: Tensor,
+    /// See `final_shift`.
+    pub final_scale: Tensor,
+}
+
+/// Per-image state that does not change with sigma: LR keys/values for the cross-attention.
+#[derive(Debug, Clone)]
+pub struct ImageCond {
+    /// The block grid of the output.
+    pub grid: BlockGrid,
+    /// LR keys/values of the padded feature map.
+    pub lr: LrKv,
+}
+
+/// The Inf-DiT network.
+#[derive(Debug, Clone)]
+pub struct InfDit {
+    cfg: DitConfig,
+    patch_embed: PatchConv,
+    time_1: Linear,
+    time_2: Linear,
+    vec_1: Linear,
+    vec_2: Linear,
+    layers: Vec<Layer>,
+    proj_lr: PatchConv,
+    final_adaln: Linear,
+    final_linear: Linear,
+    rope: Rope,
+    time_freqs: Vec<f32>,
+    dtype: DType,
+    device: Device,
+}
+
+/// Time-embedding frequencies `(1/10000)^(j/half)` in fp32, j = 0..half.
+pub fn time_freqs(channels: usize) -> Vec<f32> {
+    let half = channels / 2;
+    (0..half)
+        .map(|j| {
+            let e = j as f32 / half as f32;
+            (1e-4f32 as f64).powf(e as f64) as f32
+        })
+        .collect()
+}
+
+impl InfDit {
+    /// Builds the network from the official state-dict layout.
+    pub fn load(cfg: &DitConfig, w: &WeightLoader) -> Result<Self> {
+        cfg.validate().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let (dm, h, d) = (cfg.hidden, cfg.heads, cfg.head_dim());
+        let mixin = w.pp("mixins.adaln_layer");
+        let re_pos = mixin.get((cfg.depth, 4, h, d), "re_pos_embed")?;
+        let layers = (0..cfg.depth).map(|l| Layer::load(cfg, w, l, &re_pos)).collect::<Result<Vec<_>>>()?;
+        let m = cfg.rope_positions();
+        let stored = match (
+            mixin.get_opt((m, m, d), "rope.freqs_cos", DType::F32)?,
+            mixin.get_opt((m, m, d), "rope.freqs_sin", DType::F32)?,
+        ) {
+            (Some(c), Some(s)) => Some((c, s)),
+            _ => None,
+        };
+        let te = w.pp("time_embed.mlp");
+        let ce = w.pp("cond_embed.map_vector");
+        let fl = w.pp("mixins.final_layer");
+        Ok(Self {
+            cfg: cfg.clone(),
+            patch_embed: PatchConv::load(&w.pp("mixins.patch_embed"), "proj", cfg.in_channels, dm, cfg.patch, true)?,
+            time_1: Linear::load(&te, "0", cfg.time_channels, dm)?,
+            time_2: Linear::load(&te, "2", dm, dm)?,
+            vec_1: Linear::load(&ce, "0", cfg.vector_dim, dm)?,
+            vec_2: Linear::load(&ce, "2", dm, dm)?,
+            layers,
+            proj_lr: PatchConv::load(&mixin, "proj_lr", 3, dm, cfg.lr_patch, true)?,
+            final_adaln: Linear::load(&fl.pp("adaLN_modulation"), "1", dm, 2 * dm)?,
+            final_linear: Linear::load(&fl, "linear", dm, cfg.patch * cfg.patch * cfg.out_channels)?,
+            rope: Rope::new(d, m, stored),
+            time_freqs: time_freqs(cfg.time_channels),
+            dtype: w.dtype(),
+            device: w.device().clone(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DitConfig {
+        &self.cfg
+    }
+
+    /// The compute dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The conditioning for one sigma: `c = SiLU(TimeMLP(sinusoid(c_noise)) + VecMLP(v))` and all
+    /// adaLN vectors. `clip` is the (1, vector_dim) image embedding.
+    pub fn step_cond(&self, c_noise: f32, clip: &Tensor) -> Result<StepCond> {
+        let mut emb = Vec::with_capacity(self.cfg.time_channels);
+        let args: Vec<f32> = self.time_freqs.iter().map(|f| c_noise * f).collect();
+        emb.extend(args.iter().map(|a| a.cos()));
+        emb.extend(args.iter().map(|a| a.sin()));
+        let emb = Tensor::from_vec(emb, (1, self.cfg.time_channels), &self.device)?.to_dtype(self.dtype)?;
+        let t = self.time_2.forward(&candle_nn::ops::silu(&self.time_1.forward(&emb)?)?)?;
+        let v = clip.to_dtype(self.dtype)?;
+        let u = self.vec_2.forward(&candle_nn::ops::silu(&self.vec_1.forward(&v)?)?)?;
+        let c = candle_nn::ops::silu(&(t + u)?)?;
+        let sc = candle_nn::ops::silu(&c)?;
+        let layers = self.layers.iter().map(|l| l.modulation(&sc)).collect::<Result<Vec<_>>>()?;
+        let f = self.final_adaln.forward(&sc)?;
+        let dm = self.cfg.hidden;
+        Ok(StepCond {
+            c,
+            layers,
+            final_shift: f.narrow(1, 0, dm)?.unsqueeze(1)?,
+            final_scale: f.narrow(1, dm, dm)?.unsqueeze(1)?,
+        })
+    }
+
+    /// Per-image conditioning from the LR image (1, 3, h, w) in [-1, 1] (not scaled by c_in) for an
+    /// output grid; requires `h = grid height / sr_scale`.
+    pub fn image_cond(&self, lr: &Tensor, grid: BlockGrid) -> Result<ImageCond> {
+        let (_, c, h, w) = lr.dims4()?;
+        let s = self.cfg.sr_scale;
+        if c != 3 || h * s != grid.height() || w * s != grid.width() {
+            candle_core::bail!(
+                "LR image {c}x{h}x{w} does not match the output grid {}x{} at scale {s}",
+                grid.height(),
+                grid.width()
+            )
+        }
+        let feat = self.proj_lr.forward(&lr.to_dtype(self.dtype)?)?; // (1, h' w', D)
+        let (hp, wp) = (h / self.cfg.lr_patch, w / self.cfg.lr_patch);
+        let feat = feat.squeeze(0)?.t()?.reshape((self.cfg.hidden, hp, wp))?;
+        let cross = self.layers[0].cross().expect("layer 0 has the cross-attention");
+        Ok(ImageCond { grid, lr: cross.lr_kv(&feat, self.cfg.lr_block())? })
+    }
+
+    /// The network F on a batch of blocks. `x_in` is (n, in_channels, bp, bp): the blocks of
+    /// `c_in * [x || concat_lr]` at `pos`. Returns (n, out_channels, bp, bp). When `trace` is given,
+    /// the hidden state after every layer is pushed to it, (n, T, D) each.
+    pub fn forward_blocks(
+        &self,
+        x_in: &Tensor,
+        pos: &[BlockPos],
+        step: &StepCond,
+        image: &ImageCond,
+        kv: &mut dyn KvSource,
+        mut trace: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
+        let n = pos.len();
+        let bt = self.cfg.block_tokens();
+        let mut x = self.patch_embed.forward(&x_in.to_dtype(self.dtype)?)?; // (n, T, D)
+        // RoPE tables for the batch: (n, 1, T, d).
+        let mut cos = Vec::with_capacity(n);
+        let mut sin = Vec::with_capacity(n);
+        for p in pos {
+            let (c, s) = self.rope.cos_sin(p.row * bt, p.col * bt, bt, bt, &self.device)?;
+            cos.push(c.unsqueeze(0)?);
+            sin.push(s.unsqueeze(0)?);
+        }
+        let cos = Tensor::stack(&cos, 0)?;
+        let sin = Tensor::stack(&sin, 0)?;
+        let lb = self.cfg.lr_block();
+        let corners: Vec<(usize, usize)> = pos.iter().map(|p| (p.row * lb, p.col * lb)).collect();
+        let mut inputs = LayerInputs { rope: (&cos, &sin), kv, lr: (&image.lr, &corners, self.cfg.lr_window()) };
+        for (layer, m) in self.layers.iter().zip(&step.layers) {
+            x = layer.forward(&x, m, &mut inputs)?;
+            if let Some(t) = trace.as_deref_mut() {
+                t.push(x.clone());
+            }
+        }
+        // SAT's final_layernorm, then the final layer's norm_final: two LayerNorms in a row.
+        let eps = self.cfg.ln_eps;
+        let z = modulate(&layer_norm(&layer_norm(&x, eps)?, eps)?, &step.final_shift, &step.final_scale)?;
+        let o = self.final_linear.forward(&z)?; // (n, T, p*p*C) ordered (py, px, c)
+        let (p, co) = (self.cfg.patch, self.cfg.out_channels);
+        o.to_dtype(DType::F32)?
+            .reshape((n, bt, bt, p, p, co))?
+            .permute((0, 5, 1, 3, 2, 4))? // (n, c, ty, py, tx, px)
+            .reshape((n, co, bt * p, bt * p))
+    }
+}

@@ -1,0 +1,152 @@
+//! Small numeric building blocks shared by the DiT and the CLIP tower.
+//!
+//! Everything here is written with differentiable candle primitives (no fused op without backward),
+//! computing normalisations and softmax statistics in f32 whatever the activation dtype.
+
+use candle_core::{D, DType, Module, Result, Tensor};
+
+use crate::weights::WeightLoader;
+
+/// A dense layer `y = x W^T + b` with the PyTorch weight layout (out, in).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+}
+
+impl Linear {
+    /// Loads `{name}.weight` (out, in) and `{name}.bias` (out).
+    pub fn load(w: &WeightLoader, name: &str, inp: usize, out: usize) -> Result<Self> {
+        let w = w.pp(name);
+        let weight = w.get((out, inp), "weight")?;
+        let bias = w.get(out, "bias")?;
+        Ok(Self { inner: candle_nn::Linear::new(weight, Some(bias)) })
+    }
+    /// From tensors.
+    pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { inner: candle_nn::Linear::new(weight, bias) }
+    }
+    /// The weight (out, in).
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.inner.weight();
+        let dims = x.dims();
+        // Flatten leading dims: one GEMM with a transposed (strided) rhs, no copy of W.
+        let inp = dims[dims.len() - 1];
+        let rows = x.elem_count() / inp;
+        let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
+        let y = match self.inner.bias() {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims.to_vec();
+        *out.last_mut().unwrap() = w.dim(0)?;
+        y.reshape(out)
+    }
+}
+
+/// LayerNorm over the last dimension without affine parameters, statistics in f32 (two passes).
+pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let dt = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let rstd = (var + eps)?.sqrt()?.recip()?;
+    xc.broadcast_mul(&rstd)?.to_dtype(dt)
+}
+
+/// An affine LayerNorm over the last dimension (`nn.LayerNorm` with weight and bias).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads `{name}.weight` and `{name}.bias` of width `dim`.
+    pub fn load(w: &WeightLoader, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        let w = w.pp(name);
+        Ok(Self { weight: w.get(dim, "weight")?, bias: w.get(dim, "bias")?, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, self.eps)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// adaLN modulation `z * (1 + scale) + shift`, with `shift`/`scale` broadcast over tokens.
+pub fn modulate(z: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    z.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
+}
+
+/// Cuts (B, C, H, W) into non-overlapping p x p patches: (B, (H/p)(W/p), C p p), patches in row-major
+/// order and features in (c, ky, kx) order, i.e. the layout of a stride-p convolution's weight
+/// (out, C, p, p) flattened. A patch convolution is then one GEMM.
+pub fn patchify(x: &Tensor, p: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if h % p != 0 || w % p != 0 {
+        candle_core::bail!("patchify: image {h}x{w} is not a multiple of the patch {p}")
+    }
+    x.reshape((b, c, h / p, p, w / p, p))? // (b, c, gh, ky, gw, kx)
+        .permute((0, 2, 4, 1, 3, 5))? // (b, gh, gw, c, ky, kx)
+        .reshape((b, (h / p) * (w / p), c * p * p))
+}
+
+/// A convolution with kernel = stride = p (a patch embedding), as one GEMM.
+#[derive(Debug, Clone)]
+pub struct PatchConv {
+    linear: Linear,
+    patch: usize,
+}
+
+impl PatchConv {
+    /// Loads `{name}.weight` (out, in, p, p) and, when `bias`, `{name}.bias`.
+    pub fn load(w: &WeightLoader, name: &str, inp: usize, out: usize, p: usize, bias: bool) -> Result<Self> {
+        let w = w.pp(name);
+        let weight = w.get((out, inp, p, p), "weight")?.reshape((out, inp * p * p))?;
+        let bias = if bias { Some(w.get(out, "bias")?) } else { None };
+        Ok(Self { linear: Linear::from_parts(weight, bias), patch: p })
+    }
+
+    /// (B, C, H, W) -> (B, (H/p)(W/p), out), tokens in row-major order.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.linear.forward(&patchify(x, self.patch)?)
+    }
+}
+
+/// Scaled dot-product attention `softmax(q k^T / sqrt(d)) v` for (N, H, Tq, d) x (N, H, Tk, d),
+/// processed in slices over N so that the score matrix stays within `max_score_bytes`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, max_score_bytes: usize) -> Result<Tensor> {
+    let (n, h, tq, d) = q.dims4()?;
+    let tk = k.dim(2)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let per = (h * tq * tk * 4).max(1);
+    let chunk = (max_score_bytes / per).clamp(1, n.max(1));
+    let mut outs = Vec::with_capacity(n.div_ceil(chunk));
+    let mut i = 0;
+    while i < n {
+        let c = chunk.min(n - i);
+        let qi = q.narrow(0, i, c)?.contiguous()?;
+        let ki = k.narrow(0, i, c)?.contiguous()?;
+        let vi = v.narrow(0, i, c)?.contiguous()?;
+        let s = (qi.matmul(&ki.t()?)? * scale)?;
+        let p = candle_nn::ops::softmax_last_dim(&s.to_dtype(DType::F32)?)?.to_dtype(vi.dtype())?;
+        outs.push(p.matmul(&vi)?);
+        i += c;
+    }
+    Tensor::cat(&outs, 0)
+}
+
+/// L2 normalisation over the last dimension, as `F.normalize` (norm clamped at 1e-12).
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let n = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
+    x.broadcast_div(&n)
+}
