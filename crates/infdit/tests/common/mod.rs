@@ -1,0 +1,76 @@
+//! Shared helpers for the integration tests: locating the golden vectors and comparing tensors.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use infdit::ModelConfig;
+use infdit::pipeline::Model;
+use infdit::weights::Checkpoint;
+
+/// `../shared/<set>` of the repository (override with INFDIT_SHARED_DIR).
+pub fn shared(set: &str) -> PathBuf {
+    let base = std::env::var("INFDIT_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared")));
+    base.join(set)
+}
+
+/// The parity set a case belongs to and its weight file stem.
+pub fn set_of(case: &str) -> (&'static str, &'static str) {
+    match case {
+        "a" | "b" | "c" => ("parity", "tiny"),
+        _ => ("parity2", "tiny2"),
+    }
+}
+
+/// All tensors of a case file.
+pub fn case(case: &str) -> HashMap<String, Tensor> {
+    let (set, _) = set_of(case);
+    let p = shared(set).join(format!("case_{case}.safetensors"));
+    candle_core::safetensors::load(&p, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// The config of a parity set, read from its official-format config.json.
+pub fn config(set: &str) -> ModelConfig {
+    ModelConfig::from_file(&shared(set).join("config.json")).expect("parity config parses")
+}
+
+/// The tiny model of a case's set, f32 on CPU, from the safetensors file.
+pub fn model(case: &str) -> Model {
+    let (set, stem) = set_of(case);
+    let ck = Checkpoint::open(&shared(set).join(format!("{stem}.safetensors"))).expect("weights open");
+    Model::from_checkpoint(&config(set), ck, DType::F32, &Device::Cpu).expect("model builds")
+}
+
+/// max |a - b| over all elements (f64).
+pub fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+}
+
+/// max |a|.
+pub fn max_of(a: &Tensor) -> f64 {
+    a.to_dtype(DType::F64).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+}
+
+/// Asserts max |a - b| <= tol and prints the figure (visible with --nocapture).
+pub fn assert_close(label: &str, a: &Tensor, b: &Tensor, tol: f64) -> f64 {
+    let d = max_abs(a, b);
+    println!("{label}: max abs diff {d:.3e} (tolerance {tol:.1e})");
+    assert!(d <= tol, "{label}: max abs diff {d:e} > tolerance {tol:e}");
+    d
+}
+
+/// `x_in_i = fl32(concat_lr + fl32(eps * sigma_i))`.
+pub fn x_in(concat_lr: &Tensor, eps: &Tensor, sigma: f32) -> Tensor {
+    infdit::diffusion::initial_state(concat_lr, eps, sigma).unwrap()
+}
+
+/// The stored sigma table.
+pub fn sigmas(c: &HashMap<String, Tensor>) -> Vec<f32> {
+    c["sigmas"].to_vec1::<f32>().unwrap()
+}
