@@ -1,0 +1,132 @@
+//! One function per subcommand; `run` dispatches.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use infdit::ModelConfig;
+use infdit::diffusion::HeunConfig;
+use infdit::diffusion::noise::image_noise;
+use infdit::imageio::resize::Bicubic;
+use infdit::imageio::{load_rgb, save_rgb8_atomic, tensor_to_rgb8};
+use infdit::pipeline::{Model, PassScale, prepare_official, sample_whole_image};
+use infdit::weights::{Checkpoint, convert::convert};
+
+use crate::args::{Cli, Command, ConvertArgs, DTypeArg, InspectArgs, ModelArgs, ResizeArg, ScaleArg, UpscaleArgs};
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Upscale(a) => upscale(a),
+        Command::Convert(a) => convert_cmd(a),
+        Command::Inspect(a) => inspect(a),
+    }
+    .map(|()| ExitCode::SUCCESS)
+}
+
+fn dtype(d: DTypeArg) -> DType {
+    match d {
+        DTypeArg::F32 => DType::F32,
+        DTypeArg::Bf16 => DType::BF16,
+        DTypeArg::F16 => DType::F16,
+    }
+}
+
+fn model_config(a: &ModelArgs) -> Result<ModelConfig> {
+    Ok(match &a.config {
+        Some(p) => ModelConfig::from_file(p)?,
+        None => ModelConfig::released(),
+    })
+}
+
+fn load_model(a: &ModelArgs, dt: DType, dev: &Device) -> Result<Model> {
+    let cfg = model_config(a)?;
+    Ok(Model::load(&cfg, &a.model, a.clip.as_deref(), dt, dev)?)
+}
+
+fn load_noise(path: &Path, h: usize, w: usize) -> Result<Tensor> {
+    let mut t = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("{}: cannot read the noise file", path.display()))?;
+    let eps = t.remove("eps").with_context(|| format!("{}: no tensor named 'eps'", path.display()))?;
+    if eps.dims() != [1, 3, h, w] {
+        bail!("{}: eps has shape {:?}, the output needs (1, 3, {h}, {w})", path.display(), eps.dims());
+    }
+    Ok(eps.to_dtype(DType::F32)?)
+}
+
+fn upscale(a: UpscaleArgs) -> Result<()> {
+    let dev = Device::Cpu;
+    let kind = match a.resize {
+        ResizeArg::Antialias => Bicubic::Antialias,
+        ResizeArg::Classic => Bicubic::Classic,
+    };
+    let scale = match a.scale {
+        ScaleArg::X4 => PassScale::X4,
+        ScaleArg::X2 => PassScale::X2,
+    };
+    if a.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    if let (Ok(i), Ok(o)) = (a.input.canonicalize(), a.output.canonicalize())
+        && i == o
+    {
+        bail!("{}: the output path is the input image; refusing to overwrite it", a.output.display());
+    }
+    let input = load_rgb(&a.input, a.max_pixels)?;
+    let model = load_model(&a.model, dtype(a.dtype), &dev)?;
+    let prep = prepare_official(&input, scale, model.cfg.dit.block_px, kind)
+        .with_context(|| a.input.display().to_string())?;
+    let (h, w) = (prep.grid.height(), prep.grid.width());
+    let eps = match &a.noise {
+        Some(p) => load_noise(p, h, w)?,
+        None => image_noise(a.seed, &prep.grid, 3, &dev)?,
+    };
+    let clip = model.clip_vector(&prep.lr, kind)?;
+    let heun = HeunConfig { steps: a.steps, ..HeunConfig::default() };
+    let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(heun.evaluations() as u64) };
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} network evaluations, {elapsed} elapsed, ETA {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(format!("{} -> {w}x{h}", a.input.display()));
+    let sample = sample_whole_image(&model, &prep, &clip, &eps, &heun, &mut |p| {
+        bar.set_position(p.evals_done as u64);
+    })?;
+    bar.finish();
+    let img = tensor_to_rgb8(&sample)?;
+    save_rgb8_atomic(&img, &a.output, &[a.input.as_path()])?;
+    if !a.quiet {
+        eprintln!("wrote {} ({w}x{h})", a.output.display());
+    }
+    Ok(())
+}
+
+fn convert_cmd(a: ConvertArgs) -> Result<()> {
+    let s = convert(&a.input, &a.output, a.dtype.map(dtype))?;
+    eprintln!(
+        "wrote {}: {} tensors, {} values, {} bytes",
+        a.output.display(),
+        s.tensors,
+        s.elements,
+        s.bytes
+    );
+    Ok(())
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let ck = Checkpoint::open(&a.model.model)?;
+    let total: usize = ck.keys().map(|k| ck.shape(k).map(|s| s.iter().product::<usize>()).unwrap_or(0)).sum();
+    println!("{}: {} tensors, {} values", a.model.model.display(), ck.len(), total);
+    if a.list {
+        for k in ck.keys() {
+            println!("  {k} {:?}", ck.shape(k).unwrap_or(&[]));
+        }
+    }
+    let model = load_model(&a.model, DType::F32, &Device::Cpu)?;
+    println!("matches the config; {} dead keys skipped", model.skipped_dead_keys.len());
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! End-to-end tests of the `infdit` binary on the parity model.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn shared(set: &str) -> PathBuf {
+    let base = std::env::var("INFDIT_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared")));
+    base.join(set)
+}
+
+fn infdit() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_infdit"))
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("infdit-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// `infdit upscale --noise case.safetensors` reproduces the official output PNG (case a: identical).
+#[test]
+fn upscale_with_injected_noise_reproduces_the_official_png() {
+    let p = shared("parity");
+    let dir = tmpdir("upscale");
+    let out = dir.join("a_sr.png");
+    let status = infdit()
+        .arg("upscale")
+        .arg(p.join("case_a_lr.png"))
+        .arg("-o")
+        .arg(&out)
+        .args(["--model".as_ref(), p.join("tiny_mp_rank_00_model_states.pt").as_os_str()])
+        .args(["--config".as_ref(), p.join("config.json").as_os_str()])
+        .args(["--noise".as_ref(), p.join("case_a.safetensors").as_os_str()])
+        .arg("--quiet")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let ours = image::open(&out).unwrap().to_rgb8();
+    let theirs = image::open(p.join("case_a_sr.png")).unwrap().to_rgb8();
+    assert_eq!(ours.dimensions(), (128, 128));
+    assert!(ours.as_raw() == theirs.as_raw(), "case a output differs from the official PNG");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A seeded run (no --noise) works, is deterministic, and never overwrites its input.
+#[test]
+fn seeded_upscale_is_deterministic_and_protects_the_input() {
+    let p = shared("parity2");
+    let dir = tmpdir("seeded");
+    let run = |out: &PathBuf| {
+        infdit()
+            .arg("upscale")
+            .arg(p.join("case_d_lr.png"))
+            .arg("-o")
+            .arg(out)
+            .args(["--model".as_ref(), p.join("tiny2.safetensors").as_os_str()])
+            .args(["--config".as_ref(), p.join("config.json").as_os_str()])
+            .args(["--seed", "7", "--steps", "3", "--quiet"])
+            .output()
+            .unwrap()
+    };
+    let (o1, o2) = (dir.join("1.png"), dir.join("2.png"));
+    assert!(run(&o1).status.success());
+    assert!(run(&o2).status.success());
+    assert_eq!(std::fs::read(&o1).unwrap(), std::fs::read(&o2).unwrap());
+    assert_eq!(image::open(&o1).unwrap().to_rgb8().dimensions(), (384, 128));
+
+    // Output path == input path: refused, input untouched.
+    let input = dir.join("in.png");
+    std::fs::copy(p.join("case_d_lr.png"), &input).unwrap();
+    let before = std::fs::read(&input).unwrap();
+    let r = infdit()
+        .arg("upscale")
+        .arg(&input)
+        .arg("-o")
+        .arg(&input)
+        .args(["--model".as_ref(), p.join("tiny2.safetensors").as_os_str()])
+        .args(["--config".as_ref(), p.join("config.json").as_os_str()])
+        .args(["--steps", "1", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(!r.status.success());
+    assert_eq!(std::fs::read(&input).unwrap(), before);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Bad inputs give one clear error naming the file, exit code 1, no panic.
+#[test]
+fn bad_inputs_get_clear_errors() {
+    let p = shared("parity");
+    let dir = tmpdir("bad");
+    let junk = dir.join("junk.png");
+    std::fs::write(&junk, b"not a png at all").unwrap();
+    let r = infdit()
+        .arg("upscale")
+        .arg(&junk)
+        .arg("-o")
+        .arg(dir.join("out.png"))
+        .args(["--model".as_ref(), p.join("tiny.safetensors").as_os_str()])
+        .args(["--config".as_ref(), p.join("config.json").as_os_str()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(err.contains("junk.png"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    // A checkpoint for another config: every mismatch is named.
+    let r = infdit()
+        .arg("inspect")
+        .args(["--model".as_ref(), shared("parity2").join("tiny2.safetensors").as_os_str()])
+        .args(["--config".as_ref(), p.join("config.json").as_os_str()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(err.contains("shape mismatch: mixins.adaln_layer.re_pos_embed"), "{err}");
+    assert!(err.contains("missing key: mixins.adaln_layer.q_layer_norm") || err.contains("unexpected key: mixins.adaln_layer.q_layer_norm.3"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `infdit convert` writes a safetensors file that loads to the same model.
+#[test]
+fn convert_then_upscale() {
+    let p = shared("parity");
+    let dir = tmpdir("convert");
+    let st = dir.join("tiny-bf16.safetensors");
+    let r = infdit()
+        .arg("convert")
+        .arg(p.join("tiny_mp_rank_00_model_states.pt"))
+        .arg("-o")
+        .arg(&st)
+        .args(["--dtype", "bf16"])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let r = infdit()
+        .arg("inspect")
+        .args(["--model".as_ref(), st.as_os_str()])
+        .args(["--config".as_ref(), p.join("config.json").as_os_str()])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(out.contains("110 tensors"), "{out}");
+    assert!(out.contains("matches the config; 11 dead keys skipped"), "{out}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
