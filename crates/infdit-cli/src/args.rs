@@ -47,6 +47,39 @@ pub enum ScaleArg {
     X2,
 }
 
+/// How a network evaluation is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// UniBA block scheduler with a K/V cache (default).
+    Blocks,
+    /// The whole image in one forward (the official "full" mode).
+    Whole,
+}
+
+/// Parses a byte count with an optional K/M/G/T suffix (powers of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                'B' => 1,
+                _ => return Err(format!("unknown size suffix in '{s}' (use K, M, G or T)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let v: f64 = num.trim().parse().map_err(|_| format!("'{s}' is not a byte count"))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("'{s}' must be a positive size"));
+    }
+    Ok((v * mult as f64) as u64)
+}
+
 /// Bicubic kernel for the upsampled LR, the 2x-mode downsample and the CLIP resize.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ResizeArg {
@@ -101,6 +134,28 @@ pub struct UpscaleArgs {
     /// Bicubic kernel of the input preparation.
     #[arg(long, value_enum, default_value_t = ResizeArg::Antialias)]
     pub resize: ResizeArg,
+    /// How each network evaluation runs: the block scheduler (memory grows with the width), or
+    /// the whole image at once (the official "full" mode, memory grows with the area; for checks).
+    #[arg(long, value_enum, default_value_t = ModeArg::Blocks)]
+    pub mode: ModeArg,
+    /// Blocks per batch side for the scheduler (n x n blocks per forward). Default: the largest n
+    /// whose memory plan fits --max-memory.
+    #[arg(long, value_name = "N")]
+    pub block_batch: Option<usize>,
+    /// Memory budget in bytes (suffixes K, M, G, T accepted) used to choose --block-batch.
+    /// Default: half of the available memory, at most 8G.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    pub max_memory: Option<u64>,
+    /// Storage precision of the scheduler's K/V cache. Default: the network's --dtype.
+    #[arg(long, value_enum)]
+    pub kv_dtype: Option<DTypeArg>,
+    /// Save the sampler state here after each step, and resume from it when rerun with the same
+    /// command (the result is bit-identical to an uninterrupted run).
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Print the memory plan and the chosen settings.
+    #[arg(long, short)]
+    pub verbose: bool,
     /// Largest input accepted, in pixels (guards against decompression bombs).
     #[arg(long, default_value_t = 64 << 20)]
     pub max_pixels: u64,

@@ -19,8 +19,11 @@ pub mod config;
 pub mod diffusion;
 pub mod error;
 pub mod imageio;
+pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod resume;
+pub mod schedule;
 pub mod weights;
 
 pub use config::{ClipConfig, DitConfig, ModelConfig};

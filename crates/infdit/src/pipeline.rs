@@ -7,7 +7,8 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::clip::ClipVision;
 use crate::config::ModelConfig;
-use crate::diffusion::{Denoise, EdmScalings, HeunConfig, heun_sample, initial_state};
+use crate::diffusion::{Denoise, EdmScalings, HeunConfig, initial_state};
+use crate::schedule::BlockDenoiser;
 use crate::error::{InfditError, Result};
 use crate::imageio::resize::{Bicubic, center_crop_offsets, resize_tensor};
 use crate::model::blocks::{BlockGrid, WholeImageKv, blocks_to_image, image_to_blocks};
@@ -73,6 +74,15 @@ impl Model {
             Err(e) => Err(e.into()),
             Ok(_) => Ok(Vec::new()),
         }
+    }
+
+    /// Parameters of the DiT part (CLIP excluded, dead keys excluded), from the config alone.
+    pub fn parameter_count(cfg: &ModelConfig) -> Result<usize> {
+        Ok(Self::expected_keys(cfg)?
+            .iter()
+            .filter(|(k, _)| !k.starts_with(CLIP_PREFIX))
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum())
     }
 
     /// The conditioning vector of an LR image (1, 3, h, w) in [-1, 1]: the CLIP embedding, or zeros
@@ -142,10 +152,10 @@ pub fn prepare_official(input: &Tensor, scale: PassScale, block_px: usize, kind:
     Ok(Prepared { lr, concat_lr, grid })
 }
 
-/// Progress of a sampling run.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Progress of a sampling run (all counters at once, so a front end can show any of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
-    /// Network evaluations finished.
+    /// Network evaluations finished (counting those done before a resume).
     pub evals_done: usize,
     /// Network evaluations in the run.
     pub evals_total: usize,
@@ -153,6 +163,62 @@ pub struct Progress {
     pub steps_done: usize,
     /// Sampler steps in the run.
     pub steps_total: usize,
+    /// Blocks finished in the current evaluation (block mode; whole-image mode reports 0 or all).
+    pub blocks_done: usize,
+    /// Blocks in the image.
+    pub blocks_total: usize,
+}
+
+/// How one network evaluation is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The whole image in one forward (the reference's `full` inference); memory grows with the area.
+    WholeImage,
+    /// The UniBA block scheduler: `block_batch x block_batch` blocks per forward, raster order,
+    /// keys/values cached in `kv_dtype`; memory grows with the width.
+    Blocks {
+        /// Blocks per batch side (n >= 1).
+        block_batch: usize,
+        /// Storage precision of the K/V cache.
+        kv_dtype: DType,
+    },
+}
+
+/// Settings of a sampling run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleOptions {
+    /// Sampler settings.
+    pub heun: HeunConfig,
+    /// Whole image or block scheduler.
+    pub mode: Mode,
+    /// Where to save the state after each step, and resume from.
+    pub checkpoint_dir: Option<std::path::PathBuf>,
+    /// Stop (returning no sample) once this many steps are done; for interruption and tests.
+    pub stop_after_steps: Option<usize>,
+}
+
+impl Default for SampleOptions {
+    fn default() -> Self {
+        Self {
+            heun: HeunConfig::default(),
+            mode: Mode::Blocks { block_batch: 1, kv_dtype: DType::F32 },
+            checkpoint_dir: None,
+            stop_after_steps: None,
+        }
+    }
+}
+
+/// The result of [`sample`].
+#[derive(Debug, Clone)]
+pub struct SampleOutcome {
+    /// The final sample (1, 3, H, W), or `None` when the run stopped early.
+    pub sample: Option<Tensor>,
+    /// Steps done, including those done before a resume.
+    pub steps_done: usize,
+    /// Step the run resumed from (0 for a fresh run).
+    pub resumed_from: usize,
+    /// Peak size of the block scheduler's K/V cache in bytes (0 in whole-image mode).
+    pub peak_kv_cache_bytes: usize,
 }
 
 /// The EDM denoiser on the whole image at once (the reference's `full` inference).
@@ -240,31 +306,98 @@ impl Denoise for WholeImageDenoiser<'_> {
     }
 }
 
-/// Samples in whole-image mode from `eps` (1, 3, H, W): the 20-step Heun run of the reference.
-pub fn sample_whole_image(
+/// Samples from `eps` (1, 3, H, W): the Heun run of the reference, in whole-image or block mode,
+/// optionally saving its state after every step and resuming from it.
+pub fn sample(
     model: &Model,
     prep: &Prepared,
     clip_vec: &Tensor,
     eps: &Tensor,
-    heun: &HeunConfig,
+    opts: &SampleOptions,
     progress: &mut dyn FnMut(Progress),
-) -> Result<Tensor> {
+) -> Result<SampleOutcome> {
+    let heun = &opts.heun;
     let sigmas = heun.sigmas();
     let dev = model.dit.device();
-    let x0 = initial_state(&prep.concat_lr.to_device(dev)?, &eps.to_device(dev)?, sigmas[0])?;
-    let total = heun.evaluations();
-    let steps_total = heun.steps;
+    let concat_lr = prep.concat_lr.to_device(dev)?;
+    let eps = eps.to_device(dev)?;
+    let state_file = opts.checkpoint_dir.as_ref().map(|d| d.join("infdit-state.safetensors"));
+    let fingerprint = run_fingerprint(&concat_lr, &eps, clip_vec, heun, model)?;
+    let (mut x, start) = match state_file.as_deref().map(|f| crate::resume::load_state(f, &fingerprint)) {
+        Some(Ok(Some((x, k)))) => (x.to_device(dev)?, k),
+        Some(Err(e)) => return Err(e),
+        _ => (initial_state(&concat_lr, &eps, sigmas[0])?, 0),
+    };
+    let evals_before = |k: usize| if k == 0 { 0 } else { (2 * k).min(heun.evaluations()) };
+    let blocks_total = prep.grid.len();
+    let base = Progress {
+        evals_done: evals_before(start),
+        evals_total: heun.evaluations(),
+        steps_done: start,
+        steps_total: heun.steps,
+        blocks_done: 0,
+        blocks_total,
+    };
+    let state = std::cell::Cell::new(base);
     let progress = std::cell::RefCell::new(progress);
-    let done_steps = std::cell::Cell::new(0usize);
-    let mut den = WholeImageDenoiser::new(&model.dit, clip_vec, &prep.lr, &prep.concat_lr)?;
-    den.on_eval = Some(Box::new(|e| {
-        (progress.borrow_mut())(Progress { evals_done: e, evals_total: total, steps_done: done_steps.get(), steps_total })
-    }));
-    let out = heun_sample(&mut den, x0, &sigmas, 0, &mut |k, x| {
-        done_steps.set(k + 1);
-        check_finite(x, k)
-    })?;
-    Ok(out)
+    let report = |p: Progress| {
+        state.set(p);
+        (progress.borrow_mut())(p)
+    };
+    report(base);
+    let mut whole;
+    let mut blocks: Option<BlockDenoiser<'_>> = None;
+    let den: &mut dyn Denoise = match opts.mode {
+        Mode::WholeImage => {
+            whole = WholeImageDenoiser::new(&model.dit, clip_vec, &prep.lr, &concat_lr)?;
+            whole.on_eval = Some(Box::new(|_| {
+                let p = state.get();
+                report(Progress { evals_done: p.evals_done + 1, blocks_done: blocks_total, ..p })
+            }));
+            &mut whole
+        }
+        Mode::Blocks { block_batch, kv_dtype } => {
+            let b = blocks.insert(BlockDenoiser::new(&model.dit, clip_vec, &prep.lr, &concat_lr, block_batch, kv_dtype)?);
+            b.on_batch = Some(Box::new(|s| {
+                let p = state.get();
+                let evals_done = p.evals_done + (s.blocks_done == s.blocks_total) as usize;
+                report(Progress { evals_done, blocks_done: s.blocks_done % s.blocks_total.max(1), ..p })
+            }));
+            b
+        }
+    };
+    let last = sigmas.len() - 1;
+    let mut steps_done = start;
+    for i in start..last {
+        if opts.stop_after_steps.is_some_and(|s| steps_done >= s) {
+            break;
+        }
+        x = crate::diffusion::heun_step(den, &x, &sigmas, i)?;
+        check_finite(&x, i)?;
+        steps_done = i + 1;
+        if let Some(f) = &state_file {
+            crate::resume::save_state(f, &x, steps_done, &fingerprint)?;
+        }
+        let p = state.get();
+        report(Progress { steps_done, ..p });
+    }
+    let peak_kv_cache_bytes = blocks.as_ref().map_or(0, |b| b.peak_cache_bytes);
+    let finished = steps_done == last;
+    if finished && let Some(f) = &state_file {
+        let _ = std::fs::remove_file(f);
+    }
+    Ok(SampleOutcome { sample: finished.then_some(x), steps_done, resumed_from: start, peak_kv_cache_bytes })
+}
+
+/// A hash of everything that determines a run's trajectory, so a saved state is only resumed by
+/// the same run.
+fn run_fingerprint(concat_lr: &Tensor, eps: &Tensor, clip: &Tensor, heun: &HeunConfig, model: &Model) -> Result<String> {
+    let mut h = crate::resume::Fnv::default();
+    for t in [concat_lr, eps, clip] {
+        h.tensor(t)?;
+    }
+    h.bytes(format!("{heun:?}/{:?}/{:?}", model.dit.dtype(), model.cfg).as_bytes());
+    Ok(format!("{:016x}", h.finish()))
 }
 
 /// Fails when the sampler state holds a NaN or infinity (a broken model or input).

@@ -12,10 +12,11 @@ use infdit::diffusion::HeunConfig;
 use infdit::diffusion::noise::image_noise;
 use infdit::imageio::resize::Bicubic;
 use infdit::imageio::{load_rgb, save_rgb8_atomic, tensor_to_rgb8};
-use infdit::pipeline::{Model, PassScale, prepare_official, sample_whole_image};
+use infdit::pipeline::{Mode, Model, PassScale, SampleOptions, prepare_official, sample};
+use infdit::schedule::MemoryPlan;
 use infdit::weights::{Checkpoint, convert::convert};
 
-use crate::args::{Cli, Command, ConvertArgs, DTypeArg, InspectArgs, ModelArgs, ResizeArg, ScaleArg, UpscaleArgs};
+use crate::args::{Cli, Command, ConvertArgs, DTypeArg, InspectArgs, ModeArg, ModelArgs, ResizeArg, ScaleArg, UpscaleArgs};
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -86,23 +87,89 @@ fn upscale(a: UpscaleArgs) -> Result<()> {
     };
     let clip = model.clip_vector(&prep.lr, kind)?;
     let heun = HeunConfig { steps: a.steps, ..HeunConfig::default() };
-    let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(heun.evaluations() as u64) };
+    let act = dtype(a.dtype);
+    let kv_dtype = a.kv_dtype.map(dtype).unwrap_or(act);
+    let params = Model::parameter_count(&model.cfg)?;
+    let budget = a.max_memory.unwrap_or_else(default_memory_budget) as usize;
+    let mode = match a.mode {
+        ModeArg::Whole => Mode::WholeImage,
+        ModeArg::Blocks => {
+            let n = match a.block_batch {
+                Some(0) => bail!("--block-batch must be at least 1"),
+                Some(n) => n,
+                None => MemoryPlan::largest_batch(&model.cfg.dit, params, &prep.grid, act, kv_dtype, budget)
+                    .with_context(|| {
+                        let one = MemoryPlan::estimate(&model.cfg.dit, params, &prep.grid, Some(1), act, kv_dtype);
+                        format!("even --block-batch 1 needs about {one}, above the memory budget of {budget} bytes")
+                    })?,
+            };
+            Mode::Blocks { block_batch: n, kv_dtype }
+        }
+    };
+    if a.verbose {
+        let batch = match mode {
+            Mode::Blocks { block_batch, .. } => Some(block_batch),
+            Mode::WholeImage => None,
+        };
+        let plan = MemoryPlan::estimate(&model.cfg.dit, params, &prep.grid, batch, act, kv_dtype);
+        eprintln!(
+            "{} -> {w}x{h}: {} x {} blocks, mode {mode:?}, budget {:.1} MiB",
+            a.input.display(),
+            prep.grid.rows,
+            prep.grid.cols,
+            budget as f64 / (1u64 << 20) as f64
+        );
+        eprintln!("memory plan: {plan}");
+    }
+    let bar = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new((heun.evaluations() * prep.grid.len()) as u64)
+    };
     bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} network evaluations, {elapsed} elapsed, ETA {eta}")
+        ProgressStyle::with_template("{prefix} [{bar:30}] {msg} {elapsed} elapsed, ETA {eta}")
             .expect("valid template")
             .progress_chars("=> "),
     );
-    bar.set_message(format!("{} -> {w}x{h}", a.input.display()));
-    let sample = sample_whole_image(&model, &prep, &clip, &eps, &heun, &mut |p| {
-        bar.set_position(p.evals_done as u64);
+    bar.set_prefix(format!("{} -> {w}x{h}", a.input.display()));
+    let opts = SampleOptions { heun, mode, checkpoint_dir: a.checkpoint_dir.clone(), stop_after_steps: None };
+    let blocks_total = prep.grid.len();
+    let out = sample(&model, &prep, &clip, &eps, &opts, &mut |p| {
+        let done_blocks = p.evals_done * blocks_total + p.blocks_done;
+        bar.set_position(done_blocks as u64);
+        bar.set_message(format!(
+            "step {}/{}, evaluation {}/{}, block {}/{}",
+            (p.steps_done + 1).min(p.steps_total),
+            p.steps_total,
+            (p.evals_done + 1).min(p.evals_total),
+            p.evals_total,
+            p.blocks_done,
+            p.blocks_total
+        ));
     })?;
     bar.finish();
+    if a.verbose && out.resumed_from > 0 {
+        eprintln!("resumed from step {}", out.resumed_from);
+    }
+    let sample = out.sample.context("sampling stopped before the last step")?;
     let img = tensor_to_rgb8(&sample)?;
     save_rgb8_atomic(&img, &a.output, &[a.input.as_path()])?;
     if !a.quiet {
         eprintln!("wrote {} ({w}x{h})", a.output.display());
     }
     Ok(())
+}
+
+/// Half of the memory available now (Linux /proc/meminfo), at most 8 GiB; 4 GiB when unknown.
+fn default_memory_budget() -> u64 {
+    let avail = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    avail.map_or(4 << 30, |b| (b / 2).min(8 << 30))
 }
 
 fn convert_cmd(a: ConvertArgs) -> Result<()> {

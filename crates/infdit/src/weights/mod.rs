@@ -8,6 +8,7 @@
 //! listed in [`is_dead_key`] may be left unused.
 
 pub mod convert;
+pub mod random;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,0 +1,352 @@
+//! The UniBA block scheduler (spec §4): one network evaluation as a raster-order sweep over
+//! `n x n` batches of blocks, with a per-layer key/value cache that holds only what later batches
+//! still need. Memory grows with the image width, not its area, and the result equals whole-image
+//! mode (the reference's `full` inference) up to fp32 rounding.
+//!
+//! Why this is exact: at every layer a block's keys are those of itself and of its top-left, left
+//! and top neighbours (with edge replication), all of which come earlier in raster order. For a
+//! batch with rows `R0..R1` and columns `C0..C1`, the neighbours outside the batch are
+//! * the last block column of the batch to the left (blocks `(r, C0-1)`, `r` in `R0..R1`),
+//! * the last block row of the batch row above (blocks `(R0-1, c)`, `c` in `C0..C1`),
+//! * the corner `(R0-1, C0-1)`.
+//!
+//! The cache therefore keeps, per layer: one block per image column (the bottom row of the batch
+//! row above, overwritten batch by batch), one block per row of the current batch row (the right
+//! column of the previous batch), and the corner (saved just before the batch to its left
+//! overwrote it). That is `cols + n + 1` blocks per layer.
+
+use candle_core::{DType, Result, Tensor};
+
+use crate::diffusion::{Denoise, EdmScalings};
+use crate::model::blocks::{BlockGrid, BlockPos, KvSource, concat_groups, neighbours, take_blocks, blocks_to_image};
+use crate::model::{ImageCond, InfDit};
+
+/// K and V of one block at one layer, (H, T, d) each.
+#[derive(Debug, Clone)]
+struct BlockKv {
+    k: Tensor,
+    v: Tensor,
+}
+
+/// A rectangle of blocks processed by one network call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batch {
+    /// First block row.
+    pub row0: usize,
+    /// One past the last block row.
+    pub row1: usize,
+    /// First block column.
+    pub col0: usize,
+    /// One past the last block column.
+    pub col1: usize,
+}
+
+impl Batch {
+    /// Blocks of the batch in raster order.
+    pub fn blocks(&self) -> Vec<BlockPos> {
+        (self.row0..self.row1).flat_map(|row| (self.col0..self.col1).map(move |col| BlockPos { row, col })).collect()
+    }
+    /// Number of blocks.
+    pub fn len(&self) -> usize {
+        (self.row1 - self.row0) * (self.col1 - self.col0)
+    }
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn contains(&self, p: BlockPos) -> bool {
+        (self.row0..self.row1).contains(&p.row) && (self.col0..self.col1).contains(&p.col)
+    }
+}
+
+/// The batches of a grid for batch size `n`, in raster order; the last batch row/column may be
+/// smaller when `n` does not divide the grid.
+pub fn batches(grid: &BlockGrid, n: usize) -> Vec<Batch> {
+    let n = n.max(1);
+    let mut out = Vec::new();
+    for row0 in (0..grid.rows).step_by(n) {
+        for col0 in (0..grid.cols).step_by(n) {
+            out.push(Batch { row0, row1: (row0 + n).min(grid.rows), col0, col1: (col0 + n).min(grid.cols) });
+        }
+    }
+    out
+}
+
+/// Per-layer cache of the keys/values later batches need.
+struct LayerCache {
+    /// Bottom block row of the batch row above, one entry per image column.
+    row: Vec<Option<BlockKv>>,
+    /// Right block column of the previous batch, one entry per image row.
+    col: Vec<Option<BlockKv>>,
+    /// Block (R0-1, C0-1) of the current batch.
+    corner: Option<BlockKv>,
+}
+
+/// The [`KvSource`] of the scheduler: serves neighbourhoods from the current batch and the cache,
+/// then stores what later batches need. `kv_dtype` is the storage precision of the cache.
+pub struct CachedKv {
+    layers: Vec<LayerCache>,
+    batch: Batch,
+    kv_dtype: DType,
+}
+
+impl CachedKv {
+    /// An empty cache for one sweep over `grid` with `depth` layers.
+    pub fn new(grid: &BlockGrid, depth: usize, kv_dtype: DType) -> Self {
+        let layers = (0..depth)
+            .map(|_| LayerCache { row: vec![None; grid.cols], col: vec![None; grid.rows], corner: None })
+            .collect();
+        Self { layers, batch: Batch { row0: 0, row1: 0, col0: 0, col1: 0 }, kv_dtype }
+    }
+
+    /// Sets the batch the next layer calls belong to. At the start of a batch row the column
+    /// entries and the corner of the row above are no longer needed and are dropped.
+    pub fn begin(&mut self, batch: Batch) {
+        if batch.col0 == 0 {
+            for l in &mut self.layers {
+                l.col.iter_mut().for_each(|e| *e = None);
+                l.corner = None;
+            }
+        }
+        self.batch = batch;
+    }
+
+    /// Bytes held by the cache now.
+    pub fn bytes(&self) -> usize {
+        let kv = |e: &Option<BlockKv>| {
+            e.as_ref().map_or(0, |b| (b.k.elem_count() + b.v.elem_count()) * b.k.dtype().size_in_bytes())
+        };
+        self.layers
+            .iter()
+            .map(|l| l.row.iter().map(kv).sum::<usize>() + l.col.iter().map(kv).sum::<usize>() + kv(&l.corner))
+            .sum()
+    }
+}
+
+impl KvSource for CachedKv {
+    fn neighbourhood(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let b = self.batch;
+        let pos = b.blocks();
+        let width = b.col1 - b.col0;
+        let index = |p: BlockPos| (p.row - b.row0) * width + (p.col - b.col0);
+        let dt = k.dtype();
+        let cache = &mut self.layers[layer];
+        let fetch = |q: BlockPos, cache: &LayerCache| -> Result<BlockKv> {
+            if b.contains(q) {
+                let i = index(q);
+                return Ok(BlockKv { k: k.get(i)?, v: v.get(i)? });
+            }
+            let hit = if q.row >= b.row0 {
+                debug_assert_eq!(q.col + 1, b.col0);
+                cache.col[q.row].as_ref()
+            } else if q.col >= b.col0 {
+                cache.row[q.col].as_ref()
+            } else {
+                cache.corner.as_ref()
+            };
+            let hit = hit.ok_or_else(|| {
+                candle_core::Error::Msg(format!("block scheduler: K/V of block {q:?} not cached (bug)"))
+            })?;
+            Ok(BlockKv { k: hit.k.to_dtype(dt)?, v: hit.v.to_dtype(dt)? })
+        };
+        let mut groups_k: [Vec<Tensor>; 3] = Default::default();
+        let mut groups_v: [Vec<Tensor>; 3] = Default::default();
+        for p in &pos {
+            let nb = neighbours(*p);
+            for g in 0..3 {
+                let e = fetch(nb[g + 1], cache)?;
+                groups_k[g].push(e.k);
+                groups_v[g].push(e.v);
+            }
+        }
+        let stack = |g: &[Tensor]| Tensor::stack(g, 0);
+        let [k1, k2, k3] = &groups_k;
+        let [v1, v2, v3] = &groups_v;
+        let k4 = concat_groups(k, [stack(k1)?, stack(k2)?, stack(k3)?])?;
+        let v4 = concat_groups(v, [stack(v1)?, stack(v2)?, stack(v3)?])?;
+
+        // Store what later batches need: the corner for the batch to the right, the bottom row for
+        // the batch row below, the right column for the batch to the right.
+        let store = |i: usize| -> Result<BlockKv> {
+            Ok(BlockKv { k: k.get(i)?.to_dtype(self.kv_dtype)?, v: v.get(i)?.to_dtype(self.kv_dtype)? })
+        };
+        cache.corner = if b.row0 > 0 { cache.row[b.col1 - 1].take() } else { None };
+        for c in b.col0..b.col1 {
+            cache.row[c] = Some(store(index(BlockPos { row: b.row1 - 1, col: c }))?);
+        }
+        for r in b.row0..b.row1 {
+            cache.col[r] = Some(store(index(BlockPos { row: r, col: b.col1 - 1 }))?);
+        }
+        Ok((k4, v4))
+    }
+}
+
+/// Progress inside one network evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SweepProgress {
+    /// Blocks finished in this sweep.
+    pub blocks_done: usize,
+    /// Blocks in the image.
+    pub blocks_total: usize,
+}
+
+/// The EDM denoiser evaluated batch by batch.
+pub struct BlockDenoiser<'a> {
+    model: &'a InfDit,
+    clip: Tensor,
+    image: ImageCond,
+    concat_lr: Tensor,
+    block_batch: usize,
+    kv_dtype: DType,
+    /// Called after each batch.
+    pub on_batch: Option<Box<dyn FnMut(SweepProgress) + 'a>>,
+    /// Largest cache size seen, in bytes.
+    pub peak_cache_bytes: usize,
+}
+
+impl<'a> BlockDenoiser<'a> {
+    /// A denoiser for one image with `n x n` block batches and the cache stored as `kv_dtype`.
+    pub fn new(
+        model: &'a InfDit,
+        clip: &Tensor,
+        lr: &Tensor,
+        concat_lr: &Tensor,
+        block_batch: usize,
+        kv_dtype: DType,
+    ) -> Result<Self> {
+        let (_, _, h, w) = concat_lr.dims4()?;
+        let grid = BlockGrid::for_image(h, w, model.config().block_px)?;
+        let dev = model.device();
+        Ok(Self {
+            model,
+            clip: clip.to_device(dev)?,
+            image: model.image_cond(&lr.to_device(dev)?, grid)?,
+            concat_lr: concat_lr.to_device(dev)?,
+            block_batch: block_batch.max(1),
+            kv_dtype,
+            on_batch: None,
+            peak_cache_bytes: 0,
+        })
+    }
+
+    /// The grid.
+    pub fn grid(&self) -> BlockGrid {
+        self.image.grid
+    }
+
+    /// One sweep: `D(x; sigma)` for the whole image, (1, 3, H, W).
+    pub fn sweep(&mut self, x: &Tensor, sigma: f32) -> Result<Tensor> {
+        let s = EdmScalings::new(sigma);
+        let step = self.model.step_cond(s.c_noise, &self.clip)?;
+        let grid = self.image.grid;
+        let bp = grid.block_px;
+        let mut cache = CachedKv::new(&grid, self.model.config().depth, self.kv_dtype);
+        let mut out: Vec<Option<Tensor>> = vec![None; grid.len()];
+        let mut done = 0;
+        for batch in batches(&grid, self.block_batch) {
+            let pos = batch.blocks();
+            let xb = take_blocks(x, bp, &pos)?;
+            let ub = take_blocks(&self.concat_lr, bp, &pos)?;
+            let x_in = Tensor::cat(&[(&xb * s.c_in as f64)?, (&ub * s.c_in as f64)?], 1)?;
+            cache.begin(batch);
+            let f = self.model.forward_blocks(&x_in, &pos, &step, &self.image, &mut cache, None)?;
+            let d = ((f * s.c_out as f64)? + (&xb * s.c_skip as f64)?)?;
+            for (i, p) in pos.iter().enumerate() {
+                out[p.row * grid.cols + p.col] = Some(d.get(i)?);
+            }
+            self.peak_cache_bytes = self.peak_cache_bytes.max(cache.bytes());
+            done += pos.len();
+            if let Some(cb) = self.on_batch.as_mut() {
+                cb(SweepProgress { blocks_done: done, blocks_total: grid.len() });
+            }
+        }
+        let blocks: Vec<Tensor> = out.into_iter().map(|t| t.expect("every block is produced")).collect();
+        blocks_to_image(&Tensor::stack(&blocks, 0)?, &grid)
+    }
+}
+
+impl Denoise for BlockDenoiser<'_> {
+    fn denoise(&mut self, x: &Tensor, sigma: f32, _index: usize) -> Result<Tensor> {
+        self.sweep(x, sigma)
+    }
+}
+
+/// A memory estimate for one upscale, by component, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryPlan {
+    /// Network weights.
+    pub weights: usize,
+    /// The block scheduler's K/V cache (0 in whole-image mode).
+    pub kv_cache: usize,
+    /// Activations of one batch (the largest forward).
+    pub activations: usize,
+    /// Image-size tensors: sampler state, Heun intermediates, upsampled LR, noise, LR features.
+    pub image_state: usize,
+}
+
+impl MemoryPlan {
+    /// The estimate for `grid`, with `batch` = Some(n) for the scheduler or None for whole-image
+    /// mode; `act` is the activation dtype, `kv` the cache dtype, `params` the parameter count.
+    pub fn estimate(
+        cfg: &crate::config::DitConfig,
+        params: usize,
+        grid: &BlockGrid,
+        batch: Option<usize>,
+        act: DType,
+        kv: DType,
+    ) -> Self {
+        let t = cfg.tokens_per_block();
+        let d = cfg.hidden;
+        let blocks = match batch {
+            Some(n) => n.min(grid.rows).max(1) * n.min(grid.cols).max(1),
+            None => grid.len(),
+        };
+        let a = act.size_in_bytes().max(4); // norms and softmax statistics are f32
+        // Per block: hidden state and its normalised copy, QKV, K/V of the four groups, attention
+        // context, MLP intermediate (and its activation), plus the RoPE tables.
+        let per_block = t * (2 * d + 3 * d + 8 * d + d + 2 * cfg.mlp_hidden + 2 * cfg.head_dim()) * a;
+        let scores = (blocks * cfg.heads * t * 4 * t * 4).min(crate::model::layer::SCORE_BYTES);
+        let kv_cache = match batch {
+            Some(n) => cfg.depth * (grid.cols + n.min(grid.rows) + 1) * 2 * t * d * kv.size_in_bytes(),
+            None => 0,
+        };
+        let (h, w) = (grid.height(), grid.width());
+        let lr_tokens = (h / cfg.sr_scale / cfg.lr_patch + 2 * cfg.lr_block()) * (w / cfg.sr_scale / cfg.lr_patch + 2 * cfg.lr_block());
+        let image_state = 7 * 3 * h * w * 4 + lr_tokens * 3 * d * 4;
+        Self { weights: params * act.size_in_bytes(), kv_cache, activations: blocks * per_block + scores, image_state }
+    }
+
+    /// Sum of the components.
+    pub fn total(&self) -> usize {
+        self.weights + self.kv_cache + self.activations + self.image_state
+    }
+
+    /// The largest batch side n whose plan fits in `limit` bytes, or None if even n = 1 does not.
+    pub fn largest_batch(
+        cfg: &crate::config::DitConfig,
+        params: usize,
+        grid: &BlockGrid,
+        act: DType,
+        kv: DType,
+        limit: usize,
+    ) -> Option<usize> {
+        (1..=grid.rows.max(grid.cols))
+            .take_while(|&n| Self::estimate(cfg, params, grid, Some(n), act, kv).total() <= limit)
+            .last()
+    }
+}
+
+impl std::fmt::Display for MemoryPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+        write!(
+            f,
+            "weights {:.1} MiB + K/V cache {:.1} MiB + activations {:.1} MiB + image state {:.1} MiB = {:.1} MiB",
+            mib(self.weights),
+            mib(self.kv_cache),
+            mib(self.activations),
+            mib(self.image_state),
+            mib(self.total())
+        )
+    }
+}
