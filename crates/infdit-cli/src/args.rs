@@ -23,6 +23,25 @@ pub enum Command {
     Convert(ConvertArgs),
     /// Show a checkpoint's tensors and check it against a config.
     Inspect(InspectArgs),
+    /// Write a checkpoint of deterministic random weights for a config (benchmarks, tests).
+    RandomModel(RandomModelArgs),
+}
+
+/// `infdit random-model`.
+#[derive(Debug, clap::Args)]
+pub struct RandomModelArgs {
+    /// Model config (default: the released one).
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Output safetensors file.
+    #[arg(short, long, value_name = "PATH")]
+    pub output: PathBuf,
+    /// Seed of the weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stored dtype.
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    pub dtype: DTypeArg,
 }
 
 /// Compute precision of the network.

@@ -16,7 +16,9 @@ use infdit::pipeline::{Mode, Model, PassScale, SampleOptions, prepare_official, 
 use infdit::schedule::MemoryPlan;
 use infdit::weights::{Checkpoint, convert::convert};
 
-use crate::args::{Cli, Command, ConvertArgs, DTypeArg, InspectArgs, ModeArg, ModelArgs, ResizeArg, ScaleArg, UpscaleArgs};
+use crate::args::{
+    Cli, Command, ConvertArgs, DTypeArg, InspectArgs, ModeArg, ModelArgs, RandomModelArgs, ResizeArg, ScaleArg, UpscaleArgs,
+};
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -24,6 +26,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Upscale(a) => upscale(a),
         Command::Convert(a) => convert_cmd(a),
         Command::Inspect(a) => inspect(a),
+        Command::RandomModel(a) => random_model(a),
     }
     .map(|()| ExitCode::SUCCESS)
 }
@@ -195,5 +198,21 @@ fn inspect(a: InspectArgs) -> Result<()> {
     }
     let model = load_model(&a.model, DType::F32, &Device::Cpu)?;
     println!("matches the config; {} dead keys skipped", model.skipped_dead_keys.len());
+    Ok(())
+}
+
+fn random_model(a: RandomModelArgs) -> Result<()> {
+    let cfg = match &a.config {
+        Some(p) => ModelConfig::from_file(p)?,
+        None => ModelConfig::released(),
+    };
+    let ck = infdit::weights::random::random_checkpoint(&cfg, a.seed)?;
+    let dt = dtype(a.dtype);
+    let mut tensors = std::collections::HashMap::new();
+    for k in ck.keys() {
+        tensors.insert(k.to_string(), ck.load(k, &Device::Cpu)?.to_dtype(dt)?);
+    }
+    infdit::weights::convert::save_atomic(&tensors, &a.output)?;
+    eprintln!("wrote {} ({} tensors)", a.output.display(), tensors.len());
     Ok(())
 }

@@ -46,13 +46,19 @@ pub fn convert(input: &Path, output: &Path, dtype: Option<DType>) -> Result<Conv
         elements += t.elem_count();
         tensors.insert(k.to_string(), t);
     }
+    save_atomic(&tensors, output)?;
+    let bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    Ok(ConvertSummary { tensors: tensors.len(), elements, bytes })
+}
+
+/// Writes tensors to a safetensors file atomically: a temporary file `.<name>.partial` in the same
+/// folder, then a rename, so `output` is never left half-written.
+pub fn save_atomic(tensors: &HashMap<String, candle_core::Tensor>, output: &Path) -> Result<(), WeightError> {
     let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = output.with_file_name(format!(".{name}.partial"));
-    candle_core::safetensors::save(&tensors, &tmp).map_err(|e| parse_err(output, e))?;
+    candle_core::safetensors::save(tensors, &tmp).map_err(|e| parse_err(output, e))?;
     std::fs::rename(&tmp, output).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         parse_err(output, e)
-    })?;
-    let bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
-    Ok(ConvertSummary { tensors: tensors.len(), elements, bytes })
+    })
 }
