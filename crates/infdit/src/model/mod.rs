@@ -6,6 +6,7 @@
 //! only in the [`blocks::KvSource`] that supplies each block's neighbourhood keys.
 
 pub mod blocks;
+pub mod kernels;
 pub mod layer;
 pub mod ops;
 pub mod rope;

@@ -1,7 +1,8 @@
 //! Small numeric building blocks shared by the DiT and the CLIP tower.
 //!
-//! Everything here is written with differentiable candle primitives (no fused op without backward),
-//! computing normalisations and softmax statistics in f32 whatever the activation dtype.
+//! Normalisations are written with differentiable candle primitives, with statistics in f32
+//! whatever the activation dtype. Attention uses the fused CPU kernel (inference only: it has no
+//! backward pass) and candle's fused softmax elsewhere.
 
 use candle_core::{D, DType, Module, Result, Tensor};
 
@@ -122,12 +123,18 @@ impl PatchConv {
     }
 }
 
-/// Scaled dot-product attention `softmax(q k^T / sqrt(d)) v` for (N, H, Tq, d) x (N, H, Tk, d),
-/// processed in slices over N so that the score matrix stays within `max_score_bytes`.
+/// Scaled dot-product attention `softmax(q k^T / sqrt(d)) v` for (N, H, Tq, d) x (N, H, Tk, d).
+///
+/// On the CPU this is the fused kernel of [`super::kernels`] (online softmax, no score matrix in
+/// memory). Elsewhere it is the plain matmul/softmax/matmul, processed in slices over N so that the
+/// score matrix stays within `max_score_bytes`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, max_score_bytes: usize) -> Result<Tensor> {
     let (n, h, tq, d) = q.dims4()?;
-    let tk = k.dim(2)?;
     let scale = 1.0 / (d as f64).sqrt();
+    if q.device().is_cpu() {
+        return super::kernels::fused_attention(q, k, v, scale);
+    }
+    let tk = k.dim(2)?;
     let per = (h * tq * tk * 4).max(1);
     let chunk = (max_score_bytes / per).clamp(1, n.max(1));
     let mut outs = Vec::with_capacity(n.div_ceil(chunk));

@@ -1,0 +1,81 @@
+//! Fused CPU attention against the plain matmul/softmax/matmul version.
+//!
+//! `cargo bench -p infdit --bench attention` (a filter such as `-- h16` picks cases). Throughput is
+//! reported in elements per second where one element is one flop (4 N H Tq Tk d per call), so
+//! "Gelem/s" reads as GFLOP/s; a summary line per case is printed as well.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use infdit::model::kernels::{Backend, attention_reference, fused_attention, fused_attention_impl};
+
+fn lcg(seed: u64, len: usize, amp: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
+        })
+        .collect()
+}
+
+fn rand(seed: u64, shape: (usize, usize, usize, usize), amp: f32) -> Tensor {
+    Tensor::from_vec(lcg(seed, shape.0 * shape.1 * shape.2 * shape.3, amp), shape, &Device::Cpu).unwrap()
+}
+
+/// (name, N, H, Tq, Tk, d)
+const CASES: [(&str, usize, usize, usize, usize, usize); 5] = [
+    ("uniba_h4_d32", 1, 4, 1024, 4096, 32),
+    ("uniba_h16_d80", 1, 16, 1024, 4096, 80),
+    ("uniba_h8_d64", 1, 8, 1024, 4096, 64),
+    ("cross_h8_d48", 1, 8, 1024, 2304, 48),
+    ("clip_h16_d64", 1, 16, 257, 257, 64),
+];
+
+fn gflops(flops: f64, f: impl Fn()) -> f64 {
+    f();
+    let t = Instant::now();
+    let mut n = 0;
+    while n < 3 || t.elapsed() < Duration::from_millis(1500) {
+        f();
+        n += 1;
+    }
+    flops * n as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
+fn bench(c: &mut Criterion) {
+    for (name, n, h, tq, tk, d) in CASES {
+        let q = rand(1, (n, h, tq, d), 3.5);
+        let k = rand(2, (n, h, tk, d), 1.7);
+        let v = rand(3, (n, h, tk, d), 1.0);
+        let qb = q.to_dtype(DType::BF16).unwrap();
+        let kb = k.to_dtype(DType::BF16).unwrap();
+        let vb = v.to_dtype(DType::BF16).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        let flops = 4.0 * (n * h * tq * tk * d) as f64;
+        let fused = || drop(black_box(fused_attention(&q, &k, &v, scale).unwrap()));
+        let portable = || drop(black_box(fused_attention_impl(&q, &k, &v, scale, Backend::Portable).unwrap()));
+        let fused_bf16 = || drop(black_box(fused_attention(&qb, &kb, &vb, scale).unwrap()));
+        let reference = || drop(black_box(attention_reference(&q, &k, &v, scale).unwrap()));
+        println!(
+            "{name} (N={n} H={h} Tq={tq} Tk={tk} d={d}): fused {:.1} GFLOP/s, fused bf16 {:.1}, portable {:.1}, reference {:.1}",
+            gflops(flops, fused),
+            gflops(flops, fused_bf16),
+            gflops(flops, portable),
+            gflops(flops, reference)
+        );
+        let mut g = c.benchmark_group(name);
+        g.throughput(Throughput::Elements(flops as u64));
+        g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+        g.bench_function("fused", |b| b.iter(fused));
+        g.bench_function("fused_bf16", |b| b.iter(fused_bf16));
+        g.bench_function("portable", |b| b.iter(portable));
+        g.bench_function("reference", |b| b.iter(reference));
+        g.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
