@@ -7,8 +7,33 @@
 //!   a half-written output, and it refuses to overwrite the input image.
 //!
 //! The bicubic resampling used around these lives in [`resize`].
+//!
+//! Real-file handling (any format and bit depth, alpha, metadata, hostile input) is built on
+//! top of the same conversions:
+//!
+//! * [`load_image`] returns a [`LoadedImage`]: the RGB tensor (same mapping as [`load_rgb`]),
+//!   the alpha plane, bit depth, grayscale flag, ICC profile and EXIF blob, with the EXIF
+//!   orientation applied to the pixels and the colour under fully transparent pixels filled
+//!   from the nearest opaque ones ([`fill_transparent`]). [`LoadLimits`] bounds pixels and
+//!   decoder memory before any pixel is decoded.
+//! * [`save_image_atomic`] writes PNG, JPEG, WebP or TIFF in 8 or 16 bits, with alpha, ICC and
+//!   EXIF where the format allows ([`SaveOptions`]), through the same atomic write as
+//!   [`save_rgb8_atomic`].
+//! * [`pad_reflect`] and [`crop`] prepare tensors of any size for the network (reflection pad
+//!   to a multiple of the patch grid, crop back afterwards).
 
 pub mod resize;
+
+mod fill;
+mod load;
+mod meta;
+mod pad;
+mod save;
+
+pub use fill::fill_transparent;
+pub use load::{LoadLimits, LoadedImage, load_image};
+pub use pad::{crop, pad_reflect};
+pub use save::{SaveOptions, save_image_atomic, writes_exif, writes_icc};
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, BufWriter, Write};
@@ -22,7 +47,7 @@ use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Li
 #[derive(Debug, thiserror::Error)]
 pub enum ImageIoError {
     /// The file could not be opened, read, written, synced or renamed.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {}", path.display(), one_line(&source.to_string()))]
     Io {
         /// The file concerned.
         path: PathBuf,
@@ -31,7 +56,7 @@ pub enum ImageIoError {
         source: std::io::Error,
     },
     /// The format is not one this build can read or write.
-    #[error("{}: unsupported image format: {reason}", path.display())]
+    #[error("{}: unsupported image format: {}", path.display(), one_line(reason))]
     UnsupportedFormat {
         /// The file concerned.
         path: PathBuf,
@@ -39,7 +64,7 @@ pub enum ImageIoError {
         reason: String,
     },
     /// The decoder or encoder failed (corrupt or truncated data, encoder limitation, ...).
-    #[error("{}: cannot {action} image: {source}", path.display())]
+    #[error("{}: cannot {action} image: {}", path.display(), one_line(&source.to_string()))]
     Codec {
         /// The file concerned.
         path: PathBuf,
@@ -84,6 +109,45 @@ pub enum ImageIoError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The file ends before the image data does, or its data is cut short by garbage.
+    #[error("{}: file is truncated or corrupt: {}", path.display(), one_line(detail))]
+    Truncated {
+        /// The file concerned.
+        path: PathBuf,
+        /// What the decoder reported.
+        detail: String,
+    },
+    /// Decoding would exceed the caller's memory limit ([`LoadLimits::max_alloc_bytes`]), as
+    /// announced by the header or found by the decoder on the way.
+    #[error("{}: {}", path.display(), one_line(reason))]
+    LimitExceeded {
+        /// The file concerned.
+        path: PathBuf,
+        /// Which limit and by how much.
+        reason: String,
+    },
+    /// The save options do not fit the output (bit depth, quality, alpha in a format without
+    /// alpha, ...).
+    #[error("{}: {reason}", path.display())]
+    BadOptions {
+        /// The output the options were meant for.
+        path: PathBuf,
+        /// What is wrong with them.
+        reason: String,
+    },
+    /// A decoder panicked on this file (a bug in the decoder, caught and reported instead of
+    /// taking the process down).
+    #[error(
+        "{}: the decoder crashed on this file (corrupt data?): {}",
+        path.display(),
+        one_line(message)
+    )]
+    DecoderPanic {
+        /// The file concerned.
+        path: PathBuf,
+        /// The panic message, when it was a string.
+        message: String,
+    },
     /// The output path is (canonically) the same file as an input.
     #[error("{}: refusing to overwrite the input image {}", path.display(), input.display())]
     WouldOverwriteInput {
@@ -94,21 +158,31 @@ pub enum ImageIoError {
     },
 }
 
+/// `s` on one line: runs of whitespace (line breaks included, as some decoders end their
+/// messages with one) become one space, so every error prints as one line.
+pub(crate) fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 impl ImageIoError {
-    fn io(path: &Path, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         Self::Io {
             path: path.to_path_buf(),
             source,
         }
     }
 
-    fn codec(path: &Path, action: &'static str, source: ImageError) -> Self {
+    pub(crate) fn codec(path: &Path, action: &'static str, source: ImageError) -> Self {
         match source {
             ImageError::Unsupported(e) => Self::UnsupportedFormat {
                 path: path.to_path_buf(),
                 reason: e.to_string(),
             },
             ImageError::IoError(e) => Self::io(path, e),
+            ImageError::Limits(e) => Self::LimitExceeded {
+                path: path.to_path_buf(),
+                reason: format!("cannot {action} image within the memory limit: {e}"),
+            },
             source => Self::Codec {
                 path: path.to_path_buf(),
                 action,
@@ -271,7 +345,7 @@ pub fn tensor_to_rgb8(t: &Tensor) -> Result<RgbImage, ImageIoError> {
 
 /// The output format implied by the extension of `out` (png, jpg/jpeg, webp, tif/tiff; case
 /// insensitive).
-fn output_format(out: &Path) -> Result<ImageFormat, ImageIoError> {
+pub(crate) fn output_format(out: &Path) -> Result<ImageFormat, ImageIoError> {
     let ext = out
         .extension()
         .and_then(|e| e.to_str())
@@ -321,6 +395,27 @@ fn canonical_target(p: &Path) -> PathBuf {
 /// available).
 pub fn save_rgb8_atomic(img: &RgbImage, out: &Path, inputs: &[&Path]) -> Result<(), ImageIoError> {
     let format = output_format(out)?;
+    write_atomic(out, inputs, |w| match format {
+        ImageFormat::Jpeg => {
+            let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(w, 95);
+            img.write_with_encoder(enc)
+                .map_err(|e| ImageIoError::codec(out, "encode", e))
+        }
+        f => img
+            .write_to(w, f)
+            .map_err(|e| ImageIoError::codec(out, "encode", e)),
+    })
+}
+
+/// The atomic-write protocol shared by [`save_rgb8_atomic`] and [`save_image_atomic`]:
+/// refuse an `out` that is one of the `inputs`, let `encode` write into a temporary file
+/// `.<name>.<pid>.<n>.partial` next to `out`, flush and fsync it, rename it over `out`, fsync
+/// the directory (Unix). The temporary file is removed when anything fails.
+pub(crate) fn write_atomic(
+    out: &Path,
+    inputs: &[&Path],
+    encode: impl FnOnce(&mut BufWriter<File>) -> Result<(), ImageIoError>,
+) -> Result<(), ImageIoError> {
     let target = canonical_target(out);
     for input in inputs {
         if canonical_target(input) == target {
@@ -359,16 +454,7 @@ pub fn save_rgb8_atomic(img: &RgbImage, out: &Path, inputs: &[&Path]) -> Result<
 
     let write = || -> Result<(), ImageIoError> {
         let mut w = BufWriter::new(file);
-        match format {
-            ImageFormat::Jpeg => {
-                let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut w, 95);
-                img.write_with_encoder(enc)
-                    .map_err(|e| ImageIoError::codec(out, "encode", e))?
-            }
-            f => img
-                .write_to(&mut w, f)
-                .map_err(|e| ImageIoError::codec(out, "encode", e))?,
-        }
+        encode(&mut w)?;
         w.flush().map_err(|e| ImageIoError::io(&tmp, e))?;
         let file = w
             .into_inner()
