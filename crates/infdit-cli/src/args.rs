@@ -25,6 +25,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Write a checkpoint of deterministic random weights for a config (benchmarks, tests).
     RandomModel(RandomModelArgs),
+    /// Time one network evaluation (benchmarks; see bench/cpu.sh).
+    Bench(BenchArgs),
 }
 
 /// `infdit random-model`.
@@ -64,6 +66,15 @@ pub enum ScaleArg {
     /// The official 2x mode.
     #[value(name = "2")]
     X2,
+}
+
+/// How inputs meet the block grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CropArg {
+    /// Reflect-pad to the grid and crop the output back to exactly scale x the input.
+    Pad,
+    /// The official center crop to a multiple of 32 px (drops up to 31 px per side).
+    Official,
 }
 
 /// How a network evaluation is computed.
@@ -175,6 +186,16 @@ pub struct UpscaleArgs {
     /// Print the memory plan and the chosen settings.
     #[arg(long, short)]
     pub verbose: bool,
+    /// How inputs of any size meet the 128-px block grid: reflect-pad and crop the result back
+    /// (every input pixel is kept), or the official center crop to a multiple of 32 (for parity).
+    #[arg(long, value_enum, default_value_t = CropArg::Pad)]
+    pub crop: CropArg,
+    /// Drop the input's ICC profile and EXIF instead of carrying them over.
+    #[arg(long)]
+    pub strip_metadata: bool,
+    /// JPEG output quality (1-100).
+    #[arg(long, default_value_t = 95, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub jpeg_quality: u8,
     /// Largest input accepted, in pixels (guards against decompression bombs).
     #[arg(long, default_value_t = 64 << 20)]
     pub max_pixels: u64,
@@ -204,4 +225,42 @@ pub struct InspectArgs {
     /// List every tensor with its shape.
     #[arg(long)]
     pub list: bool,
+}
+
+/// What `infdit bench` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchTarget {
+    /// One denoiser call D(x; sigma) on the whole image.
+    Denoise,
+}
+
+/// `infdit bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// What to time.
+    #[arg(value_enum)]
+    pub target: BenchTarget,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Output (HR) size HxW in pixels, multiples of the block size.
+    #[arg(long, default_value = "384x384")]
+    pub size: String,
+    /// Noise level of the call.
+    #[arg(long, default_value_t = 1.0)]
+    pub sigma: f32,
+    /// Network precision.
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    pub dtype: DTypeArg,
+    /// Timed calls (after one warm-up call).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Whole image at once (default), or the block scheduler (default with --block-batch).
+    #[arg(long, value_enum)]
+    pub mode: Option<ModeArg>,
+    /// Block batch side n of the scheduler (implies --mode blocks).
+    #[arg(long, value_name = "N")]
+    pub block_batch: Option<usize>,
+    /// Seed of the random inputs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }

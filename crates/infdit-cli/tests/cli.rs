@@ -1,6 +1,8 @@
 //! End-to-end tests of the `infdit` binary on the parity model.
 
 use std::path::PathBuf;
+
+use image::GenericImageView;
 use std::process::Command;
 
 fn shared(set: &str) -> PathBuf {
@@ -147,5 +149,97 @@ fn convert_then_upscale() {
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert!(out.contains("110 tensors"), "{out}");
     assert!(out.contains("matches the config; 11 dead keys skipped"), "{out}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn real(name: &str) -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../infdit/tests/data/real")).join(name)
+}
+
+/// Runs a one-step upscale with the tiny2 model; returns (status ok, stderr).
+fn quick_upscale(input: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> (bool, String) {
+    let p = shared("parity2");
+    let r = infdit()
+        .arg("upscale")
+        .arg(input)
+        .arg("-o")
+        .arg(out)
+        .args(["--model".as_ref(), p.join("tiny2.safetensors").as_os_str()])
+        .args(["--config".as_ref(), p.join("config.json").as_os_str()])
+        .args(["--steps", "1", "--quiet"])
+        .args(extra)
+        .output()
+        .unwrap();
+    (r.status.success(), String::from_utf8_lossy(&r.stderr).into_owned())
+}
+
+/// Any input size: reflect-padded to the grid and cropped back to exactly 4x (or 2x) the input.
+#[test]
+fn any_size_input_gives_exactly_scale_times_the_input() {
+    let dir = tmpdir("anysize");
+    let src = image::open(shared("parity").join("case_b_lr.png")).unwrap().to_rgb8();
+    let odd = image::imageops::crop_imm(&src, 3, 5, 37, 45).to_image();
+    let input = dir.join("odd.png");
+    odd.save(&input).unwrap();
+    let out = dir.join("odd_x4.png");
+    let (ok, err) = quick_upscale(&input, &out, &[]);
+    assert!(ok, "{err}");
+    assert_eq!(image::open(&out).unwrap().dimensions(), (148, 180));
+    let out2 = dir.join("odd_x2.png");
+    let (ok, err) = quick_upscale(&input, &out2, &["--scale", "2"]);
+    assert!(ok, "{err}");
+    assert_eq!(image::open(&out2).unwrap().dimensions(), (74, 90));
+    // The official crop keeps the old behaviour: 32x32 -> 128x128.
+    let out3 = dir.join("odd_official.png");
+    let (ok, err) = quick_upscale(&input, &out3, &["--crop", "official"]);
+    assert!(ok, "{err}");
+    assert_eq!(image::open(&out3).unwrap().dimensions(), (128, 128));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Alpha, 16-bit, gray and ICC survive an upscale; --strip-metadata drops the profile.
+#[test]
+fn alpha_depth_gray_and_icc_are_kept() {
+
+    let dir = tmpdir("formats");
+    // 16-bit RGBA -> 16-bit RGBA PNG.
+    let out = dir.join("rgba16.png");
+    let (ok, err) = quick_upscale(&real("basn6a16.png"), &out, &[]);
+    assert!(ok, "{err}");
+    let img = image::open(&out).unwrap();
+    assert_eq!(img.color(), image::ColorType::Rgba16);
+    assert_eq!(img.dimensions(), (128, 128));
+    // Alpha comes from the input's alpha plane (upscaled), not from the model: basn6a16's alpha
+    // varies, so the output alpha must too.
+    let a: Vec<u16> = img.to_rgba16().pixels().map(|p| p.0[3]).collect();
+    assert!(a.iter().min() < a.iter().max());
+    // 2-bit gray -> gray.
+    let out = dir.join("gray.png");
+    let (ok, err) = quick_upscale(&real("basn0g02.png"), &out, &[]);
+    assert!(ok, "{err}");
+    assert!(matches!(image::open(&out).unwrap().color(), image::ColorType::L8 | image::ColorType::L16));
+    // ICC profile carried over, then stripped on request.
+    let icc_in = real("HUAWEI-EVA-L09-16bit_709_g1_dt.png");
+    let icc_of = |p: &std::path::Path| {
+        use image::ImageDecoder;
+        let mut d = image::codecs::png::PngDecoder::new(std::io::BufReader::new(std::fs::File::open(p).unwrap())).unwrap();
+        d.icc_profile().unwrap()
+    };
+    let out = dir.join("icc.png");
+    let (ok, err) = quick_upscale(&icc_in, &out, &[]);
+    assert!(ok, "{err}");
+    assert_eq!(icc_of(&out), icc_of(&icc_in));
+    assert!(icc_of(&out).is_some());
+    assert_eq!(image::open(&out).unwrap().color(), image::ColorType::Rgb16);
+    let out = dir.join("stripped.png");
+    let (ok, err) = quick_upscale(&icc_in, &out, &["--strip-metadata"]);
+    assert!(ok, "{err}");
+    assert_eq!(icc_of(&out), None);
+    // JPEG output of an RGBA input: a clear refusal naming the output, no file left behind.
+    let out = dir.join("rgba.jpg");
+    let (ok, err) = quick_upscale(&real("basn6a08.png"), &out, &[]);
+    assert!(!ok);
+    assert!(err.contains("rgba.jpg"), "{err}");
+    assert!(!out.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }

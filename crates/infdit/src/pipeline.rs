@@ -152,6 +152,60 @@ pub fn prepare_official(input: &Tensor, scale: PassScale, block_px: usize, kind:
     Ok(Prepared { lr, concat_lr, grid })
 }
 
+/// Where the requested output lies inside the model's output, after [`prepare_padded`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputCrop {
+    /// First output row.
+    pub top: usize,
+    /// First output column.
+    pub left: usize,
+    /// Output height (the input height times the pass factor).
+    pub height: usize,
+    /// Output width.
+    pub width: usize,
+}
+
+/// Preparation for any input size: the input (1, 3, h, w) in [-1, 1] is reflect-padded (split
+/// evenly between the two sides) to the next multiple of the LR block (32 px for 4x, 64 px for the
+/// 2x mode), prepared as the official pipeline does, and the returned crop cuts the exact
+/// `factor * h x factor * w` result out of the model's output. No pixel of the input is lost,
+/// unlike the official center crop ([`prepare_official`]).
+///
+/// Also returns the image CLIP should see: the unpadded input (4x) or its half-size version (2x),
+/// so the global embedding is not skewed by the mirrored margins.
+pub fn prepare_padded(
+    input: &Tensor,
+    scale: PassScale,
+    block_px: usize,
+    kind: Bicubic,
+) -> Result<(Prepared, OutputCrop, Tensor)> {
+    let (_, _, h0, w0) = input.dims4()?;
+    if h0 == 0 || w0 == 0 {
+        return Err(InfditError::Input(format!("image {w0}x{h0} is empty")));
+    }
+    let f = scale.factor();
+    // LR multiple that makes the output whole blocks (32 for 4x, 64 for 2x with 128-px blocks).
+    let unit = block_px / f;
+    let (h, w) = (h0.div_ceil(unit) * unit, w0.div_ceil(unit) * unit);
+    let (top, left) = ((h - h0) / 2, (w - w0) / 2);
+    let padded = crate::imageio::pad_reflect(input, top, h - h0 - top, left, w - w0 - left)?;
+    let concat_lr = resize_tensor(&padded, h * f, w * f, kind)?.clamp(-1f32, 1f32)?;
+    let lr = match scale {
+        PassScale::X4 => padded,
+        PassScale::X2 => resize_tensor(&padded, h / 2, w / 2, kind)?,
+    };
+    let grid = BlockGrid::for_image(h * f, w * f, block_px)?;
+    let clip_input = match scale {
+        PassScale::X4 => input.clone(),
+        PassScale::X2 => resize_tensor(input, (h0 / 2).max(1), (w0 / 2).max(1), kind)?,
+    };
+    Ok((
+        Prepared { lr, concat_lr, grid },
+        OutputCrop { top: top * f, left: left * f, height: h0 * f, width: w0 * f },
+        clip_input,
+    ))
+}
+
 /// Progress of a sampling run (all counters at once, so a front end can show any of them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
