@@ -275,12 +275,36 @@ pub struct SampleOutcome {
     pub peak_kv_cache_bytes: usize,
 }
 
+/// What a denoiser needs of one image, on the model's device: the CLIP vector, the per-image
+/// conditioning (block grid, LR keys/values) and the upsampled LR.
+#[derive(Debug, Clone)]
+pub struct DenoiserInputs {
+    /// (1, vector_dim)
+    pub clip: Tensor,
+    /// Grid and LR keys/values.
+    pub image: ImageCond,
+    /// (1, 3, H, W)
+    pub concat_lr: Tensor,
+}
+
+impl DenoiserInputs {
+    /// `clip` (1, vector_dim), `lr` (1, 3, h, w), `concat_lr` (1, 3, H, W).
+    pub fn new(model: &InfDit, clip: &Tensor, lr: &Tensor, concat_lr: &Tensor) -> candle_core::Result<Self> {
+        let (_, _, h, w) = concat_lr.dims4()?;
+        let grid = BlockGrid::for_image(h, w, model.config().block_px)?;
+        let dev = model.device();
+        Ok(Self {
+            clip: clip.to_device(dev)?,
+            image: model.image_cond(&lr.to_device(dev)?, grid)?,
+            concat_lr: concat_lr.to_device(dev)?,
+        })
+    }
+}
+
 /// The EDM denoiser on the whole image at once (the reference's `full` inference).
 pub struct WholeImageDenoiser<'a> {
     model: &'a InfDit,
-    clip: Tensor,
-    image: ImageCond,
-    concat_lr: Tensor,
+    inputs: DenoiserInputs,
     kv: WholeImageKv,
     /// Called after each evaluation with the number of evaluations so far.
     pub on_eval: Option<Box<dyn FnMut(usize) + 'a>>,
@@ -290,15 +314,11 @@ pub struct WholeImageDenoiser<'a> {
 impl<'a> WholeImageDenoiser<'a> {
     /// A denoiser for one image: `clip` (1, vector_dim), `lr` (1, 3, h, w), `concat_lr` (1, 3, H, W).
     pub fn new(model: &'a InfDit, clip: &Tensor, lr: &Tensor, concat_lr: &Tensor) -> Result<Self> {
-        let (_, _, h, w) = concat_lr.dims4()?;
-        let grid = BlockGrid::for_image(h, w, model.config().block_px)?;
-        let dev = model.device();
+        let inputs = DenoiserInputs::new(model, clip, lr, concat_lr)?;
         Ok(Self {
             model,
-            clip: clip.to_device(dev)?,
-            image: model.image_cond(&lr.to_device(dev)?, grid)?,
-            concat_lr: concat_lr.to_device(dev)?,
-            kv: WholeImageKv::new(&grid, dev)?,
+            kv: WholeImageKv::new(&inputs.image.grid, model.device())?,
+            inputs,
             on_eval: None,
             evals: 0,
         })
@@ -308,17 +328,17 @@ impl<'a> WholeImageDenoiser<'a> {
     /// token order (1, N, D).
     pub fn denoise_traced(&mut self, x: &Tensor, sigma: f32, trace: Option<&mut Vec<Tensor>>) -> Result<Tensor> {
         let s = EdmScalings::new(sigma);
-        let step = self.model.step_cond(s.c_noise, &self.clip)?;
-        let x_in = Tensor::cat(&[(x * s.c_in as f64)?, (&self.concat_lr * s.c_in as f64)?], 1)?;
+        let step = self.model.step_cond(s.c_noise, &self.inputs.clip)?;
+        let x_in = Tensor::cat(&[(x * s.c_in as f64)?, (&self.inputs.concat_lr * s.c_in as f64)?], 1)?;
         let bp = self.model.config().block_px;
-        let grid = self.image.grid;
+        let grid = self.inputs.image.grid;
         let pos = grid.raster();
         let mut local = Vec::new();
         let f = self.model.forward_blocks(
             &image_to_blocks(&x_in, bp)?,
             &pos,
             &step,
-            &self.image,
+            &self.inputs.image,
             &mut self.kv,
             trace.is_some().then_some(&mut local),
         )?;
@@ -339,7 +359,7 @@ impl<'a> WholeImageDenoiser<'a> {
 
     /// The conditioning vector c for a sigma (after the SiLU), (1, D).
     pub fn cond_vector(&self, sigma: f32) -> Result<Tensor> {
-        Ok(self.model.step_cond(EdmScalings::new(sigma).c_noise, &self.clip)?.c)
+        Ok(self.model.step_cond(EdmScalings::new(sigma).c_noise, &self.inputs.clip)?.c)
     }
 }
 

@@ -294,7 +294,7 @@ fn decode(
 }
 
 /// Refuse a zero dimension or more than `limits.max_pixels` pixels.
-fn check_size(
+pub(super) fn check_size(
     path: &Path,
     width: u32,
     height: u32,

@@ -238,23 +238,7 @@ pub fn load_rgb(path: &Path, max_pixels: u64) -> Result<Tensor, ImageIoError> {
         .map_err(|e| ImageIoError::codec(path, "decode", e))?;
 
     let (width, height) = decoder.dimensions();
-    if width == 0 || height == 0 {
-        return Err(ImageIoError::ZeroSize {
-            path: path.to_path_buf(),
-            width,
-            height,
-        });
-    }
-    let pixels = width as u64 * height as u64;
-    if pixels > max_pixels {
-        return Err(ImageIoError::TooLarge {
-            path: path.to_path_buf(),
-            width,
-            height,
-            pixels,
-            limit: max_pixels,
-        });
-    }
+    load::check_size(path, width, height, &LoadLimits { max_pixels, max_alloc_bytes: u64::MAX })?;
     let img =
         DynamicImage::from_decoder(decoder).map_err(|e| ImageIoError::codec(path, "decode", e))?;
     dynamic_to_tensor(&img).map_err(|e| ImageIoError::BadTensor {

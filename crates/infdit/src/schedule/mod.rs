@@ -19,7 +19,8 @@ use candle_core::{DType, Result, Tensor};
 
 use crate::diffusion::{Denoise, EdmScalings};
 use crate::model::blocks::{BlockGrid, BlockPos, KvSource, concat_groups, neighbours, take_blocks, blocks_to_image};
-use crate::model::{ImageCond, InfDit};
+use crate::model::InfDit;
+use crate::pipeline::DenoiserInputs;
 
 /// K and V of one block at one layer, (H, T, d) each.
 #[derive(Debug, Clone)]
@@ -193,9 +194,7 @@ pub struct SweepProgress {
 /// The EDM denoiser evaluated batch by batch.
 pub struct BlockDenoiser<'a> {
     model: &'a InfDit,
-    clip: Tensor,
-    image: ImageCond,
-    concat_lr: Tensor,
+    inputs: DenoiserInputs,
     block_batch: usize,
     kv_dtype: DType,
     /// Called after each batch.
@@ -214,14 +213,9 @@ impl<'a> BlockDenoiser<'a> {
         block_batch: usize,
         kv_dtype: DType,
     ) -> Result<Self> {
-        let (_, _, h, w) = concat_lr.dims4()?;
-        let grid = BlockGrid::for_image(h, w, model.config().block_px)?;
-        let dev = model.device();
         Ok(Self {
             model,
-            clip: clip.to_device(dev)?,
-            image: model.image_cond(&lr.to_device(dev)?, grid)?,
-            concat_lr: concat_lr.to_device(dev)?,
+            inputs: DenoiserInputs::new(model, clip, lr, concat_lr)?,
             block_batch: block_batch.max(1),
             kv_dtype,
             on_batch: None,
@@ -231,14 +225,14 @@ impl<'a> BlockDenoiser<'a> {
 
     /// The grid.
     pub fn grid(&self) -> BlockGrid {
-        self.image.grid
+        self.inputs.image.grid
     }
 
     /// One sweep: `D(x; sigma)` for the whole image, (1, 3, H, W).
     pub fn sweep(&mut self, x: &Tensor, sigma: f32) -> Result<Tensor> {
         let s = EdmScalings::new(sigma);
-        let step = self.model.step_cond(s.c_noise, &self.clip)?;
-        let grid = self.image.grid;
+        let step = self.model.step_cond(s.c_noise, &self.inputs.clip)?;
+        let grid = self.inputs.image.grid;
         let bp = grid.block_px;
         let mut cache = CachedKv::new(&grid, self.model.config().depth, self.kv_dtype);
         let mut out: Vec<Option<Tensor>> = vec![None; grid.len()];
@@ -246,10 +240,10 @@ impl<'a> BlockDenoiser<'a> {
         for batch in batches(&grid, self.block_batch) {
             let pos = batch.blocks();
             let xb = take_blocks(x, bp, &pos)?;
-            let ub = take_blocks(&self.concat_lr, bp, &pos)?;
+            let ub = take_blocks(&self.inputs.concat_lr, bp, &pos)?;
             let x_in = Tensor::cat(&[(&xb * s.c_in as f64)?, (&ub * s.c_in as f64)?], 1)?;
             cache.begin(batch);
-            let f = self.model.forward_blocks(&x_in, &pos, &step, &self.image, &mut cache, None)?;
+            let f = self.model.forward_blocks(&x_in, &pos, &step, &self.inputs.image, &mut cache, None)?;
             let d = ((f * s.c_out as f64)? + (&xb * s.c_skip as f64)?)?;
             for (i, p) in pos.iter().enumerate() {
                 out[p.row * grid.cols + p.col] = Some(d.get(i)?);
