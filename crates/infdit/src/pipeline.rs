@@ -275,28 +275,29 @@ pub struct SampleOutcome {
     pub peak_kv_cache_bytes: usize,
 }
 
-/// What a denoiser needs of one image, on the model's device: the CLIP vector, the per-image
-/// conditioning (block grid, LR keys/values) and the upsampled LR.
+/// What a denoiser needs of one image, on the model's device.
 #[derive(Debug, Clone)]
 pub struct DenoiserInputs {
     /// (1, vector_dim)
     pub clip: Tensor,
-    /// Grid and LR keys/values.
-    pub image: ImageCond,
+    /// The LR the network sees, (1, 3, h, w).
+    pub lr: Tensor,
     /// (1, 3, H, W)
     pub concat_lr: Tensor,
+    /// The output block grid.
+    pub grid: BlockGrid,
 }
 
 impl DenoiserInputs {
     /// `clip` (1, vector_dim), `lr` (1, 3, h, w), `concat_lr` (1, 3, H, W).
     pub fn new(model: &InfDit, clip: &Tensor, lr: &Tensor, concat_lr: &Tensor) -> candle_core::Result<Self> {
         let (_, _, h, w) = concat_lr.dims4()?;
-        let grid = BlockGrid::for_image(h, w, model.config().block_px)?;
         let dev = model.device();
         Ok(Self {
             clip: clip.to_device(dev)?,
-            image: model.image_cond(&lr.to_device(dev)?, grid)?,
+            lr: lr.to_device(dev)?,
             concat_lr: concat_lr.to_device(dev)?,
+            grid: BlockGrid::for_image(h, w, model.config().block_px)?,
         })
     }
 }
@@ -305,6 +306,7 @@ impl DenoiserInputs {
 pub struct WholeImageDenoiser<'a> {
     model: &'a InfDit,
     inputs: DenoiserInputs,
+    image: ImageCond,
     kv: WholeImageKv,
     /// Called after each evaluation with the number of evaluations so far.
     pub on_eval: Option<Box<dyn FnMut(usize) + 'a>>,
@@ -317,7 +319,8 @@ impl<'a> WholeImageDenoiser<'a> {
         let inputs = DenoiserInputs::new(model, clip, lr, concat_lr)?;
         Ok(Self {
             model,
-            kv: WholeImageKv::new(&inputs.image.grid, model.device())?,
+            kv: WholeImageKv::new(&inputs.grid, model.device())?,
+            image: model.image_cond(&inputs.lr, inputs.grid)?,
             inputs,
             on_eval: None,
             evals: 0,
@@ -331,14 +334,14 @@ impl<'a> WholeImageDenoiser<'a> {
         let step = self.model.step_cond(s.c_noise, &self.inputs.clip)?;
         let x_in = Tensor::cat(&[(x * s.c_in as f64)?, (&self.inputs.concat_lr * s.c_in as f64)?], 1)?;
         let bp = self.model.config().block_px;
-        let grid = self.inputs.image.grid;
+        let grid = self.inputs.grid;
         let pos = grid.raster();
         let mut local = Vec::new();
         let f = self.model.forward_blocks(
             &image_to_blocks(&x_in, bp)?,
             &pos,
             &step,
-            &self.inputs.image,
+            &self.image,
             &mut self.kv,
             trace.is_some().then_some(&mut local),
         )?;

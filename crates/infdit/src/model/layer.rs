@@ -68,14 +68,14 @@ impl CrossAttention {
         })
     }
 
-    /// Keys/values of an LR feature map (D, h', w') padded by `pad` tokens of zeros on each side.
-    /// Projection and key norm are per token, so they are applied to the padded map once per
-    /// image instead of to each of the overlapping windows (padding tokens become `LN(b_k)`, `b_v`,
-    /// exactly what the windows of zero vectors give).
-    pub fn lr_kv(&self, feat: &Tensor, pad: usize) -> Result<LrKv> {
+    /// Keys/values of an LR feature map (D, h', w') padded with zero tokens: `top` and `bottom`
+    /// rows, `side` columns on each side. Projection and key norm are per token, so they are
+    /// applied to the padded map once instead of to each of the overlapping windows (padding
+    /// tokens become `LN(b_k)`, `b_v`, exactly what the windows of zero vectors give).
+    pub fn lr_kv(&self, feat: &Tensor, top: usize, bottom: usize, side: usize) -> Result<LrKv> {
         let (dm, h, w) = feat.dims3()?;
-        let padded = feat.pad_with_zeros(1, pad, pad)?.pad_with_zeros(2, pad, pad)?;
-        let (hp, wp) = (h + 2 * pad, w + 2 * pad);
+        let padded = feat.pad_with_zeros(1, top, bottom)?.pad_with_zeros(2, side, side)?;
+        let (hp, wp) = (h + top + bottom, w + 2 * side);
         let tokens = padded.reshape((dm, hp * wp))?.t()?.contiguous()?; // (hp wp, D)
         let kv = self.key_value.forward(&tokens)?; // (hp wp, 2D)
         let k = kv.narrow(1, 0, dm)?.reshape((hp, wp, self.heads, self.head_dim))?;

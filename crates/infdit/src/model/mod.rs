@@ -33,13 +33,16 @@ pub struct StepCond {
     pub final_scale: Tensor,
 }
 
-/// Per-image state that does not change with sigma: LR keys/values for the cross-attention.
+/// Per-image state that does not change with sigma: LR keys/values for the cross-attention, for
+/// all block rows or for a band of them.
 #[derive(Debug, Clone)]
 pub struct ImageCond {
     /// The block grid of the output.
     pub grid: BlockGrid,
-    /// LR keys/values of the padded feature map.
+    /// LR keys/values of the (zero-)padded feature map, rows from `lr_row0` on.
     pub lr: LrKv,
+    /// Row of the full padded LR feature map that `lr` starts at.
+    pub lr_row0: usize,
 }
 
 /// The Inf-DiT network.
@@ -151,20 +154,34 @@ impl InfDit {
     /// Per-image conditioning from the LR image (1, 3, h, w) in [-1, 1] (not scaled by c_in) for an
     /// output grid; requires `h = grid height / sr_scale`.
     pub fn image_cond(&self, lr: &Tensor, grid: BlockGrid) -> Result<ImageCond> {
+        self.image_cond_rows(lr, grid, 0, grid.rows)
+    }
+
+    /// The same for block rows `row0..row1` only: the LR features those blocks' windows read (one
+    /// LR block above and below the band), so memory grows with the width, not the area.
+    pub fn image_cond_rows(&self, lr: &Tensor, grid: BlockGrid, row0: usize, row1: usize) -> Result<ImageCond> {
         let (_, c, h, w) = lr.dims4()?;
         let s = self.cfg.sr_scale;
-        if c != 3 || h * s != grid.height() || w * s != grid.width() {
+        if c != 3 || h * s != grid.height() || w * s != grid.width() || row0 >= row1 || row1 > grid.rows {
             candle_core::bail!(
-                "LR image {c}x{h}x{w} does not match the output grid {}x{} at scale {s}",
+                "LR image {c}x{h}x{w} (rows {row0}..{row1}) does not match the output grid {}x{} at scale {s}",
                 grid.height(),
                 grid.width()
             )
         }
-        let feat = self.proj_lr.forward(&lr.to_dtype(self.dtype)?)?; // (1, h' w', D)
-        let (hp, wp) = (h / self.cfg.lr_patch, w / self.cfg.lr_patch);
-        let feat = feat.squeeze(0)?.t()?.reshape((self.cfg.hidden, hp, wp))?;
+        let (lb, lp) = (self.cfg.lr_block(), self.cfg.lr_patch);
+        let (hf, wf) = (h / lp, w / lp);
+        // Feature rows the band's windows cover, clipped to the image; the rest is zero padding.
+        let want0 = (lb * row0) as isize - lb as isize;
+        let f0 = want0.max(0) as usize;
+        let f1 = (lb * row1 + lb).min(hf);
+        let band = lr.narrow(2, f0 * lp, (f1 - f0) * lp)?.to_dtype(self.dtype)?;
+        let feat = self.proj_lr.forward(&band)?; // (1, rows*wf, D)
+        let feat = feat.squeeze(0)?.t()?.reshape((self.cfg.hidden, f1 - f0, wf))?;
+        let top = (f0 as isize - want0) as usize;
+        let bottom = lb * row1 + lb - f1;
         let cross = self.layers[0].cross().expect("layer 0 has the cross-attention");
-        Ok(ImageCond { grid, lr: cross.lr_kv(&feat, self.cfg.lr_block())? })
+        Ok(ImageCond { grid, lr: cross.lr_kv(&feat, top, bottom, lb)?, lr_row0: lb * row0 })
     }
 
     /// The network F on a batch of blocks. `x_in` is (n, in_channels, bp, bp): the blocks of
@@ -193,7 +210,7 @@ impl InfDit {
         let cos = Tensor::stack(&cos, 0)?;
         let sin = Tensor::stack(&sin, 0)?;
         let lb = self.cfg.lr_block();
-        let corners: Vec<(usize, usize)> = pos.iter().map(|p| (p.row * lb, p.col * lb)).collect();
+        let corners: Vec<(usize, usize)> = pos.iter().map(|p| (p.row * lb - image.lr_row0, p.col * lb)).collect();
         let mut inputs = LayerInputs { rope: (&cos, &sin), kv, lr: (&image.lr, &corners, self.cfg.lr_window()) };
         for (layer, m) in self.layers.iter().zip(&step.layers) {
             x = layer.forward(&x, m, &mut inputs)?;

@@ -19,7 +19,7 @@ use candle_core::{DType, Result, Tensor};
 
 use crate::diffusion::{Denoise, EdmScalings};
 use crate::model::blocks::{BlockGrid, BlockPos, KvSource, concat_groups, neighbours, take_blocks, blocks_to_image};
-use crate::model::InfDit;
+use crate::model::{ImageCond, InfDit};
 use crate::pipeline::DenoiserInputs;
 
 /// K and V of one block at one layer, (H, T, d) each.
@@ -225,25 +225,33 @@ impl<'a> BlockDenoiser<'a> {
 
     /// The grid.
     pub fn grid(&self) -> BlockGrid {
-        self.inputs.image.grid
+        self.inputs.grid
     }
 
     /// One sweep: `D(x; sigma)` for the whole image, (1, 3, H, W).
     pub fn sweep(&mut self, x: &Tensor, sigma: f32) -> Result<Tensor> {
         let s = EdmScalings::new(sigma);
         let step = self.model.step_cond(s.c_noise, &self.inputs.clip)?;
-        let grid = self.inputs.image.grid;
+        let grid = self.inputs.grid;
         let bp = grid.block_px;
         let mut cache = CachedKv::new(&grid, self.model.config().depth, self.kv_dtype);
         let mut out: Vec<Option<Tensor>> = vec![None; grid.len()];
         let mut done = 0;
+        let mut band: Option<(usize, ImageCond)> = None;
         for batch in batches(&grid, self.block_batch) {
             let pos = batch.blocks();
+            // LR keys/values for this batch row only: memory grows with the width.
+            if band.as_ref().is_none_or(|(r, _)| *r != batch.row0) {
+                drop(band.take()); // free the previous band before building the next
+                let cond = self.model.image_cond_rows(&self.inputs.lr, grid, batch.row0, batch.row1)?;
+                band = Some((batch.row0, cond));
+            }
+            let image = &band.as_ref().expect("band computed above").1;
             let xb = take_blocks(x, bp, &pos)?;
             let ub = take_blocks(&self.inputs.concat_lr, bp, &pos)?;
             let x_in = Tensor::cat(&[(&xb * s.c_in as f64)?, (&ub * s.c_in as f64)?], 1)?;
             cache.begin(batch);
-            let f = self.model.forward_blocks(&x_in, &pos, &step, &self.inputs.image, &mut cache, None)?;
+            let f = self.model.forward_blocks(&x_in, &pos, &step, image, &mut cache, None)?;
             let d = ((f * s.c_out as f64)? + (&xb * s.c_skip as f64)?)?;
             for (i, p) in pos.iter().enumerate() {
                 out[p.row * grid.cols + p.col] = Some(d.get(i)?);
@@ -274,7 +282,8 @@ pub struct MemoryPlan {
     pub kv_cache: usize,
     /// Activations of one batch (the largest forward).
     pub activations: usize,
-    /// Image-size tensors: sampler state, Heun intermediates, upsampled LR, noise, LR features.
+    /// Image-size tensors (sampler state, Heun intermediates, upsampled LR, noise) and the LR
+    /// features with their keys/values.
     pub image_state: usize,
 }
 
@@ -305,7 +314,14 @@ impl MemoryPlan {
             None => 0,
         };
         let (h, w) = (grid.height(), grid.width());
-        let lr_tokens = (h / cfg.sr_scale / cfg.lr_patch + 2 * cfg.lr_block()) * (w / cfg.sr_scale / cfg.lr_patch + 2 * cfg.lr_block());
+        // LR features and their keys/values: the whole padded map in whole-image mode, one band of
+        // batch rows (plus an LR block above and below) in the scheduler.
+        let lb = cfg.lr_block();
+        let lr_rows = match batch {
+            Some(n) => lb * n.min(grid.rows).max(1) + 2 * lb,
+            None => h / cfg.sr_scale / cfg.lr_patch + 2 * lb,
+        };
+        let lr_tokens = lr_rows * (w / cfg.sr_scale / cfg.lr_patch + 2 * lb);
         let image_state = 7 * 3 * h * w * 4 + lr_tokens * 3 * d * 4;
         Self { weights: params * act.size_in_bytes(), kv_cache, activations: blocks * per_block + scores, image_state }
     }
