@@ -120,7 +120,11 @@ fn bad_inputs_get_clear_errors() {
     let err = String::from_utf8_lossy(&r.stderr);
     assert_eq!(r.status.code(), Some(1));
     assert!(err.contains("shape mismatch: mixins.adaln_layer.re_pos_embed"), "{err}");
-    assert!(err.contains("missing key: mixins.adaln_layer.q_layer_norm") || err.contains("unexpected key: mixins.adaln_layer.q_layer_norm.3"), "{err}");
+    assert!(
+        err.contains("missing key: mixins.adaln_layer.q_layer_norm")
+            || err.contains("unexpected key: mixins.adaln_layer.q_layer_norm.3"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -200,7 +204,6 @@ fn any_size_input_gives_exactly_scale_times_the_input() {
 /// Alpha, 16-bit, gray and ICC survive an upscale; --strip-metadata drops the profile.
 #[test]
 fn alpha_depth_gray_and_icc_are_kept() {
-
     let dir = tmpdir("formats");
     // 16-bit RGBA -> 16-bit RGBA PNG.
     let out = dir.join("rgba16.png");
@@ -222,7 +225,8 @@ fn alpha_depth_gray_and_icc_are_kept() {
     let icc_in = real("HUAWEI-EVA-L09-16bit_709_g1_dt.png");
     let icc_of = |p: &std::path::Path| {
         use image::ImageDecoder;
-        let mut d = image::codecs::png::PngDecoder::new(std::io::BufReader::new(std::fs::File::open(p).unwrap())).unwrap();
+        let mut d =
+            image::codecs::png::PngDecoder::new(std::io::BufReader::new(std::fs::File::open(p).unwrap())).unwrap();
         d.icc_profile().unwrap()
     };
     let out = dir.join("icc.png");

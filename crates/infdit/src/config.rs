@@ -87,7 +87,8 @@ pub struct ModelConfig {
 
 /// OpenAI CLIP normalisation constants (used by open_clip and by Inf-DiT's preprocessing).
 pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
-/// See [`CLIP_MEAN`].
+/// See [`CLIP_MEAN`]. Written as published (more digits than f32 holds; the f32 values are the same).
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 impl DitConfig {
@@ -139,15 +140,15 @@ impl DitConfig {
     /// Checks the relations between the fields that the network relies on.
     pub fn validate(&self) -> Result<()> {
         let mut errs = Vec::new();
-        if self.heads == 0 || self.hidden % self.heads != 0 {
+        if self.heads == 0 || !self.hidden.is_multiple_of(self.heads) {
             errs.push(format!("hidden {} is not divisible by heads {}", self.hidden, self.heads));
-        } else if self.head_dim() % 4 != 0 {
+        } else if !self.head_dim().is_multiple_of(4) {
             errs.push(format!("head dim {} must be a multiple of 4 for 2-D RoPE", self.head_dim()));
         }
-        if self.patch == 0 || self.block_px % self.patch != 0 {
+        if self.patch == 0 || !self.block_px.is_multiple_of(self.patch) {
             errs.push(format!("block {} px is not a multiple of patch {}", self.block_px, self.patch));
         }
-        if self.sr_scale == 0 || self.lr_patch == 0 || self.block_px % (self.sr_scale * self.lr_patch) != 0 {
+        if self.sr_scale == 0 || self.lr_patch == 0 || !self.block_px.is_multiple_of(self.sr_scale * self.lr_patch) {
             errs.push(format!(
                 "block {} px is not a multiple of sr_scale {} x lr_patch {}",
                 self.block_px, self.sr_scale, self.lr_patch
@@ -159,10 +160,10 @@ impl DitConfig {
                 self.in_channels, self.out_channels
             ));
         }
-        if self.time_channels % 2 != 0 || self.time_channels == 0 {
+        if !self.time_channels.is_multiple_of(2) || self.time_channels == 0 {
             errs.push(format!("time_channels {} must be even", self.time_channels));
         }
-        if self.rope_positions() % self.block_tokens().max(1) != 0 {
+        if !self.rope_positions().is_multiple_of(self.block_tokens().max(1)) {
             errs.push("the RoPE table side must be a multiple of the block side in tokens".into());
         }
         for (name, v) in [("depth", self.depth), ("mlp_hidden", self.mlp_hidden), ("vector_dim", self.vector_dim)] {
@@ -197,13 +198,13 @@ impl ClipConfig {
     }
     /// Checks the relations between the fields.
     pub fn validate(&self) -> Result<()> {
-        if self.heads == 0 || self.width % self.heads != 0 {
+        if self.heads == 0 || !self.width.is_multiple_of(self.heads) {
             return Err(InfditError::Config(format!(
                 "CLIP width {} is not divisible by heads {}",
                 self.width, self.heads
             )));
         }
-        if self.patch == 0 || self.image_size % self.patch != 0 {
+        if self.patch == 0 || !self.image_size.is_multiple_of(self.patch) {
             return Err(InfditError::Config(format!(
                 "CLIP image size {} is not a multiple of patch {}",
                 self.image_size, self.patch
@@ -309,37 +310,38 @@ impl ModelConfig {
                 )));
             }
         }
-        let clip = match v.pointer("/clip/open_clip_model_config") {
-            None => None,
-            Some(oc) => {
-                let vc = &oc["vision_cfg"];
-                let g = |name: &str| -> Result<f64> {
-                    vc.get(name).and_then(|x| x.as_f64()).ok_or_else(|| {
-                        InfditError::Config(format!("clip.open_clip_model_config.vision_cfg.{name} is missing"))
+        let clip =
+            match v.pointer("/clip/open_clip_model_config") {
+                None => None,
+                Some(oc) => {
+                    let vc = &oc["vision_cfg"];
+                    let g = |name: &str| -> Result<f64> {
+                        vc.get(name).and_then(|x| x.as_f64()).ok_or_else(|| {
+                            InfditError::Config(format!("clip.open_clip_model_config.vision_cfg.{name} is missing"))
+                        })
+                    };
+                    let width = g("width")? as usize;
+                    let head_width = vc.get("head_width").and_then(|x| x.as_f64()).unwrap_or(64.0) as usize;
+                    let mlp_ratio = vc.get("mlp_ratio").and_then(|x| x.as_f64()).unwrap_or(4.0);
+                    if v.pointer("/clip/quick_gelu").and_then(|x| x.as_bool()) == Some(true) {
+                        return Err(InfditError::Config("QuickGELU CLIP towers are not supported".into()));
+                    }
+                    Some(ClipConfig {
+                        image_size: g("image_size")? as usize,
+                        patch: g("patch_size")? as usize,
+                        width,
+                        layers: g("layers")? as usize,
+                        heads: width / head_width.max(1),
+                        mlp_hidden: (width as f64 * mlp_ratio) as usize,
+                        output_dim: oc.get("embed_dim").and_then(|x| x.as_u64()).ok_or_else(|| {
+                            InfditError::Config("clip.open_clip_model_config.embed_dim is missing".into())
+                        })? as usize,
+                        ln_eps: 1e-5,
+                        mean: CLIP_MEAN,
+                        std: CLIP_STD,
                     })
-                };
-                let width = g("width")? as usize;
-                let head_width = vc.get("head_width").and_then(|x| x.as_f64()).unwrap_or(64.0) as usize;
-                let mlp_ratio = vc.get("mlp_ratio").and_then(|x| x.as_f64()).unwrap_or(4.0);
-                if v.pointer("/clip/quick_gelu").and_then(|x| x.as_bool()) == Some(true) {
-                    return Err(InfditError::Config("QuickGELU CLIP towers are not supported".into()));
                 }
-                Some(ClipConfig {
-                    image_size: g("image_size")? as usize,
-                    patch: g("patch_size")? as usize,
-                    width,
-                    layers: g("layers")? as usize,
-                    heads: width / head_width.max(1),
-                    mlp_hidden: (width as f64 * mlp_ratio) as usize,
-                    output_dim: oc.get("embed_dim").and_then(|x| x.as_u64()).ok_or_else(|| {
-                        InfditError::Config("clip.open_clip_model_config.embed_dim is missing".into())
-                    })? as usize,
-                    ln_eps: 1e-5,
-                    mean: CLIP_MEAN,
-                    std: CLIP_STD,
-                })
-            }
-        };
+            };
         Ok(Self { dit, clip })
     }
 }

@@ -8,11 +8,11 @@ use candle_core::{DType, Device, Tensor};
 use crate::clip::ClipVision;
 use crate::config::ModelConfig;
 use crate::diffusion::{Denoise, EdmScalings, HeunConfig, initial_state};
-use crate::schedule::BlockDenoiser;
 use crate::error::{InfditError, Result};
 use crate::imageio::resize::{Bicubic, center_crop_offsets, resize_tensor};
 use crate::model::blocks::{BlockGrid, WholeImageKv, blocks_to_image, image_to_blocks};
 use crate::model::{ImageCond, InfDit};
+use crate::schedule::BlockDenoiser;
 use crate::weights::{CLIP_PREFIX, Checkpoint, WeightLoader};
 
 /// A loaded model: the DiT and, when configured, its CLIP tower.
@@ -369,9 +369,11 @@ impl<'a> WholeImageDenoiser<'a> {
 /// Block-major hidden states (n, T, D) of a full grid to row-major tokens (1, N, D).
 pub fn blocks_tokens_to_row_major(h: &Tensor, grid: &BlockGrid, bt: usize) -> candle_core::Result<Tensor> {
     let d = h.dim(2)?;
-    h.reshape((grid.rows, grid.cols, bt, bt, d))?
-        .permute((0, 2, 1, 3, 4))?
-        .reshape((1, grid.rows * bt * grid.cols * bt, d))
+    h.reshape((grid.rows, grid.cols, bt, bt, d))?.permute((0, 2, 1, 3, 4))?.reshape((
+        1,
+        grid.rows * bt * grid.cols * bt,
+        d,
+    ))
 }
 
 impl Denoise for WholeImageDenoiser<'_> {
@@ -434,7 +436,8 @@ pub fn sample(
             &mut whole
         }
         Mode::Blocks { block_batch, kv_dtype } => {
-            let b = blocks.insert(BlockDenoiser::new(&model.dit, clip_vec, &prep.lr, &concat_lr, block_batch, kv_dtype)?);
+            let b =
+                blocks.insert(BlockDenoiser::new(&model.dit, clip_vec, &prep.lr, &concat_lr, block_batch, kv_dtype)?);
             b.on_batch = Some(Box::new(|s| {
                 let p = state.get();
                 let evals_done = p.evals_done + (s.blocks_done == s.blocks_total) as usize;
@@ -468,7 +471,13 @@ pub fn sample(
 
 /// A hash of everything that determines a run's trajectory, so a saved state is only resumed by
 /// the same run.
-fn run_fingerprint(concat_lr: &Tensor, eps: &Tensor, clip: &Tensor, heun: &HeunConfig, model: &Model) -> Result<String> {
+fn run_fingerprint(
+    concat_lr: &Tensor,
+    eps: &Tensor,
+    clip: &Tensor,
+    heun: &HeunConfig,
+    model: &Model,
+) -> Result<String> {
     let mut h = crate::resume::Fnv::default();
     for t in [concat_lr, eps, clip] {
         h.tensor(t)?;

@@ -13,17 +13,13 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use infdit::imageio::{
-    ImageIoError, LoadLimits, LoadedImage, SaveOptions, load_image, save_image_atomic,
-};
+use infdit::imageio::{ImageIoError, LoadLimits, LoadedImage, SaveOptions, load_image, save_image_atomic};
 
 #[path = "../../../fuzz/src/harness.rs"]
 mod harness;
 
 fn data(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(rel)
 }
 
 fn scratch(tag: &str) -> PathBuf {
@@ -72,14 +68,8 @@ fn bad_corpus_is_complete() {
     let mut listed: Vec<String> = BAD.iter().map(|(n, _)| n.to_string()).collect();
     listed.sort();
     assert_eq!(on_disk, listed);
-    let total: u64 = fs::read_dir(data("bad"))
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum();
-    assert!(
-        total < 64 * 1024,
-        "the bad corpus should stay small: {total} bytes"
-    );
+    let total: u64 = fs::read_dir(data("bad")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    assert!(total < 64 * 1024, "the bad corpus should stay small: {total} bytes");
 }
 
 #[test]
@@ -92,44 +82,22 @@ fn bad_files_fail_with_one_line_naming_the_file() {
         };
         let msg = e.to_string();
         println!("{msg}");
-        assert!(
-            msg.contains(name),
-            "{name}: message does not name the file: {msg}"
-        );
+        assert!(msg.contains(name), "{name}: message does not name the file: {msg}");
         assert!(!msg.contains('\n'), "{name}: not one line: {msg:?}");
         let debug = format!("{e:?}");
-        assert!(
-            debug.starts_with(kind),
-            "{name}: expected {kind}, got {debug}"
-        );
+        assert!(debug.starts_with(kind), "{name}: expected {kind}, got {debug}");
     }
     // The specific messages a user sees.
-    let msg = |n: &str| {
-        load_image(&data(&format!("bad/{n}")), &LoadLimits::default())
-            .unwrap_err()
-            .to_string()
-    };
-    assert!(
-        msg("empty.png").ends_with("empty.png: file is empty"),
-        "{}",
-        msg("empty.png")
-    );
+    let msg = |n: &str| load_image(&data(&format!("bad/{n}")), &LoadLimits::default()).unwrap_err().to_string();
+    assert!(msg("empty.png").ends_with("empty.png: file is empty"), "{}", msg("empty.png"));
     assert!(
         msg("huge_100000x100000.png")
             .contains("image is 100000 x 100000 = 10000000000 pixels, above the limit of 67108864"),
         "{}",
         msg("huge_100000x100000.png")
     );
-    assert!(
-        msg("tiny.gif").contains("GIF files are not supported"),
-        "{}",
-        msg("tiny.gif")
-    );
-    assert!(
-        msg("truncated.png").contains("truncated"),
-        "{}",
-        msg("truncated.png")
-    );
+    assert!(msg("tiny.gif").contains("GIF files are not supported"), "{}", msg("tiny.gif"));
+    assert!(msg("truncated.png").contains("truncated"), "{}", msg("truncated.png"));
     // The huge headers are refused before any allocation even with the largest limits.
     let generous = LoadLimits::for_pixels(u32::MAX as u64);
     let e = load_image(&data("bad/huge_100000x100000.png"), &generous).unwrap_err();
@@ -169,12 +137,7 @@ impl Rng {
 /// with transparent pixels.
 fn seed_png() -> Vec<u8> {
     let img = image::RgbaImage::from_fn(24, 17, |x, y| {
-        image::Rgba([
-            (x * 10) as u8,
-            (y * 15) as u8,
-            128,
-            if x > 18 { 0 } else { 255 },
-        ])
+        image::Rgba([(x * 10) as u8, (y * 15) as u8, 128, if x > 18 { 0 } else { 255 }])
     });
     let mut buf = std::io::Cursor::new(Vec::new());
     img.write_to(&mut buf, image::ImageFormat::Png).unwrap();
@@ -186,11 +149,7 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         c ^= b as u32;
         for _ in 0..8 {
-            c = if c & 1 != 0 {
-                0xedb8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
+            c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
         }
     }
     !c
@@ -268,10 +227,7 @@ fn fuzz_harness_survives_corpus_and_mutations() {
         harness::decode_prepare(&bytes, &d).unwrap();
     }
     let seed = seed_png();
-    assert!(
-        harness::decode_prepare(&seed, &d).unwrap(),
-        "the seed must load"
-    );
+    assert!(harness::decode_prepare(&seed, &d).unwrap(), "the seed must load");
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     for _ in 0..200 {
         let m = mutate(&seed, &mut rng);
@@ -290,18 +246,13 @@ fn fuzz_harness_survives_corpus_and_mutations() {
 // ---------------------------------------------------------------------------------------------
 
 fn load_real(name: &str) -> LoadedImage {
-    load_image(&data(&format!("real/{name}")), &LoadLimits::default())
-        .unwrap_or_else(|e| panic!("{e}"))
+    load_image(&data(&format!("real/{name}")), &LoadLimits::default()).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The ICC profile's header: size field equal to the length, `acsp` signature at 36.
 fn assert_icc(icc: &[u8], what: &str) {
     assert!(icc.len() >= 128, "{what}: ICC of {} bytes", icc.len());
-    assert_eq!(
-        u32::from_be_bytes(icc[..4].try_into().unwrap()) as usize,
-        icc.len(),
-        "{what}: ICC size field"
-    );
+    assert_eq!(u32::from_be_bytes(icc[..4].try_into().unwrap()) as usize, icc.len(), "{what}: ICC size field");
     assert_eq!(&icc[36..40], b"acsp", "{what}: ICC signature");
 }
 
@@ -348,8 +299,7 @@ fn real_files_load_with_their_properties() {
         if let Some(e) = &img.exif {
             assert!(e.starts_with(b"II*\0") || e.starts_with(b"MM\0*"), "{name}");
             assert_eq!(
-                image::metadata::Orientation::from_exif_chunk(e)
-                    .unwrap_or(image::metadata::Orientation::NoTransforms),
+                image::metadata::Orientation::from_exif_chunk(e).unwrap_or(image::metadata::Orientation::NoTransforms),
                 image::metadata::Orientation::NoTransforms,
                 "{name}"
             );
@@ -358,10 +308,7 @@ fn real_files_load_with_their_properties() {
         assert!(v.iter().all(|x| (-1.0..=1.0).contains(x)), "{name}");
         if gray {
             let n = v.len() / 3;
-            assert!(
-                v[..n] == v[n..2 * n] && v[..n] == v[2 * n..],
-                "{name}: gray planes equal"
-            );
+            assert!(v[..n] == v[n..2 * n] && v[..n] == v[2 * n..], "{name}: gray planes equal");
         }
     }
     // The 16-bit file really has 16-bit content (not 8-bit values widened).
@@ -373,30 +320,18 @@ fn real_files_load_with_their_properties() {
             !k.is_multiple_of(257)
         })
         .count();
-    assert!(
-        fine > v.len() / 2,
-        "{fine} of {} samples use the low byte",
-        v.len()
-    );
+    assert!(fine > v.len() / 2, "{fine} of {} samples use the low byte", v.len());
 }
 
 #[test]
 fn transparent_colour_is_filled_in_real_files() {
-    for name in [
-        "basn6a08.png",
-        "basn6a16.png",
-        "tbgn3p08.png",
-        "tbbn1g04.png",
-        "basn4a16.png",
-    ] {
+    for name in ["basn6a08.png", "basn6a16.png", "tbgn3p08.png", "tbbn1g04.png", "basn4a16.png"] {
         let img = load_real(name);
         let (h, w) = (img.rgb.dims()[2], img.rgb.dims()[3]);
         let n = h * w;
         let a = vals(img.alpha.as_ref().unwrap());
         let v = vals(&img.rgb);
-        let raw = image::open(data(&format!("real/{name}")))
-            .unwrap()
-            .to_rgba32f();
+        let raw = image::open(data(&format!("real/{name}"))).unwrap().to_rgba32f();
         let transparent = a.iter().filter(|&&x| x == 0.0).count();
         println!("{name}: {transparent} fully transparent pixels of {n}");
         assert!(transparent > 0, "{name}");
@@ -404,10 +339,7 @@ fn transparent_colour_is_filled_in_real_files() {
             if a[i] > 0.0 {
                 // Visible pixels keep their exact value.
                 for c in 0..3 {
-                    assert!(
-                        (v[c * n + i] - (p.0[c] * 2.0 - 1.0)).abs() < 1e-6,
-                        "{name} {i}"
-                    );
+                    assert!((v[c * n + i] - (p.0[c] * 2.0 - 1.0)).abs() < 1e-6, "{name} {i}");
                 }
                 continue;
             }
@@ -430,10 +362,7 @@ fn transparent_colour_is_filled_in_real_files() {
             if lo[0].is_finite() {
                 for c in 0..3 {
                     let f = v[c * n + i];
-                    assert!(
-                        f >= lo[c] - 1e-6 && f <= hi[c] + 1e-6,
-                        "{name} pixel {i} channel {c}"
-                    );
+                    assert!(f >= lo[c] - 1e-6 && f <= hi[c] + 1e-6, "{name} pixel {i} channel {c}");
                 }
             }
         }
@@ -468,15 +397,8 @@ fn real_files_round_trip_through_save() {
         let img = load_real(name);
         let out = d.join(format!("{name}.{ext}"));
         let opts = SaveOptions::like_input(&img);
-        save_image_atomic(
-            &out,
-            &img.rgb,
-            img.alpha.as_ref(),
-            img.grayscale,
-            &opts,
-            &[&src],
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        save_image_atomic(&out, &img.rgb, img.alpha.as_ref(), img.grayscale, &opts, &[&src])
+            .unwrap_or_else(|e| panic!("{e}"));
         let back = load_image(&out, &lim).unwrap();
         let what = format!("{name} -> {ext}");
         assert_eq!(back.rgb.dims(), img.rgb.dims(), "{what}");
@@ -498,19 +420,10 @@ fn real_files_round_trip_through_save() {
             let (a, b) = (vals(&img.rgb), vals(&back.rgb));
             let alpha = img.alpha.as_ref().map(vals);
             let n = a.len() / 3;
-            let lsb = if img.bit_depth == 16 {
-                0.0
-            } else {
-                2.0 / 255.0 + 1e-6
-            };
+            let lsb = if img.bit_depth == 16 { 0.0 } else { 2.0 / 255.0 + 1e-6 };
             for i in 0..a.len() {
                 if alpha.as_ref().is_none_or(|al| al[i % n] > 0.0) {
-                    assert!(
-                        (a[i] - b[i]).abs() <= lsb,
-                        "{what}: sample {i}: {} vs {}",
-                        a[i],
-                        b[i]
-                    );
+                    assert!((a[i] - b[i]).abs() <= lsb, "{what}: sample {i}: {} vs {}", a[i], b[i]);
                 }
             }
             if let Some(al) = alpha {
@@ -538,35 +451,22 @@ fn regenerate_bad_corpus() {
         img.write_to(&mut c, f).unwrap();
         c.into_inner()
     };
-    let photo = image::RgbImage::from_fn(48, 40, |x, y| {
-        image::Rgb([(x * 5) as u8, (y * 6) as u8, ((x * y) % 251) as u8])
-    });
+    let photo =
+        image::RgbImage::from_fn(48, 40, |x, y| image::Rgb([(x * 5) as u8, (y * 6) as u8, ((x * y) % 251) as u8]));
     let photo = image::DynamicImage::ImageRgb8(photo);
     let half = |v: Vec<u8>| v[..v.len() / 2].to_vec();
 
     put("empty.png", b"");
     let mut rng = Rng(42);
-    put(
-        "random_bytes.png",
-        &(0..512).map(|_| rng.next() as u8).collect::<Vec<_>>(),
-    );
+    put("random_bytes.png", &(0..512).map(|_| rng.next() as u8).collect::<Vec<_>>());
     put("text_named.jpg", b"This is a text file, not a JPEG.\n");
     let png = encode(photo.clone(), image::ImageFormat::Png);
     put("truncated.png", &half(png.clone()));
     let jpg = encode(photo.clone(), image::ImageFormat::Jpeg);
     put("truncated.jpg", &half(jpg.clone()));
-    put(
-        "truncated.webp",
-        &half(encode(photo.clone(), image::ImageFormat::WebP)),
-    );
-    put(
-        "truncated.tiff",
-        &half(encode(photo.clone(), image::ImageFormat::Tiff)),
-    );
-    put(
-        "truncated.bmp",
-        &half(encode(photo.clone(), image::ImageFormat::Bmp)),
-    );
+    put("truncated.webp", &half(encode(photo.clone(), image::ImageFormat::WebP)));
+    put("truncated.tiff", &half(encode(photo.clone(), image::ImageFormat::Tiff)));
+    put("truncated.bmp", &half(encode(photo.clone(), image::ImageFormat::Bmp)));
 
     // The IDAT's CRC flipped.
     let mut bad_crc = png.clone();

@@ -14,21 +14,15 @@
 use std::path::PathBuf;
 
 use image::RgbImage;
-use infdit::metrics::{
-    DEFAULT_SEAM_BLOCK, bicubic_baseline, evaluate, format_table, psnr_y, seam_score, ssim_y,
-};
+use infdit::metrics::{DEFAULT_SEAM_BLOCK, bicubic_baseline, evaluate, format_table, psnr_y, seam_score, ssim_y};
 
 const PSNR_TOL: f64 = 1e-6;
 const SSIM_TOL: f64 = 1e-7;
 const SEAM_TOL: f64 = 1e-9;
 
 fn load(name: &str) -> RgbImage {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/metrics")
-        .join(name);
-    image::open(&p)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()))
-        .into_rgb8()
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/metrics").join(name);
+    image::open(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display())).into_rgb8()
 }
 
 /// (pair, crop_border, PSNR-Y of sr vs gt, SSIM-Y of sr vs gt), from tools/metrics_reference.py.
@@ -76,14 +70,8 @@ fn psnr_ssim_match_basicsr_reference() {
             (p - want_psnr).abs(),
             (s - want_ssim).abs()
         );
-        assert!(
-            (p - want_psnr).abs() <= PSNR_TOL,
-            "{pair} crop={crop}: PSNR {p} vs {want_psnr}"
-        );
-        assert!(
-            (s - want_ssim).abs() <= SSIM_TOL,
-            "{pair} crop={crop}: SSIM {s} vs {want_ssim}"
-        );
+        assert!((p - want_psnr).abs() <= PSNR_TOL, "{pair} crop={crop}: PSNR {p} vs {want_psnr}");
+        assert!((s - want_ssim).abs() <= SSIM_TOL, "{pair} crop={crop}: SSIM {s} vs {want_ssim}");
         // Symmetric in the two images.
         assert_eq!(psnr_y(&gt, &sr, crop).unwrap(), p);
         assert!((ssim_y(&gt, &sr, crop).unwrap() - s).abs() < 1e-15);
@@ -97,10 +85,7 @@ fn seam_scores_match_reference() {
         println!("{img} block={block}: seam {got:?} (ref {want:?})");
         match (got, want) {
             (None, None) => {}
-            (Some(g), Some(w)) => assert!(
-                (g - w).abs() <= SEAM_TOL * w,
-                "{img} block={block}: {g} vs {w}"
-            ),
+            (Some(g), Some(w)) => assert!((g - w).abs() <= SEAM_TOL * w, "{img} block={block}: {g} vs {w}"),
             _ => panic!("{img} block={block}: {got:?} vs {want:?}"),
         }
     }
@@ -121,15 +106,9 @@ fn identical_images_and_table() {
     assert!((rows[0].ssim_y - PSNR_SSIM[3].3).abs() <= SSIM_TOL);
     let t = format_table(&rows);
     println!("{t}");
-    assert!(
-        t.contains("| tile_sr.png | 39.7080 | 0.9755 | 2.197 |"),
-        "{t}"
-    );
+    assert!(t.contains("| tile_sr.png | 39.7080 | 0.9755 | 2.197 |"), "{t}");
     assert!(t.contains("| tile_gt.png | inf | 1.0000 | 1.092 |"), "{t}");
-    assert!(
-        t.contains("| **mean (2 images)** | inf | 0.9877 | 1.644 |"),
-        "{t}"
-    );
+    assert!(t.contains("| **mean (2 images)** | inf | 0.9877 | 1.644 |"), "{t}");
 
     let small = load("small_gt.png");
     let e = psnr_y(&small, &gt, 4).unwrap_err().to_string();

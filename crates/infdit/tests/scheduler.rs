@@ -45,13 +45,15 @@ fn scheduler_matches_whole_image_on_parity_cases() {
             Some(t) => t.clone(),
             None => {
                 let (set, _) = set_of(case_name);
-                let png = infdit::imageio::load_rgb(&shared(set).join(format!("case_{case_name}_lr.png")), 1 << 30).unwrap();
+                let png =
+                    infdit::imageio::load_rgb(&shared(set).join(format!("case_{case_name}_lr.png")), 1 << 30).unwrap();
                 infdit::pipeline::prepare_official(&png, PassScale::X4, 128, Bicubic::Antialias).unwrap().concat_lr
             }
         };
         let sig = sigmas(&c);
         let x = x_in(&concat_lr, &c["eps"], sig[10]);
-        let whole = WholeImageDenoiser::new(&m.dit, clip, lr, &concat_lr).unwrap().denoise_traced(&x, sig[10], None).unwrap();
+        let whole =
+            WholeImageDenoiser::new(&m.dit, clip, lr, &concat_lr).unwrap().denoise_traced(&x, sig[10], None).unwrap();
         for n in [1, 2, 3] {
             let mut s = BlockDenoiser::new(&m.dit, clip, lr, &concat_lr, n, DType::F32).unwrap();
             let d = s.sweep(&x, sig[10]).unwrap();
@@ -94,9 +96,11 @@ fn scheduler_matches_whole_image_on_random_grids() {
     for (rows, cols) in [(1, 7), (9, 1), (3, 4), (2, 5)] {
         let (p, eps, clip) = random_inputs(rows, cols, (rows * 10 + cols) as u64);
         let x = initial_state(&p.concat_lr, &eps, 1.5).unwrap();
-        let whole = WholeImageDenoiser::new(&m.dit, &clip, &p.lr, &p.concat_lr).unwrap().denoise_traced(&x, 1.5, None).unwrap();
+        let whole =
+            WholeImageDenoiser::new(&m.dit, &clip, &p.lr, &p.concat_lr).unwrap().denoise_traced(&x, 1.5, None).unwrap();
         for n in [1, 2, 3] {
-            let d = BlockDenoiser::new(&m.dit, &clip, &p.lr, &p.concat_lr, n, DType::F32).unwrap().sweep(&x, 1.5).unwrap();
+            let d =
+                BlockDenoiser::new(&m.dit, &clip, &p.lr, &p.concat_lr, n, DType::F32).unwrap().sweep(&x, 1.5).unwrap();
             let r = rel(&d, &whole);
             println!("{rows}x{cols} n={n}: {r:.2e}");
             assert!(r <= REL_BOUND, "{rows}x{cols} n={n}: relative diff {r:e}");
@@ -122,10 +126,18 @@ fn scheduler_sample_matches() {
     let rm = tiny_random(2, 32, 2, 5);
     let (p, eps, clip) = random_inputs(2, 3, 99);
     let heun = HeunConfig::default();
-    let whole = sample(&rm, &p, &clip, &eps, &SampleOptions { heun, mode: Mode::WholeImage, ..Default::default() }, &mut |_| {})
-        .unwrap();
+    let whole = sample(
+        &rm,
+        &p,
+        &clip,
+        &eps,
+        &SampleOptions { heun, mode: Mode::WholeImage, ..Default::default() },
+        &mut |_| {},
+    )
+    .unwrap();
     for n in [1, 3] {
-        let o = SampleOptions { heun, mode: Mode::Blocks { block_batch: n, kv_dtype: DType::F32 }, ..Default::default() };
+        let o =
+            SampleOptions { heun, mode: Mode::Blocks { block_batch: n, kv_dtype: DType::F32 }, ..Default::default() };
         let s = sample(&rm, &p, &clip, &eps, &o, &mut |_| {}).unwrap();
         let r = rel(s.sample.as_ref().unwrap(), whole.sample.as_ref().unwrap());
         println!("random 2x3 20-step sample n={n}: {r:.2e}");

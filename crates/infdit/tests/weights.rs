@@ -13,9 +13,23 @@ use infdit::{InfditError, ModelConfig};
 fn same_bits(a: &Tensor, b: &Tensor) -> bool {
     a.dtype() == b.dtype()
         && a.dims() == b.dims()
-        && a.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).eq(
-            b.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()),
-        )
+        && a.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .eq(b
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits()))
 }
 
 #[test]
@@ -63,7 +77,9 @@ fn strict_loading_names_every_problem() {
     assert!(msg.contains("broken.safetensors"));
     assert!(msg.contains("missing key: mixins.final_layer.linear.bias (expected shape [48])"));
     assert!(msg.contains("unexpected key: mixins.adaln_layer.surprise.weight"));
-    assert!(msg.contains("shape mismatch: time_embed.mlp.2.weight: model expects [128, 128], checkpoint has [128, 127]"));
+    assert!(
+        msg.contains("shape mismatch: time_embed.mlp.2.weight: model expects [128, 128], checkpoint has [128, 127]")
+    );
 }
 
 #[test]
@@ -171,7 +187,9 @@ fn convert_pt_to_safetensors_in_three_dtypes() {
     std::fs::create_dir_all(&tmp).unwrap();
     let src = shared("parity2").join("tiny2_mp_rank_00_model_states.pt");
     let reference = Checkpoint::open(&shared("parity2").join("tiny2.safetensors")).unwrap();
-    for (dt, name) in [(None, "keep"), (Some(DType::F32), "f32"), (Some(DType::BF16), "bf16"), (Some(DType::F16), "f16")] {
+    for (dt, name) in
+        [(None, "keep"), (Some(DType::F32), "f32"), (Some(DType::BF16), "bf16"), (Some(DType::F16), "f16")]
+    {
         let out = tmp.join(format!("tiny2-{name}.safetensors"));
         let s = convert(&src, &out, dt).unwrap();
         assert_eq!(s.tensors, 112);

@@ -48,13 +48,7 @@ pub(crate) fn load_model(a: &ModelArgs, dt: DType, dev: &Device) -> Result<Model
 
 fn convert_cmd(a: ConvertArgs) -> Result<()> {
     let s = convert(&a.input, &a.output, a.dtype.map(dtype))?;
-    eprintln!(
-        "wrote {}: {} tensors, {} values, {} bytes",
-        a.output.display(),
-        s.tensors,
-        s.elements,
-        s.bytes
-    );
+    eprintln!("wrote {}: {} tensors, {} values, {} bytes", a.output.display(), s.tensors, s.elements, s.bytes);
     Ok(())
 }
 

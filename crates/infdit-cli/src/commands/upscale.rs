@@ -130,11 +130,8 @@ pub(crate) fn upscale(a: UpscaleArgs) -> Result<()> {
         );
         eprintln!("memory plan: {plan}");
     }
-    let bar = if a.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new((heun.evaluations() * prep.grid.len()) as u64)
-    };
+    let bar =
+        if a.quiet { ProgressBar::hidden() } else { ProgressBar::new((heun.evaluations() * prep.grid.len()) as u64) };
     bar.set_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] {msg} {elapsed} elapsed, ETA {eta}")
             .expect("valid template")

@@ -36,7 +36,8 @@ pub fn block_noise(seed: u64, pos: BlockPos, channels: usize, bp: usize) -> Vec<
     let mut key = SplitMix64::new(seed ^ NOISE_DOMAIN);
     let k0 = key.next_u64();
     let mut rng = SplitMix64::new(
-        k0 ^ (pos.row as u64).wrapping_mul(0xD1B5_4A32_D192_ED03) ^ (pos.col as u64).wrapping_mul(0x8CB9_2BA7_2F3D_8DD7),
+        k0 ^ (pos.row as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)
+            ^ (pos.col as u64).wrapping_mul(0x8CB9_2BA7_2F3D_8DD7),
     );
     let n = channels * bp * bp;
     let mut out = Vec::with_capacity(n + 1);

@@ -23,10 +23,7 @@ pub(crate) fn fill_planes(planes: &mut [f32], channels: usize, alpha: &[f32], w:
     debug_assert_eq!(planes.len(), channels * n);
     debug_assert_eq!(alpha.len(), n);
     // weight[i] > 0: pixel i has a colour to give (visible, or filled in an earlier ring).
-    let mut weight: Vec<f32> = alpha
-        .iter()
-        .map(|&a| if a > 0.0 { a } else { 0.0 })
-        .collect();
+    let mut weight: Vec<f32> = alpha.iter().map(|&a| if a > 0.0 { a } else { 0.0 }).collect();
     if weight.iter().all(|&x| x > 0.0) || weight.iter().all(|&x| x == 0.0) {
         return;
     }
@@ -45,8 +42,7 @@ pub(crate) fn fill_planes(planes: &mut [f32], channels: usize, alpha: &[f32], w:
         .into_iter()
         .filter_map(move |(dy, dx, k)| {
             let (ny, nx) = (y + dy, x + dx);
-            (ny >= 0 && nx >= 0 && (ny as usize) < h && (nx as usize) < w)
-                .then(|| (ny as usize * w + nx as usize, k))
+            (ny >= 0 && nx >= 0 && (ny as usize) < h && (nx as usize) < w).then(|| (ny as usize * w + nx as usize, k))
         })
     };
     // The first ring: transparent pixels with a visible neighbour.
@@ -133,14 +129,8 @@ pub fn fill_transparent(rgb: &Tensor, alpha: &Tensor) -> Result<Tensor> {
             alpha.dims()
         ),
     };
-    let mut planes = rgb
-        .to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let a = alpha
-        .to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+    let mut planes = rgb.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let a = alpha.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     fill_planes(&mut planes, c, &a, w, h);
     Tensor::from_vec(planes, (1, c, h, w), &Device::Cpu)
 }
@@ -168,21 +158,12 @@ mod tests {
         alpha[blue] = 1.0;
         let t = Tensor::from_vec(rgb.clone(), (1, 3, h, w), &Device::Cpu).unwrap();
         let a = Tensor::from_vec(alpha.clone(), (1, 1, h, w), &Device::Cpu).unwrap();
-        let f = fill_transparent(&t, &a)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let f = fill_transparent(&t, &a).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // Opaque pixels unchanged, bit for bit.
         for i in 0..n {
             if alpha[i] > 0.0 {
                 for c in 0..3 {
-                    assert_eq!(
-                        f[c * n + i].to_bits(),
-                        rgb[c * n + i].to_bits(),
-                        "pixel {i}"
-                    );
+                    assert_eq!(f[c * n + i].to_bits(), rgb[c * n + i].to_bits(), "pixel {i}");
                 }
             }
         }
@@ -195,12 +176,7 @@ mod tests {
         assert_eq!([f[3], f[n + 3], f[2 * n + 3]], [1.0, -1.0, -1.0]);
         // Next to the blue pixel it is blue-ish (blue channel up, red down), never black.
         let i = 3 * w + 4;
-        assert!(
-            f[2 * n + i] > 0.0 && f[i] < 0.0,
-            "{} {}",
-            f[i],
-            f[2 * n + i]
-        );
+        assert!(f[2 * n + i] > 0.0 && f[i] < 0.0, "{} {}", f[i], f[2 * n + i]);
         for i in 0..n {
             let s = f[i] + f[2 * n + i];
             assert!(s > -0.5, "pixel {i} is dark: r {} b {}", f[i], f[2 * n + i]);

@@ -36,12 +36,7 @@ impl LoadLimits {
     /// decoded pixel format needs for that many pixels (RGBA 32-bit float, 16 bytes per pixel)
     /// plus [`LoadLimits::ALLOC_SLACK_BYTES`].
     pub fn for_pixels(max_pixels: u64) -> Self {
-        Self {
-            max_pixels,
-            max_alloc_bytes: max_pixels
-                .saturating_mul(16)
-                .saturating_add(Self::ALLOC_SLACK_BYTES),
-        }
+        Self { max_pixels, max_alloc_bytes: max_pixels.saturating_mul(16).saturating_add(Self::ALLOC_SLACK_BYTES) }
     }
 }
 
@@ -89,13 +84,8 @@ pub struct LoadedImage {
 }
 
 /// The formats [`load_image`] reads (those this crate's `image` build decodes).
-const SUPPORTED: [ImageFormat; 5] = [
-    ImageFormat::Png,
-    ImageFormat::Jpeg,
-    ImageFormat::WebP,
-    ImageFormat::Tiff,
-    ImageFormat::Bmp,
-];
+const SUPPORTED: [ImageFormat; 5] =
+    [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::WebP, ImageFormat::Tiff, ImageFormat::Bmp];
 
 /// Prefix some writers (WebP, JPEG-style) put before the TIFF header of an EXIF block.
 const EXIF_PREFIX: &[u8] = b"Exif\0\0";
@@ -122,23 +112,15 @@ const EXIF_PREFIX: &[u8] = b"Exif\0\0";
 ///   [`ImageIoError::DecoderPanic`] (the default panic hook still prints it to stderr).
 pub fn load_image(path: &Path, limits: &LoadLimits) -> Result<LoadedImage, ImageIoError> {
     let file = File::open(path).map_err(|e| ImageIoError::io(path, e))?;
-    let len = file
-        .metadata()
-        .map_err(|e| ImageIoError::io(path, e))?
-        .len();
+    let len = file.metadata().map_err(|e| ImageIoError::io(path, e))?.len();
     if len == 0 {
-        return Err(ImageIoError::io(
-            path,
-            std::io::Error::new(ErrorKind::InvalidData, "file is empty"),
-        ));
+        return Err(ImageIoError::io(path, std::io::Error::new(ErrorKind::InvalidData, "file is empty")));
     }
     let mut reader = ImageReader::new(BufReader::new(file));
     if let Ok(fmt) = ImageFormat::from_path(path) {
         reader.set_format(fmt);
     }
-    let mut reader = reader
-        .with_guessed_format()
-        .map_err(|e| ImageIoError::io(path, e))?;
+    let mut reader = reader.with_guessed_format().map_err(|e| ImageIoError::io(path, e))?;
     let format = match reader.format() {
         Some(f) if SUPPORTED.contains(&f) => f,
         Some(f) => {
@@ -163,32 +145,20 @@ pub fn load_image(path: &Path, limits: &LoadLimits) -> Result<LoadedImage, Image
     decoder_limits.max_alloc = Some(limits.max_alloc_bytes);
     reader.limits(decoder_limits);
 
-    let decoded = catch_unwind(AssertUnwindSafe(|| decode(path, format, reader, limits)))
-        .map_err(|panic| ImageIoError::DecoderPanic {
+    let decoded = catch_unwind(AssertUnwindSafe(|| decode(path, format, reader, limits))).map_err(|panic| {
+        ImageIoError::DecoderPanic {
             path: path.to_path_buf(),
             message: panic
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "(no message)".into()),
-        })??;
-    let Decoded {
-        mut img,
-        icc,
-        exif,
-        orientation,
-    } = decoded;
+        }
+    })??;
+    let Decoded { mut img, icc, exif, orientation } = decoded;
     img.apply_orientation(orientation);
-    let planes = to_planes(&img).map_err(|reason| ImageIoError::BadTensor {
-        path: path.to_path_buf(),
-        reason,
-    })?;
-    let Planes {
-        mut rgb,
-        alpha,
-        bit_depth,
-        grayscale,
-    } = planes;
+    let planes = to_planes(&img).map_err(|reason| ImageIoError::BadTensor { path: path.to_path_buf(), reason })?;
+    let Planes { mut rgb, alpha, bit_depth, grayscale } = planes;
     let (w, h) = (img.width() as usize, img.height() as usize);
     drop(img);
     if let Some(a) = &alpha {
@@ -199,19 +169,8 @@ pub fn load_image(path: &Path, limits: &LoadLimits) -> Result<LoadedImage, Image
         reason: format!("cannot build tensor: {e}"),
     };
     let rgb = Tensor::from_vec(rgb, (1, 3, h, w), &Device::Cpu).map_err(tensor_err)?;
-    let alpha = alpha
-        .map(|a| Tensor::from_vec(a, (1, 1, h, w), &Device::Cpu))
-        .transpose()
-        .map_err(tensor_err)?;
-    Ok(LoadedImage {
-        rgb,
-        alpha,
-        bit_depth,
-        grayscale,
-        icc,
-        exif,
-        source_format: format,
-    })
+    let alpha = alpha.map(|a| Tensor::from_vec(a, (1, 1, h, w), &Device::Cpu)).transpose().map_err(tensor_err)?;
+    Ok(LoadedImage { rgb, alpha, bit_depth, grayscale, icc, exif, source_format: format })
 }
 
 /// What [`decode`] gets out of a file.
@@ -248,10 +207,7 @@ fn decode(
             ),
         });
     }
-    let mut icc = decoder
-        .icc_profile()
-        .map_err(|e| decode_error(path, e))?
-        .filter(|p| !p.is_empty());
+    let mut icc = decoder.icc_profile().map_err(|e| decode_error(path, e))?.filter(|p| !p.is_empty());
     if icc.is_none() && format == ImageFormat::Tiff {
         // `image` 0.25 caps the size of any TIFF tag value at the size of the decoded image
         // (its `decoding_buffer_size`), so the profile of a small TIFF reads as absent.
@@ -285,27 +241,13 @@ fn decode(
         });
     }
     let img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(path, e))?;
-    Ok(Decoded {
-        img,
-        icc,
-        exif,
-        orientation,
-    })
+    Ok(Decoded { img, icc, exif, orientation })
 }
 
 /// Refuse a zero dimension or more than `limits.max_pixels` pixels.
-pub(super) fn check_size(
-    path: &Path,
-    width: u32,
-    height: u32,
-    limits: &LoadLimits,
-) -> Result<(), ImageIoError> {
+pub(super) fn check_size(path: &Path, width: u32, height: u32, limits: &LoadLimits) -> Result<(), ImageIoError> {
     if width == 0 || height == 0 {
-        return Err(ImageIoError::ZeroSize {
-            path: path.to_path_buf(),
-            width,
-            height,
-        });
+        return Err(ImageIoError::ZeroSize { path: path.to_path_buf(), width, height });
     }
     let pixels = width as u64 * height as u64;
     if pixels > limits.max_pixels {
@@ -325,19 +267,13 @@ pub(super) fn check_size(
 fn decode_error(path: &Path, e: image::ImageError) -> ImageIoError {
     match e {
         image::ImageError::IoError(io) if io.kind() == ErrorKind::UnexpectedEof => {
-            ImageIoError::Truncated {
-                path: path.to_path_buf(),
-                detail: io.to_string(),
-            }
+            ImageIoError::Truncated { path: path.to_path_buf(), detail: io.to_string() }
         }
         e => {
             let text = e.to_string();
             let lower = text.to_ascii_lowercase();
             if lower.contains("eof") || lower.contains("end of file") || lower.contains("truncat") {
-                ImageIoError::Truncated {
-                    path: path.to_path_buf(),
-                    detail: one_line(&text),
-                }
+                ImageIoError::Truncated { path: path.to_path_buf(), detail: one_line(&text) }
             } else {
                 ImageIoError::codec(path, "decode", e)
             }
@@ -427,23 +363,14 @@ fn to_planes(img: &DynamicImage) -> Result<Planes, String> {
             // Float (and any future) formats: through RGBA f32, NaN refused, clamped.
             for (i, p) in other.to_rgba32f().pixels().enumerate() {
                 if let Some(c) = p.0.iter().position(|v| v.is_nan()) {
-                    return Err(format!(
-                        "NaN sample in channel {c} at pixel (row {}, column {})",
-                        i / w,
-                        i % w
-                    ));
+                    return Err(format!("NaN sample in channel {c} at pixel (row {}, column {})", i / w, i % w));
                 }
                 let [r, g, bl, a] = p.0.map(|v| v.clamp(0.0, 1.0));
                 put(i, [r, g, bl], a);
             }
         }
     }
-    Ok(Planes {
-        rgb,
-        alpha,
-        bit_depth,
-        grayscale,
-    })
+    Ok(Planes { rgb, alpha, bit_depth, grayscale })
 }
 
 #[cfg(test)]
@@ -484,13 +411,7 @@ pub(crate) mod tests {
         let mut buf = Vec::new();
         let mut enc = image::codecs::png::PngEncoder::new(&mut buf);
         enc.set_exif_metadata(exif).unwrap();
-        enc.write_image(
-            img.as_raw(),
-            img.width(),
-            img.height(),
-            image::ExtendedColorType::Rgb8,
-        )
-        .unwrap();
+        enc.write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8).unwrap();
         fs::write(path, buf).unwrap();
     }
 
@@ -508,15 +429,13 @@ pub(crate) mod tests {
         //   d e f
         // Each EXIF orientation says how the stored image must be transformed for display.
         let d = scratch("orient");
-        let stored = image::RgbImage::from_fn(3, 2, |x, y| {
-            image::Rgb([(10 * (3 * y + x + 1)) as u8, 0, 0])
-        });
+        let stored = image::RgbImage::from_fn(3, 2, |x, y| image::Rgb([(10 * (3 * y + x + 1)) as u8, 0, 0]));
         let (a, b, c, dd, e, f) = (10, 20, 30, 40, 50, 60);
         let expect: [(u16, Vec<Vec<u8>>); 8] = [
             (1, vec![vec![a, b, c], vec![dd, e, f]]),
-            (2, vec![vec![c, b, a], vec![f, e, dd]]), // mirror left-right
-            (3, vec![vec![f, e, dd], vec![c, b, a]]), // rotate 180
-            (4, vec![vec![dd, e, f], vec![a, b, c]]), // mirror top-bottom
+            (2, vec![vec![c, b, a], vec![f, e, dd]]),       // mirror left-right
+            (3, vec![vec![f, e, dd], vec![c, b, a]]),       // rotate 180
+            (4, vec![vec![dd, e, f], vec![a, b, c]]),       // mirror top-bottom
             (5, vec![vec![a, dd], vec![b, e], vec![c, f]]), // transpose
             (6, vec![vec![dd, a], vec![e, b], vec![f, c]]), // rotate 90 clockwise
             (7, vec![vec![f, c], vec![e, b], vec![dd, a]]), // transverse
@@ -535,10 +454,7 @@ pub(crate) mod tests {
             }
             // The kept EXIF says "upright" now, and is otherwise unchanged.
             let exif = img.exif.unwrap();
-            assert_eq!(
-                Orientation::from_exif_chunk(&exif),
-                Some(Orientation::NoTransforms)
-            );
+            assert_eq!(Orientation::from_exif_chunk(&exif), Some(Orientation::NoTransforms));
             let mut original = exif_with_orientation(o);
             let _ = Orientation::remove_from_exif_chunk(&mut original);
             assert_eq!(exif, original);
@@ -585,17 +501,14 @@ pub(crate) mod tests {
         use image::ImageEncoder;
         let d = scratch("orient-fmt");
         let lim = LoadLimits::default();
-        let stored = image::RgbImage::from_fn(3, 2, |x, y| {
-            image::Rgb([(10 * (3 * y + x + 1)) as u8, 0, 0])
-        });
+        let stored = image::RgbImage::from_fn(3, 2, |x, y| image::Rgb([(10 * (3 * y + x + 1)) as u8, 0, 0]));
         // Orientation 6 (rotate 90 clockwise): rows [d a], [e b], [f c].
         let expect = [[40u8, 10], [50, 20], [60, 30]];
         // WebP (lossless: exact) and TIFF (tag, no EXIF block).
         let mut webp = Vec::new();
         let mut enc = image::codecs::webp::WebPEncoder::new_lossless(&mut webp);
         enc.set_exif_metadata(exif_with_orientation(6)).unwrap();
-        enc.write_image(stored.as_raw(), 3, 2, image::ExtendedColorType::Rgb8)
-            .unwrap();
+        enc.write_image(stored.as_raw(), 3, 2, image::ExtendedColorType::Rgb8).unwrap();
         fs::write(d.join("o.webp"), webp).unwrap();
         let raw: [u8; 18] = stored.as_raw()[..].try_into().unwrap();
         fs::write(d.join("o.tiff"), tiff_with_orientation(&raw, 6)).unwrap();
@@ -614,27 +527,21 @@ pub(crate) mod tests {
         let mut jpg = Vec::new();
         let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpg, 95);
         enc.set_exif_metadata(exif_with_orientation(8)).unwrap();
-        enc.write_image(big.as_raw(), 16, 8, image::ExtendedColorType::Rgb8)
-            .unwrap();
+        enc.write_image(big.as_raw(), 16, 8, image::ExtendedColorType::Rgb8).unwrap();
         fs::write(d.join("o.jpg"), jpg).unwrap();
         let img = load_image(&d.join("o.jpg"), &lim).unwrap();
         assert_eq!(img.rgb.dims(), &[1, 3, 16, 8]);
         // Rotated 90 counter-clockwise: the bright right edge is now the top row.
         assert!(px(&img.rgb, 0, 4)[0] > 200 && px(&img.rgb, 15, 4)[0] < 30);
         let e = img.exif.unwrap();
-        assert_eq!(
-            Orientation::from_exif_chunk(&e),
-            Some(Orientation::NoTransforms)
-        );
+        assert_eq!(Orientation::from_exif_chunk(&e), Some(Orientation::NoTransforms));
         let _ = fs::remove_dir_all(&d);
     }
 
     #[test]
     fn exif_prefix_is_removed_and_read() {
         let d = scratch("prefix");
-        let stored = image::RgbImage::from_fn(3, 2, |x, y| {
-            image::Rgb([(10 * (3 * y + x + 1)) as u8, 0, 0])
-        });
+        let stored = image::RgbImage::from_fn(3, 2, |x, y| image::Rgb([(10 * (3 * y + x + 1)) as u8, 0, 0]));
         let mut exif = EXIF_PREFIX.to_vec();
         exif.extend(exif_with_orientation(6));
         let p = d.join("prefixed.png");
@@ -653,10 +560,7 @@ pub(crate) mod tests {
             let img = load_image(&p, &LoadLimits::default()).unwrap();
             let reference = load_rgb(&p, 1 << 30).unwrap();
             let (a, b) = (vals(&img.rgb), vals(&reference));
-            assert!(
-                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{name}"
-            );
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name}");
             assert_eq!(img.bit_depth, 8);
             assert!(img.alpha.is_none() && !img.grayscale);
             assert_eq!(img.source_format, ImageFormat::Png);
@@ -673,10 +577,7 @@ pub(crate) mod tests {
         g.save(d.join("g.jpg")).unwrap();
         for f in ["g.png", "g.jpg"] {
             let img = load_image(&d.join(f), &lim).unwrap();
-            assert!(
-                img.grayscale && img.alpha.is_none() && img.bit_depth == 8,
-                "{f}"
-            );
+            assert!(img.grayscale && img.alpha.is_none() && img.bit_depth == 8, "{f}");
             let v = vals(&img.rgb);
             assert_eq!(v[..64], v[64..128], "{f}: gray replicated");
         }
@@ -691,27 +592,20 @@ pub(crate) mod tests {
         assert_eq!(a, vec![1.0, 65534.0 / 65535.0, 65533.0 / 65535.0]);
         assert_eq!(vals(&img.rgb)[1], 1000.0 / 65535.0 * 2.0 - 1.0);
         // BMP and WebP (lossless) RGB.
-        let rgb =
-            image::RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 50, y as u8 * 60, 7]));
+        let rgb = image::RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 50, y as u8 * 60, 7]));
         for f in ["c.bmp", "c.webp", "c.tiff"] {
             rgb.save(d.join(f)).unwrap();
             let img = load_image(&d.join(f), &lim).unwrap();
             assert_eq!(px(&img.rgb, 3, 4), [200, 180, 7], "{f}");
-            assert!(
-                !img.grayscale && img.alpha.is_none() && img.bit_depth == 8,
-                "{f}"
-            );
+            assert!(!img.grayscale && img.alpha.is_none() && img.bit_depth == 8, "{f}");
         }
         // A PNG named .jpg loads as PNG, without complaint.
         fs::copy(d.join("la16.png"), d.join("really_png.jpg")).unwrap();
         let img = load_image(&d.join("really_png.jpg"), &lim).unwrap();
         assert_eq!(img.source_format, ImageFormat::Png);
         // Float TIFF: 16 bits, clamped.
-        let f32img =
-            image::Rgb32FImage::from_raw(2, 1, vec![-0.5, 0.25, 1.5, 0.0, 1.0, 0.5]).unwrap();
-        DynamicImage::ImageRgb32F(f32img)
-            .save(d.join("f.tiff"))
-            .unwrap();
+        let f32img = image::Rgb32FImage::from_raw(2, 1, vec![-0.5, 0.25, 1.5, 0.0, 1.0, 0.5]).unwrap();
+        DynamicImage::ImageRgb32F(f32img).save(d.join("f.tiff")).unwrap();
         let img = load_image(&d.join("f.tiff"), &lim).unwrap();
         assert_eq!(img.bit_depth, 16);
         assert_eq!(vals(&img.rgb), vec![-1.0, -1.0, -0.5, 1.0, 1.0, 0.0]);
@@ -772,11 +666,7 @@ pub(crate) mod tests {
         for &b in data {
             c ^= b as u32;
             for _ in 0..8 {
-                c = if c & 1 != 0 {
-                    0xedb8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
+                c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
             }
         }
         !c
@@ -796,32 +686,20 @@ pub(crate) mod tests {
         let d = scratch("limits");
         let p = parity_dir("parity").join("case_a_lr.png"); // 32 x 32
         let e = load_image(&p, &LoadLimits::for_pixels(1000)).unwrap_err();
-        assert!(
-            matches!(e, ImageIoError::TooLarge { pixels: 1024, .. }),
-            "{e}"
-        );
-        let tight = LoadLimits {
-            max_pixels: 1 << 20,
-            max_alloc_bytes: 100,
-        };
+        assert!(matches!(e, ImageIoError::TooLarge { pixels: 1024, .. }), "{e}");
+        let tight = LoadLimits { max_pixels: 1 << 20, max_alloc_bytes: 100 };
         let e = load_image(&p, &tight).unwrap_err();
         assert!(matches!(e, ImageIoError::LimitExceeded { .. }), "{e}");
         assert!(e.to_string().contains("case_a_lr.png"), "{e}");
         let empty = d.join("empty.png");
         fs::write(&empty, b"").unwrap();
         let e = load_image(&empty, &LoadLimits::default()).unwrap_err();
-        assert!(
-            e.to_string().contains("empty.png") && e.to_string().contains("empty"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("empty.png") && e.to_string().contains("empty"), "{e}");
         let gif = d.join("a.gif");
         fs::write(&gif, b"GIF89a\x01\x00\x01\x00\x00\x00\x00;").unwrap();
         let e = load_image(&gif, &LoadLimits::default()).unwrap_err();
         assert!(matches!(e, ImageIoError::UnsupportedFormat { .. }), "{e}");
-        assert!(
-            e.to_string().contains("a.gif") && e.to_string().contains("GIF"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("a.gif") && e.to_string().contains("GIF"), "{e}");
         let _ = fs::remove_dir_all(&d);
     }
 }

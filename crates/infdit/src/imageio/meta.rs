@@ -22,27 +22,15 @@ pub(crate) fn tiff_icc(path: &Path, max_bytes: u64) -> Option<Vec<u8>> {
     };
     let u16_at = |b: &[u8]| {
         let a = [b[0], b[1]];
-        if le {
-            u16::from_le_bytes(a)
-        } else {
-            u16::from_be_bytes(a)
-        }
+        if le { u16::from_le_bytes(a) } else { u16::from_be_bytes(a) }
     };
     let u32_at = |b: &[u8]| {
         let a = [b[0], b[1], b[2], b[3]];
-        if le {
-            u32::from_le_bytes(a)
-        } else {
-            u32::from_be_bytes(a)
-        }
+        if le { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) }
     };
     let u64_at = |b: &[u8]| {
         let a: [u8; 8] = b[..8].try_into().unwrap_or([0; 8]);
-        if le {
-            u64::from_le_bytes(a)
-        } else {
-            u64::from_be_bytes(a)
-        }
+        if le { u64::from_le_bytes(a) } else { u64::from_be_bytes(a) }
     };
     // Classic TIFF: 2-byte entry count, 12-byte entries with 4-byte count and offset.
     // BigTIFF (version 43): 8-byte entry count, 20-byte entries with 8-byte count and offset.
@@ -61,11 +49,7 @@ pub(crate) fn tiff_icc(path: &Path, max_bytes: u64) -> Option<Vec<u8>> {
     let (count_len, entry_len) = if big { (8, 20) } else { (2, 12) };
     let mut nbuf = [0u8; 8];
     f.read_exact(&mut nbuf[..count_len]).ok()?;
-    let entries = if big {
-        u64_at(&nbuf)
-    } else {
-        u16_at(&nbuf) as u64
-    };
+    let entries = if big { u64_at(&nbuf) } else { u16_at(&nbuf) as u64 };
     // Every entry must lie inside the file: bounds the loop on a lying count.
     if entries.checked_mul(entry_len as u64)? > file_len {
         return None;
@@ -79,22 +63,14 @@ pub(crate) fn tiff_icc(path: &Path, max_bytes: u64) -> Option<Vec<u8>> {
         if !matches!(u16_at(&e[2..4]), 1 | 7) {
             return None;
         }
-        let (count, value) = if big {
-            (u64_at(&e[4..12]), &e[12..20])
-        } else {
-            (u32_at(&e[4..8]) as u64, &e[8..12])
-        };
+        let (count, value) = if big { (u64_at(&e[4..12]), &e[12..20]) } else { (u32_at(&e[4..8]) as u64, &e[8..12]) };
         if count == 0 || count > max_bytes || count > file_len {
             return None;
         }
         if count <= value.len() as u64 {
             return Some(value[..count as usize].to_vec());
         }
-        let offset = if big {
-            u64_at(value)
-        } else {
-            u32_at(value) as u64
-        };
+        let offset = if big { u64_at(value) } else { u32_at(value) as u64 };
         if offset.checked_add(count)? > file_len {
             return None;
         }
@@ -261,9 +237,7 @@ mod tests {
     #[test]
     fn jpeg_eoi_detection() {
         let d = scratch("eoi");
-        let img = image::RgbImage::from_fn(40, 24, |x, y| {
-            image::Rgb([(x * 6) as u8, (y * 9) as u8, 77])
-        });
+        let img = image::RgbImage::from_fn(40, 24, |x, y| image::Rgb([(x * 6) as u8, (y * 9) as u8, 77]));
         let full = d.join("full.jpg");
         img.save(&full).unwrap();
         assert!(jpeg_reaches_eoi(&full));
@@ -293,8 +267,7 @@ mod tests {
         let mut enc = image::codecs::tiff::TiffEncoder::new(&mut buf);
         use image::ImageEncoder;
         enc.set_icc_profile(vec![7u8; 1000]).unwrap();
-        enc.write_image(img.as_raw(), 2, 2, image::ExtendedColorType::Rgb8)
-            .unwrap();
+        enc.write_image(img.as_raw(), 2, 2, image::ExtendedColorType::Rgb8).unwrap();
         fs::write(&p, buf.into_inner()).unwrap();
         assert_eq!(tiff_icc(&p, 1 << 20), Some(vec![7u8; 1000]));
         assert_eq!(tiff_icc(&p, 999), None);

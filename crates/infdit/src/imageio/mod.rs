@@ -166,36 +166,23 @@ pub(crate) fn one_line(s: &str) -> String {
 
 impl ImageIoError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        Self::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        Self::Io { path: path.to_path_buf(), source }
     }
 
     pub(crate) fn codec(path: &Path, action: &'static str, source: ImageError) -> Self {
         match source {
-            ImageError::Unsupported(e) => Self::UnsupportedFormat {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            },
+            ImageError::Unsupported(e) => Self::UnsupportedFormat { path: path.to_path_buf(), reason: e.to_string() },
             ImageError::IoError(e) => Self::io(path, e),
             ImageError::Limits(e) => Self::LimitExceeded {
                 path: path.to_path_buf(),
                 reason: format!("cannot {action} image within the memory limit: {e}"),
             },
-            source => Self::Codec {
-                path: path.to_path_buf(),
-                action,
-                source,
-            },
+            source => Self::Codec { path: path.to_path_buf(), action, source },
         }
     }
 
     fn bad_tensor(reason: impl Into<String>) -> Self {
-        Self::BadTensor {
-            path: PathBuf::new(),
-            reason: reason.into(),
-        }
+        Self::BadTensor { path: PathBuf::new(), reason: reason.into() }
     }
 }
 
@@ -219,9 +206,7 @@ pub fn load_rgb(path: &Path, max_pixels: u64) -> Result<Tensor, ImageIoError> {
     if let Ok(fmt) = ImageFormat::from_path(path) {
         reader.set_format(fmt);
     }
-    let mut reader = reader
-        .with_guessed_format()
-        .map_err(|e| ImageIoError::io(path, e))?;
+    let mut reader = reader.with_guessed_format().map_err(|e| ImageIoError::io(path, e))?;
     if reader.format().is_none() {
         return Err(ImageIoError::UnsupportedFormat {
             path: path.to_path_buf(),
@@ -233,18 +218,13 @@ pub fn load_rgb(path: &Path, max_pixels: u64) -> Result<Tensor, ImageIoError> {
     let mut limits = Limits::default();
     limits.max_alloc = Some(max_pixels.saturating_mul(16).saturating_add(256 << 20));
     reader.limits(limits);
-    let decoder = reader
-        .into_decoder()
-        .map_err(|e| ImageIoError::codec(path, "decode", e))?;
+    let decoder = reader.into_decoder().map_err(|e| ImageIoError::codec(path, "decode", e))?;
 
     let (width, height) = decoder.dimensions();
     load::check_size(path, width, height, &LoadLimits { max_pixels, max_alloc_bytes: u64::MAX })?;
-    let img =
-        DynamicImage::from_decoder(decoder).map_err(|e| ImageIoError::codec(path, "decode", e))?;
-    dynamic_to_tensor(&img).map_err(|e| ImageIoError::BadTensor {
-        path: path.to_path_buf(),
-        reason: format!("cannot build tensor: {e}"),
-    })
+    let img = DynamicImage::from_decoder(decoder).map_err(|e| ImageIoError::codec(path, "decode", e))?;
+    dynamic_to_tensor(&img)
+        .map_err(|e| ImageIoError::BadTensor { path: path.to_path_buf(), reason: format!("cannot build tensor: {e}") })
 }
 
 /// Planar `[-1, 1]` tensor of a decoded image (see [`load_rgb`] for the exact mapping).
@@ -298,9 +278,7 @@ pub fn tensor_to_rgb8(t: &Tensor) -> Result<RgbImage, ImageIoError> {
     let (wu, hu) = match (u32::try_from(w), u32::try_from(h)) {
         (Ok(wu), Ok(hu)) if wu > 0 && hu > 0 => (wu, hu),
         _ => {
-            return Err(ImageIoError::bad_tensor(format!(
-                "cannot make a {w} x {h} image"
-            )));
+            return Err(ImageIoError::bad_tensor(format!("cannot make a {w} x {h} image")));
         }
     };
     let data = t
@@ -330,10 +308,7 @@ pub fn tensor_to_rgb8(t: &Tensor) -> Result<RgbImage, ImageIoError> {
 /// The output format implied by the extension of `out` (png, jpg/jpeg, webp, tif/tiff; case
 /// insensitive).
 pub(crate) fn output_format(out: &Path) -> Result<ImageFormat, ImageIoError> {
-    let ext = out
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase);
+    let ext = out.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
     match ext.as_deref() {
         Some("png") => Ok(ImageFormat::Png),
         Some("jpg" | "jpeg") => Ok(ImageFormat::Jpeg),
@@ -382,12 +357,9 @@ pub fn save_rgb8_atomic(img: &RgbImage, out: &Path, inputs: &[&Path]) -> Result<
     write_atomic(out, inputs, |w| match format {
         ImageFormat::Jpeg => {
             let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(w, 95);
-            img.write_with_encoder(enc)
-                .map_err(|e| ImageIoError::codec(out, "encode", e))
+            img.write_with_encoder(enc).map_err(|e| ImageIoError::codec(out, "encode", e))
         }
-        f => img
-            .write_to(w, f)
-            .map_err(|e| ImageIoError::codec(out, "encode", e)),
+        f => img.write_to(w, f).map_err(|e| ImageIoError::codec(out, "encode", e)),
     })
 }
 
@@ -403,19 +375,13 @@ pub(crate) fn write_atomic(
     let target = canonical_target(out);
     for input in inputs {
         if canonical_target(input) == target {
-            return Err(ImageIoError::WouldOverwriteInput {
-                path: out.to_path_buf(),
-                input: input.to_path_buf(),
-            });
+            return Err(ImageIoError::WouldOverwriteInput { path: out.to_path_buf(), input: input.to_path_buf() });
         }
     }
     let Some(name) = out.file_name() else {
         return Err(ImageIoError::io(
             out,
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "output path has no file name",
-            ),
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "output path has no file name"),
         ));
     };
     let dir = match out.parent() {
@@ -430,19 +396,13 @@ pub(crate) fn write_atomic(
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(|e| ImageIoError::io(&tmp, e))?;
+    let file = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| ImageIoError::io(&tmp, e))?;
 
     let write = || -> Result<(), ImageIoError> {
         let mut w = BufWriter::new(file);
         encode(&mut w)?;
         w.flush().map_err(|e| ImageIoError::io(&tmp, e))?;
-        let file = w
-            .into_inner()
-            .map_err(|e| ImageIoError::io(&tmp, e.into_error()))?;
+        let file = w.into_inner().map_err(|e| ImageIoError::io(&tmp, e.into_error()))?;
         file.sync_all().map_err(|e| ImageIoError::io(&tmp, e))?;
         drop(file);
         fs::rename(&tmp, out).map_err(|e| ImageIoError::io(out, e))?;
@@ -474,31 +434,20 @@ mod tests {
     use super::*;
 
     fn bits(t: &Tensor) -> Vec<u32> {
-        t.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
     }
 
     fn assert_bit_equal(a: &Tensor, b: &Tensor, what: &str) {
         assert_eq!(a.dims(), b.dims(), "{what}: shape");
         let (a, b) = (bits(a), bits(b));
         let n = a.iter().zip(&b).filter(|(x, y)| x != y).count();
-        let m = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (f32::from_bits(*x) - f32::from_bits(*y)).abs())
-            .fold(0f32, f32::max);
+        let m = a.iter().zip(&b).map(|(x, y)| (f32::from_bits(*x) - f32::from_bits(*y)).abs()).fold(0f32, f32::max);
         assert_eq!(n, 0, "{what}: {n} values differ, max abs diff {m:e}");
     }
 
     fn case(set: &str, name: &str) -> std::collections::HashMap<String, Tensor> {
         let p = parity_dir(set).join(format!("{name}.safetensors"));
-        candle_core::safetensors::load(&p, &Device::Cpu)
-            .unwrap_or_else(|e| panic!("cannot load {}: {e}", p.display()))
+        candle_core::safetensors::load(&p, &Device::Cpu).unwrap_or_else(|e| panic!("cannot load {}: {e}", p.display()))
     }
 
     /// A fresh scratch directory under the target directory's tmp area.
@@ -546,28 +495,14 @@ mod tests {
         let rgba = image::RgbaImage::from_pixel(2, 2, image::Rgba([255, 0, 51, 0]));
         let p = d.join("a.png");
         rgba.save(&p).unwrap();
-        let v = load_rgb(&p, 1000)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let v = load_rgb(&p, 1000).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let b = (51f32 / 255.0) * 2.0 - 1.0;
-        assert_eq!(
-            &v[..],
-            &[1.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0, b, b, b, b]
-        );
+        assert_eq!(&v[..], &[1.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0, b, b, b, b]);
         // 16-bit: v / 65535.
-        let g16 =
-            image::ImageBuffer::<image::Luma<u16>, _>::from_raw(2, 1, vec![0u16, 65535]).unwrap();
+        let g16 = image::ImageBuffer::<image::Luma<u16>, _>::from_raw(2, 1, vec![0u16, 65535]).unwrap();
         let p = d.join("g16.png");
         g16.save(&p).unwrap();
-        let v = load_rgb(&p, 1000)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let v = load_rgb(&p, 1000).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(&v[..], &[-1.0, 1.0, -1.0, 1.0, -1.0, 1.0]);
         let _ = fs::remove_dir_all(&d);
     }
@@ -577,20 +512,10 @@ mod tests {
         let d = scratch("errors");
         let png = parity_dir("parity").join("case_a_lr.png");
         let e = load_rgb(&png, 1000).unwrap_err();
-        assert!(matches!(
-            e,
-            ImageIoError::TooLarge {
-                pixels: 1024,
-                limit: 1000,
-                ..
-            }
-        ));
+        assert!(matches!(e, ImageIoError::TooLarge { pixels: 1024, limit: 1000, .. }));
         let msg = e.to_string();
         assert!(msg.contains("case_a_lr.png"), "{msg}");
-        assert!(
-            msg.contains("image is 32 x 32 = 1024 pixels, above the limit of 1000"),
-            "{msg}"
-        );
+        assert!(msg.contains("image is 32 x 32 = 1024 pixels, above the limit of 1000"), "{msg}");
         assert!(load_rgb(&png, 1024).is_ok());
 
         let missing = d.join("missing.png");
@@ -616,15 +541,9 @@ mod tests {
     fn tensor_to_rgb8_matches_reference_png() {
         let t = case("parity", "case_a");
         let img = tensor_to_rgb8(&t["sample"]).unwrap();
-        let reference = image::open(parity_dir("parity").join("case_a_sr.png"))
-            .unwrap()
-            .to_rgb8();
+        let reference = image::open(parity_dir("parity").join("case_a_sr.png")).unwrap().to_rgb8();
         assert_eq!(img.dimensions(), reference.dimensions());
-        let n = img
-            .pixels()
-            .zip(reference.pixels())
-            .filter(|(a, b)| a != b)
-            .count();
+        let n = img.pixels().zip(reference.pixels()).filter(|(a, b)| a != b).count();
         assert_eq!(n, 0, "{n} pixels differ from case_a_sr.png");
         // The (3,H,W) form gives the same image.
         let img3 = tensor_to_rgb8(&t["sample"].squeeze(0).unwrap()).unwrap();
@@ -634,22 +553,11 @@ mod tests {
     #[test]
     fn tensor_to_rgb8_truncates_and_rejects_nan() {
         // 1 pixel row: -1 -> 0, 1 -> 255, -0.996 -> 0.51 -> 0, 0 -> 127.5 -> 127, big -> 255.
-        let vals = [
-            -1.0f32,
-            1.0,
-            -0.996,
-            0.0,
-            7.0,
-            -3.0,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            0.5,
-        ];
+        let vals = [-1.0f32, 1.0, -0.996, 0.0, 7.0, -3.0, f32::INFINITY, f32::NEG_INFINITY, 0.5];
         let t = Tensor::from_vec(vals.to_vec(), (3, 1, 3), &Device::Cpu).unwrap();
         let img = tensor_to_rgb8(&t).unwrap();
         assert_eq!(img.as_raw(), &vec![0, 127, 255, 255, 255, 0, 0, 0, 191]);
-        let nan =
-            Tensor::from_vec(vec![0.0f32, f32::NAN, 0.0], (1, 3, 1, 1), &Device::Cpu).unwrap();
+        let nan = Tensor::from_vec(vec![0.0f32, f32::NAN, 0.0], (1, 3, 1, 1), &Device::Cpu).unwrap();
         let e = tensor_to_rgb8(&nan).unwrap_err();
         assert!(e.to_string().contains("NaN"), "{e}");
         let wrong = Tensor::zeros((1, 4, 2, 2), DType::F32, &Device::Cpu).unwrap();

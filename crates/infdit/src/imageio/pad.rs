@@ -24,9 +24,7 @@ fn reflect_index(i: i64, n: usize) -> u32 {
 
 /// The gather table of one padded axis: `len + before + after` source indices.
 fn reflect_table(len: usize, before: usize, after: usize, device: &Device) -> Result<Tensor> {
-    let idx: Vec<u32> = (0..(before + len + after) as i64)
-        .map(|p| reflect_index(p - before as i64, len))
-        .collect();
+    let idx: Vec<u32> = (0..(before + len + after) as i64).map(|p| reflect_index(p - before as i64, len)).collect();
     Tensor::from_vec(idx, before + len + after, device)
 }
 
@@ -34,10 +32,7 @@ fn reflect_table(len: usize, before: usize, after: usize, device: &Device) -> Re
 fn image_dims(t: &Tensor, what: &str) -> Result<(usize, usize)> {
     match *t.dims() {
         [1, _, h, w] => Ok((h, w)),
-        _ => bail!(
-            "{what}: expected a (1, C, H, W) tensor, got shape {:?}",
-            t.dims()
-        ),
+        _ => bail!("{what}: expected a (1, C, H, W) tensor, got shape {:?}", t.dims()),
     }
 }
 
@@ -52,13 +47,7 @@ fn image_dims(t: &Tensor, what: &str) -> Result<(usize, usize)> {
 /// repeated. Any dtype and device; the values are copied, never interpolated.
 ///
 /// Errors on a tensor that is not `(1, C, H, W)` or has `H == 0` or `W == 0`.
-pub fn pad_reflect(
-    t: &Tensor,
-    top: usize,
-    bottom: usize,
-    left: usize,
-    right: usize,
-) -> Result<Tensor> {
+pub fn pad_reflect(t: &Tensor, top: usize, bottom: usize, left: usize, right: usize) -> Result<Tensor> {
     let (h, w) = image_dims(t, "pad_reflect")?;
     if h == 0 || w == 0 {
         bail!("pad_reflect: cannot pad an empty {h} x {w} image");
@@ -83,9 +72,7 @@ pub fn pad_reflect(
 pub fn crop(t: &Tensor, top: usize, left: usize, h: usize, w: usize) -> Result<Tensor> {
     let (th, tw) = image_dims(t, "crop")?;
     if top.checked_add(h).is_none_or(|b| b > th) || left.checked_add(w).is_none_or(|r| r > tw) {
-        bail!(
-            "crop: window of {h} x {w} at (row {top}, column {left}) does not fit in a {th} x {tw} image"
-        );
+        bail!("crop: window of {h} x {w} at (row {top}, column {left}) does not fit in a {th} x {tw} image");
     }
     t.narrow(2, top, h)?.narrow(3, left, w)
 }
@@ -139,10 +126,7 @@ mod tests {
         let t = grid(1, 1, 3);
         let p = pad_reflect(&t, 0, 0, 5, 6).unwrap();
         let r = &rows(&p)[0][0];
-        assert_eq!(
-            r,
-            &vec![1., 0., 1., 2., 1., 0., 1., 2., 1., 0., 1., 2., 1., 0.]
-        );
+        assert_eq!(r, &vec![1., 0., 1., 2., 1., 0., 1., 2., 1., 0., 1., 2., 1., 0.]);
         // A single row is repeated vertically; channels are padded alike.
         let t = grid(2, 1, 2);
         let p = pad_reflect(&t, 2, 1, 0, 0).unwrap();
@@ -156,20 +140,8 @@ mod tests {
         assert_eq!(p.dims(), &[1, 3, 32, 35]);
         assert_eq!(p.dtype(), DType::BF16);
         let c = crop(&p, 27, 3, 5, 7).unwrap();
-        let a = t
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let b = c
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let a = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = c.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(a, b);
         // No pad is the identity.
         let z = pad_reflect(&t, 0, 0, 0, 0).unwrap();

@@ -57,10 +57,7 @@ pub fn resize_planar(
     if channels == 0 || out_h == 0 || out_w == 0 {
         return Vec::new();
     }
-    assert!(
-        h > 0 && w > 0,
-        "resize_planar: cannot resize an empty {h}x{w} image to {out_h}x{out_w}"
-    );
+    assert!(h > 0 && w > 0, "resize_planar: cannot resize an empty {h}x{w} image to {out_h}x{out_w}");
     if (h, w) == (out_h, out_w) {
         return src.to_vec();
     }
@@ -74,28 +71,16 @@ pub fn resize_planar(
 ///
 /// Any dtype is accepted; it is converted to f32 first and the result is f32, on the device of
 /// the input (the computation itself runs on the CPU). The rank of the input is kept.
-pub fn resize_tensor(
-    t: &Tensor,
-    out_h: usize,
-    out_w: usize,
-    kind: Bicubic,
-) -> candle_core::Result<Tensor> {
+pub fn resize_tensor(t: &Tensor, out_h: usize, out_w: usize, kind: Bicubic) -> candle_core::Result<Tensor> {
     let dims = t.dims();
     let (c, h, w) = match *dims {
         [1, c, h, w] => (c, h, w),
         [c, h, w] => (c, h, w),
-        _ => candle_core::bail!(
-            "resize_tensor: expected a (1,C,H,W) or (C,H,W) tensor, got shape {:?}",
-            dims
-        ),
+        _ => candle_core::bail!("resize_tensor: expected a (1,C,H,W) or (C,H,W) tensor, got shape {:?}", dims),
     };
     let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let out = resize_planar(&data, c, h, w, out_h, out_w, kind);
-    let out_shape: Vec<usize> = if dims.len() == 4 {
-        vec![1, c, out_h, out_w]
-    } else {
-        vec![c, out_h, out_w]
-    };
+    let out_shape: Vec<usize> = if dims.len() == 4 { vec![1, c, out_h, out_w] } else { vec![c, out_h, out_w] };
     Tensor::from_vec(out, out_shape, t.device())
 }
 
@@ -106,10 +91,7 @@ pub fn resize_tensor(
 /// # Panics
 /// If the crop is larger than the image (torchvision would pad first; that is not supported).
 pub fn center_crop_offsets(h: usize, w: usize, th: usize, tw: usize) -> (usize, usize) {
-    assert!(
-        th <= h && tw <= w,
-        "center_crop_offsets: crop {th}x{tw} larger than image {h}x{w}"
-    );
+    assert!(th <= h && tw <= w, "center_crop_offsets: crop {th}x{tw} larger than image {h}x{w}");
     // (n / 2) is exact in binary floating point; `round_ties_even` is Python 3's `round`.
     let off = |n: usize| (n as f64 / 2.0).round_ties_even() as usize;
     (off(h - th), off(w - tw))
@@ -126,11 +108,7 @@ pub fn resize_shorter_side(h: usize, w: usize, size: usize) -> (usize, usize) {
     let (short, long) = if w <= h { (w, h) } else { (h, w) };
     // torchvision evaluates `int(size * long / short)` on Python ints -> float division.
     let new_long = ((size as f64 * long as f64) / short as f64) as usize;
-    if w <= h {
-        (new_long, size)
-    } else {
-        (size, new_long)
-    }
+    if w <= h { (new_long, size) } else { (size, new_long) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -196,16 +174,8 @@ impl AxisTaps {
 /// * `w_j /= total` with `total` the sequential f32 sum, when `total != 0`.
 fn aa_axis_taps(input: usize, output: usize) -> AxisTaps {
     let scale = input as f32 / output as f32;
-    let support: f32 = if scale >= 1.0 {
-        (2.0 * scale as f64) as f32
-    } else {
-        2.0
-    };
-    let invscale: f32 = if scale >= 1.0 {
-        (1.0 / scale as f64) as f32
-    } else {
-        1.0
-    };
+    let support: f32 = if scale >= 1.0 { (2.0 * scale as f64) as f32 } else { 2.0 };
+    let invscale: f32 = if scale >= 1.0 { (1.0 / scale as f64) as f32 } else { 1.0 };
     let stride = support.ceil() as usize * 2 + 1;
 
     let mut start = Vec::with_capacity(output);
@@ -235,12 +205,7 @@ fn aa_axis_taps(input: usize, output: usize) -> AxisTaps {
         start.push(xmin);
         len.push(xsize);
     }
-    AxisTaps {
-        start,
-        len,
-        weights,
-        stride,
-    }
+    AxisTaps { start, len, weights, stride }
 }
 
 /// `sum_j src[j] * w[j]` the way torch's `interpolate_aa_single_dim` accumulates it: the first
@@ -272,14 +237,7 @@ fn pass_horizontal_impl(src: &[f32], rows: usize, in_w: usize, taps: &AxisTaps, 
 /// The loops run row-wise for cache friendliness; per element the operation sequence is the
 /// same as in [`dot_fma`].
 #[inline(always)]
-fn pass_vertical_impl(
-    src: &[f32],
-    planes: usize,
-    in_h: usize,
-    width: usize,
-    taps: &AxisTaps,
-    dst: &mut [f32],
-) {
+fn pass_vertical_impl(src: &[f32], planes: usize, in_h: usize, width: usize, taps: &AxisTaps, dst: &mut [f32]) {
     let out_h = taps.len.len();
     for p in 0..planes {
         let plane = &src[p * in_h * width..(p + 1) * in_h * width];
@@ -349,14 +307,7 @@ fn resize_aa(src: &[f32], c: usize, h: usize, w: usize, out_h: usize, out_w: usi
     }
     let taps = aa_axis_taps(h, out_h);
     let mut dst = vec![0f32; c * out_h * out_w];
-    pass_vertical(
-        horizontal.as_deref().unwrap_or(src),
-        c,
-        h,
-        out_w,
-        &taps,
-        &mut dst,
-    );
+    pass_vertical(horizontal.as_deref().unwrap_or(src), c, h, out_w, &taps, &mut dst);
     dst
 }
 
@@ -382,23 +333,14 @@ fn classic_axis_taps(input: usize, output: usize) -> (Vec<[usize; 4]>, Vec<[f32;
         let i0 = (real.floor() as i64).min(last);
         let t = (real - i0 as f32).clamp(0.0, 1.0);
         wts.push([conv2(t + 1.0), conv1(t), conv1(1.0 - t), conv2(2.0 - t)]);
-        idx.push(std::array::from_fn(|k| {
-            (i0 + k as i64 - 1).clamp(0, last) as usize
-        }));
+        idx.push(std::array::from_fn(|k| (i0 + k as i64 - 1).clamp(0, last) as usize));
     }
     (idx, wts)
 }
 
 /// Non-antialiased bicubic: each output is the 4x4-tap sum, rows combined after each row's
 /// 4 horizontal taps (torch's `Interpolate<2, …, 4>` recursion), accumulated like [`dot_fma`].
-fn resize_classic(
-    src: &[f32],
-    c: usize,
-    h: usize,
-    w: usize,
-    out_h: usize,
-    out_w: usize,
-) -> Vec<f32> {
+fn resize_classic(src: &[f32], c: usize, h: usize, w: usize, out_h: usize, out_w: usize) -> Vec<f32> {
     let (yi, yw) = classic_axis_taps(h, out_h);
     let (xi, xw) = classic_axis_taps(w, out_w);
     let mut out = Vec::with_capacity(c * out_h * out_w);
@@ -427,8 +369,7 @@ mod tests {
 
     fn load(set: &str, file: &str) -> HashMap<String, Tensor> {
         let p = parity_dir(set).join(file);
-        candle_core::safetensors::load(&p, &Device::Cpu)
-            .unwrap_or_else(|e| panic!("cannot load {}: {e}", p.display()))
+        candle_core::safetensors::load(&p, &Device::Cpu).unwrap_or_else(|e| panic!("cannot load {}: {e}", p.display()))
     }
 
     fn vec_of(t: &Tensor) -> Vec<f32> {
@@ -481,22 +422,13 @@ mod tests {
         let up = resize_tensor(lr, 4 * h, 4 * w, Bicubic::Antialias).unwrap();
         assert_eq!(up.dims(), &[1, 3, 4 * h, 4 * w]);
         let (n, m) = diff(&clip(vec_of(&up)), &vec_of(&t["concat_lr"]));
-        assert_eq!(
-            n, 0,
-            "{file}: concat_lr: {n} values differ, max abs diff {m:e}"
-        );
+        assert_eq!(n, 0, "{file}: concat_lr: {n} values differ, max abs diff {m:e}");
 
         // The suggested tolerance is 5e-5, but the whole preprocessing (a 7x or 3.5x resize with
         // non-dyadic weights, then f32 normalisation) reproduces torch exactly.
         let (n, m) = diff(&clip_preprocess(lr), &vec_of(&t["clip_pixels"]));
-        assert!(
-            m <= 5e-5,
-            "{file}: clip_pixels: {n} values differ, max abs diff {m:e}"
-        );
-        assert_eq!(
-            n, 0,
-            "{file}: clip_pixels: {n} values differ, max abs diff {m:e}"
-        );
+        assert!(m <= 5e-5, "{file}: clip_pixels: {n} values differ, max abs diff {m:e}");
+        assert_eq!(n, 0, "{file}: clip_pixels: {n} values differ, max abs diff {m:e}");
     }
 
     #[test]
@@ -522,10 +454,7 @@ mod tests {
 
         let up = resize_tensor(input, 256, 128, Bicubic::Antialias).unwrap();
         let (n, m) = diff(&clip(vec_of(&up)), &vec_of(&t["concat_lr"]));
-        assert_eq!(
-            n, 0,
-            "case_e concat_lr: {n} values differ, max abs diff {m:e}"
-        );
+        assert_eq!(n, 0, "case_e concat_lr: {n} values differ, max abs diff {m:e}");
 
         // The 2x downsample (8 taps): not bit-exact. Its weights are exact dyadic numbers
         // (identical in any evaluation), so the difference is in how torch accumulates the taps
@@ -535,23 +464,14 @@ mod tests {
         // parity2 README allows ~1e-6 here.
         let down = resize_tensor(input, 64, 32, Bicubic::Antialias).unwrap();
         let (n, m) = diff(&vec_of(&down), &vec_of(&t["lr"]));
-        assert!(
-            m <= 1e-6,
-            "case_e lr: {n} values differ, max abs diff {m:e}"
-        );
+        assert!(m <= 1e-6, "case_e lr: {n} values differ, max abs diff {m:e}");
 
         // CLIP sees the stored `lr` (portrait: 448x224, rows 112..335 kept).
         assert_eq!(resize_shorter_side(64, 32, 224), (448, 224));
         assert_eq!(center_crop_offsets(448, 224, 224, 224), (112, 0));
         let (n, m) = diff(&clip_preprocess(&t["lr"]), &vec_of(&t["clip_pixels"]));
-        assert!(
-            m <= 5e-5,
-            "case_e clip_pixels: {n} values differ, max abs diff {m:e}"
-        );
-        assert_eq!(
-            n, 0,
-            "case_e clip_pixels: {n} values differ, max abs diff {m:e}"
-        );
+        assert!(m <= 5e-5, "case_e clip_pixels: {n} values differ, max abs diff {m:e}");
+        assert_eq!(n, 0, "case_e clip_pixels: {n} values differ, max abs diff {m:e}");
     }
 
     #[test]
@@ -590,9 +510,7 @@ mod tests {
     }
 
     fn ramp(c: usize, h: usize, w: usize) -> Vec<f32> {
-        (0..c * h * w)
-            .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
-            .collect()
+        (0..c * h * w).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect()
     }
 
     #[test]
@@ -603,10 +521,7 @@ mod tests {
                 let out = resize_planar(&src, 2, h, w, oh, ow, kind);
                 assert_eq!(out.len(), 2 * oh * ow);
                 for v in out {
-                    assert!(
-                        (v - 0.375).abs() <= 1e-6,
-                        "{kind:?} {h}x{w}->{oh}x{ow}: {v}"
-                    );
+                    assert!((v - 0.375).abs() <= 1e-6, "{kind:?} {h}x{w}->{oh}x{ow}: {v}");
                 }
             }
         }
@@ -628,9 +543,7 @@ mod tests {
         let (h, w, oh, ow) = (5, 6, 9, 13);
         let src = ramp(1, h, w);
         let mirror = |v: &[f32], hh: usize, ww: usize| -> Vec<f32> {
-            (0..hh * ww)
-                .map(|i| v[(i / ww) * ww + (ww - 1 - i % ww)])
-                .collect()
+            (0..hh * ww).map(|i| v[(i / ww) * ww + (ww - 1 - i % ww)]).collect()
         };
         for kind in [Bicubic::Antialias, Bicubic::Classic] {
             let a = mirror(&resize_planar(&src, 1, h, w, oh, ow, kind), oh, ow);
@@ -668,10 +581,7 @@ mod tests {
         assert_eq!(r4.dims(), &[1, 3, 8, 10]);
         assert_eq!(r3.dims(), &[3, 8, 10]);
         assert_eq!(vec_of(&r4), vec_of(&r3));
-        assert_eq!(
-            vec_of(&r4),
-            resize_planar(&src, 3, 4, 5, 8, 10, Bicubic::Antialias)
-        );
+        assert_eq!(vec_of(&r4), resize_planar(&src, 3, 4, 5, 8, 10, Bicubic::Antialias));
         let f64t = t4.to_dtype(DType::F64).unwrap();
         let r = resize_tensor(&f64t, 8, 10, Bicubic::Antialias).unwrap();
         assert_eq!(r.dtype(), DType::F32);

@@ -45,13 +45,7 @@ pub struct SaveOptions {
 impl Default for SaveOptions {
     /// 8 bits, JPEG quality 95, no metadata.
     fn default() -> Self {
-        Self {
-            bit_depth: 8,
-            jpeg_quality: 95,
-            icc: None,
-            exif: None,
-            strip_metadata: false,
-        }
+        Self { bit_depth: 8, jpeg_quality: 95, icc: None, exif: None, strip_metadata: false }
     }
 }
 
@@ -59,30 +53,19 @@ impl SaveOptions {
     /// Options that write a result the way `input` was: its bit depth, ICC profile and EXIF
     /// block, JPEG quality 95.
     pub fn like_input(input: &LoadedImage) -> Self {
-        Self {
-            bit_depth: input.bit_depth,
-            icc: input.icc.clone(),
-            exif: input.exif.clone(),
-            ..Self::default()
-        }
+        Self { bit_depth: input.bit_depth, icc: input.icc.clone(), exif: input.exif.clone(), ..Self::default() }
     }
 }
 
 /// Whether [`save_image_atomic`] embeds an ICC profile in `format` (PNG, JPEG, WebP, TIFF: yes).
 pub fn writes_icc(format: ImageFormat) -> bool {
-    matches!(
-        format,
-        ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP | ImageFormat::Tiff
-    )
+    matches!(format, ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP | ImageFormat::Tiff)
 }
 
 /// Whether [`save_image_atomic`] embeds an EXIF block in `format` (PNG, JPEG, WebP: yes; TIFF:
 /// no, see [`SaveOptions::exif`]).
 pub fn writes_exif(format: ImageFormat) -> bool {
-    matches!(
-        format,
-        ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP
-    )
+    matches!(format, ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP)
 }
 
 /// Largest EXIF block a JPEG `APP1` segment holds: 65,535 (the 16-bit segment length) minus the
@@ -127,10 +110,7 @@ pub fn save_image_atomic(
     inputs: &[&Path],
 ) -> Result<(), ImageIoError> {
     let format = output_format(out)?;
-    let bad = |reason: String| ImageIoError::BadOptions {
-        path: out.to_path_buf(),
-        reason,
-    };
+    let bad = |reason: String| ImageIoError::BadOptions { path: out.to_path_buf(), reason };
     let name = match format {
         ImageFormat::Jpeg => "JPEG",
         ImageFormat::WebP => "WebP",
@@ -138,33 +118,21 @@ pub fn save_image_atomic(
         _ => "PNG",
     };
     if opts.bit_depth != 8 && opts.bit_depth != 16 {
-        return Err(bad(format!(
-            "bit depth {} is not supported (8 or 16)",
-            opts.bit_depth
-        )));
+        return Err(bad(format!("bit depth {} is not supported (8 or 16)", opts.bit_depth)));
     }
     if opts.bit_depth == 16 && matches!(format, ImageFormat::Jpeg | ImageFormat::WebP) {
-        return Err(bad(format!(
-            "{name} stores 8-bit samples only; write 16 bits as PNG or TIFF, or ask for 8 bits"
-        )));
+        return Err(bad(format!("{name} stores 8-bit samples only; write 16 bits as PNG or TIFF, or ask for 8 bits")));
     }
     if format == ImageFormat::Jpeg && alpha.is_some() {
-        return Err(bad(
-            "JPEG has no alpha channel; write PNG, WebP or TIFF to keep the transparency, or \
+        return Err(bad("JPEG has no alpha channel; write PNG, WebP or TIFF to keep the transparency, or \
              drop the alpha first"
-                .into(),
-        ));
+            .into()));
     }
     if format == ImageFormat::Jpeg && !(1..=100).contains(&opts.jpeg_quality) {
-        return Err(bad(format!(
-            "JPEG quality {} is not in 1..=100",
-            opts.jpeg_quality
-        )));
+        return Err(bad(format!("JPEG quality {} is not in 1..=100", opts.jpeg_quality)));
     }
     let exif = match &opts.exif {
-        Some(e) if !opts.strip_metadata && writes_exif(format) && !e.is_empty() => {
-            Some(prepare_exif(e).map_err(&bad)?)
-        }
+        Some(e) if !opts.strip_metadata && writes_exif(format) && !e.is_empty() => Some(prepare_exif(e).map_err(&bad)?),
         _ => None,
     };
     if let Some(e) = &exif
@@ -179,10 +147,7 @@ pub fn save_image_atomic(
     }
 
     let with_path = |e: ImageIoError| match e {
-        ImageIoError::BadTensor { reason, .. } => ImageIoError::BadTensor {
-            path: out.to_path_buf(),
-            reason,
-        },
+        ImageIoError::BadTensor { reason, .. } => ImageIoError::BadTensor { path: out.to_path_buf(), reason },
         e => e,
     };
     let (w, h, mut samples) = if opts.bit_depth == 8 {
@@ -193,9 +158,7 @@ pub fn save_image_atomic(
         let (w, h, v) = tensor_to_rgb16(rgb).map_err(with_path)?;
         (w, h, Samples::U16(v))
     };
-    let alpha = alpha
-        .map(|a| alpha_samples(a, w, h, opts.bit_depth).map_err(with_path))
-        .transpose()?;
+    let alpha = alpha.map(|a| alpha_samples(a, w, h, opts.bit_depth).map_err(with_path)).transpose()?;
     // TIFF has no gray + alpha: write RGBA.
     let grayscale = grayscale && !(format == ImageFormat::Tiff && alpha.is_some());
     if grayscale {
@@ -204,9 +167,10 @@ pub fn save_image_atomic(
     // The colour model the file ends up holding (WebP stores gray as RGB), which the profile
     // must describe.
     let stored_gray = grayscale && format != ImageFormat::WebP;
-    let icc = opts.icc.as_ref().filter(|p| {
-        !opts.strip_metadata && !p.is_empty() && writes_icc(format) && icc_fits(p, stored_gray)
-    });
+    let icc = opts
+        .icc
+        .as_ref()
+        .filter(|p| !opts.strip_metadata && !p.is_empty() && writes_icc(format) && icc_fits(p, stored_gray));
     let channels = if grayscale { 1 } else { 3 };
     if let Some(a) = &alpha {
         samples = samples.with_alpha(channels, a);
@@ -225,9 +189,8 @@ pub fn save_image_atomic(
 
     write_atomic(out, inputs, |wr: &mut BufWriter<File>| {
         let encode_err = |e| ImageIoError::codec(out, "encode", e);
-        let unsupported = |e: image::error::UnsupportedError| {
-            ImageIoError::codec(out, "encode", image::ImageError::Unsupported(e))
-        };
+        let unsupported =
+            |e: image::error::UnsupportedError| ImageIoError::codec(out, "encode", image::ImageError::Unsupported(e));
         macro_rules! encode {
             ($enc:expr) => {{
                 let mut enc = $enc;
@@ -242,10 +205,7 @@ pub fn save_image_atomic(
         }
         match format {
             ImageFormat::Png => encode!(image::codecs::png::PngEncoder::new(wr)),
-            ImageFormat::Jpeg => encode!(image::codecs::jpeg::JpegEncoder::new_with_quality(
-                wr,
-                opts.jpeg_quality
-            )),
+            ImageFormat::Jpeg => encode!(image::codecs::jpeg::JpegEncoder::new_with_quality(wr, opts.jpeg_quality)),
             ImageFormat::WebP => encode!(image::codecs::webp::WebPEncoder::new_lossless(wr)),
             _ => {
                 // TIFF: ICC only (`exif` is None here, see `writes_exif`).
@@ -275,11 +235,9 @@ fn icc_fits(icc: &[u8], gray: bool) -> bool {
 fn prepare_exif(exif: &[u8]) -> Result<Vec<u8>, String> {
     let body = exif.strip_prefix(b"Exif\0\0".as_slice()).unwrap_or(exif);
     if !(body.starts_with(b"II*\0") || body.starts_with(b"MM\0*")) {
-        return Err(
-            "the EXIF block does not start with a TIFF header (II*\\0 or MM\\0*); strip the \
+        return Err("the EXIF block does not start with a TIFF header (II*\\0 or MM\\0*); strip the \
              metadata or pass a valid block"
-                .into(),
-        );
+            .into());
     }
     let mut e = body.to_vec();
     let _ = Orientation::remove_from_exif_chunk(&mut e);
@@ -301,16 +259,12 @@ impl Samples {
     /// Interleaved RGB to gray (see [`luma`]).
     fn into_luma(self) -> Self {
         match self {
-            Samples::U8(v) => Samples::U8(
-                v.chunks_exact(3)
-                    .map(|p| luma(p[0] as u64, p[1] as u64, p[2] as u64) as u8)
-                    .collect(),
-            ),
-            Samples::U16(v) => Samples::U16(
-                v.chunks_exact(3)
-                    .map(|p| luma(p[0] as u64, p[1] as u64, p[2] as u64) as u16)
-                    .collect(),
-            ),
+            Samples::U8(v) => {
+                Samples::U8(v.chunks_exact(3).map(|p| luma(p[0] as u64, p[1] as u64, p[2] as u64) as u8).collect())
+            }
+            Samples::U16(v) => {
+                Samples::U16(v.chunks_exact(3).map(|p| luma(p[0] as u64, p[1] as u64, p[2] as u64) as u16).collect())
+            }
         }
     }
 
@@ -364,11 +318,7 @@ fn tensor_to_rgb16(t: &Tensor) -> Result<(u32, u32, Vec<u16>), ImageIoError> {
     for i in 0..n {
         for c in 0..3 {
             let v = quantise(data[c * n + i], -1.0, 2.0, 65535.0).ok_or_else(|| {
-                ImageIoError::bad_tensor(format!(
-                    "NaN in channel {c} at pixel (row {}, column {})",
-                    i / w,
-                    i % w
-                ))
+                ImageIoError::bad_tensor(format!("NaN in channel {c} at pixel (row {}, column {})", i / w, i % w))
             })?;
             out.push(v as u16);
         }
@@ -410,9 +360,7 @@ fn alpha_samples(a: &Tensor, w: u32, h: u32, bits: u8) -> Result<Samples, ImageI
 fn dims_u32(w: usize, h: usize) -> Result<(u32, u32), ImageIoError> {
     match (u32::try_from(w), u32::try_from(h)) {
         (Ok(wu), Ok(hu)) if wu > 0 && hu > 0 => Ok((wu, hu)),
-        _ => Err(ImageIoError::bad_tensor(format!(
-            "cannot make a {w} x {h} image"
-        ))),
+        _ => Err(ImageIoError::bad_tensor(format!("cannot make a {w} x {h} image"))),
     }
 }
 
@@ -445,9 +393,7 @@ mod tests {
     /// A (1,3,H,W) tensor whose values are exactly k / 65535 * 2 - 1 for distinct 16-bit k.
     fn rgb16_tensor(h: usize, w: usize) -> (Tensor, Vec<u16>) {
         let n = h * w;
-        let ks: Vec<u16> = (0..3 * n)
-            .map(|i| ((i * 7919 + 13) % 65536) as u16)
-            .collect();
+        let ks: Vec<u16> = (0..3 * n).map(|i| ((i * 7919 + 13) % 65536) as u16).collect();
         let v: Vec<f32> = ks.iter().map(|&k| k as f32 / 65535.0 * 2.0 - 1.0).collect();
         (Tensor::from_vec(v, (1, 3, h, w), &Device::Cpu).unwrap(), ks)
     }
@@ -458,18 +404,12 @@ mod tests {
         let (t, ks) = rgb16_tensor(5, 7);
         let alpha_k: Vec<u16> = (0..35).map(|i| (i * 1871) as u16).collect();
         let a = Tensor::from_vec(
-            alpha_k
-                .iter()
-                .map(|&k| k as f32 / 65535.0)
-                .collect::<Vec<_>>(),
+            alpha_k.iter().map(|&k| k as f32 / 65535.0).collect::<Vec<_>>(),
             (1, 1, 5, 7),
             &Device::Cpu,
         )
         .unwrap();
-        let opts = SaveOptions {
-            bit_depth: 16,
-            ..SaveOptions::default()
-        };
+        let opts = SaveOptions { bit_depth: 16, ..SaveOptions::default() };
         for ext in ["png", "tiff"] {
             for with_alpha in [false, true] {
                 let p = d.join(format!("o{with_alpha}.{ext}"));
@@ -479,11 +419,7 @@ mod tests {
                 let n = 35;
                 for i in 0..n {
                     let px = raw.as_raw()[4 * i..4 * i + 4].to_vec();
-                    assert_eq!(
-                        px[..3],
-                        [ks[i], ks[n + i], ks[2 * n + i]],
-                        "{ext} pixel {i}"
-                    );
+                    assert_eq!(px[..3], [ks[i], ks[n + i], ks[2 * n + i]], "{ext} pixel {i}");
                     let ea = if with_alpha { alpha_k[i] } else { 65535 };
                     assert_eq!(px[3], ea, "{ext} alpha {i}");
                 }
@@ -503,12 +439,7 @@ mod tests {
             }
         }
         // The 16-bit quantiser itself: round, clamp.
-        let t = Tensor::from_vec(
-            vec![-1.0f32, 1.0, 0.0, -2.0, 3.0, -0.99999],
-            (1, 3, 1, 2),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let t = Tensor::from_vec(vec![-1.0f32, 1.0, 0.0, -2.0, 3.0, -0.99999], (1, 3, 1, 2), &Device::Cpu).unwrap();
         let (_, _, v) = tensor_to_rgb16(&t).unwrap();
         // Interleaved: pixel 0 = (-1, 0, 3), pixel 1 = (1, -2, -0.99999).
         assert_eq!(v, vec![0, 32768, 65535, 65535, 0, 0]);
@@ -535,10 +466,7 @@ mod tests {
         let t = Tensor::from_vec(vec![0.0f32, -0.996, 1.0], (1, 3, 1, 1), &Device::Cpu).unwrap();
         let p = d.join("t.png");
         save_image_atomic(&p, &t, None, false, &SaveOptions::default(), &[]).unwrap();
-        assert_eq!(
-            image::open(&p).unwrap().to_rgb8().as_raw(),
-            &vec![127, 0, 255]
-        );
+        assert_eq!(image::open(&p).unwrap().to_rgb8().as_raw(), &vec![127, 0, 255]);
         let _ = fs::remove_dir_all(&d);
     }
 
@@ -552,21 +480,9 @@ mod tests {
         let img = load_image(&src, &lim).unwrap();
         for ext in ["png", "tiff", "jpg"] {
             let p = d.join(format!("g_out.{ext}"));
-            save_image_atomic(
-                &p,
-                &img.rgb,
-                None,
-                img.grayscale,
-                &SaveOptions::like_input(&img),
-                &[&src],
-            )
-            .unwrap();
+            save_image_atomic(&p, &img.rgb, None, img.grayscale, &SaveOptions::like_input(&img), &[&src]).unwrap();
             let back = image::open(&p).unwrap();
-            assert!(
-                matches!(back.color(), image::ColorType::L8),
-                "{ext}: {:?}",
-                back.color()
-            );
+            assert!(matches!(back.color(), image::ColorType::L8), "{ext}: {:?}", back.color());
             if ext != "jpg" {
                 let got = back.to_luma8();
                 for (a, b) in got.pixels().zip(g.pixels()) {
@@ -576,32 +492,18 @@ mod tests {
             assert!(load_image(&p, &lim).unwrap().grayscale, "{ext}");
         }
         // 16-bit gray through PNG.
-        let g16 = image::ImageBuffer::<image::Luma<u16>, _>::from_fn(3, 2, |x, y| {
-            image::Luma([(x * 20000 + y * 7) as u16])
-        });
+        let g16 =
+            image::ImageBuffer::<image::Luma<u16>, _>::from_fn(3, 2, |x, y| image::Luma([(x * 20000 + y * 7) as u16]));
         let src16 = d.join("g16.png");
         g16.save(&src16).unwrap();
         let img = load_image(&src16, &lim).unwrap();
         let p = d.join("g16_out.png");
-        save_image_atomic(
-            &p,
-            &img.rgb,
-            None,
-            true,
-            &SaveOptions::like_input(&img),
-            &[],
-        )
-        .unwrap();
+        save_image_atomic(&p, &img.rgb, None, true, &SaveOptions::like_input(&img), &[]).unwrap();
         assert_eq!(image::open(&p).unwrap().as_luma16().unwrap(), &g16);
 
         // RGBA 8-bit through PNG, WebP and TIFF: exact where alpha > 0, alpha exact.
         let rgba = image::RgbaImage::from_fn(5, 3, |x, y| {
-            image::Rgba([
-                x as u8 * 50,
-                y as u8 * 80,
-                9,
-                if x == 4 { 0 } else { (x * 60 + y) as u8 + 1 },
-            ])
+            image::Rgba([x as u8 * 50, y as u8 * 80, 9, if x == 4 { 0 } else { (x * 60 + y) as u8 + 1 }])
         });
         let src = d.join("rgba.png");
         rgba.save(&src).unwrap();
@@ -609,27 +511,12 @@ mod tests {
         assert_eq!(img.bit_depth, 8);
         for ext in ["png", "webp", "tiff"] {
             let p = d.join(format!("rgba_out.{ext}"));
-            save_image_atomic(
-                &p,
-                &img.rgb,
-                img.alpha.as_ref(),
-                false,
-                &SaveOptions::like_input(&img),
-                &[],
-            )
-            .unwrap();
+            save_image_atomic(&p, &img.rgb, img.alpha.as_ref(), false, &SaveOptions::like_input(&img), &[]).unwrap();
             let back = image::open(&p).unwrap().to_rgba8();
             for (a, b) in back.pixels().zip(rgba.pixels()) {
                 assert_eq!(a.0[3], b.0[3], "{ext} alpha");
                 if b.0[3] > 0 {
-                    assert_eq!(
-                        a.0[..3],
-                        b.0[..3]
-                            .iter()
-                            .map(|&v| official_8bit(v))
-                            .collect::<Vec<_>>(),
-                        "{ext}"
-                    );
+                    assert_eq!(a.0[..3], b.0[..3].iter().map(|&v| official_8bit(v)).collect::<Vec<_>>(), "{ext}");
                 }
             }
             // The transparent column was filled from its neighbours (x = 3: red 150, blue 9,
@@ -640,40 +527,19 @@ mod tests {
         }
         // JPEG refuses alpha and 16 bits, with the file named.
         let p = d.join("x.jpg");
-        let e = save_image_atomic(
-            &p,
-            &img.rgb,
-            img.alpha.as_ref(),
-            false,
-            &SaveOptions::default(),
-            &[],
-        )
-        .unwrap_err();
-        assert!(
-            matches!(e, ImageIoError::BadOptions { .. }) && e.to_string().contains("x.jpg"),
-            "{e}"
-        );
-        let sixteen = SaveOptions {
-            bit_depth: 16,
-            ..SaveOptions::default()
-        };
+        let e = save_image_atomic(&p, &img.rgb, img.alpha.as_ref(), false, &SaveOptions::default(), &[]).unwrap_err();
+        assert!(matches!(e, ImageIoError::BadOptions { .. }) && e.to_string().contains("x.jpg"), "{e}");
+        let sixteen = SaveOptions { bit_depth: 16, ..SaveOptions::default() };
         for f in ["x.jpg", "x.webp"] {
-            let e =
-                save_image_atomic(&d.join(f), &img.rgb, None, false, &sixteen, &[]).unwrap_err();
-            assert!(
-                e.to_string().contains(f) && e.to_string().contains("8-bit"),
-                "{e}"
-            );
+            let e = save_image_atomic(&d.join(f), &img.rgb, None, false, &sixteen, &[]).unwrap_err();
+            assert!(e.to_string().contains(f) && e.to_string().contains("8-bit"), "{e}");
         }
         let e = save_image_atomic(
             &p,
             &img.rgb,
             None,
             false,
-            &SaveOptions {
-                jpeg_quality: 0,
-                ..SaveOptions::default()
-            },
+            &SaveOptions { jpeg_quality: 0, ..SaveOptions::default() },
             &[],
         )
         .unwrap_err();
@@ -683,35 +549,17 @@ mod tests {
             &img.rgb,
             None,
             false,
-            &SaveOptions {
-                bit_depth: 12,
-                ..SaveOptions::default()
-            },
+            &SaveOptions { bit_depth: 12, ..SaveOptions::default() },
             &[],
         )
         .unwrap_err();
         assert!(e.to_string().contains("bit depth 12"), "{e}");
         // Alpha of the wrong size.
         let small = Tensor::zeros((1, 1, 2, 2), DType::F32, &Device::Cpu).unwrap();
-        let e = save_image_atomic(
-            &d.join("c.png"),
-            &img.rgb,
-            Some(&small),
-            false,
-            &SaveOptions::default(),
-            &[],
-        )
-        .unwrap_err();
-        assert!(
-            matches!(e, ImageIoError::BadTensor { .. }) && e.to_string().contains("c.png"),
-            "{e}"
-        );
-        assert!(fs::read_dir(&d).unwrap().all(|e| {
-            !e.unwrap()
-                .file_name()
-                .to_string_lossy()
-                .ends_with(".partial")
-        }));
+        let e = save_image_atomic(&d.join("c.png"), &img.rgb, Some(&small), false, &SaveOptions::default(), &[])
+            .unwrap_err();
+        assert!(matches!(e, ImageIoError::BadTensor { .. }) && e.to_string().contains("c.png"), "{e}");
+        assert!(fs::read_dir(&d).unwrap().all(|e| { !e.unwrap().file_name().to_string_lossy().ends_with(".partial") }));
         let _ = fs::remove_dir_all(&d);
     }
 
@@ -745,17 +593,11 @@ mod tests {
             (b"CMYK", false, false, "jpg", false),
         ] {
             let p = d.join(format!("f.{ext}"));
-            let opts = SaveOptions {
-                icc: Some(fake_profile(space)),
-                ..SaveOptions::default()
-            };
+            let opts = SaveOptions { icc: Some(fake_profile(space)), ..SaveOptions::default() };
             let a = with_alpha.then_some(&alpha);
             save_image_atomic(&p, &t, a, gray, &opts, &[]).unwrap();
             let img = load_image(&p, &lim).unwrap();
-            let what = format!(
-                "{} gray {gray} alpha {with_alpha} {ext}",
-                String::from_utf8_lossy(space)
-            );
+            let what = format!("{} gray {gray} alpha {with_alpha} {ext}", String::from_utf8_lossy(space));
             assert_eq!(img.icc.is_some(), kept, "{what}");
         }
         let _ = fs::remove_dir_all(&d);
@@ -768,11 +610,7 @@ mod tests {
         let icc = fake_profile(b"RGB ");
         let exif = crate::imageio::load::tests::exif_with_orientation(6);
         let (t, _) = rgb16_tensor(4, 4);
-        let opts = SaveOptions {
-            icc: Some(icc.clone()),
-            exif: Some(exif.clone()),
-            ..SaveOptions::default()
-        };
+        let opts = SaveOptions { icc: Some(icc.clone()), exif: Some(exif.clone()), ..SaveOptions::default() };
         for ext in ["png", "jpg", "webp", "tiff"] {
             let p = d.join(format!("m.{ext}"));
             save_image_atomic(&p, &t, None, false, &opts, &[]).unwrap();
@@ -782,11 +620,7 @@ mod tests {
             if writes_exif(format) {
                 // Written upright: orientation 1, and the pixels were not rotated on load.
                 let e = img.exif.expect(ext);
-                assert_eq!(
-                    Orientation::from_exif_chunk(&e),
-                    Some(Orientation::NoTransforms),
-                    "{ext}"
-                );
+                assert_eq!(Orientation::from_exif_chunk(&e), Some(Orientation::NoTransforms), "{ext}");
                 assert_eq!(img.rgb.dims(), &[1, 3, 4, 4]);
             } else {
                 assert!(img.exif.is_none(), "{ext}");
@@ -794,18 +628,7 @@ mod tests {
         }
         // strip_metadata writes neither.
         let p = d.join("s.png");
-        save_image_atomic(
-            &p,
-            &t,
-            None,
-            false,
-            &SaveOptions {
-                strip_metadata: true,
-                ..opts.clone()
-            },
-            &[],
-        )
-        .unwrap();
+        save_image_atomic(&p, &t, None, false, &SaveOptions { strip_metadata: true, ..opts.clone() }, &[]).unwrap();
         let img = load_image(&p, &lim).unwrap();
         assert!(img.icc.is_none() && img.exif.is_none());
         // EXIF that is not TIFF-structured is refused, naming the file.
@@ -814,17 +637,11 @@ mod tests {
             &t,
             None,
             false,
-            &SaveOptions {
-                exif: Some(b"garbage".to_vec()),
-                ..SaveOptions::default()
-            },
+            &SaveOptions { exif: Some(b"garbage".to_vec()), ..SaveOptions::default() },
             &[],
         )
         .unwrap_err();
-        assert!(
-            e.to_string().contains("bad.png") && e.to_string().contains("EXIF"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("bad.png") && e.to_string().contains("EXIF"), "{e}");
         let _ = fs::remove_dir_all(&d);
     }
 }

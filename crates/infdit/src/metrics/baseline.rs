@@ -53,9 +53,7 @@ mod tests {
 
     #[test]
     fn matches_resize_planar_and_scale_one() {
-        let lr = RgbImage::from_fn(9, 6, |x, y| {
-            Rgb([(x * 25) as u8, (y * 40) as u8, ((x + y) * 13) as u8])
-        });
+        let lr = RgbImage::from_fn(9, 6, |x, y| Rgb([(x * 25) as u8, (y * 40) as u8, ((x + y) * 13) as u8]));
         assert_eq!(bicubic_baseline(&lr, 1), lr);
         let up = bicubic_baseline(&lr, 4);
         assert_eq!(up.dimensions(), (36, 24));

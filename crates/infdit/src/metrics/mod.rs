@@ -101,11 +101,7 @@ pub fn evaluate(
 }
 
 fn fmt_value(v: f64, decimals: usize) -> String {
-    if v.is_infinite() {
-        if v > 0.0 { "inf".into() } else { "-inf".into() }
-    } else {
-        format!("{v:.decimals$}")
-    }
+    if v.is_infinite() { if v > 0.0 { "inf".into() } else { "-inf".into() } } else { format!("{v:.decimals$}") }
 }
 
 /// The rows as a markdown table, then a mean row.
@@ -140,13 +136,7 @@ pub fn format_table(rows: &[EvalRow]) -> String {
     let ssim = rows.iter().map(|r| r.ssim_y).sum::<f64>() / n as f64;
     let seams: Vec<f64> = rows.iter().filter_map(|r| r.seam).collect();
     let seam = (!seams.is_empty()).then(|| seams.iter().sum::<f64>() / seams.len() as f64);
-    let _ = writeln!(
-        out,
-        "| {label} | {} | {} | {} |",
-        fmt_value(psnr, 4),
-        fmt_value(ssim, 4),
-        seam_str(seam)
-    );
+    let _ = writeln!(out, "| {label} | {} | {} | {} |", fmt_value(psnr, 4), fmt_value(ssim, 4), seam_str(seam));
     out
 }
 
@@ -157,18 +147,8 @@ mod tests {
     #[test]
     fn table_with_mean_row() {
         let rows = vec![
-            EvalRow {
-                name: "a.png".into(),
-                psnr_y: 30.0,
-                ssim_y: 0.9,
-                seam: Some(1.0),
-            },
-            EvalRow {
-                name: "b|c.png".into(),
-                psnr_y: 20.0,
-                ssim_y: 0.7,
-                seam: None,
-            },
+            EvalRow { name: "a.png".into(), psnr_y: 30.0, ssim_y: 0.9, seam: Some(1.0) },
+            EvalRow { name: "b|c.png".into(), psnr_y: 20.0, ssim_y: 0.7, seam: None },
         ];
         let t = format_table(&rows);
         let expect = "| image | PSNR-Y (dB) | SSIM-Y | seam |\n\
@@ -182,22 +162,11 @@ mod tests {
     #[test]
     fn table_edge_cases() {
         let t = format_table(&[]);
-        assert!(
-            t.ends_with("| **mean (0 images)** | n/a | n/a | n/a |\n"),
-            "{t}"
-        );
-        let rows = vec![EvalRow {
-            name: "same".into(),
-            psnr_y: f64::INFINITY,
-            ssim_y: 1.0,
-            seam: None,
-        }];
+        assert!(t.ends_with("| **mean (0 images)** | n/a | n/a | n/a |\n"), "{t}");
+        let rows = vec![EvalRow { name: "same".into(), psnr_y: f64::INFINITY, ssim_y: 1.0, seam: None }];
         let t = format_table(&rows);
         assert!(t.contains("| same | inf | 1.0000 | n/a |\n"), "{t}");
-        assert!(
-            t.ends_with("| **mean (1 image)** | inf | 1.0000 | n/a |\n"),
-            "{t}"
-        );
+        assert!(t.ends_with("| **mean (1 image)** | inf | 1.0000 | n/a |\n"), "{t}");
     }
 
     #[test]

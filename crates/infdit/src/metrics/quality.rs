@@ -74,13 +74,7 @@ fn check(
     let (w, h) = a.dimensions();
     let need = 2 * crop_border + min_side;
     if (w as usize) < need || (h as usize) < need {
-        return Err(MetricsError::TooSmall {
-            metric,
-            width: w,
-            height: h,
-            crop_border,
-            min_side,
-        });
+        return Err(MetricsError::TooSmall { metric, width: w, height: h, crop_border, min_side });
     }
     Ok(())
 }
@@ -138,10 +132,7 @@ pub fn psnr_plane(a: &[f64], b: &[f64]) -> f64 {
 /// # Panics
 /// If `n` is zero or `sigma` is not positive.
 pub fn gaussian_kernel(n: usize, sigma: f64) -> Vec<f64> {
-    assert!(
-        n > 0 && sigma > 0.0,
-        "gaussian_kernel: n = {n}, sigma = {sigma}"
-    );
+    assert!(n > 0 && sigma > 0.0, "gaussian_kernel: n = {n}, sigma = {sigma}");
     let scale2x = -0.125 / (sigma * sigma);
     let n2 = (n - 1) / 2;
     let values: Vec<f64> = (0..n2)
@@ -184,10 +175,7 @@ pub fn ssim_plane(a: &[f64], b: &[f64], w: usize, h: usize) -> f64 {
         a.len(),
         b.len()
     );
-    assert!(
-        w >= K && h >= K,
-        "ssim_plane: {w}x{h} is smaller than the {K}x{K} window"
-    );
+    assert!(w >= K && h >= K, "ssim_plane: {w}x{h} is smaller than the {K}x{K} window");
     let c1 = (0.01f64 * 255.0).powi(2);
     let c2 = (0.03f64 * 255.0).powi(2);
     let k = gaussian_kernel(K, SSIM_SIGMA);
@@ -318,14 +306,7 @@ mod tests {
         assert!((p - 49.4527).abs() < 1e-4, "{p}");
         // The Python reference gives 8.737838810492393 for black+1 ... white+1 wrapped pixels;
         // here: a pure 6-pixel check of the same formula with the wrap (255 + 1 = 0 in uint8).
-        let px: [[u8; 3]; 6] = [
-            [0, 0, 0],
-            [255, 255, 255],
-            [12, 200, 77],
-            [255, 0, 0],
-            [1, 1, 1],
-            [254, 254, 254],
-        ];
+        let px: [[u8; 3]; 6] = [[0, 0, 0], [255, 255, 255], [12, 200, 77], [255, 0, 0], [1, 1, 1], [254, 254, 254]];
         let a = RgbImage::from_fn(6, 1, |x, _| Rgb(px[x as usize]));
         let b = RgbImage::from_fn(6, 1, |x, _| Rgb(px[x as usize].map(|v| v.wrapping_add(1))));
         let p = psnr_y(&a, &b, 0).unwrap();
@@ -350,9 +331,7 @@ mod tests {
         // A plane taller than one parallel task, against a direct 121-tap evaluation.
         let (w, h) = (23, 150);
         let a: Vec<f64> = (0..w * h).map(|i| ((i * 37) % 219) as f64 + 16.0).collect();
-        let b: Vec<f64> = (0..w * h)
-            .map(|i| ((i * 53 + 7) % 219) as f64 + 16.0)
-            .collect();
+        let b: Vec<f64> = (0..w * h).map(|i| ((i * 53 + 7) % 219) as f64 + 16.0).collect();
         let k = gaussian_kernel(11, 1.5);
         let (c1, c2) = ((0.01f64 * 255.0).powi(2), (0.03f64 * 255.0).powi(2));
         let mut sum = 0.0;
@@ -395,11 +374,7 @@ mod tests {
         let k = gaussian_kernel(11, 1.5);
         for i in 0..11 {
             let want = CV2[i.min(10 - i)];
-            assert!(
-                (k[i] - want).abs() <= 1e-15 * want,
-                "{i}: {} vs {want}",
-                k[i]
-            );
+            assert!((k[i] - want).abs() <= 1e-15 * want, "{i}: {} vs {want}", k[i]);
         }
         let s: f64 = k.iter().sum();
         assert!((s - 1.0).abs() < 1e-15);
@@ -411,20 +386,12 @@ mod tests {
         let b = pattern(20, 21, 0);
         assert_eq!(
             psnr_y(&a, &b, 0).unwrap_err(),
-            MetricsError::SizeMismatch {
-                a_width: 20,
-                a_height: 20,
-                b_width: 20,
-                b_height: 21
-            }
+            MetricsError::SizeMismatch { a_width: 20, a_height: 20, b_width: 20, b_height: 21 }
         );
         assert!(ssim_y(&a, &b, 0).is_err());
         // 20 - 2*5 = 10 < 11: too small for SSIM, fine for PSNR.
         let e = ssim_y(&a, &a, 5).unwrap_err();
-        assert!(
-            matches!(e, MetricsError::TooSmall { min_side: 11, .. }),
-            "{e}"
-        );
+        assert!(matches!(e, MetricsError::TooSmall { min_side: 11, .. }), "{e}");
         assert!(e.to_string().contains("20x20"), "{e}");
         assert!(psnr_y(&a, &a, 5).is_ok());
         assert!(psnr_y(&a, &a, 10).is_err());

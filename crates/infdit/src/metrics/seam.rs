@@ -60,12 +60,7 @@ pub fn seam_score(img: &RgbImage, block: usize) -> Option<f64> {
 /// # Panics
 /// If `y.len() != w * h`.
 pub fn seam_score_plane(y: &[f64], w: usize, h: usize, block: usize) -> Option<f64> {
-    assert_eq!(
-        y.len(),
-        w * h,
-        "seam_score_plane: {} values for {w}x{h}",
-        y.len()
-    );
+    assert_eq!(y.len(), w * h, "seam_score_plane: {} values for {w}x{h}", y.len());
     if block == 0 {
         return None;
     }
@@ -81,17 +76,11 @@ pub fn seam_score_plane(y: &[f64], w: usize, h: usize, block: usize) -> Option<f
     let grads = |cols: &[usize], rows: &[usize]| -> (f64, usize) {
         let mut sum = 0.0;
         for &x in cols {
-            sum += (0..h)
-                .map(|r| (y[r * w + x] - y[r * w + x - 1]).abs())
-                .sum::<f64>();
+            sum += (0..h).map(|r| (y[r * w + x] - y[r * w + x - 1]).abs()).sum::<f64>();
         }
         for &r in rows {
             let (cur, prev) = (&y[r * w..(r + 1) * w], &y[(r - 1) * w..r * w]);
-            sum += cur
-                .iter()
-                .zip(prev)
-                .map(|(a, b)| (a - b).abs())
-                .sum::<f64>();
+            sum += cur.iter().zip(prev).map(|(a, b)| (a - b).abs()).sum::<f64>();
         }
         (sum, cols.len() * h + rows.len() * w)
     };

@@ -28,18 +28,13 @@ pub struct BlockPos {
 pub fn neighbours(p: BlockPos) -> [BlockPos; 4] {
     let (a, b) = (p.row, p.col);
     let (am, bm) = (a.saturating_sub(1), b.saturating_sub(1));
-    [
-        p,
-        BlockPos { row: am, col: bm },
-        BlockPos { row: a, col: bm },
-        BlockPos { row: am, col: b },
-    ]
+    [p, BlockPos { row: am, col: bm }, BlockPos { row: a, col: bm }, BlockPos { row: am, col: b }]
 }
 
 impl BlockGrid {
     /// The grid of an image of `h x w` pixels; both must be multiples of `block_px`.
     pub fn for_image(h: usize, w: usize, block_px: usize) -> Result<Self> {
-        if h == 0 || w == 0 || h % block_px != 0 || w % block_px != 0 {
+        if h == 0 || w == 0 || !h.is_multiple_of(block_px) || !w.is_multiple_of(block_px) {
             candle_core::bail!("image {h}x{w} is not a non-empty multiple of the {block_px}-px block grid")
         }
         Ok(Self { rows: h / block_px, cols: w / block_px, block_px })
@@ -73,10 +68,8 @@ impl BlockGrid {
 
 /// Cuts the blocks at `pos` out of an image (1, C, H, W): (n, C, bp, bp).
 pub fn take_blocks(img: &Tensor, bp: usize, pos: &[BlockPos]) -> Result<Tensor> {
-    let parts = pos
-        .iter()
-        .map(|p| img.narrow(2, p.row * bp, bp)?.narrow(3, p.col * bp, bp))
-        .collect::<Result<Vec<_>>>()?;
+    let parts =
+        pos.iter().map(|p| img.narrow(2, p.row * bp, bp)?.narrow(3, p.col * bp, bp)).collect::<Result<Vec<_>>>()?;
     Tensor::cat(&parts, 0)
 }
 
@@ -96,10 +89,12 @@ pub fn blocks_to_image(blocks: &Tensor, grid: &BlockGrid) -> Result<Tensor> {
     if n != grid.len() {
         candle_core::bail!("blocks_to_image: {n} blocks for a grid of {}", grid.len())
     }
-    blocks
-        .reshape((grid.rows, grid.cols, c, bp, bp))?
-        .permute((2, 0, 3, 1, 4))?
-        .reshape((1, c, grid.rows * bp, grid.cols * bp))
+    blocks.reshape((grid.rows, grid.cols, c, bp, bp))?.permute((2, 0, 3, 1, 4))?.reshape((
+        1,
+        c,
+        grid.rows * bp,
+        grid.cols * bp,
+    ))
 }
 
 /// Supplies, per layer, the keys and values of each query block's neighbourhood.
@@ -122,10 +117,13 @@ impl WholeImageKv {
     pub fn new(grid: &BlockGrid, dev: &candle_core::Device) -> Result<Self> {
         let pos = grid.raster();
         let idx = |g: usize| -> Result<Tensor> {
-            let v: Vec<u32> = pos.iter().map(|p| {
-                let q = neighbours(*p)[g];
-                (q.row * grid.cols + q.col) as u32
-            }).collect();
+            let v: Vec<u32> = pos
+                .iter()
+                .map(|p| {
+                    let q = neighbours(*p)[g];
+                    (q.row * grid.cols + q.col) as u32
+                })
+                .collect();
             Tensor::new(v.as_slice(), dev)
         };
         Ok(Self { index: [idx(1)?, idx(2)?, idx(3)?] })

@@ -2,8 +2,8 @@
 
 use candle_core::{D, DType, Module, Result, Tensor};
 
-use super::ops::{LayerNorm, Linear, attention, layer_norm, modulate};
 use super::blocks::KvSource;
+use super::ops::{LayerNorm, Linear, attention, layer_norm, modulate};
 use crate::config::DitConfig;
 use crate::weights::WeightLoader;
 
@@ -187,10 +187,12 @@ impl Layer {
         let k = rope(split(1)?)?;
         let v = split(2)?.transpose(1, 2)?.contiguous()?;
         let (k4, v4) = inp.kv.neighbourhood(self.index, &k, &v)?;
-        let k4 = k4
-            .reshape((n, h, 4, t, d))?
-            .broadcast_add(&self.block_pos.to_dtype(k4.dtype())?)?
-            .reshape((n, h, 4 * t, d))?;
+        let k4 = k4.reshape((n, h, 4, t, d))?.broadcast_add(&self.block_pos.to_dtype(k4.dtype())?)?.reshape((
+            n,
+            h,
+            4 * t,
+            d,
+        ))?;
         let ctx = attention(&q, &k4, &v4, SCORE_BYTES)?.transpose(1, 2)?.reshape((n, t, dm))?;
         let mut x = (x + self.dense.forward(&ctx)?)?;
         let mlp_in = match &self.cross {

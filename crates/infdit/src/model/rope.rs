@@ -39,7 +39,14 @@ impl Rope {
 
     /// cos and sin for a rectangle of tokens starting at token (row0, col0), `rows x cols` tokens in
     /// row-major order: two (rows*cols, head_dim) f32 tensors.
-    pub fn cos_sin(&self, row0: usize, col0: usize, rows: usize, cols: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
+    pub fn cos_sin(
+        &self,
+        row0: usize,
+        col0: usize,
+        rows: usize,
+        cols: usize,
+        dev: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let m = self.modulo;
         if let Some((c, s)) = &self.stored {
             let ri: Vec<u32> = (0..rows).map(|r| ((row0 + r) % m) as u32).collect();
@@ -72,10 +79,7 @@ impl Rope {
                 }
             }
         }
-        Ok((
-            Tensor::from_vec(cos, (rows * cols, d), dev)?,
-            Tensor::from_vec(sin, (rows * cols, d), dev)?,
-        ))
+        Ok((Tensor::from_vec(cos, (rows * cols, d), dev)?, Tensor::from_vec(sin, (rows * cols, d), dev)?))
     }
 }
 

@@ -18,7 +18,7 @@
 use candle_core::{DType, Result, Tensor};
 
 use crate::diffusion::{Denoise, EdmScalings};
-use crate::model::blocks::{BlockGrid, BlockPos, KvSource, concat_groups, neighbours, take_blocks, blocks_to_image};
+use crate::model::blocks::{BlockGrid, BlockPos, KvSource, blocks_to_image, concat_groups, neighbours, take_blocks};
 use crate::model::{ImageCond, InfDit};
 use crate::pipeline::DenoiserInputs;
 

@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Shape, Tensor};
 use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
 
 /// Where the CLIP tower lives in the official state dict.
 pub const CLIP_PREFIX: &str = "image_encoder.model.";
@@ -227,9 +227,7 @@ impl Checkpoint {
 
     /// Reads one tensor in its stored dtype onto `device`.
     pub fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
-        let Some((r, shape)) = self.tensors.get(name) else {
-            candle_core::bail!("no tensor named {name}")
-        };
+        let Some((r, shape)) = self.tensors.get(name) else { candle_core::bail!("no tensor named {name}") };
         match r {
             TensorRef::Owned(t) => t.to_device(device),
             TensorRef::St(st, n) => st.load(n, device),
@@ -254,8 +252,8 @@ impl Checkpoint {
         for (k, v) in &other.tensors {
             if let Some(rest) = k.strip_prefix(from) {
                 let nk = format!("{to}{rest}");
-                if !self.tensors.contains_key(&nk) {
-                    self.tensors.insert(nk, v.clone());
+                if let std::collections::btree_map::Entry::Vacant(e) = self.tensors.entry(nk) {
+                    e.insert(v.clone());
                     n += 1;
                 }
             }
