@@ -15,10 +15,7 @@ use infdit::imageio::{LoadLimits, crop, load_image, pad_reflect};
 /// Limits small enough that no input can make one run allocate much: 1 Mi pixels (1024 x
 /// 1024) and 64 MiB for the decoder (16 bytes per pixel for the largest decoded format, RGBA
 /// f32, is 16 MiB; the rest is slack for the decoders' working buffers).
-pub const FUZZ_LIMITS: LoadLimits = LoadLimits {
-    max_pixels: 1 << 20,
-    max_alloc_bytes: 64 << 20,
-};
+pub const FUZZ_LIMITS: LoadLimits = LoadLimits { max_pixels: 1 << 20, max_alloc_bytes: 64 << 20 };
 
 /// The size grid the 4x network needs (`pipeline`: sides are multiples of 32).
 pub const MULTIPLE: usize = 32;
@@ -52,16 +49,9 @@ pub fn decode_prepare(bytes: &[u8], dir: &Path) -> std::io::Result<bool> {
         panic!("rgb has shape {dims:?}");
     };
     assert!(h > 0 && w > 0 && (h * w) as u64 <= FUZZ_LIMITS.max_pixels);
-    assert!(
-        img.bit_depth == 8 || img.bit_depth == 16,
-        "{}",
-        img.bit_depth
-    );
+    assert!(img.bit_depth == 8 || img.bit_depth == 16, "{}", img.bit_depth);
     let values = img.rgb.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert!(
-        values.iter().all(|v| (-1.0..=1.0).contains(v)),
-        "rgb outside [-1, 1]"
-    );
+    assert!(values.iter().all(|v| (-1.0..=1.0).contains(v)), "rgb outside [-1, 1]");
     let pad_b = (MULTIPLE - h % MULTIPLE) % MULTIPLE;
     let pad_r = (MULTIPLE - w % MULTIPLE) % MULTIPLE;
     let padded = pad_reflect(&img.rgb, 0, pad_b, 0, pad_r).expect("pad_reflect");
@@ -72,10 +62,7 @@ pub fn decode_prepare(bytes: &[u8], dir: &Path) -> std::io::Result<bool> {
     if let Some(a) = &img.alpha {
         assert_eq!(a.dims(), &[1, 1, h, w]);
         let av = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert!(
-            av.iter().all(|v| (0.0..=1.0).contains(v)),
-            "alpha outside [0, 1]"
-        );
+        assert!(av.iter().all(|v| (0.0..=1.0).contains(v)), "alpha outside [0, 1]");
         let pa = pad_reflect(a, 0, pad_b, 0, pad_r).expect("pad_reflect alpha");
         assert_eq!(pa.dims(), &[1, 1, h + pad_b, w + pad_r]);
     }
