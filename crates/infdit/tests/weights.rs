@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use infdit::imageio::resize::Bicubic;
 use infdit::pipeline::Model;
-use infdit::weights::{Checkpoint, WeightError, convert::convert, dead_key_shapes, is_dead_key};
+use infdit::weights::{Checkpoint, HF_CLIP_BLOCK_NAMES, WeightError, convert::convert, dead_key_shapes, is_dead_key};
 use infdit::{InfditError, ModelConfig};
 
 fn same_bits(a: &Tensor, b: &Tensor) -> bool {
@@ -164,13 +164,7 @@ fn clip_from_open_clip_and_hugging_face_layouts() {
             hf.push((format!("{dst}self_attn.{n}.weight"), w.narrow(0, i * width, width).unwrap()));
             hf.push((format!("{dst}self_attn.{n}.bias"), b.narrow(0, i * width, width).unwrap()));
         }
-        for (ours, theirs) in [
-            ("attn.out_proj", "self_attn.out_proj"),
-            ("ln_1", "layer_norm1"),
-            ("ln_2", "layer_norm2"),
-            ("mlp.c_fc", "mlp.fc1"),
-            ("mlp.c_proj", "mlp.fc2"),
-        ] {
+        for (ours, theirs) in HF_CLIP_BLOCK_NAMES {
             hf.push((format!("{dst}{theirs}.weight"), g(&format!("{src}{ours}.weight"))));
             hf.push((format!("{dst}{theirs}.bias"), g(&format!("{src}{ours}.bias"))));
         }

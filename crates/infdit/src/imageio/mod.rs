@@ -260,21 +260,24 @@ fn dynamic_to_tensor(img: &DynamicImage) -> candle_core::Result<Tensor> {
     Tensor::from_vec(planar, (1, 3, h, w), &Device::Cpu)
 }
 
+/// `(H, W)` of a `(1, 3, H, W)` or `(3, H, W)` image tensor; an error for any other shape.
+pub(crate) fn rgb_tensor_hw(t: &Tensor) -> Result<(usize, usize), ImageIoError> {
+    match *t.dims() {
+        [1, 3, h, w] | [3, h, w] => Ok((h, w)),
+        _ => Err(ImageIoError::bad_tensor(format!(
+            "expected a (1,3,H,W) or (3,H,W) image tensor, got shape {:?}",
+            t.dims()
+        ))),
+    }
+}
+
 /// Convert a `(1, 3, H, W)` or `(3, H, W)` tensor in `[-1, 1]` to an 8-bit RGB image the way
 /// the reference script does: `((x as f64 + 1) * 127.5).clamp(0, 255)`, then truncation
 /// toward zero (not rounding). Other float dtypes are converted to f32 first.
 ///
 /// Fails on a wrong shape or when any value is NaN (infinities saturate to 0 or 255).
 pub fn tensor_to_rgb8(t: &Tensor) -> Result<RgbImage, ImageIoError> {
-    let (h, w) = match *t.dims() {
-        [1, 3, h, w] | [3, h, w] => (h, w),
-        _ => {
-            return Err(ImageIoError::bad_tensor(format!(
-                "expected a (1,3,H,W) or (3,H,W) image tensor, got shape {:?}",
-                t.dims()
-            )));
-        }
-    };
+    let (h, w) = rgb_tensor_hw(t)?;
     let (wu, hu) = match (u32::try_from(w), u32::try_from(h)) {
         (Ok(wu), Ok(hu)) if wu > 0 && hu > 0 => (wu, hu),
         _ => {

@@ -302,15 +302,7 @@ fn quantise(x: f32, lo: f64, span: f64, max: f64) -> Option<f64> {
 /// A `(1, 3, H, W)` or `(3, H, W)` tensor in `[-1, 1]` as interleaved 16-bit RGB:
 /// `round((x + 1) / 2 * 65535)`, clamped.
 fn tensor_to_rgb16(t: &Tensor) -> Result<(u32, u32, Vec<u16>), ImageIoError> {
-    let (h, w) = match *t.dims() {
-        [1, 3, h, w] | [3, h, w] => (h, w),
-        _ => {
-            return Err(ImageIoError::bad_tensor(format!(
-                "expected a (1,3,H,W) or (3,H,W) image tensor, got shape {:?}",
-                t.dims()
-            )));
-        }
-    };
+    let (h, w) = super::rgb_tensor_hw(t)?;
     let (wu, hu) = dims_u32(w, h)?;
     let data = read_f32(t)?;
     let n = h * w;

@@ -23,6 +23,16 @@ use candle_core::{DType, Device, Shape, Tensor};
 /// Where the CLIP tower lives in the official state dict.
 pub const CLIP_PREFIX: &str = "image_encoder.model.";
 
+/// open_clip residual-block tensor prefixes and their Hugging Face `CLIPEncoderLayer` names (each
+/// with `.weight` and `.bias`); the packed `attn.in_proj_*` maps to `self_attn.{q,k,v}_proj`.
+pub const HF_CLIP_BLOCK_NAMES: [(&str, &str); 5] = [
+    ("attn.out_proj", "self_attn.out_proj"),
+    ("ln_1", "layer_norm1"),
+    ("ln_2", "layer_norm2"),
+    ("mlp.c_fc", "mlp.fc1"),
+    ("mlp.c_proj", "mlp.fc2"),
+];
+
 /// A problem with a checkpoint.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -324,13 +334,7 @@ impl Checkpoint {
             };
             put(format!("{dst}attn.in_proj_weight"), cat("weight")?);
             put(format!("{dst}attn.in_proj_bias"), cat("bias")?);
-            for (ours, theirs) in [
-                ("attn.out_proj", "self_attn.out_proj"),
-                ("ln_1", "layer_norm1"),
-                ("ln_2", "layer_norm2"),
-                ("mlp.c_fc", "mlp.fc1"),
-                ("mlp.c_proj", "mlp.fc2"),
-            ] {
+            for (ours, theirs) in HF_CLIP_BLOCK_NAMES {
                 put(format!("{dst}{ours}.weight"), get(&format!("{src}{theirs}.weight"))?);
                 put(format!("{dst}{ours}.bias"), get(&format!("{src}{theirs}.bias"))?);
             }
