@@ -24,6 +24,7 @@ pub mod model;
 pub mod pipeline;
 pub mod resume;
 pub mod schedule;
+pub mod train;
 pub mod weights;
 
 pub use config::{ClipConfig, DitConfig, ModelConfig};
