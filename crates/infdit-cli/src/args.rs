@@ -27,6 +27,8 @@ pub enum Command {
     RandomModel(RandomModelArgs),
     /// Time one network evaluation (benchmarks; see bench/cpu.sh).
     Bench(BenchArgs),
+    /// Evaluate a model against bicubic on HR images: PSNR-Y, SSIM-Y, seam score
+    Eval(EvalArgs),
 }
 
 /// `infdit random-model`.
@@ -263,4 +265,29 @@ pub struct BenchArgs {
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+/// `infdit eval`.
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// HR images, or folders (every png/jpg/jpeg/webp/tif/tiff/bmp file in them, sorted).
+    #[arg(long, value_name = "PATH", num_args = 1.., required = true)]
+    pub hr: Vec<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Sampler steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Seed of the initial noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Blocks per batch side for the scheduler.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub block_batch: usize,
+    /// Evaluate at most this many images.
+    #[arg(long, value_name = "K")]
+    pub limit: Option<usize>,
+    /// Also write each model output as PNG into this folder.
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
 }

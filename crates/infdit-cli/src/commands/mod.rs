@@ -1,6 +1,7 @@
 //! One function per subcommand; `run` dispatches.
 
 mod bench;
+mod eval;
 mod upscale;
 
 use std::process::ExitCode;
@@ -22,6 +23,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Inspect(a) => inspect(a),
         Command::RandomModel(a) => random_model(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Eval(a) => eval::eval(a),
     }
     .map(|()| ExitCode::SUCCESS)
 }

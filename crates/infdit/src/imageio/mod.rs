@@ -227,6 +227,12 @@ pub fn load_rgb(path: &Path, max_pixels: u64) -> Result<Tensor, ImageIoError> {
         .map_err(|e| ImageIoError::BadTensor { path: path.to_path_buf(), reason: format!("cannot build tensor: {e}") })
 }
 
+/// The (1, 3, H, W) `[-1, 1]` tensor of an 8-bit RGB image, mapped exactly as [`load_rgb`] maps
+/// 8-bit files.
+pub fn rgb8_to_tensor(img: &RgbImage) -> candle_core::Result<Tensor> {
+    dynamic_to_tensor(&DynamicImage::ImageRgb8(img.clone()))
+}
+
 /// Planar `[-1, 1]` tensor of a decoded image (see [`load_rgb`] for the exact mapping).
 fn dynamic_to_tensor(img: &DynamicImage) -> candle_core::Result<Tensor> {
     let (w, h) = (img.width() as usize, img.height() as usize);

@@ -1,0 +1,158 @@
+//! `infdit eval`: degrade HR images by an antialiased bicubic 4x downscale, upscale them with the
+//! model and with bicubic, and compare both with the HR image (PSNR-Y, SSIM-Y, seam score).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device};
+
+use infdit::diffusion::HeunConfig;
+use infdit::diffusion::noise::image_noise;
+use infdit::imageio::resize::{Bicubic, resize_tensor};
+use infdit::imageio::{crop, load_rgb, rgb8_to_tensor, save_rgb8_atomic, tensor_to_rgb8};
+use infdit::metrics::{DEFAULT_SEAM_BLOCK, EvalRow, bicubic_baseline, evaluate, format_table};
+use infdit::pipeline::{Mode, Model, PassScale, SampleOptions, prepare_padded, sample};
+
+use super::load_model;
+use crate::args::EvalArgs;
+
+const SCALE: usize = 4;
+const CROP_BORDER: usize = 4;
+const MAX_PIXELS: u64 = 64 << 20;
+const EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp"];
+
+/// The files named, with folders expanded to their image files (sorted).
+fn collect_inputs(paths: &[PathBuf]) -> Vec<Result<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let entries = match std::fs::read_dir(p) {
+                Ok(e) => e,
+                Err(e) => {
+                    out.push(Err(anyhow::anyhow!("{}: cannot list the folder: {e}", p.display())));
+                    continue;
+                }
+            };
+            let mut files: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| {
+                    f.is_file()
+                        && f.extension()
+                            .and_then(|e| e.to_str())
+                            .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+                })
+                .collect();
+            files.sort();
+            out.extend(files.into_iter().map(Ok));
+        } else {
+            out.push(Ok(p.clone()));
+        }
+    }
+    out
+}
+
+/// The model output and the bicubic baseline rows for one HR image.
+fn eval_one(model: &Model, path: &Path, a: &EvalArgs, dev: &Device) -> Result<(EvalRow, EvalRow)> {
+    let hr = load_rgb(path, MAX_PIXELS)?;
+    let (_, _, h0, w0) = hr.dims4()?;
+    let (h, w) = (h0 / SCALE * SCALE, w0 / SCALE * SCALE);
+    if h == 0 || w == 0 {
+        bail!("image of {w0}x{h0} is smaller than {SCALE}x{SCALE}");
+    }
+    let hr = crop(&hr, 0, 0, h, w)?;
+    // tensor_to_rgb8 truncates; aim at the middle of the nearest sample so an 8-bit HR file maps
+    // back to exactly its own samples.
+    let centred = hr.affine(127.5, 127.5)?.round()?.affine(1.0 / 127.5, 0.5 / 127.5 - 1.0)?;
+    let hr8 = tensor_to_rgb8(&centred)?;
+    let lr8 = tensor_to_rgb8(&resize_tensor(&hr, h / SCALE, w / SCALE, Bicubic::Antialias)?)?;
+    // Back to [-1, 1] exactly as `load_rgb` maps 8-bit samples.
+    let lr = rgb8_to_tensor(&lr8)?.to_device(dev)?;
+
+    let kind = Bicubic::Antialias;
+    let (prep, out_crop, clip_input) = prepare_padded(&lr, PassScale::X4, model.cfg.dit.block_px, kind)?;
+    let eps = image_noise(a.seed, &prep.grid, 3, dev)?;
+    let clip = model.clip_vector(&clip_input, kind)?;
+    let opts = SampleOptions {
+        heun: HeunConfig { steps: a.steps, ..HeunConfig::default() },
+        mode: Mode::Blocks { block_batch: a.block_batch, kv_dtype: DType::F32 },
+        checkpoint_dir: None,
+        stop_after_steps: None,
+    };
+    let out = sample(model, &prep, &clip, &eps, &opts, &mut |_| {})?;
+    let sr = out.sample.context("sampling stopped before the last step")?;
+    let sr = crop(&sr, out_crop.top, out_crop.left, out_crop.height, out_crop.width)?;
+    let sr8 = tensor_to_rgb8(&sr)?;
+    if sr8.dimensions() != hr8.dimensions() {
+        bail!("model output is {:?}, the HR image {:?}", sr8.dimensions(), hr8.dimensions());
+    }
+    let bic8 = bicubic_baseline(&lr8, SCALE);
+
+    let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    if let Some(dir) = &a.out_dir {
+        let stem = path.file_stem().map_or_else(|| "out".into(), |s| s.to_string_lossy().into_owned());
+        save_rgb8_atomic(&sr8, &dir.join(format!("{stem}.png")), &[path])?;
+    }
+    let model_row = evaluate(name.clone(), &sr8, &hr8, CROP_BORDER, DEFAULT_SEAM_BLOCK)?;
+    let bic_row = evaluate(name, &bic8, &hr8, CROP_BORDER, DEFAULT_SEAM_BLOCK)?;
+    Ok((model_row, bic_row))
+}
+
+fn mean(rows: &[EvalRow], f: impl Fn(&EvalRow) -> f64) -> f64 {
+    if rows.is_empty() { f64::NAN } else { rows.iter().map(f).sum::<f64>() / rows.len() as f64 }
+}
+
+pub(crate) fn eval(a: EvalArgs) -> Result<()> {
+    let dev = Device::Cpu;
+    if a.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    if a.block_batch == 0 {
+        bail!("--block-batch must be at least 1");
+    }
+    if let Some(dir) = &a.out_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the folder", dir.display()))?;
+    }
+    let mut inputs = collect_inputs(&a.hr);
+    if let Some(k) = a.limit {
+        inputs.truncate(k);
+    }
+    if inputs.is_empty() {
+        bail!("no HR images found");
+    }
+    let model = load_model(&a.model, DType::F32, &dev)?;
+    let (mut model_rows, mut bic_rows) = (Vec::new(), Vec::new());
+    let mut failed = 0usize;
+    for input in &inputs {
+        let res = input.as_ref().map_err(|e| anyhow::anyhow!("{e:#}")).and_then(|p| {
+            eprintln!("evaluating {}", p.display());
+            eval_one(&model, p, &a, &dev).map_err(|e| {
+                // Name the file, unless the error already starts with it.
+                let name = p.display().to_string();
+                if format!("{e:#}").starts_with(&name) { e } else { e.context(name) }
+            })
+        });
+        match res {
+            Ok((m, b)) => {
+                model_rows.push(m);
+                bic_rows.push(b);
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                failed += 1;
+            }
+        }
+    }
+    println!("## model\n\n{}", format_table(&model_rows));
+    println!("## bicubic\n\n{}", format_table(&bic_rows));
+    println!(
+        "mean_psnr_y model={:.4} bicubic={:.4} mean_ssim_y model={:.4} bicubic={:.4}",
+        mean(&model_rows, |r| r.psnr_y),
+        mean(&bic_rows, |r| r.psnr_y),
+        mean(&model_rows, |r| r.ssim_y),
+        mean(&bic_rows, |r| r.ssim_y),
+    );
+    if failed > 0 {
+        bail!("{failed} of {} images failed", inputs.len());
+    }
+    Ok(())
+}
