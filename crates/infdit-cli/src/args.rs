@@ -204,6 +204,10 @@ pub struct UpscaleArgs {
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Progress as JSON lines on standard output (one object per event: `start`, `progress`,
+    /// `done`) instead of the progress bar, for scripts.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `infdit convert`.

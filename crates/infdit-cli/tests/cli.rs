@@ -247,3 +247,36 @@ fn alpha_depth_gray_and_icc_are_kept() {
     assert!(!out.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--json` prints one JSON object per line: start, progress events (monotonic), done.
+#[test]
+fn json_progress_events() {
+    let dir = tmpdir("json");
+    let out = dir.join("j.png");
+    let p = shared("parity2");
+    let r = infdit()
+        .arg("upscale")
+        .arg(p.join("case_d_lr.png"))
+        .arg("-o")
+        .arg(&out)
+        .args(["--model".as_ref(), p.join("tiny2.safetensors").as_os_str()])
+        .args(["--config".as_ref(), p.join("config.json").as_os_str()])
+        .args(["--steps", "2", "--block-batch", "1", "--json"])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let events: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&r.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(events.first().unwrap()["event"], "start");
+    assert_eq!(events.first().unwrap()["blocks"], 3);
+    assert_eq!(events.last().unwrap()["event"], "done");
+    let progress: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "progress").collect();
+    // 3 evaluations x 3 blocks, plus the start and per-step reports.
+    assert!(progress.len() >= 9, "{} progress events", progress.len());
+    let done: Vec<u64> =
+        progress.iter().map(|e| e["evals_done"].as_u64().unwrap() * 3 + e["blocks_done"].as_u64().unwrap()).collect();
+    assert!(done.windows(2).all(|w| w[0] <= w[1]), "{done:?}");
+    let last = progress.last().unwrap();
+    assert_eq!((last["steps_done"].as_u64(), last["evals_done"].as_u64()), (Some(2), Some(3)));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

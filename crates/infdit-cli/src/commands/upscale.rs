@@ -130,8 +130,27 @@ pub(crate) fn upscale(a: UpscaleArgs) -> Result<()> {
         );
         eprintln!("memory plan: {plan}");
     }
-    let bar =
-        if a.quiet { ProgressBar::hidden() } else { ProgressBar::new((heun.evaluations() * prep.grid.len()) as u64) };
+    let started = std::time::Instant::now();
+    let emit = |v: serde_json::Value| {
+        if a.json {
+            println!("{v}");
+        }
+    };
+    emit(serde_json::json!({
+        "event": "start",
+        "input": a.input.display().to_string(),
+        "output": a.output.display().to_string(),
+        "width": out_crop.width,
+        "height": out_crop.height,
+        "blocks": prep.grid.len(),
+        "steps": heun.steps,
+        "evaluations": heun.evaluations(),
+    }));
+    let bar = if a.quiet || a.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new((heun.evaluations() * prep.grid.len()) as u64)
+    };
     bar.set_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] {msg} {elapsed} elapsed, ETA {eta}")
             .expect("valid template")
@@ -142,6 +161,16 @@ pub(crate) fn upscale(a: UpscaleArgs) -> Result<()> {
     let blocks_total = prep.grid.len();
     let out = sample(&model, &prep, &clip, &eps, &opts, &mut |p| {
         let done_blocks = p.evals_done * blocks_total + p.blocks_done;
+        emit(serde_json::json!({
+            "event": "progress",
+            "steps_done": p.steps_done,
+            "steps_total": p.steps_total,
+            "evals_done": p.evals_done,
+            "evals_total": p.evals_total,
+            "blocks_done": p.blocks_done,
+            "blocks_total": p.blocks_total,
+            "elapsed_s": started.elapsed().as_secs_f64(),
+        }));
         bar.set_position(done_blocks as u64);
         bar.set_message(format!(
             "step {}/{}, evaluation {}/{}, block {}/{}",
@@ -171,7 +200,12 @@ pub(crate) fn upscale(a: UpscaleArgs) -> Result<()> {
         save.bit_depth = 8;
     }
     save_image_atomic(&a.output, &sample, alpha.as_ref(), loaded.grayscale, &save, &[a.input.as_path()])?;
-    if !a.quiet {
+    emit(serde_json::json!({
+        "event": "done",
+        "output": a.output.display().to_string(),
+        "elapsed_s": started.elapsed().as_secs_f64(),
+    }));
+    if !a.quiet && !a.json {
         eprintln!("wrote {} ({}x{})", a.output.display(), out_crop.width, out_crop.height);
     }
     Ok(())
