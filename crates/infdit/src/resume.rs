@@ -7,7 +7,6 @@
 //! final image is bit-identical to an uninterrupted run.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -61,7 +60,6 @@ pub fn save_state(path: &Path, x: &Tensor, steps_done: usize, fingerprint: &str)
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
-    let _ = std::io::stderr().flush();
     Ok(())
 }
 
