@@ -29,6 +29,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// Evaluate a model against bicubic on HR images: PSNR-Y, SSIM-Y, seam score
     Eval(EvalArgs),
+    /// Train or fine-tune a model on image folders (EDM loss, AdamW, EMA; resumable)
+    Train(TrainArgs),
 }
 
 /// `infdit random-model`.
@@ -294,4 +296,83 @@ pub struct EvalArgs {
     /// Also write each model output as PNG into this folder.
     #[arg(long, value_name = "DIR")]
     pub out_dir: Option<PathBuf>,
+}
+
+/// `infdit train`.
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    /// Training images: files or folders (searched recursively). Images smaller than the crop are skipped.
+    #[arg(value_name = "PATH", num_args = 1.., required = true)]
+    pub data: Vec<PathBuf>,
+    /// Output folder: model.safetensors (EMA weights) + config.json, train-state.* (resume), loss.csv,
+    /// samples/. A run whose folder already holds a state resumes from it.
+    #[arg(short, long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Model config (infdit JSON or the official parity JSON); with --init, the checkpoint's config.
+    #[arg(long, value_name = "PATH")]
+    pub config: PathBuf,
+    /// Start from these weights (fine-tuning) instead of random ones.
+    #[arg(long, value_name = "PATH")]
+    pub init: Option<PathBuf>,
+    /// CLIP tower weights when the config has CLIP and --init lacks them (the tower stays frozen).
+    #[arg(long, value_name = "PATH")]
+    pub clip: Option<PathBuf>,
+    /// Optimiser steps in total (a resumed run continues up to this).
+    #[arg(long, default_value_t = 1000)]
+    pub steps: usize,
+    /// Images per step.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// HR crop side in pixels (a multiple of the block size; the paper: 512).
+    #[arg(long, default_value_t = 512)]
+    pub crop: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// Linear learning-rate warm-up steps.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 1e-4)]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0: off).
+    #[arg(long, default_value_t = 0.1)]
+    pub grad_clip: f64,
+    /// EMA decay of the saved weights.
+    #[arg(long, default_value_t = 0.999)]
+    pub ema_decay: f64,
+    /// Log-normal training sigma: mean of ln sigma.
+    #[arg(long, default_value_t = -1.0, allow_negative_numbers = true)]
+    pub p_mean: f64,
+    /// Log-normal training sigma: std of ln sigma.
+    #[arg(long, default_value_t = 1.4)]
+    pub p_std: f64,
+    /// Probability that an LR comes from the Real-ESRGAN degradation (else a clean bicubic downscale).
+    #[arg(long, default_value_t = 1.0)]
+    pub degrade_prob: f64,
+    /// Probability that both LR inputs are replaced by noise (LR dropout).
+    #[arg(long, default_value_t = 0.07)]
+    pub lr_dropout: f64,
+    /// Downscale training images so their longer side is at most this many pixels when loaded (0: keep).
+    #[arg(long, default_value_t = 0)]
+    pub max_side: usize,
+    /// Seed of every random draw (crops, degradations, sigmas, noise).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Save the state, model.safetensors and a sample every this many steps.
+    #[arg(long, default_value_t = 100)]
+    pub checkpoint_every: usize,
+    /// Image for the periodic samples (default: the first training image); its centre crop is used.
+    #[arg(long, value_name = "PATH")]
+    pub sample_image: Option<PathBuf>,
+    /// Heun steps and starting sigma of the periodic samples (also written to config.json as the
+    /// model's sampler defaults).
+    #[arg(long, default_value_t = 20)]
+    pub sample_steps: usize,
+    /// See --sample-steps.
+    #[arg(long, default_value_t = 40.0)]
+    pub sample_sigma_max: f32,
+    /// No progress bar.
+    #[arg(short, long)]
+    pub quiet: bool,
 }

@@ -327,6 +327,11 @@ impl<'a> WholeImageDenoiser<'a> {
         })
     }
 
+    /// Starts the RoPE positions at token (row, column) instead of (0, 0) (training's random start).
+    pub fn set_rope_offset(&mut self, offset: (usize, usize)) {
+        self.image.rope_offset = offset;
+    }
+
     /// `D(x; sigma)` with, when `trace` is given, the hidden state after each layer in row-major
     /// token order (1, N, D).
     pub fn denoise_traced(&mut self, x: &Tensor, sigma: f32, trace: Option<&mut Vec<Tensor>>) -> Result<Tensor> {

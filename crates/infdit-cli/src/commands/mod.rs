@@ -2,6 +2,7 @@
 
 mod bench;
 mod eval;
+mod train;
 mod upscale;
 
 use std::process::ExitCode;
@@ -24,6 +25,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::RandomModel(a) => random_model(a),
         Command::Bench(a) => bench::bench(a),
         Command::Eval(a) => eval::eval(a),
+        Command::Train(a) => train::train(a),
     }
     .map(|()| ExitCode::SUCCESS)
 }

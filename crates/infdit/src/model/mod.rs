@@ -43,6 +43,9 @@ pub struct ImageCond {
     pub lr: LrKv,
     /// Row of the full padded LR feature map that `lr` starts at.
     pub lr_row0: usize,
+    /// RoPE position of the image's first token (row, column): 0 at inference; training draws a
+    /// random start per batch so the network sees every part of the position table.
+    pub rope_offset: (usize, usize),
 }
 
 /// The Inf-DiT network.
@@ -181,7 +184,7 @@ impl InfDit {
         let top = (f0 as isize - want0) as usize;
         let bottom = lb * row1 + lb - f1;
         let cross = self.layers[0].cross().expect("layer 0 has the cross-attention");
-        Ok(ImageCond { grid, lr: cross.lr_kv(&feat, top, bottom, lb)?, lr_row0: lb * row0 })
+        Ok(ImageCond { grid, lr: cross.lr_kv(&feat, top, bottom, lb)?, lr_row0: lb * row0, rope_offset: (0, 0) })
     }
 
     /// The network F on a batch of blocks. `x_in` is (n, in_channels, bp, bp): the blocks of
@@ -202,8 +205,9 @@ impl InfDit {
         // RoPE tables for the batch: (n, 1, T, d).
         let mut cos = Vec::with_capacity(n);
         let mut sin = Vec::with_capacity(n);
+        let (r0, c0) = image.rope_offset;
         for p in pos {
-            let (c, s) = self.rope.cos_sin(p.row * bt, p.col * bt, bt, bt, &self.device)?;
+            let (c, s) = self.rope.cos_sin(r0 + p.row * bt, c0 + p.col * bt, bt, bt, &self.device)?;
             cos.push(c.unsqueeze(0)?);
             sin.push(s.unsqueeze(0)?);
         }

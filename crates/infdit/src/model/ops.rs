@@ -126,12 +126,14 @@ impl PatchConv {
 /// Scaled dot-product attention `softmax(q k^T / sqrt(d)) v` for (N, H, Tq, d) x (N, H, Tk, d).
 ///
 /// On the CPU this is the fused kernel of [`super::kernels`] (online softmax, no score matrix in
-/// memory). Elsewhere it is the plain matmul/softmax/matmul, processed in slices over N so that the
-/// score matrix stays within `max_score_bytes`.
+/// memory). Elsewhere, and whenever an operand is part of an autograd graph (training: the fused
+/// kernel and candle's fused softmax have no backward pass), it is the plain matmul/softmax/matmul,
+/// processed in slices over N so that the score matrix stays within `max_score_bytes`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, max_score_bytes: usize) -> Result<Tensor> {
     let (n, h, tq, d) = q.dims4()?;
     let scale = 1.0 / (d as f64).sqrt();
-    if q.device().is_cpu() {
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    if q.device().is_cpu() && !tracked {
         return super::kernels::fused_attention(q, k, v, scale);
     }
     let tk = k.dim(2)?;
@@ -145,11 +147,21 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, max_score_bytes: usize) -> 
         let ki = k.narrow(0, i, c)?.contiguous()?;
         let vi = v.narrow(0, i, c)?.contiguous()?;
         let s = (qi.matmul(&ki.t()?)? * scale)?;
-        let p = candle_nn::ops::softmax_last_dim(&s.to_dtype(DType::F32)?)?.to_dtype(vi.dtype())?;
+        let s = s.to_dtype(DType::F32)?;
+        let p = if tracked { softmax_differentiable(&s)? } else { candle_nn::ops::softmax_last_dim(&s)? };
+        let p = p.to_dtype(vi.dtype())?;
         outs.push(p.matmul(&vi)?);
         i += c;
     }
     Tensor::cat(&outs, 0)
+}
+
+/// Softmax over the last dimension from differentiable primitives (the row maximum is a constant
+/// shift, so it is detached).
+pub fn softmax_differentiable(s: &Tensor) -> Result<Tensor> {
+    let max = s.max_keepdim(D::Minus1)?.detach();
+    let e = s.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
 /// L2 normalisation over the last dimension, as `F.normalize` (norm clamped at 1e-12).

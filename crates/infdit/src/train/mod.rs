@@ -1,4 +1,7 @@
-//! Training-data helpers.
+//! Training: data, degradation and the optimisation loop.
+//!
+//! [`Trainer`] ([`trainer`]) runs the EDM training of the network (AdamW, clipping, EMA, exact
+//! resume) on examples that [`Dataset`] ([`data`]) cuts from image folders.
 //!
 //! [`degrade()`] is the Real-ESRGAN second-order degradation (Wang et al., "Real-ESRGAN: Training
 //! Real-World Blind Super-Resolution with Pure Synthetic Data", ICCVW 2021; BasicSR
@@ -6,9 +9,12 @@
 //! [`kernels`] holds its blur kernels. Everything works on planar f32 RGB [`Image`]s in `[0, 1]`,
 //! driven by the deterministic [`SplitMix64`] generator through the [`Sampler`] helpers.
 
+pub mod data;
 pub mod degrade;
 pub mod kernels;
+pub mod trainer;
 
+pub use data::{Dataset, SampleConfig, TrainSample, collect_image_files};
 pub use degrade::{
     DegradationConfig, ResizeMode, StageConfig, add_gaussian_noise, add_poisson_noise, degrade, filter2d,
     jpeg_roundtrip, resize,
@@ -16,6 +22,7 @@ pub use degrade::{
 pub use kernels::{Kernel, KernelKind, Profile, bessel_j1, bivariate_kernel, random_blur_kernel, sinc_kernel};
 
 pub use crate::diffusion::noise::SplitMix64;
+pub use trainer::{StepStats, TrainConfig, Trainer, edm_loss, edm_weight};
 
 /// A planar (channel-major, then row-major) f32 image, values nominally in `[0, 1]`.
 #[derive(Debug, Clone, PartialEq)]

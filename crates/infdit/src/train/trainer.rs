@@ -1,0 +1,391 @@
+//! The training loop: EDM loss, AdamW, gradient clipping, EMA, checkpoints with exact resume.
+//!
+//! * Loss (spec §10): `sigma = max(exp(P_mean + P_std n), 0.001)`, `x_noisy = x + sigma eps`,
+//!   `loss = lambda(sigma) mean((D(x_noisy; sigma) - x)^2)` with the EDM weight
+//!   `lambda = (sigma^2 + 0.25) / (0.5 sigma)^2`, averaged over the batch. The denoiser is the
+//!   whole-image UniBA network ([`crate::pipeline::WholeImageDenoiser`]), the path the reference
+//!   trains with, with one random RoPE start per batch.
+//! * The network runs in f32 through differentiable candle ops only: [`crate::model::ops::attention`]
+//!   switches from the fused kernel (no backward) to matmul + a hand-written softmax as soon as an
+//!   operand is part of an autograd graph, and the norms are built from primitives.
+//! * AdamW written out here (decoupled weight decay, bias correction, linear warm-up) so that its
+//!   moments can be saved and a resumed run continues bit for bit; gradients are clipped to a
+//!   global L2 norm; the EMA uses the warm-up `min(decay, (1 + t) / (10 + t))`.
+//! * Every random draw of step `t` comes from a generator seeded by `(seed, t, sample)`, so a run
+//!   resumed from a checkpoint at step `t` draws exactly what the uninterrupted run draws.
+//! * The CLIP tower, when the config has one, is frozen: only the DiT is trained.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::data::{Dataset, SampleConfig, TrainSample};
+use super::{Sampler, SplitMix64};
+use crate::config::ModelConfig;
+use crate::error::{InfditError, Result};
+use crate::pipeline::{Model, WholeImageDenoiser};
+use crate::weights::{CLIP_PREFIX, Checkpoint, convert::save_atomic};
+
+/// Optimisation settings. [`Default`] is the paper's recipe (spec §10) with a 16-image batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Optimiser steps to run in total.
+    pub steps: usize,
+    /// Images per step (gradients averaged).
+    pub batch: usize,
+    /// Peak learning rate (1e-4).
+    pub lr: f64,
+    /// Steps of linear learning-rate warm-up (0: none).
+    pub warmup: usize,
+    /// AdamW decoupled weight decay (1e-4).
+    pub weight_decay: f64,
+    /// AdamW betas (0.9, 0.999).
+    pub betas: (f64, f64),
+    /// AdamW epsilon (1e-8).
+    pub eps: f64,
+    /// Global gradient-norm clip (0.1 in the reference; 0 disables).
+    pub grad_clip: f64,
+    /// EMA decay (0.999).
+    pub ema_decay: f64,
+    /// Log-normal sigma: mean of ln sigma (-1.0).
+    pub p_mean: f64,
+    /// Log-normal sigma: std of ln sigma (1.4).
+    pub p_std: f64,
+    /// Seed of every random draw.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            batch: 16,
+            lr: 1e-4,
+            warmup: 0,
+            weight_decay: 1e-4,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            grad_clip: 0.1,
+            ema_decay: 0.999,
+            p_mean: -1.0,
+            p_std: 1.4,
+            seed: 0,
+        }
+    }
+}
+
+/// What one optimiser step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Steps completed, this one included.
+    pub step: usize,
+    /// Mean weighted EDM loss over the batch.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Geometric mean of the batch's sigmas.
+    pub sigma: f64,
+}
+
+/// The EDM loss weight `(sigma^2 + sigma_data^2) / (sigma sigma_data)^2`.
+pub fn edm_weight(sigma: f64) -> f64 {
+    (sigma * sigma + 0.25) / (0.5 * sigma).powi(2)
+}
+
+/// The weighted EDM loss of one example (a scalar tensor in the autograd graph).
+/// `clip` is the (1, vector_dim) conditioning vector, `eps` the unit noise at the HR size.
+pub fn edm_loss(
+    model: &Model,
+    s: &TrainSample,
+    clip: &Tensor,
+    sigma: f32,
+    eps: &Tensor,
+    rope_offset: (usize, usize),
+) -> Result<Tensor> {
+    let x_noisy = (&s.hr + (eps * sigma as f64)?)?;
+    let mut den = WholeImageDenoiser::new(&model.dit, clip, &s.lr, &s.concat_lr)?;
+    den.set_rope_offset(rope_offset);
+    let d = den.denoise_traced(&x_noisy, sigma, None)?;
+    Ok(((d - &s.hr)?.sqr()?.mean_all()? * edm_weight(sigma as f64))?)
+}
+
+fn stream(seed: u64, step: usize, sample: usize) -> SplitMix64 {
+    let mut s = SplitMix64::new(seed ^ 0x5851_F42D_4C95_7F2D);
+    let a = s.next_u64() ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut s = SplitMix64::new(a);
+    SplitMix64::new(s.next_u64() ^ (sample as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9))
+}
+
+/// A trainer: the DiT parameters as variables, the AdamW moments, the EMA copy and the step.
+pub struct Trainer {
+    /// The network's config.
+    pub model_cfg: ModelConfig,
+    /// Optimisation settings.
+    pub cfg: TrainConfig,
+    names: Vec<String>,
+    params: Vec<Var>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    ema: Vec<Tensor>,
+    frozen: Vec<(String, Tensor)>,
+    step: usize,
+}
+
+const STATE_FILE: &str = "train-state.safetensors";
+const META_FILE: &str = "train-state.json";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Meta {
+    step: usize,
+    model: ModelConfig,
+    train: TrainConfig,
+    sample: SampleConfigMeta,
+}
+
+/// The parts of [`SampleConfig`] a resumed run must agree on (the degradation is code, not data).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct SampleConfigMeta {
+    crop: usize,
+    scale: usize,
+    resize_prob: f64,
+    flip_prob: f64,
+    degrade_prob: f64,
+    lr_dropout: f64,
+}
+
+impl From<&SampleConfig> for SampleConfigMeta {
+    fn from(s: &SampleConfig) -> Self {
+        Self {
+            crop: s.crop,
+            scale: s.scale,
+            resize_prob: s.resize_prob,
+            flip_prob: s.flip_prob,
+            degrade_prob: s.degrade_prob,
+            lr_dropout: s.lr_dropout,
+        }
+    }
+}
+
+impl Trainer {
+    /// Starts from `init` (random weights for a new model, or a checkpoint to fine-tune), which
+    /// must hold every key of `model_cfg` (checked strictly, by building the model once).
+    pub fn new(model_cfg: &ModelConfig, init: &Checkpoint, cfg: TrainConfig) -> Result<Self> {
+        if cfg.batch == 0 {
+            return Err(InfditError::Config("the batch must hold at least one image".into()));
+        }
+        // Strict check of names and shapes before anything is trained.
+        let keys = Model::expected_keys(model_cfg)?;
+        Model::from_checkpoint(model_cfg, init.clone(), DType::F32, &Device::Cpu)?;
+        let (mut names, mut params, mut frozen) = (Vec::new(), Vec::new(), Vec::new());
+        for (k, _) in keys {
+            let t = init.load(&k, &Device::Cpu)?.to_dtype(DType::F32)?;
+            if k.starts_with(CLIP_PREFIX) {
+                frozen.push((k, t));
+            } else {
+                params.push(Var::from_tensor(&t)?);
+                names.push(k);
+            }
+        }
+        let zeros = |p: &Var| p.as_tensor().zeros_like();
+        let m = params.iter().map(zeros).collect::<candle_core::Result<Vec<_>>>()?;
+        let v = params.iter().map(zeros).collect::<candle_core::Result<Vec<_>>>()?;
+        let ema = params.iter().map(|p| p.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { model_cfg: model_cfg.clone(), cfg, names, params, m, v, ema, frozen, step: 0 })
+    }
+
+    /// Steps completed.
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    /// Number of trained values.
+    pub fn trainable_values(&self) -> usize {
+        self.params.iter().map(|p| p.elem_count()).sum()
+    }
+
+    fn checkpoint(&self, ema: bool) -> Checkpoint {
+        let dit = self.names.iter().zip(0..).map(|(n, i)| {
+            let t = if ema { self.ema[i].clone() } else { self.params[i].as_tensor().clone() };
+            (n.clone(), t)
+        });
+        Checkpoint::from_tensors("training state", dit.chain(self.frozen.iter().cloned()))
+    }
+
+    /// The model with the current weights (`ema`: the EMA copy), sharing the variables' storage.
+    pub fn model(&self, ema: bool) -> Result<Model> {
+        Model::from_checkpoint(&self.model_cfg, self.checkpoint(ema), DType::F32, &Device::Cpu)
+    }
+
+    /// One optimiser step on `batch` fresh examples from `data`.
+    pub fn train_step(&mut self, data: &Dataset, sample_cfg: &SampleConfig) -> Result<StepStats> {
+        let step = self.step;
+        let model = self.model(false)?;
+        let dc = &self.model_cfg.dit;
+        // One random RoPE start per batch, as the reference: within the table minus the crop.
+        let crop_tokens = sample_cfg.crop / dc.patch;
+        let max_off = dc.rope_positions().saturating_sub(crop_tokens);
+        let mut r = stream(self.cfg.seed, step, usize::MAX);
+        let offset = (r.below(max_off + 1), r.below(max_off + 1));
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.params.len()];
+        let (mut loss_sum, mut log_sigma) = (0.0, 0.0);
+        for i in 0..self.cfg.batch {
+            let mut rng = stream(self.cfg.seed, step, i);
+            let s = data.sample(sample_cfg, &mut rng)?;
+            let sigma = (self.cfg.p_mean + self.cfg.p_std * rng.normal()).exp().max(0.001) as f32;
+            let n = s.hr.elem_count();
+            let eps: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+            let eps = Tensor::from_vec(eps, s.hr.shape(), &Device::Cpu)?;
+            let clip = match &model.clip {
+                Some(_) => model.clip_vector(&s.lr, crate::imageio::resize::Bicubic::Antialias)?,
+                None => Tensor::zeros((1, dc.vector_dim), DType::F32, &Device::Cpu)?,
+            };
+            let loss = edm_loss(&model, &s, &clip, sigma, &eps, offset)?;
+            let lv = loss.to_scalar::<f32>()? as f64;
+            if !lv.is_finite() {
+                return Err(InfditError::NonFinite(format!("training step {}: the loss is {lv}", step + 1)));
+            }
+            loss_sum += lv;
+            log_sigma += (sigma as f64).ln();
+            let g = loss.backward()?;
+            for (acc, p) in grads.iter_mut().zip(&self.params) {
+                if let Some(gi) = g.get(p.as_tensor()) {
+                    *acc = Some(match acc.take() {
+                        Some(a) => (a + gi)?,
+                        None => gi.clone(),
+                    });
+                }
+            }
+        }
+        drop(model);
+        let b = self.cfg.batch as f64;
+        let grads = grads
+            .into_iter()
+            .zip(&self.params)
+            .map(|(g, p)| match g {
+                Some(g) => g / b,
+                None => p.as_tensor().zeros_like(),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut sq = 0f64;
+        for g in &grads {
+            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        let grad_norm = sq.sqrt();
+        if !grad_norm.is_finite() {
+            return Err(InfditError::NonFinite(format!(
+                "training step {}: the gradient norm is {grad_norm}",
+                step + 1
+            )));
+        }
+        let clip = if self.cfg.grad_clip > 0.0 && grad_norm > self.cfg.grad_clip {
+            self.cfg.grad_clip / grad_norm
+        } else {
+            1.0
+        };
+        let t = (step + 1) as f64;
+        let lr = self.cfg.lr * if self.cfg.warmup > 0 { (t / self.cfg.warmup as f64).min(1.0) } else { 1.0 };
+        let (b1, b2) = self.cfg.betas;
+        let (bc1, bc2) = (1.0 - b1.powf(t), 1.0 - b2.powf(t));
+        let decay = self.cfg.ema_decay.min((1.0 + t) / (10.0 + t));
+        for (i, g) in grads.iter().enumerate() {
+            let g = (g * clip)?;
+            self.m[i] = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
+            self.v[i] = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let upd = ((&self.m[i] / bc1)? / ((&self.v[i] / bc2)?.sqrt()? + self.cfg.eps)?)?;
+            let p = self.params[i].as_tensor();
+            let new = ((p * (1.0 - lr * self.cfg.weight_decay))? - (upd * lr)?)?;
+            self.params[i].set(&new)?;
+            self.ema[i] = ((&self.ema[i] * decay)? + (new * (1.0 - decay))?)?;
+        }
+        self.step += 1;
+        Ok(StepStats { step: self.step, loss: loss_sum / b, grad_norm, lr, sigma: (log_sigma / b).exp() })
+    }
+
+    /// Writes the EMA weights (`ema`) or the raw weights, DiT and frozen CLIP, as safetensors in the
+    /// official key layout, atomically.
+    pub fn save_weights(&self, path: &Path, ema: bool) -> Result<()> {
+        let ck = self.checkpoint(ema);
+        let mut map = HashMap::new();
+        for k in ck.keys() {
+            map.insert(k.to_string(), ck.load(k, &Device::Cpu)?);
+        }
+        save_atomic(&map, path)?;
+        Ok(())
+    }
+
+    /// Saves everything a resumed run needs into `dir` (atomically, file by file; the metadata,
+    /// which names the step, is written last).
+    pub fn save_state(&self, dir: &Path, sample_cfg: &SampleConfig) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| InfditError::Input(format!("{}: {e}", dir.display())))?;
+        let mut map = HashMap::new();
+        for (i, n) in self.names.iter().enumerate() {
+            map.insert(format!("param/{n}"), self.params[i].as_tensor().clone());
+            map.insert(format!("adam_m/{n}"), self.m[i].clone());
+            map.insert(format!("adam_v/{n}"), self.v[i].clone());
+            map.insert(format!("ema/{n}"), self.ema[i].clone());
+        }
+        save_atomic(&map, &dir.join(STATE_FILE))?;
+        let meta =
+            Meta { step: self.step, model: self.model_cfg.clone(), train: self.cfg.clone(), sample: sample_cfg.into() };
+        let text = serde_json::to_string_pretty(&meta).map_err(|e| InfditError::Input(e.to_string()))?;
+        write_atomic(&dir.join(META_FILE), text.as_bytes())
+    }
+
+    /// Restores a state saved by [`save_state`](Self::save_state) into this trainer (built with the
+    /// same configs). Returns `false` when `dir` holds no state. The total `steps` may differ (to
+    /// extend a run); every other setting must match.
+    pub fn load_state(&mut self, dir: &Path, sample_cfg: &SampleConfig) -> Result<bool> {
+        let meta_path = dir.join(META_FILE);
+        if !meta_path.exists() {
+            return Ok(false);
+        }
+        let text = std::fs::read_to_string(&meta_path)
+            .map_err(|e| InfditError::Input(format!("{}: {e}", meta_path.display())))?;
+        let meta: Meta = serde_json::from_str(&text)
+            .map_err(|e| InfditError::Input(format!("{}: not a training state: {e}", meta_path.display())))?;
+        let mut want = self.cfg.clone();
+        want.steps = meta.train.steps;
+        if meta.model != self.model_cfg || meta.train != want || meta.sample != SampleConfigMeta::from(sample_cfg) {
+            return Err(InfditError::Config(format!(
+                "{}: the saved run used other settings; resume with the same model config and training flags \
+                 (only --steps may change), or use another --out folder",
+                meta_path.display()
+            )));
+        }
+        let path = dir.join(STATE_FILE);
+        let st = candle_core::safetensors::load(&path, &Device::Cpu)
+            .map_err(|e| InfditError::Input(format!("{}: {e}", path.display())))?;
+        let get = |k: String| {
+            st.get(&k).cloned().ok_or_else(|| InfditError::Input(format!("{}: no tensor {k}", path.display())))
+        };
+        for (i, n) in self.names.clone().iter().enumerate() {
+            let p = get(format!("param/{n}"))?;
+            if p.dims() != self.params[i].dims() {
+                return Err(InfditError::Input(format!("{}: {n} has shape {:?}", path.display(), p.dims())));
+            }
+            self.params[i].set(&p)?;
+            self.m[i] = get(format!("adam_m/{n}"))?;
+            self.v[i] = get(format!("adam_v/{n}"))?;
+            self.ema[i] = get(format!("ema/{n}"))?;
+        }
+        self.step = meta.step;
+        Ok(true)
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp: PathBuf = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let io = |e: std::io::Error| InfditError::Input(format!("{}: {e}", path.display()));
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(e)
+    })
+}

@@ -1,0 +1,227 @@
+//! Training: the autograd path equals inference, every parameter gets the right gradient, the loss
+//! goes down, and a resumed run continues bit for bit.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor, Var};
+use infdit::config::{DitConfig, ModelConfig};
+use infdit::pipeline::{Model, WholeImageDenoiser};
+use infdit::train::{
+    Dataset, Image, SampleConfig, Sampler, SplitMix64, TrainConfig, TrainSample, Trainer, edm_loss, edm_weight,
+};
+use infdit::weights::Checkpoint;
+use infdit::weights::random::random_checkpoint;
+
+fn tiny() -> ModelConfig {
+    ModelConfig {
+        dit: DitConfig {
+            hidden: 32,
+            depth: 2,
+            heads: 2,
+            mlp_hidden: 64,
+            patch: 8,
+            in_channels: 6,
+            out_channels: 3,
+            block_px: 64,
+            vector_dim: 8,
+            time_channels: 16,
+            image_size: 128,
+            sr_scale: 4,
+            lr_patch: 2,
+            ln_eps: 1e-6,
+        },
+        clip: None,
+    }
+}
+
+/// A smooth colour field with a few hard edges, `[0, 1]`.
+fn picture(seed: u64, h: usize, w: usize) -> Image {
+    let mut r = SplitMix64::new(seed);
+    let (a, b, c) = (r.uniform(0.02, 0.1), r.uniform(0.02, 0.1), r.uniform(0.0, 6.0));
+    let mut data = Vec::with_capacity(3 * h * w);
+    for ch in 0..3 {
+        for y in 0..h {
+            for x in 0..w {
+                let s = ((x as f64 * a + y as f64 * b + c + ch as f64).sin() * 0.35 + 0.5)
+                    + if (x / 24 + y / 40) % 2 == 0 { 0.1 } else { -0.1 };
+                data.push(s.clamp(0.0, 1.0) as f32);
+            }
+        }
+    }
+    Image::new(3, h, w, data)
+}
+
+fn dataset() -> Dataset {
+    Dataset::from_images((0..3).map(|i| (PathBuf::from(format!("pic{i}")), picture(i, 160, 200))).collect())
+}
+
+fn sample_cfg() -> SampleConfig {
+    SampleConfig { crop: 128, degrade_prob: 0.5, ..Default::default() }
+}
+
+fn fixed_sample(seed: u64) -> TrainSample {
+    dataset().sample(&SampleConfig { lr_dropout: 0.0, ..sample_cfg() }, &mut SplitMix64::new(seed)).unwrap()
+}
+
+fn unit_noise(seed: u64, like: &Tensor) -> Tensor {
+    let mut r = SplitMix64::new(seed);
+    let v: Vec<f32> = (0..like.elem_count()).map(|_| r.normal() as f32).collect();
+    Tensor::from_vec(v, like.shape(), &Device::Cpu).unwrap()
+}
+
+fn clip0() -> Tensor {
+    Tensor::zeros((1, 8), DType::F32, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn autograd_forward_equals_the_inference_forward() {
+    let cfg = tiny();
+    let ck = random_checkpoint(&cfg, 3).unwrap();
+    let plain = Model::from_checkpoint(&cfg, ck.clone(), DType::F32, &Device::Cpu).unwrap();
+    let trainer = Trainer::new(&cfg, &ck, TrainConfig::default()).unwrap();
+    let tracked = trainer.model(false).unwrap();
+    let s = fixed_sample(1);
+    let x = (&s.hr + (unit_noise(2, &s.hr) * 0.7).unwrap()).unwrap();
+    let run = |m: &Model| {
+        let mut den = WholeImageDenoiser::new(&m.dit, &clip0(), &s.lr, &s.concat_lr).unwrap();
+        den.set_rope_offset((5, 9));
+        den.denoise_traced(&x, 0.7, None).unwrap()
+    };
+    let (a, b) = (run(&plain), run(&tracked));
+    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 2e-5, "autograd path differs from the fused inference path by {diff}");
+}
+
+/// Loss of the tiny model with `ck`, on a fixed example.
+fn loss_of(cfg: &ModelConfig, ck: Checkpoint, s: &TrainSample, eps: &Tensor) -> f64 {
+    let m = Model::from_checkpoint(cfg, ck, DType::F32, &Device::Cpu).unwrap();
+    edm_loss(&m, s, &clip0(), 0.8, eps, (3, 7)).unwrap().to_scalar::<f32>().unwrap() as f64
+}
+
+#[test]
+fn every_parameter_gets_its_gradient() {
+    let cfg = tiny();
+    let ck = random_checkpoint(&cfg, 5).unwrap();
+    let keys: Vec<String> = ck.keys().map(String::from).collect();
+    let vars: Vec<Var> = keys.iter().map(|k| Var::from_tensor(&ck.load(k, &Device::Cpu).unwrap()).unwrap()).collect();
+    let var_ck = Checkpoint::from_tensors("vars", keys.iter().cloned().zip(vars.iter().map(|v| v.as_tensor().clone())));
+    let s = fixed_sample(4);
+    let eps = unit_noise(9, &s.hr);
+    let m = Model::from_checkpoint(&cfg, var_ck, DType::F32, &Device::Cpu).unwrap();
+    let loss = edm_loss(&m, &s, &clip0(), 0.8, &eps, (3, 7)).unwrap();
+    let grads = loss.backward().unwrap();
+    let mut zero = Vec::new();
+    for (k, v) in keys.iter().zip(&vars) {
+        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{k} gets no gradient"));
+        let a = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(a.is_finite(), "{k}: gradient {a}");
+        if a == 0.0 {
+            zero.push(k.clone());
+        }
+    }
+    // With no CLIP the conditioning vector is zero, so only the first vector-MLP weight has no
+    // gradient; everything else must.
+    assert!(zero.iter().all(|k| k.contains("vector") || k.contains("vec")), "zero gradients: {zero:?}");
+    assert!(zero.len() <= 1, "zero gradients: {zero:?}");
+
+    // Central finite differences on a few single values across the network.
+    let picks = ["query_key_value.weight", "re_pos_embed", "lr_key_position_embedding", "final_layer.linear.weight"];
+    for pick in picks {
+        let (i, k) = keys.iter().enumerate().find(|(_, k)| k.contains(pick)).unwrap_or_else(|| panic!("no key {pick}"));
+        let t = ck.load(k, &Device::Cpu).unwrap();
+        let flat = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let g = grads.get(vars[i].as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // The entry with the largest gradient, for a well-conditioned difference.
+        let j = (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
+        let h = 1e-2f32;
+        let with = |d: f32| {
+            let mut v = flat.clone();
+            v[j] += d;
+            let mut c = ck.clone();
+            c.insert(k.clone(), Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap());
+            loss_of(&cfg, c, &s, &eps)
+        };
+        let fd = (with(h) - with(-h)) / (2.0 * h as f64);
+        let rel = (fd - g[j] as f64).abs() / fd.abs().max(1e-3);
+        assert!(rel < 0.05, "{k}[{j}]: autograd {} vs finite difference {fd}", g[j]);
+    }
+}
+
+fn eval_loss(t: &Trainer) -> f64 {
+    let m = t.model(true).unwrap();
+    let mut sum = 0.0;
+    for (i, sigma) in [0.05f32, 0.3, 1.0, 3.0].into_iter().enumerate() {
+        let s = fixed_sample(100 + i as u64);
+        sum += edm_loss(&m, &s, &clip0(), sigma, &unit_noise(200 + i as u64, &s.hr), (0, 0))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+    }
+    sum / 4.0
+}
+
+#[test]
+fn training_lowers_the_loss() {
+    let cfg = tiny();
+    let tc = TrainConfig { batch: 2, lr: 3e-3, warmup: 5, grad_clip: 1.0, ema_decay: 0.9, ..Default::default() };
+    let mut t = Trainer::new(&cfg, &random_checkpoint(&cfg, 11).unwrap(), tc).unwrap();
+    let data = dataset();
+    let before = eval_loss(&t);
+    for _ in 0..30 {
+        let st = t.train_step(&data, &sample_cfg()).unwrap();
+        assert!(st.loss.is_finite() && st.grad_norm.is_finite());
+    }
+    let after = eval_loss(&t);
+    eprintln!("eval loss {before:.4} -> {after:.4}");
+    assert!(after < 0.7 * before, "eval loss {before} -> {after}");
+    assert_eq!(t.step(), 30);
+}
+
+fn params(t: &Trainer, dir: &std::path::Path, name: &str) -> Vec<(String, Vec<f32>)> {
+    let p = dir.join(name);
+    t.save_weights(&p, false).unwrap();
+    let mut m: Vec<_> = candle_core::safetensors::load(&p, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    m.sort_by(|a, b| a.0.cmp(&b.0));
+    m
+}
+
+#[test]
+fn resumed_training_is_bit_identical() {
+    let cfg = tiny();
+    let tc = TrainConfig { batch: 1, lr: 1e-3, seed: 42, ..Default::default() };
+    let init = random_checkpoint(&cfg, 12).unwrap();
+    let data = dataset();
+    let dir = std::env::temp_dir().join(format!("infdit-train-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let mut straight = Trainer::new(&cfg, &init, tc.clone()).unwrap();
+    for _ in 0..3 {
+        straight.train_step(&data, &sample_cfg()).unwrap();
+    }
+    let mut first = Trainer::new(&cfg, &init, tc.clone()).unwrap();
+    for _ in 0..2 {
+        first.train_step(&data, &sample_cfg()).unwrap();
+    }
+    first.save_state(&dir, &sample_cfg()).unwrap();
+    let mut resumed = Trainer::new(&cfg, &init, TrainConfig { steps: 7, ..tc.clone() }).unwrap();
+    assert!(resumed.load_state(&dir, &sample_cfg()).unwrap());
+    assert_eq!(resumed.step(), 2);
+    resumed.train_step(&data, &sample_cfg()).unwrap();
+    assert_eq!(params(&straight, &dir, "a.safetensors"), params(&resumed, &dir, "b.safetensors"));
+
+    // Other settings are refused.
+    let mut other = Trainer::new(&cfg, &init, TrainConfig { lr: 2e-3, ..tc }).unwrap();
+    let err = other.load_state(&dir, &sample_cfg()).unwrap_err().to_string();
+    assert!(err.contains("other settings"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn edm_weight_is_the_reference_formula() {
+    assert!((edm_weight(0.5) - (0.25 + 0.25) / 0.0625).abs() < 1e-12);
+    assert!((edm_weight(2.0) - 4.25).abs() < 1e-12);
+}
