@@ -126,11 +126,14 @@ pub enum ResizeArg {
 /// Model selection shared by the subcommands that build a model.
 #[derive(Debug, clap::Args)]
 pub struct ModelArgs {
-    /// Checkpoint: the official mp_rank_00_model_states.pt, or a safetensors file in its key layout.
+    /// Checkpoint: the official mp_rank_00_model_states.pt, a safetensors file in its key layout, or
+    /// a model folder written by `infdit train` (model.safetensors + config.json). Default: the small
+    /// model built into the binary (models/default/MODEL_CARD.md).
     #[arg(long, value_name = "PATH")]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Model config: infdit JSON, or the parity/official JSON (official flag names). Default: the
-    /// released Inf-DiT (hidden 1280, depth 28, 16 heads, ViT-L/14 CLIP).
+    /// folder's config.json for a model folder, else the released Inf-DiT (hidden 1280, depth 28,
+    /// 16 heads, ViT-L/14 CLIP).
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// CLIP tower weights when the checkpoint lacks them: open_clip_pytorch_model.bin,
@@ -281,9 +284,16 @@ pub struct EvalArgs {
     pub hr: Vec<PathBuf>,
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Sampler steps.
-    #[arg(long, default_value_t = 20)]
-    pub steps: usize,
+    /// Sampler steps (default: the model's own setting, else 20).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Starting sigma of the sampler (default: the model's own setting, else 40).
+    #[arg(long)]
+    pub sigma_max: Option<f32>,
+    /// Resize each HR image's shorter side to N px and take the centre N x N before degrading
+    /// (e.g. 1024: a 256 -> 1024 test).
+    #[arg(long, value_name = "N")]
+    pub hr_size: Option<usize>,
     /// Seed of the initial noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -293,7 +303,8 @@ pub struct EvalArgs {
     /// Evaluate at most this many images.
     #[arg(long, value_name = "K")]
     pub limit: Option<usize>,
-    /// Also write each model output as PNG into this folder.
+    /// Also write each model output as PNG into this folder (`{stem}.png`), with the LR input,
+    /// the bicubic baseline and the HR reference beside it (`{stem}_lr.png`, `_bicubic`, `_hr`).
     #[arg(long, value_name = "DIR")]
     pub out_dir: Option<PathBuf>,
 }

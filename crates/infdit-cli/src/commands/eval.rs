@@ -8,12 +8,12 @@ use candle_core::{DType, Device};
 
 use infdit::diffusion::HeunConfig;
 use infdit::diffusion::noise::image_noise;
-use infdit::imageio::resize::{Bicubic, resize_tensor};
+use infdit::imageio::resize::{Bicubic, center_crop_offsets, resize_shorter_side, resize_tensor};
 use infdit::imageio::{crop, load_rgb, rgb8_to_tensor, save_rgb8_atomic, tensor_to_rgb8};
 use infdit::metrics::{DEFAULT_SEAM_BLOCK, EvalRow, bicubic_baseline, evaluate, format_table};
 use infdit::pipeline::{Mode, Model, PassScale, SampleOptions, prepare_padded, sample};
 
-use super::load_model;
+use super::{load_model, sampler_defaults};
 use crate::args::EvalArgs;
 
 const SCALE: usize = 4;
@@ -52,8 +52,16 @@ fn collect_inputs(paths: &[PathBuf]) -> Vec<Result<PathBuf>> {
 }
 
 /// The model output and the bicubic baseline rows for one HR image.
-fn eval_one(model: &Model, path: &Path, a: &EvalArgs, dev: &Device) -> Result<(EvalRow, EvalRow)> {
-    let hr = load_rgb(path, MAX_PIXELS)?;
+fn eval_one(model: &Model, path: &Path, a: &EvalArgs, heun: HeunConfig, dev: &Device) -> Result<(EvalRow, EvalRow)> {
+    let mut hr = load_rgb(path, MAX_PIXELS)?;
+    if let Some(n) = a.hr_size {
+        // Shorter side to n (antialiased bicubic), then the centre n x n.
+        let (_, _, h, w) = hr.dims4()?;
+        let (rh, rw) = resize_shorter_side(h, w, n);
+        let r = resize_tensor(&hr, rh, rw, Bicubic::Antialias)?.clamp(-1f32, 1f32)?;
+        let (top, left) = center_crop_offsets(rh, rw, n, n);
+        hr = crop(&r, top, left, n, n)?;
+    }
     let (_, _, h0, w0) = hr.dims4()?;
     let (h, w) = (h0 / SCALE * SCALE, w0 / SCALE * SCALE);
     if h == 0 || w == 0 {
@@ -73,7 +81,7 @@ fn eval_one(model: &Model, path: &Path, a: &EvalArgs, dev: &Device) -> Result<(E
     let eps = image_noise(a.seed, &prep.grid, 3, dev)?;
     let clip = model.clip_vector(&clip_input, kind)?;
     let opts = SampleOptions {
-        heun: HeunConfig { steps: a.steps, ..HeunConfig::default() },
+        heun,
         mode: Mode::Blocks { block_batch: a.block_batch, kv_dtype: DType::F32 },
         checkpoint_dir: None,
         stop_after_steps: None,
@@ -91,6 +99,10 @@ fn eval_one(model: &Model, path: &Path, a: &EvalArgs, dev: &Device) -> Result<(E
     if let Some(dir) = &a.out_dir {
         let stem = path.file_stem().map_or_else(|| "out".into(), |s| s.to_string_lossy().into_owned());
         save_rgb8_atomic(&sr8, &dir.join(format!("{stem}.png")), &[path])?;
+        // The inputs and the baseline beside it, for viewing side by side.
+        save_rgb8_atomic(&lr8, &dir.join(format!("{stem}_lr.png")), &[path])?;
+        save_rgb8_atomic(&bic8, &dir.join(format!("{stem}_bicubic.png")), &[path])?;
+        save_rgb8_atomic(&hr8, &dir.join(format!("{stem}_hr.png")), &[path])?;
     }
     let model_row = evaluate(name.clone(), &sr8, &hr8, CROP_BORDER, DEFAULT_SEAM_BLOCK)?;
     let bic_row = evaluate(name, &bic8, &hr8, CROP_BORDER, DEFAULT_SEAM_BLOCK)?;
@@ -103,8 +115,8 @@ fn mean(rows: &[EvalRow], f: impl Fn(&EvalRow) -> f64) -> f64 {
 
 pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     let dev = Device::Cpu;
-    if a.steps == 0 {
-        bail!("--steps must be at least 1");
+    if a.steps == Some(0) || a.hr_size == Some(0) {
+        bail!("--steps and --hr-size must be at least 1");
     }
     if a.block_batch == 0 {
         bail!("--block-batch must be at least 1");
@@ -120,12 +132,14 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         bail!("no HR images found");
     }
     let model = load_model(&a.model, DType::F32, &dev)?;
+    let heun = super::heun_config(sampler_defaults(&a.model)?, a.steps, a.sigma_max)?;
+    eprintln!("sampler: {} Heun steps from sigma {}", heun.steps, heun.sigma_max);
     let (mut model_rows, mut bic_rows) = (Vec::new(), Vec::new());
     let mut failed = 0usize;
     for input in &inputs {
         let res = input.as_ref().map_err(|e| anyhow::anyhow!("{e:#}")).and_then(|p| {
             eprintln!("evaluating {}", p.display());
-            eval_one(&model, p, &a, &dev).map_err(|e| {
+            eval_one(&model, p, &a, heun, &dev).map_err(|e| {
                 // Name the file, unless the error already starts with it.
                 let name = p.display().to_string();
                 if format!("{e:#}").starts_with(&name) { e } else { e.context(name) }

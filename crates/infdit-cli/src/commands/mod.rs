@@ -7,10 +7,14 @@ mod upscale;
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
 use candle_core::{DType, Device};
 
 use infdit::ModelConfig;
+use infdit::config::SamplerDefaults;
+use infdit::diffusion::HeunConfig;
 use infdit::pipeline::Model;
 use infdit::weights::{Checkpoint, convert::convert};
 
@@ -38,16 +42,93 @@ pub(crate) fn dtype(d: DTypeArg) -> DType {
     }
 }
 
+/// The model shipped inside the binary (see models/default/MODEL_CARD.md): used when no
+/// `--model` is given.
+const DEFAULT_MODEL_WEIGHTS: &[u8] = include_bytes!("../../../../models/default/model.safetensors");
+/// Its config, with its sampler defaults.
+const DEFAULT_MODEL_CONFIG: &str = include_str!("../../../../models/default/config.json");
+
+/// Where the weights and the config of a `--model` come from.
+enum ModelSource<'a> {
+    BuiltIn,
+    /// A weights file and the config file to use, if any (else the released config).
+    Files { weights: PathBuf, config: Option<&'a Path> },
+}
+
+fn model_source(a: &ModelArgs) -> Result<ModelSource<'_>> {
+    match &a.model {
+        None if a.config.is_some() => bail!("--config needs --model (the built-in model has its own config)"),
+        None => Ok(ModelSource::BuiltIn),
+        // A model folder, as `infdit train` writes it: model.safetensors + config.json.
+        Some(dir) if dir.is_dir() => {
+            let weights = dir.join("model.safetensors");
+            if !weights.is_file() {
+                bail!("{}: a model folder must hold model.safetensors (and config.json)", dir.display());
+            }
+            Ok(ModelSource::Files { weights, config: None })
+        }
+        Some(file) => Ok(ModelSource::Files { weights: file.clone(), config: a.config.as_deref() }),
+    }
+}
+
+/// The config file of a model folder given to --model, unless --config overrides it.
+fn folder_config(a: &ModelArgs) -> Option<PathBuf> {
+    match (&a.model, &a.config) {
+        (_, Some(c)) => Some(c.clone()),
+        (Some(dir), None) if dir.is_dir() => Some(dir.join("config.json")),
+        _ => None,
+    }
+}
+
 fn model_config(a: &ModelArgs) -> Result<ModelConfig> {
-    Ok(match &a.config {
-        Some(p) => ModelConfig::from_file(p)?,
-        None => ModelConfig::released(),
+    Ok(match (model_source(a)?, folder_config(a)) {
+        (ModelSource::BuiltIn, _) => ModelConfig::from_json_str(DEFAULT_MODEL_CONFIG)?,
+        (_, Some(p)) => ModelConfig::from_file(&p)?,
+        (ModelSource::Files { config: None, .. }, None) => ModelConfig::released(),
+        (ModelSource::Files { config: Some(p), .. }, None) => ModelConfig::from_file(p)?,
     })
+}
+
+/// The sampler settings the model's config recommends (steps, starting sigma), if it names any.
+pub(crate) fn sampler_defaults(a: &ModelArgs) -> Result<Option<SamplerDefaults>> {
+    Ok(match (model_source(a)?, folder_config(a)) {
+        (ModelSource::BuiltIn, _) => SamplerDefaults::from_json_str(DEFAULT_MODEL_CONFIG)?,
+        (_, Some(p)) => SamplerDefaults::from_file(&p)?,
+        _ => None,
+    })
+}
+
+/// The sampler: `--steps` / `--sigma-max` when given, else the model's own defaults, else the
+/// released settings (20 steps from sigma 40).
+pub(crate) fn heun_config(
+    defaults: Option<SamplerDefaults>,
+    steps: Option<usize>,
+    sigma_max: Option<f32>,
+) -> Result<HeunConfig> {
+    let base = HeunConfig::default();
+    let heun = HeunConfig {
+        steps: steps.or(defaults.map(|d| d.steps)).unwrap_or(base.steps),
+        sigma_max: sigma_max.or(defaults.map(|d| d.sigma_max)).unwrap_or(base.sigma_max),
+        ..base
+    };
+    if heun.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    if !(heun.sigma_max > heun.sigma_min && heun.sigma_max.is_finite()) {
+        bail!("--sigma-max {} must be finite and above sigma_min {}", heun.sigma_max, heun.sigma_min);
+    }
+    Ok(heun)
 }
 
 pub(crate) fn load_model(a: &ModelArgs, dt: DType, dev: &Device) -> Result<Model> {
     let cfg = model_config(a)?;
-    Ok(Model::load(&cfg, &a.model, a.clip.as_deref(), dt, dev)?)
+    Ok(match model_source(a)? {
+        ModelSource::BuiltIn => {
+            let tensors = candle_core::safetensors::load_buffer(DEFAULT_MODEL_WEIGHTS, &Device::Cpu)?;
+            Model::from_checkpoint(&cfg, Checkpoint::from_tensors("built-in default model", tensors), dt, dev)?
+        }
+        ModelSource::Files { weights, .. } => Model::load(&cfg, &weights, a.clip.as_deref(), dt, dev)?,
+    })
 }
 
 fn convert_cmd(a: ConvertArgs) -> Result<()> {
@@ -57,9 +138,12 @@ fn convert_cmd(a: ConvertArgs) -> Result<()> {
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
-    let ck = Checkpoint::open(&a.model.model)?;
+    let ModelSource::Files { weights, .. } = model_source(&a.model)? else {
+        bail!("give the checkpoint to inspect with --model");
+    };
+    let ck = Checkpoint::open(&weights)?;
     let total: usize = ck.keys().map(|k| ck.shape(k).map(|s| s.iter().product::<usize>()).unwrap_or(0)).sum();
-    println!("{}: {} tensors, {} values", a.model.model.display(), ck.len(), total);
+    println!("{}: {} tensors, {} values", weights.display(), ck.len(), total);
     if a.list {
         for k in ck.keys() {
             println!("  {k} {:?}", ck.shape(k).unwrap_or(&[]));

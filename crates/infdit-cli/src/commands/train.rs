@@ -191,7 +191,10 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
             let (img, line) = side_by_side(&trainer.model(true)?, &target, heun, a.seed)?;
             let png = a.out.join("samples").join(format!("step_{:06}.png", st.step));
             save_rgb8_atomic(&img, &png, &[])?;
-            bar.println(format!("step {}: {line}; wrote {}", st.step, png.display()));
+            if !a.quiet {
+                // suspend, not println: println prints nothing when stderr is not a terminal.
+                bar.suspend(|| eprintln!("step {}: {line}; wrote {}", st.step, png.display()));
+            }
         }
     }
     bar.finish();

@@ -57,6 +57,12 @@ pub fn save_atomic(tensors: &HashMap<String, candle_core::Tensor>, output: &Path
     let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = output.with_file_name(format!(".{name}.partial"));
     candle_core::safetensors::save(tensors, &tmp).map_err(|e| parse_err(output, e))?;
+    // The safetensors writer creates owner-only files; a checkpoint is ordinary data.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
+    }
     std::fs::rename(&tmp, output).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         parse_err(output, e)
