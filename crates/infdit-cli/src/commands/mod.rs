@@ -52,7 +52,10 @@ const DEFAULT_MODEL_CONFIG: &str = include_str!("../../../../models/default/conf
 enum ModelSource<'a> {
     BuiltIn,
     /// A weights file and the config file to use, if any (else the released config).
-    Files { weights: PathBuf, config: Option<&'a Path> },
+    Files {
+        weights: PathBuf,
+        config: Option<&'a Path>,
+    },
 }
 
 fn model_source(a: &ModelArgs) -> Result<ModelSource<'_>> {

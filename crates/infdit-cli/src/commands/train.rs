@@ -66,6 +66,19 @@ pub(crate) fn side_by_side(model: &Model, hr: &Tensor, heun: HeunConfig, seed: u
     Ok((canvas, format!("bicubic {bp:.2} dB / {bs:.4}, model {mp:.2} dB / {ms:.4} (PSNR-Y / SSIM-Y)")))
 }
 
+/// Drops the lines of steps after `step` from the loss log (an interrupted run logged them after
+/// its last saved state; the resumed run logs them again).
+fn truncate_log(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|l| l.split(',').next().and_then(|s| s.parse::<usize>().ok()).is_none_or(|s| s <= step))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_atomic(path, kept.as_bytes())?;
+    Ok(())
+}
+
 fn model_json(cfg: &ModelConfig, sampler: SamplerDefaults) -> Result<String> {
     let mut v: serde_json::Value = serde_json::from_str(&cfg.to_json())?;
     v["sampler"] = serde_json::to_value(sampler)?;
@@ -140,6 +153,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
     std::fs::create_dir_all(a.out.join("samples")).with_context(|| format!("{}: cannot create", a.out.display()))?;
     if trainer.load_state(&a.out, &sc)? {
         say(format!("resuming from step {} in {}", trainer.step(), a.out.display()));
+        truncate_log(&a.out.join("loss.csv"), trainer.step())?;
     }
     let sample_path = match &a.sample_image {
         Some(p) => p.clone(),
