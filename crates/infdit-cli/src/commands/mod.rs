@@ -18,7 +18,7 @@ use crate::args::{Cli, Command, ConvertArgs, DTypeArg, InspectArgs, ModelArgs, R
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Upscale(a) => upscale::upscale(a),
+        Command::Upscale(a) => return upscale::upscale(a),
         Command::Convert(a) => convert_cmd(a),
         Command::Inspect(a) => inspect(a),
         Command::RandomModel(a) => random_model(a),
@@ -36,7 +36,7 @@ pub(crate) fn dtype(d: DTypeArg) -> DType {
     }
 }
 
-fn model_config(a: &ModelArgs) -> Result<ModelConfig> {
+pub(crate) fn model_config(a: &ModelArgs) -> Result<ModelConfig> {
     Ok(match &a.config {
         Some(p) => ModelConfig::from_file(p)?,
         None => ModelConfig::released(),
