@@ -17,7 +17,7 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Upscale an image.
+    /// Upscale an image, or a batch of files, folders and globs.
     Upscale(UpscaleArgs),
     /// Convert a checkpoint (official .pt or safetensors) to safetensors.
     Convert(ConvertArgs),
@@ -240,7 +240,8 @@ pub struct UpscaleArgs {
     #[arg(long, value_enum)]
     pub kv_dtype: Option<DTypeArg>,
     /// Save the sampler state here after each step, and resume from it when rerun with the same
-    /// command (the result is bit-identical to an uninterrupted run).
+    /// command (the result is bit-identical to an uninterrupted run). In a batch, each file uses
+    /// `DIR/<output path below -o>.state`; runs of several passes also keep each finished pass.
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
     /// Print the memory plan and the chosen settings.

@@ -350,7 +350,7 @@ pub(crate) fn upscale(a: UpscaleArgs) -> Result<ExitCode> {
             not_done = jobs.len() - i;
             break;
         }
-        rep.begin_file(i, works[i]);
+        rep.begin_file(i, job.input.display().to_string(), works[i]);
         if let Some(e) = &job.error {
             rep.emit(json!({"event": "failed", "input": job.input.display().to_string(), "error": e}));
             rep.line(&format!("error: {e}"));
@@ -387,8 +387,8 @@ pub(crate) fn upscale(a: UpscaleArgs) -> Result<ExitCode> {
                 not_done = jobs.len() - i;
                 rep.emit(json!({"event": "interrupted", "input": job.input.display().to_string()}));
                 let resume = match &a.checkpoint_dir {
-                    Some(d) => format!("; the last completed step is saved in {}: rerun to resume", d.display()),
-                    None => "; nothing was written".into(),
+                    Some(d) => format!("; its last completed step is kept in {}: rerun to resume", d.display()),
+                    None => "; its output was not written".into(),
                 };
                 rep.line(&format!("interrupted while upscaling {}{resume}", job.input.display()));
                 break;

@@ -87,13 +87,17 @@ impl Reporter {
         }
     }
 
-    /// A new file: its index and its estimated work (from the header).
-    pub fn begin_file(&mut self, index: usize, estimate: u64) {
+    /// A new file: its index, name and estimated work (from the header).
+    pub fn begin_file(&mut self, index: usize, name: String, estimate: u64) {
         self.file_index = index;
         self.current_work = estimate;
         self.started = Instant::now();
         if let Some(b) = &self.batch {
             b.set_message(format!("file {}/{}", index + 1, self.file_count));
+            self.image.reset();
+            self.image.set_position(0);
+            self.image.set_prefix(name);
+            self.image.set_message("loading");
         }
     }
 
