@@ -17,7 +17,7 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Upscale an image.
+    /// Upscale an image, or a batch of files, folders and globs.
     Upscale(UpscaleArgs),
     /// Convert a checkpoint (official .pt or safetensors) to safetensors.
     Convert(ConvertArgs),
@@ -61,15 +61,45 @@ pub enum DTypeArg {
     F16,
 }
 
-/// Scale of one model pass.
+/// Parses `--scale`: a factor > 0 such as `4`, `2`, `8`, `3`, `1.5`, optionally written `x4`.
+pub fn parse_scale(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let num = t.strip_prefix(['x', 'X']).unwrap_or(t);
+    let v: f64 = num.parse().map_err(|_| format!("'{s}' is not a scale factor (e.g. 4, 2, 8, 3, 1.5 or x4)"))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("scale '{s}' must be a number above 0"));
+    }
+    if v > 4096.0 {
+        return Err(format!("scale '{s}' is above the largest supported factor, 4096"));
+    }
+    Ok(v)
+}
+
+/// Output format of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ScaleArg {
-    /// Native 4x.
-    #[value(name = "4")]
-    X4,
-    /// The official 2x mode.
-    #[value(name = "2")]
-    X2,
+pub enum FormatArg {
+    /// PNG (8 or 16 bits, alpha).
+    Png,
+    /// JPEG (8 bits, no alpha; --jpeg-quality).
+    #[value(alias = "jpg")]
+    Jpeg,
+    /// Lossless WebP (8 bits, alpha).
+    Webp,
+    /// TIFF (8 or 16 bits, alpha).
+    #[value(alias = "tif")]
+    Tiff,
+}
+
+impl FormatArg {
+    /// The file extension written.
+    pub fn extension(self) -> &'static str {
+        match self {
+            FormatArg::Png => "png",
+            FormatArg::Jpeg => "jpg",
+            FormatArg::Webp => "webp",
+            FormatArg::Tiff => "tif",
+        }
+    }
 }
 
 /// How inputs meet the block grid.
@@ -145,11 +175,31 @@ pub struct ModelArgs {
 /// `infdit upscale`.
 #[derive(Debug, clap::Args)]
 pub struct UpscaleArgs {
-    /// Input image (PNG, JPEG, WebP, TIFF, BMP).
-    pub input: PathBuf,
-    /// Output image (PNG, JPEG, WebP, TIFF by extension). Written atomically; never the input.
+    /// Input images (PNG, JPEG, WebP, TIFF, BMP), folders (searched recursively for files with
+    /// those extensions, hidden entries skipped) and glob patterns (`'photos/**/*.jpg'`, expanded
+    /// by infdit, so they work quoted).
+    #[arg(required = true, num_args = 1.., value_name = "INPUT")]
+    pub inputs: Vec<PathBuf>,
+    /// Output. With one input file: the output image (PNG, JPEG, WebP, TIFF by extension). With
+    /// several inputs, a folder or a glob (or when it is an existing folder): the output folder,
+    /// which mirrors the input tree. Written atomically; an input is never overwritten.
     #[arg(short, long, value_name = "PATH")]
     pub output: PathBuf,
+    /// Output file name in a batch: `{stem}` (input name without extension), `{ext}` (--format's
+    /// extension, else the input's, else png), `{scale}` (x4, x1.5, w1024, h768 or 1024x768);
+    /// `{{`/`}}` for braces. Default: `{stem}_{scale}.{ext}`.
+    #[arg(long, value_name = "TEMPLATE")]
+    pub name: Option<String>,
+    /// Output format in a batch (default: the input's when writable, else PNG).
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
+    /// Skip inputs whose output file already exists.
+    #[arg(long)]
+    pub skip_existing: bool,
+    /// Print what would be done (input -> output, sizes, model passes, block grid, estimated
+    /// memory) without loading the model or writing anything.
+    #[arg(long)]
+    pub dry_run: bool,
     #[command(flatten)]
     pub model: ModelArgs,
     /// Seed of the initial noise.
@@ -162,12 +212,24 @@ pub struct UpscaleArgs {
     /// Network precision.
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
     pub dtype: DTypeArg,
-    /// Upscaling factor of the pass (the official 4x, or its 2x mode).
-    #[arg(long, value_enum, default_value_t = ScaleArg::X4)]
-    pub scale: ScaleArg,
-    /// Sampler steps (the released config: 20, i.e. 39 network evaluations).
-    #[arg(long, default_value_t = 20)]
-    pub steps: usize,
+    /// Upscaling factor (default 4): 4 is the native pass, 2 the official 2x mode; any other factor
+    /// S > 0 (8, 16, 3, 1.5, ...) runs the fewest passes (x4, or x2 where that suffices) reaching at
+    /// least S, then an antialiased bicubic downscale to round(W*S) x round(H*S). `x4` also accepted.
+    #[arg(long, value_parser = parse_scale, conflicts_with_all = ["width", "height"])]
+    pub scale: Option<f64>,
+    /// Output width in pixels (alone: the height keeps the aspect ratio). Passes as for --scale.
+    #[arg(long, value_name = "PX", value_parser = clap::value_parser!(u32).range(1..))]
+    pub width: Option<u32>,
+    /// Output height in pixels (alone: the width keeps the aspect ratio).
+    #[arg(long, value_name = "PX", value_parser = clap::value_parser!(u32).range(1..))]
+    pub height: Option<u32>,
+    /// Sampler steps (default: the model's own setting — the built-in model's is in its config —
+    /// else the released 20, i.e. 39 network evaluations).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Starting sigma of the sampler (default: the model's own setting, else the released 40).
+    #[arg(long)]
+    pub sigma_max: Option<f32>,
     /// Bicubic kernel of the input preparation.
     #[arg(long, value_enum, default_value_t = ResizeArg::Antialias)]
     pub resize: ResizeArg,
@@ -187,7 +249,8 @@ pub struct UpscaleArgs {
     #[arg(long, value_enum)]
     pub kv_dtype: Option<DTypeArg>,
     /// Save the sampler state here after each step, and resume from it when rerun with the same
-    /// command (the result is bit-identical to an uninterrupted run).
+    /// command (the result is bit-identical to an uninterrupted run). In a batch, each file uses
+    /// `DIR/<output path below -o>.state`; runs of several passes also keep each finished pass.
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
     /// Print the memory plan and the chosen settings.
@@ -206,11 +269,12 @@ pub struct UpscaleArgs {
     /// Largest input accepted, in pixels (guards against decompression bombs).
     #[arg(long, default_value_t = 64 << 20)]
     pub max_pixels: u64,
-    /// No progress bar.
+    /// No progress bars, no "wrote" lines, no summary (errors are still printed).
     #[arg(long, short)]
     pub quiet: bool,
     /// Progress as JSON lines on standard output (one object per event: `start`, `progress`,
-    /// `done`) instead of the progress bar, for scripts.
+    /// `done`, and in batches `skipped`, `failed`, `summary`; each with `file_index` (from 0) and
+    /// `file_count`) instead of the progress bars, for scripts.
     #[arg(long)]
     pub json: bool,
 }

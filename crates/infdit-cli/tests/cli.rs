@@ -280,3 +280,227 @@ fn json_progress_events() {
     assert_eq!((last["steps_done"].as_u64(), last["evals_done"].as_u64()), (Some(2), Some(3)));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An `infdit upscale` command on the tiny2 model: `args` then the model flags.
+fn upscale_cmd(args: &[&std::ffi::OsStr]) -> Command {
+    let p = shared("parity2");
+    let mut c = infdit();
+    c.arg("upscale")
+        .args(args)
+        .args(["--model".as_ref(), p.join("tiny2.safetensors").as_os_str()])
+        .args(["--config".as_ref(), p.join("config.json").as_os_str()]);
+    c
+}
+
+/// An 8x8 RGB PNG cut from a parity input at (x, y).
+fn tiny_rgb(path: &std::path::Path, x: u32, y: u32) {
+    let src = image::open(shared("parity2").join("case_d_lr.png")).unwrap().to_rgb8();
+    image::imageops::crop_imm(&src, x, y, 8, 8).to_image().save(path).unwrap();
+}
+
+fn stderr_of(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn json_events(o: &std::process::Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// Folders (recursive, hidden entries and non-images skipped), quoted globs and plain files in
+/// one batch: the output folder mirrors the input tree with the name template, a bad file fails
+/// alone (named, counted, exit 1), and --skip-existing skips what is there.
+#[test]
+fn batch_mirrors_folders_globs_and_files() {
+    let dir = tmpdir("batch");
+    let (photos, loose, out) = (dir.join("photos"), dir.join("loose"), dir.join("out"));
+    for d in [photos.join("sub"), photos.join(".hidden"), loose.clone()] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    tiny_rgb(&photos.join("a.png"), 0, 0);
+    tiny_rgb(&photos.join("sub/b.png"), 8, 8);
+    tiny_rgb(&photos.join(".hidden/c.png"), 16, 0);
+    std::fs::write(photos.join("notes.txt"), b"not an image").unwrap();
+    std::fs::write(photos.join("sub/broken.png"), b"not a png at all").unwrap();
+    tiny_rgb(&loose.join("d.png"), 24, 0);
+    tiny_rgb(&loose.join("e.png"), 32, 0);
+    tiny_rgb(&dir.join("f.png"), 40, 0);
+
+    let pattern = loose.join("*.png");
+    let run = |extra: &[&str]| {
+        let mut c = upscale_cmd(&[photos.as_os_str(), pattern.as_os_str(), dir.join("f.png").as_os_str()]);
+        c.arg("-o").arg(&out).args(["--steps", "1", "--name", "{stem}-{scale}.{ext}"]).args(extra);
+        c.output().unwrap()
+    };
+    let r = run(&["--json"]);
+    let err = stderr_of(&r);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(err.contains("broken.png"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let made = ["a-x4.png", "sub/b-x4.png", "d-x4.png", "e-x4.png", "f-x4.png"];
+    for f in made {
+        assert_eq!(image::open(out.join(f)).unwrap().dimensions(), (32, 32), "{f}");
+    }
+    assert!(!out.join(".hidden").exists() && !out.join("c-x4.png").exists());
+    assert!(!out.join("sub/broken-x4.png").exists());
+    let events = json_events(&r);
+    let summary = events.last().unwrap();
+    assert_eq!(summary["event"], "summary");
+    assert_eq!(
+        (summary["done"].as_u64(), summary["skipped"].as_u64(), summary["failed"].as_u64()),
+        (Some(5), Some(0), Some(1))
+    );
+    // Sorted folder walk first, then the pattern, then the file; six files in all.
+    let starts: Vec<(u64, String)> = events
+        .iter()
+        .filter(|e| e["event"] == "start")
+        .map(|e| (e["file_index"].as_u64().unwrap(), e["input"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(starts.len(), 5);
+    assert!(starts[0].1.ends_with("photos/a.png") && starts[0].0 == 0, "{starts:?}");
+    assert!(starts[4].1.ends_with("f.png") && starts[4].0 == 5, "{starts:?}");
+    assert!(events.iter().all(|e| e["event"] == "summary" || e["file_count"] == 6));
+    let failed: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "failed").collect();
+    assert_eq!(failed.len(), 1);
+    assert!(failed[0]["error"].as_str().unwrap().contains("broken.png"));
+
+    // Rerun with --skip-existing: only the missing output is made, the others are untouched.
+    std::fs::write(out.join("sub/b-x4.png"), b"marker").unwrap();
+    std::fs::remove_file(out.join("e-x4.png")).unwrap();
+    let r = run(&["--skip-existing"]);
+    let err = stderr_of(&r);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(err.contains("1 done, 4 skipped, 1 failed"), "{err}");
+    assert_eq!(std::fs::read(out.join("sub/b-x4.png")).unwrap(), b"marker");
+    assert_eq!(image::open(out.join("e-x4.png")).unwrap().dimensions(), (32, 32));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// In a batch, no output may land on an input: not by name (template giving the input's own
+/// name in its own folder), and a collision between two outputs is refused for the second.
+#[test]
+fn batch_never_overwrites_an_input() {
+    let dir = tmpdir("batch-inputs");
+    tiny_rgb(&dir.join("a.png"), 0, 0);
+    tiny_rgb(&dir.join("b.png"), 8, 0);
+    std::fs::write(dir.join("b.jpg"), std::fs::read(dir.join("b.png")).unwrap()).unwrap();
+    let before: Vec<Vec<u8>> = ["a.png", "b.png"].iter().map(|f| std::fs::read(dir.join(f)).unwrap()).collect();
+    let r = upscale_cmd(&[dir.as_os_str()])
+        .arg("-o")
+        .arg(&dir)
+        .args(["--steps", "1", "--name", "{stem}.png"])
+        .output()
+        .unwrap();
+    let err = stderr_of(&r);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(err.contains("refusing to overwrite"), "{err}");
+    // a.png and b.png would overwrite themselves; b.jpg would write b.png, an input too.
+    assert!(err.contains("0 done, 0 skipped, 3 failed"), "{err}");
+    let after: Vec<Vec<u8>> = ["a.png", "b.png"].iter().map(|f| std::fs::read(dir.join(f)).unwrap()).collect();
+    assert_eq!(before, after);
+
+    // Two inputs with the same stem and --format: the second is refused, the first is written.
+    let out = dir.join("out");
+    let r = upscale_cmd(&[dir.join("b.png").as_os_str(), dir.join("b.jpg").as_os_str()])
+        .arg("-o")
+        .arg(&out)
+        .args(["--steps", "1", "--format", "png"])
+        .output()
+        .unwrap();
+    let err = stderr_of(&r);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(err.contains("b.jpg: its output") && err.contains("also the output of"), "{err}");
+    assert_eq!(image::open(out.join("b_x4.png")).unwrap().dimensions(), (32, 32));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// --dry-run prints input -> output, sizes, passes, block grid and memory, writes nothing and
+/// does not read the weights (a junk checkpoint file is fine).
+#[test]
+fn dry_run_plans_without_loading_or_writing() {
+    let dir = tmpdir("dry");
+    let (inp, out) = (dir.join("in"), dir.join("out"));
+    std::fs::create_dir_all(inp.join("sub")).unwrap();
+    tiny_rgb(&inp.join("a.png"), 0, 0);
+    let big = image::RgbImage::from_pixel(40, 20, image::Rgb([9, 99, 199]));
+    big.save(inp.join("sub/wide.png")).unwrap();
+    let junk = dir.join("junk.safetensors");
+    std::fs::write(&junk, b"no weights here").unwrap();
+    let r = infdit()
+        .arg("upscale")
+        .arg(&inp)
+        .arg("-o")
+        .arg(&out)
+        .args(["--model".as_ref(), junk.as_os_str()])
+        .args(["--config".as_ref(), shared("parity2").join("config.json").as_os_str()])
+        .args(["--scale", "3", "--dry-run", "--block-batch", "1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert!(r.status.success(), "{}{text}", stderr_of(&r));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(lines[0].contains("a.png -> ") && lines[0].contains("a_x3.png: 8x8 -> 24x24"), "{}", lines[0]);
+    assert!(lines[0].contains("x4 pass to 32x32 (1 x 1 blocks of 128 px, block batch 1), then a bicubic resize"));
+    assert!(lines[0].contains(" MiB"), "{}", lines[0]);
+    // 40x20: padded to 64x32 for x4 -> 256x128, 1 x 2 blocks.
+    assert!(lines[1].contains("sub/wide_x3.png: 40x20 -> 120x60: x4 pass to 160x80 (1 x 2 blocks"), "{}", lines[1]);
+    assert_eq!(lines[2], "dry run: 2 to upscale, 0 skipped, 0 failed; nothing written");
+    assert!(!out.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// --scale 2/3/8/x1.5 and --width/--height give the exact sizes, through x4/x2 passes and a
+/// downscale; 16-bit RGBA stays 16-bit RGBA with its own alpha.
+#[test]
+fn scale_factors_and_sizes_give_exact_dimensions() {
+    let dir = tmpdir("scales");
+    let input = dir.join("rgba16.png");
+    let img = image::ImageBuffer::from_fn(8, 8, |x, y| {
+        image::Rgba([(x * 8000) as u16, (y * 8000) as u16, 30000u16, (x * y * 1000 + 500) as u16])
+    });
+    image::DynamicImage::ImageRgba16(img).save(&input).unwrap();
+    // (flags, output size, passes)
+    type Case<'a> = (&'a [&'a str], (u32, u32), &'a [u64]);
+    let cases: [Case; 7] = [
+        (&["--scale", "2"], (16, 16), &[2]),
+        (&["--scale", "3"], (24, 24), &[4]),
+        (&["--scale", "8"], (64, 64), &[2, 4]),
+        (&["--scale", "x1.5"], (12, 12), &[2]),
+        (&["--width", "20"], (20, 20), &[4]),
+        (&["--width", "30", "--height", "12"], (30, 12), &[4]),
+        (&["--height", "100"], (100, 100), &[4, 4]),
+    ];
+    for (i, (flags, size, passes)) in cases.iter().enumerate() {
+        let out = dir.join(format!("{i}.png"));
+        let r = upscale_cmd(&[input.as_os_str()])
+            .arg("-o")
+            .arg(&out)
+            .args(["--steps", "1", "--json"])
+            .args(*flags)
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{flags:?}: {}", stderr_of(&r));
+        let img = image::open(&out).unwrap();
+        assert_eq!(img.dimensions(), *size, "{flags:?}");
+        assert_eq!(img.color(), image::ColorType::Rgba16, "{flags:?}");
+        let a: Vec<u16> = img.to_rgba16().pixels().map(|p| p.0[3]).collect();
+        assert!(a.iter().min() < a.iter().max(), "{flags:?}: alpha lost");
+        let start = json_events(&r).into_iter().find(|e| e["event"] == "start").unwrap();
+        let got: Vec<u64> = start["passes"].as_array().unwrap().iter().map(|p| p["scale"].as_u64().unwrap()).collect();
+        assert_eq!(&got, passes, "{flags:?}");
+        assert_eq!((start["width"].as_u64(), start["height"].as_u64()), (Some(size.0 as u64), Some(size.1 as u64)));
+    }
+    // --scale and --width together are a usage error; so is a scale that is not a number.
+    let r = upscale_cmd(&[input.as_os_str()])
+        .arg("-o")
+        .arg(dir.join("x.png"))
+        .args(["--scale", "2", "--width", "9"])
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(2));
+    let r =
+        upscale_cmd(&[input.as_os_str()]).arg("-o").arg(dir.join("x.png")).args(["--scale", "big"]).output().unwrap();
+    assert_eq!(r.status.code(), Some(2));
+    assert!(stderr_of(&r).contains("'big' is not a scale factor"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -30,6 +30,12 @@ pub enum InfditError {
     /// The computation produced a non-finite value.
     #[error("numerical failure: {0}")]
     NonFinite(String),
+    /// The run was stopped through [`crate::pipeline::SampleOptions::cancel`] (Ctrl-C).
+    #[error("interrupted after {steps_done} completed sampler steps")]
+    Interrupted {
+        /// Steps completed (and saved, with a checkpoint folder) before the stop.
+        steps_done: usize,
+    },
     /// A failure inside the tensor library.
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),

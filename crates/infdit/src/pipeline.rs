@@ -2,6 +2,8 @@
 //! preparation (§2, §7), the EDM denoiser in whole-image mode, and the sampling loop.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -239,7 +241,7 @@ pub enum Mode {
 }
 
 /// Settings of a sampling run.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct SampleOptions {
     /// Sampler settings.
     pub heun: HeunConfig,
@@ -249,6 +251,10 @@ pub struct SampleOptions {
     pub checkpoint_dir: Option<std::path::PathBuf>,
     /// Stop (returning no sample) once this many steps are done; for interruption and tests.
     pub stop_after_steps: Option<usize>,
+    /// Set from another thread (a Ctrl-C handler) to stop the run: [`sample`] checks it before
+    /// every network evaluation and returns [`InfditError::Interrupted`]. The saved state of the
+    /// last completed step, if any, is kept, so the run can be resumed.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for SampleOptions {
@@ -258,7 +264,40 @@ impl Default for SampleOptions {
             mode: Mode::Blocks { block_batch: 1, kv_dtype: DType::F32 },
             checkpoint_dir: None,
             stop_after_steps: None,
+            cancel: None,
         }
+    }
+}
+
+impl PartialEq for SampleOptions {
+    /// Field by field; two cancellation flags are equal when they are the same flag.
+    fn eq(&self, o: &Self) -> bool {
+        let Self { heun, mode, checkpoint_dir, stop_after_steps, cancel } = self;
+        let same_flag = match (cancel, &o.cancel) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        *heun == o.heun
+            && *mode == o.mode
+            && *checkpoint_dir == o.checkpoint_dir
+            && *stop_after_steps == o.stop_after_steps
+            && same_flag
+    }
+}
+
+/// A denoiser that refuses to start an evaluation once the cancellation flag is set.
+struct Cancellable<'a, 'b> {
+    inner: &'a mut dyn Denoise,
+    flag: &'b AtomicBool,
+}
+
+impl Denoise for Cancellable<'_, '_> {
+    fn denoise(&mut self, x: &Tensor, sigma: f32, index: usize) -> candle_core::Result<Tensor> {
+        if self.flag.load(Ordering::Relaxed) {
+            candle_core::bail!("interrupted");
+        }
+        self.inner.denoise(x, sigma, index)
     }
 }
 
@@ -451,13 +490,20 @@ pub fn sample(
             b
         }
     };
+    let never = AtomicBool::new(false);
+    let flag = opts.cancel.as_deref().unwrap_or(&never);
+    let mut den = Cancellable { inner: den, flag };
     let last = sigmas.len() - 1;
     let mut steps_done = start;
     for i in start..last {
         if opts.stop_after_steps.is_some_and(|s| steps_done >= s) {
             break;
         }
-        x = crate::diffusion::heun_step(den, &x, &sigmas, i)?;
+        let stepped = crate::diffusion::heun_step(&mut den, &x, &sigmas, i);
+        if flag.load(Ordering::Relaxed) {
+            return Err(InfditError::Interrupted { steps_done });
+        }
+        x = stepped?;
         check_finite(&x, i)?;
         steps_done = i + 1;
         if let Some(f) = &state_file {

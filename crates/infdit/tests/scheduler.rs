@@ -181,7 +181,8 @@ fn resume_is_bit_identical() {
     let full = sample(&m, &p, &clip, &eps, &SampleOptions { heun, mode, ..Default::default() }, &mut |_| {}).unwrap();
     let dir = std::env::temp_dir().join(format!("infdit-resume-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let stopped = SampleOptions { heun, mode, checkpoint_dir: Some(dir.clone()), stop_after_steps: Some(3) };
+    let stopped =
+        SampleOptions { heun, mode, checkpoint_dir: Some(dir.clone()), stop_after_steps: Some(3), cancel: None };
     let first = sample(&m, &p, &clip, &eps, &stopped, &mut |_| {}).unwrap();
     assert!(first.sample.is_none());
     assert_eq!(first.steps_done, 3);

@@ -85,6 +85,7 @@ fn eval_one(model: &Model, path: &Path, a: &EvalArgs, heun: HeunConfig, dev: &De
         mode: Mode::Blocks { block_batch: a.block_batch, kv_dtype: DType::F32 },
         checkpoint_dir: None,
         stop_after_steps: None,
+        cancel: None,
     };
     let out = sample(model, &prep, &clip, &eps, &opts, &mut |_| {})?;
     let sr = out.sample.context("sampling stopped before the last step")?;

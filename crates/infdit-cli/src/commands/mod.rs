@@ -23,7 +23,7 @@ use crate::args::{Cli, Command, ConvertArgs, DTypeArg, InspectArgs, ModelArgs, R
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Upscale(a) => upscale::upscale(a),
+        Command::Upscale(a) => return upscale::upscale(a),
         Command::Convert(a) => convert_cmd(a),
         Command::Inspect(a) => inspect(a),
         Command::RandomModel(a) => random_model(a),
@@ -74,6 +74,11 @@ fn model_source(a: &ModelArgs) -> Result<ModelSource<'_>> {
     }
 }
 
+/// The model as named in messages and run fingerprints.
+pub(crate) fn model_label(a: &ModelArgs) -> String {
+    a.model.as_ref().map_or_else(|| "built-in default model".into(), |p| p.display().to_string())
+}
+
 /// The config file of a model folder given to --model, unless --config overrides it.
 fn folder_config(a: &ModelArgs) -> Option<PathBuf> {
     match (&a.model, &a.config) {
@@ -83,7 +88,7 @@ fn folder_config(a: &ModelArgs) -> Option<PathBuf> {
     }
 }
 
-fn model_config(a: &ModelArgs) -> Result<ModelConfig> {
+pub(crate) fn model_config(a: &ModelArgs) -> Result<ModelConfig> {
     Ok(match (model_source(a)?, folder_config(a)) {
         (ModelSource::BuiltIn, _) => ModelConfig::from_json_str(DEFAULT_MODEL_CONFIG)?,
         (_, Some(p)) => ModelConfig::from_file(&p)?,

@@ -1,0 +1,316 @@
+//! Batch inputs: files, folders (recursive) and glob patterns to a list of images, each with the
+//! relative path its output mirrors; the output name template.
+
+use std::collections::HashSet;
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::{Result, bail};
+
+/// Extensions taken from folders and glob matches (compared case-insensitively).
+pub const IMAGE_EXTENSIONS: [&str; 7] = ["png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp"];
+
+/// Extensions infdit writes.
+const WRITABLE_EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "webp", "tif", "tiff"];
+
+/// One input image found on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// The file, as found.
+    pub path: PathBuf,
+    /// Where its output goes, relative to the output folder, before renaming: the path below the
+    /// folder (or the glob's literal base) it was found in, or the bare file name.
+    pub rel: PathBuf,
+}
+
+/// What the command-line inputs expand to.
+#[derive(Debug, Default)]
+pub struct Collected {
+    /// The images, in command-line order, folders sorted, duplicates removed.
+    pub sources: Vec<Source>,
+    /// Inputs that gave nothing: one message each, naming the input.
+    pub errors: Vec<String>,
+}
+
+/// Whether `p` has an image extension.
+pub fn is_image(p: &Path) -> bool {
+    ext_lower(p).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()))
+}
+
+fn ext_lower(p: &Path) -> Option<String> {
+    p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase)
+}
+
+fn is_hidden(name: &std::ffi::OsStr) -> bool {
+    name.to_string_lossy().starts_with('.')
+}
+
+/// Whether an argument is a glob pattern (and not an existing path that happens to hold `*`).
+pub fn is_pattern(arg: &Path) -> bool {
+    let s = arg.to_string_lossy();
+    !arg.exists() && s.contains(['*', '?', '['])
+}
+
+/// Whether the inputs make a batch: several of them, a folder or a pattern.
+pub fn is_batch(args: &[PathBuf]) -> bool {
+    args.len() > 1 || args.iter().any(|a| a.is_dir() || is_pattern(a))
+}
+
+/// Expands the inputs. `skip_dir` (the output folder) is not searched when it lies below a folder
+/// given or is reached by a pattern, so a rerun does not pick up earlier outputs; given itself as
+/// an input folder, it is.
+pub fn collect(args: &[PathBuf], skip_dir: Option<&Path>) -> Collected {
+    let skip = skip_dir.and_then(|d| d.canonicalize().ok());
+    let mut c = Collected::default();
+    let mut seen = HashSet::new();
+    let mut push = |c: &mut Collected, s: Source| {
+        let key = s.path.canonicalize().unwrap_or_else(|_| s.path.clone());
+        if seen.insert(key) {
+            c.sources.push(s);
+        }
+    };
+    for arg in args {
+        if arg.is_dir() {
+            let mut found = Vec::new();
+            let mut visited = HashSet::new();
+            match walk(arg, arg, skip.as_deref(), &mut visited, &mut found) {
+                Err(e) => c.errors.push(format!("{}: {e}", arg.display())),
+                Ok(()) if found.is_empty() => c.errors.push(format!(
+                    "{}: no image files (png, jpg, jpeg, webp, tif, tiff, bmp) in this folder",
+                    arg.display()
+                )),
+                Ok(()) => {}
+            }
+            for s in found {
+                push(&mut c, s);
+            }
+        } else if is_pattern(arg) {
+            match expand_pattern(arg, skip.as_deref()) {
+                Ok(found) if found.is_empty() => {
+                    c.errors.push(format!("{}: the pattern matches no image files", arg.display()))
+                }
+                Ok(found) => found.into_iter().for_each(|s| push(&mut c, s)),
+                Err(e) => c.errors.push(format!("{}: {e}", arg.display())),
+            }
+        } else if arg.is_file() {
+            let rel = PathBuf::from(arg.file_name().unwrap_or(arg.as_os_str()));
+            push(&mut c, Source { path: arg.clone(), rel });
+        } else {
+            c.errors.push(format!("{}: no such file, folder or matching pattern", arg.display()));
+        }
+    }
+    c
+}
+
+/// Image files below `dir`, sorted by path, hidden entries skipped, symlink loops cut.
+fn walk(
+    root: &Path,
+    dir: &Path,
+    skip: Option<&Path>,
+    visited: &mut HashSet<PathBuf>,
+    out: &mut Vec<Source>,
+) -> std::io::Result<()> {
+    let canon = dir.canonicalize()?;
+    // The output folder is not searched (a rerun would take earlier outputs as inputs), unless it
+    // is the folder given itself.
+    if (dir != root && skip == Some(canon.as_path())) || !visited.insert(canon) {
+        return Ok(());
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter(|e| !is_hidden(&e.file_name()))
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            // An unreadable subfolder is skipped, not fatal for its siblings.
+            if let Err(e) = walk(root, &p, skip, visited, out) {
+                eprintln!("warning: {}: skipped: {e}", p.display());
+            }
+        } else if p.is_file() && is_image(&p) {
+            let rel = p.strip_prefix(root).map(Path::to_path_buf).unwrap_or_else(|_| p.clone());
+            out.push(Source { path: p, rel });
+        }
+    }
+    Ok(())
+}
+
+/// The leading components of a pattern that hold no glob character.
+pub fn pattern_base(pattern: &Path) -> PathBuf {
+    let mut base = PathBuf::new();
+    for comp in pattern.components() {
+        if comp.as_os_str().to_string_lossy().contains(['*', '?', '[']) {
+            break;
+        }
+        base.push(comp);
+    }
+    base
+}
+
+fn expand_pattern(pattern: &Path, skip: Option<&Path>) -> Result<Vec<Source>> {
+    let text = pattern.to_str().ok_or_else(|| anyhow::anyhow!("the pattern is not valid UTF-8"))?;
+    let opts = glob::MatchOptions { require_literal_leading_dot: true, ..Default::default() };
+    let paths = glob::glob_with(text, opts).map_err(|e| anyhow::anyhow!("bad pattern: {e}"))?;
+    let base = pattern_base(pattern);
+    let mut out = Vec::new();
+    let mut visited = HashSet::new();
+    for p in paths.filter_map(|p| p.ok()) {
+        if skip.is_some_and(|d| p.canonicalize().is_ok_and(|c| c.starts_with(d))) {
+            continue;
+        }
+        if p.is_dir() {
+            let mut found = Vec::new();
+            walk(&p, &p, skip, &mut visited, &mut found)?;
+            for s in found {
+                let rel = p.strip_prefix(&base).unwrap_or(&p).join(&s.rel);
+                out.push(Source { path: s.path, rel });
+            }
+        } else if p.is_file() && is_image(&p) {
+            let rel = p.strip_prefix(&base).map(Path::to_path_buf).unwrap_or_else(|_| p.clone());
+            out.push(Source { path: p, rel });
+        }
+    }
+    // `rel` must stay inside the output folder.
+    for s in &mut out {
+        if s.rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+            s.rel = PathBuf::from(s.path.file_name().unwrap_or_default());
+        }
+    }
+    Ok(out)
+}
+
+/// The extension of an output: `--format`'s, else the input's when infdit writes it (as spelt),
+/// else `png`.
+pub fn output_extension(input: &Path, format: Option<&str>) -> String {
+    if let Some(f) = format {
+        return f.to_string();
+    }
+    match (input.extension().and_then(|e| e.to_str()), ext_lower(input)) {
+        (Some(e), Some(l)) if WRITABLE_EXTENSIONS.contains(&l.as_str()) => e.to_string(),
+        _ => "png".into(),
+    }
+}
+
+/// A parsed `--name` template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template(Vec<Piece>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    Stem,
+    Ext,
+    Scale,
+}
+
+impl Template {
+    /// The default, `{stem}_{scale}.{ext}`.
+    pub fn default_template() -> Self {
+        Self::parse("{stem}_{scale}.{ext}").expect("valid default template")
+    }
+
+    /// Parses a template: `{stem}`, `{ext}`, `{scale}`, `{{`, `}}` and plain text, no path
+    /// separator.
+    pub fn parse(s: &str) -> Result<Self> {
+        if s.contains(['/', '\\']) {
+            bail!("--name '{s}': a name template cannot hold a path separator");
+        }
+        let mut pieces = Vec::new();
+        let mut text = String::new();
+        let mut chars = s.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    text.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    text.push('}');
+                }
+                '{' => {
+                    let name: String = chars.by_ref().take_while(|&c| c != '}').collect();
+                    let piece = match name.as_str() {
+                        "stem" => Piece::Stem,
+                        "ext" => Piece::Ext,
+                        "scale" => Piece::Scale,
+                        _ => bail!("--name '{s}': unknown placeholder {{{name}}} (use {{stem}}, {{ext}}, {{scale}})"),
+                    };
+                    if !text.is_empty() {
+                        pieces.push(Piece::Text(std::mem::take(&mut text)));
+                    }
+                    pieces.push(piece);
+                }
+                '}' => bail!("--name '{s}': unmatched '}}' (write '}}}}' for a brace)"),
+                c => text.push(c),
+            }
+        }
+        if !text.is_empty() {
+            pieces.push(Piece::Text(text));
+        }
+        let t = Self(pieces);
+        let probe = t.render("a", "png", "x4");
+        if probe.is_empty() || probe == "." || probe == ".." {
+            bail!("--name '{s}' gives an empty file name");
+        }
+        Ok(t)
+    }
+
+    /// The file name for one input.
+    pub fn render(&self, stem: &str, ext: &str, scale: &str) -> String {
+        self.0
+            .iter()
+            .map(|p| match p {
+                Piece::Text(t) => t.as_str(),
+                Piece::Stem => stem,
+                Piece::Ext => ext,
+                Piece::Scale => scale,
+            })
+            .collect()
+    }
+}
+
+/// Best-effort canonical form of a path that may not exist yet (its canonical parent joined with
+/// its name), to compare outputs with inputs.
+pub fn canonical_target(p: &Path) -> PathBuf {
+    if let Ok(c) = p.canonicalize() {
+        return c;
+    }
+    let parent = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match (parent.canonicalize(), p.file_name()) {
+        (Ok(d), Some(name)) => d.join(name),
+        _ => std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_render_and_reject_bad_input() {
+        let t = Template::default_template();
+        assert_eq!(t.render("cat", "png", "x4"), "cat_x4.png");
+        let t = Template::parse("{{{stem}}}-{scale}.jpg").unwrap();
+        assert_eq!(t.render("a", "png", "x1.5"), "{a}-x1.5.jpg");
+        assert!(Template::parse("{stem}/{ext}").is_err());
+        assert!(Template::parse("{size}.png").unwrap_err().to_string().contains("unknown placeholder {size}"));
+        assert!(Template::parse("a}.png").is_err());
+        assert!(Template::parse("").is_err());
+    }
+
+    #[test]
+    fn pattern_bases_and_extensions() {
+        assert_eq!(pattern_base(Path::new("photos/**/*.jpg")), PathBuf::from("photos"));
+        assert_eq!(pattern_base(Path::new("*.png")), PathBuf::new());
+        assert_eq!(pattern_base(Path::new("/a/b?/c.png")), PathBuf::from("/a"));
+        assert_eq!(output_extension(Path::new("a/b.JPG"), None), "JPG");
+        assert_eq!(output_extension(Path::new("a/b.bmp"), None), "png");
+        assert_eq!(output_extension(Path::new("a/b.bmp"), Some("webp")), "webp");
+        assert!(is_image(Path::new("x.TIFF")));
+        assert!(!is_image(Path::new(".x.png.1.partial")));
+    }
+}
