@@ -10,7 +10,7 @@ use infdit::diffusion::HeunConfig;
 use infdit::diffusion::noise::image_noise;
 use infdit::imageio::resize::{Bicubic, center_crop_offsets, resize_shorter_side, resize_tensor};
 use infdit::imageio::{crop, load_rgb, rgb8_to_tensor, save_rgb8_atomic, tensor_to_rgb8};
-use infdit::metrics::{DEFAULT_SEAM_BLOCK, EvalRow, bicubic_baseline, evaluate, format_table};
+use infdit::metrics::{EvalRow, bicubic_baseline, evaluate, format_table};
 use infdit::pipeline::{Mode, Model, PassScale, SampleOptions, prepare_padded, sample};
 
 use super::{load_model, sampler_defaults};
@@ -105,8 +105,10 @@ fn eval_one(model: &Model, path: &Path, a: &EvalArgs, heun: HeunConfig, dev: &De
         save_rgb8_atomic(&bic8, &dir.join(format!("{stem}_bicubic.png")), &[path])?;
         save_rgb8_atomic(&hr8, &dir.join(format!("{stem}_hr.png")), &[path])?;
     }
-    let model_row = evaluate(name.clone(), &sr8, &hr8, CROP_BORDER, DEFAULT_SEAM_BLOCK)?;
-    let bic_row = evaluate(name, &bic8, &hr8, CROP_BORDER, DEFAULT_SEAM_BLOCK)?;
+    // Seams are measured at the model's own block borders (128 px for the released model).
+    let block = model.cfg.dit.block_px;
+    let model_row = evaluate(name.clone(), &sr8, &hr8, CROP_BORDER, block)?;
+    let bic_row = evaluate(name, &bic8, &hr8, CROP_BORDER, block)?;
     Ok((model_row, bic_row))
 }
 
