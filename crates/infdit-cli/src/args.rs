@@ -343,7 +343,7 @@ pub struct BenchArgs {
 /// `infdit eval`.
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
-    /// HR images, or folders (every png/jpg/jpeg/webp/tif/tiff/bmp file in them, sorted).
+    /// HR images, or folders (every image file in them and their subfolders, sorted).
     #[arg(long, value_name = "PATH", num_args = 1.., required = true)]
     pub hr: Vec<PathBuf>,
     #[command(flatten)]

@@ -12,6 +12,7 @@ use infdit::imageio::resize::{Bicubic, center_crop_offsets, resize_shorter_side,
 use infdit::imageio::{crop, load_rgb, rgb8_to_tensor, save_rgb8_atomic, tensor_to_rgb8};
 use infdit::metrics::{EvalRow, bicubic_baseline, evaluate, format_table};
 use infdit::pipeline::{Mode, Model, PassScale, SampleOptions, prepare_padded, sample};
+use infdit::train::collect_image_files;
 
 use super::{load_model, sampler_defaults};
 use crate::args::EvalArgs;
@@ -19,31 +20,15 @@ use crate::args::EvalArgs;
 const SCALE: usize = 4;
 const CROP_BORDER: usize = 4;
 const MAX_PIXELS: u64 = 64 << 20;
-const EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp"];
-
-/// The files named, with folders expanded to their image files (sorted).
+/// The files named, with folders expanded recursively to their image files (sorted).
 fn collect_inputs(paths: &[PathBuf]) -> Vec<Result<PathBuf>> {
     let mut out = Vec::new();
     for p in paths {
         if p.is_dir() {
-            let entries = match std::fs::read_dir(p) {
-                Ok(e) => e,
-                Err(e) => {
-                    out.push(Err(anyhow::anyhow!("{}: cannot list the folder: {e}", p.display())));
-                    continue;
-                }
-            };
-            let mut files: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| {
-                    f.is_file()
-                        && f.extension()
-                            .and_then(|e| e.to_str())
-                            .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-                })
-                .collect();
-            files.sort();
-            out.extend(files.into_iter().map(Ok));
+            match collect_image_files(std::slice::from_ref(p)) {
+                Ok(files) => out.extend(files.into_iter().map(Ok)),
+                Err(e) => out.push(Err(anyhow::anyhow!("{e}"))),
+            }
         } else {
             out.push(Ok(p.clone()));
         }
