@@ -535,8 +535,11 @@ fn run_passes(f: &FileRun, p: &PlaneRun, mut x: Tensor, rep: &mut Reporter) -> R
     // Saved pass outputs: every pass before the last, and the last one too when work follows.
     let saved = if p.keep_last { passes.len() } else { last };
     let seed = pass_seed(a.seed, p.stream);
-    let fingerprint =
-        if p.state.is_some() && saved > 0 { Some(passes_fingerprint(a, s, f.cfg, seed, p.noise, &x, passes)?) } else { None };
+    let fingerprint = if p.state.is_some() && saved > 0 {
+        Some(passes_fingerprint(a, s, f.cfg, seed, p.noise, &x, passes)?)
+    } else {
+        None
+    };
 
     // Resume after the last finished pass whose output was saved.
     let mut first = 0;
