@@ -922,3 +922,36 @@ fn dry_run(a: &UpscaleArgs, s: &Settings, cfg: &ModelConfig, jobs: &[Job], error
     }
     Ok(if fail > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alpha_maps_to_a_gray_image_and_back() {
+        let al = Tensor::from_vec(vec![0f32, 0.25, 1.0], (1, 1, 1, 3), &Device::Cpu).unwrap();
+        let img = alpha_to_image(&al).unwrap();
+        assert_eq!(img.dims(), [1, 3, 1, 3]);
+        let v = img.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v, [-1.0, -0.5, 1.0, -1.0, -0.5, 1.0, -1.0, -0.5, 1.0]);
+        let back = image_to_alpha(&img).unwrap();
+        assert_eq!(back.dims(), [1, 1, 1, 3]);
+        assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [0.0, 0.25, 1.0]);
+        // The mean of the channels, then clamped to [0, 1].
+        let out = Tensor::from_vec(vec![1f32, 2.0, -3.0, 0.0, 1.0, -2.0, -1.0, 3.0, -1.0], (1, 3, 1, 3), &Device::Cpu);
+        let a = image_to_alpha(&out.unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a, [0.5, 1.0, 0.0]);
+    }
+
+    #[test]
+    fn alpha_noise_seeds_differ_from_the_colour_ones() {
+        for seed in [0u64, 7, u64::MAX] {
+            assert_eq!(pass_seed(seed, 0), seed);
+            for k in 0..4 {
+                for j in 0..4 {
+                    assert_ne!(pass_seed(seed, ALPHA_STREAM + k), pass_seed(seed, j), "seed {seed}, {k} {j}");
+                }
+            }
+        }
+    }
+}
