@@ -267,6 +267,7 @@ pub struct UpscaleArgs {
     /// Save the sampler state here after each step, and resume from it when rerun with the same
     /// command (the result is bit-identical to an uninterrupted run). In a batch, each file uses
     /// `DIR/<output path below -o>.state`; runs of several passes also keep each finished pass.
+    /// With --alpha model, the alpha plane's passes keep theirs in an `alpha` folder below.
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
     /// Print the memory plan and the chosen settings.

@@ -64,8 +64,8 @@ fn holds_16_bits(out: &Path) -> bool {
 
 /// The seed of pass `k`'s noise: the user's seed for the first pass (so a one-pass run is
 /// unchanged), a different stream for each later pass.
-fn pass_seed(seed: u64, k: usize) -> u64 {
-    seed.wrapping_add((k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+fn pass_seed(seed: u64, k: u64) -> u64 {
+    seed.wrapping_add(k.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 fn pass_name(p: PassScale) -> &'static str {
@@ -452,7 +452,7 @@ fn state_dir(a: &UpscaleArgs, job: &Job) -> Option<PathBuf> {
 
 /// The stream index of the alpha plane's first pass: its noise seeds, `pass_seed(seed,
 /// ALPHA_STREAM + k)`, never equal the colour's `pass_seed(seed, k)` (the multiplier is odd).
-const ALPHA_STREAM: usize = 1 << 32;
+const ALPHA_STREAM: u64 = 1 << 32;
 
 /// The alpha plane (1, 1, H, W) in [0, 1] as the gray RGB image (1, 3, H, W) in [-1, 1] that the
 /// model passes take.
@@ -487,7 +487,7 @@ struct PlaneRun<'a> {
     /// The alpha plane's passes (progress, --verbose).
     alpha: bool,
     /// Seed stream of the first pass (pass `k` draws noise from `pass_seed(seed, stream + k)`).
-    stream: usize,
+    stream: u64,
     /// Noise of the (single) pass from a file (--noise, colour only).
     noise: Option<&'a Path>,
     /// Folder of the sampler state (--checkpoint-dir).
@@ -569,7 +569,7 @@ fn run_passes(f: &FileRun, p: &PlaneRun, mut x: Tensor, rep: &mut Reporter) -> R
         let (h, w) = (prep.grid.height(), prep.grid.width());
         let eps = match p.noise {
             Some(file) => load_noise(file, h, w)?,
-            None => image_noise(pass_seed(a.seed, p.stream + k), &prep.grid, 3, &dev)?,
+            None => image_noise(pass_seed(a.seed, p.stream + k as u64), &prep.grid, 3, &dev)?,
         };
         let clip = f.model.clip_vector(&clip_input, s.kind)?;
         let (mode, plan) = choose_mode(a, &f.model.cfg, f.params, &prep.grid, s)?;
