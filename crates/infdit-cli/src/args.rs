@@ -156,7 +156,7 @@ pub enum ResizeArg {
 /// How the alpha plane of an image with transparency is upscaled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AlphaArg {
-    /// Antialiased bicubic from the input straight to the output size (fast, exact on flat areas).
+    /// Bicubic (the --resize kernel) from the input straight to the output size (fast, exact on flat areas).
     Bicubic,
     /// The same model passes as the colour, on the alpha plane as a gray image (doubles the work).
     Model,
