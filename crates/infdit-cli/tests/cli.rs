@@ -504,3 +504,125 @@ fn scale_factors_and_sizes_give_exact_dimensions() {
     assert!(stderr_of(&r).contains("'big' is not a scale factor"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A 16x12 RGBA PNG: colour cut from a parity input, alpha in diagonal bands of 0, 64, 160, 255.
+fn tiny_rgba(path: &std::path::Path) {
+    let src = image::open(shared("parity").join("case_a_lr.png")).unwrap().to_rgb8();
+    let img = image::ImageBuffer::from_fn(16, 12, |x, y| {
+        let c = src.get_pixel(x, y).0;
+        image::Rgba([c[0], c[1], c[2], [0u8, 64, 160, 255][((x / 4 + y / 6) % 4) as usize]])
+    });
+    img.save(path).unwrap();
+}
+
+/// An `infdit upscale` command on the parity model: `args` then the model flags.
+fn parity_upscale(args: &[&std::ffi::OsStr]) -> Command {
+    let p = shared("parity");
+    let mut c = infdit();
+    c.arg("upscale")
+        .args(args)
+        .args(["--model".as_ref(), p.join("tiny_mp_rank_00_model_states.pt").as_os_str()])
+        .args(["--config".as_ref(), p.join("config.json").as_os_str()]);
+    c
+}
+
+/// `--alpha bicubic` (the default) upscales the alpha plane straight from the input, as before
+/// `--alpha` existed; `--alpha model` runs it through the model passes as a gray image with its
+/// own noise: a different alpha, the same colour, twice the work in the progress events and plan.
+#[test]
+fn rgba_alpha_by_bicubic_or_by_the_model() {
+    let dir = tmpdir("alpha");
+    let input = dir.join("rgba.png");
+    tiny_rgba(&input);
+    let run = |name: &str, flags: &[&str]| {
+        let out = dir.join(name);
+        let steps: &[&str] = if flags.contains(&"--steps") { &[] } else { &["--steps", "2"] };
+        let mut c = parity_upscale(&[input.as_os_str()]);
+        let r = c.arg("-o").arg(&out).arg("--json").args(steps).args(flags).output().unwrap();
+        assert!(r.status.success(), "{flags:?}: {}", stderr_of(&r));
+        let img = image::open(&out).unwrap();
+        assert_eq!(img.color(), image::ColorType::Rgba8, "{flags:?}");
+        assert_eq!(img.dimensions(), (64, 48), "{flags:?}");
+        (img.to_rgba8(), json_events(&r))
+    };
+    let (default, _) = run("default.png", &[]);
+    let (bicubic, bicubic_events) = run("bicubic.png", &["--alpha", "bicubic"]);
+    let (model, model_events) = run("model.png", &["--alpha", "model"]);
+    let alpha = |img: &image::RgbaImage| img.pixels().map(|p| p.0[3]).collect::<Vec<u8>>();
+    let colour = |img: &image::RgbaImage| img.pixels().flat_map(|p| [p.0[0], p.0[1], p.0[2]]).collect::<Vec<u8>>();
+
+    // Bicubic is the default and gives today's alpha: values of a run made before --alpha existed,
+    // and the antialiased bicubic of the input's alpha plane, rounded to 8 bits.
+    assert_eq!(default.as_raw(), bicubic.as_raw());
+    let known = [((16, 0), 42), ((19, 0), 69), ((33, 0), 152), ((49, 0), 247), ((47, 47), 167), ((48, 47), 88)];
+    for ((x, y), v) in known {
+        assert_eq!(bicubic.get_pixel(x, y).0[3], v, "alpha at ({x}, {y})");
+    }
+    let input_alpha: Vec<f32> =
+        image::open(&input).unwrap().to_rgba8().pixels().map(|p| p.0[3] as f32 / 255.0).collect();
+    let t = candle_core::Tensor::from_vec(input_alpha, (1, 1, 12, 16), &candle_core::Device::Cpu).unwrap();
+    let want: Vec<u8> = infdit::imageio::resize::resize_tensor(&t, 48, 64, infdit::imageio::resize::Bicubic::Antialias)
+        .unwrap()
+        .clamp(0f32, 1f32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| (v * 255.0).round() as u8)
+        .collect();
+    assert_eq!(alpha(&bicubic), want);
+
+    // The model's alpha: another image (the random parity model makes noise of it), the colour
+    // untouched (the alpha plane's noise is its own).
+    let differ = alpha(&model).iter().zip(alpha(&bicubic)).filter(|(m, b)| **m != *b).count();
+    assert!(differ > 64 * 48 / 2, "only {differ} alpha values differ");
+    assert_eq!(colour(&model), colour(&bicubic));
+
+    // At a tiny sigma the sampler returns about its LR input, so `--alpha model` must give about
+    // the bicubic alpha back: the plane went through the passes and came back in place and range.
+    let (quiet, _) = run("quiet.png", &["--alpha", "model", "--steps", "1", "--sigma-max", "0.01"]);
+    let diffs: Vec<u8> = alpha(&quiet).iter().zip(alpha(&bicubic)).map(|(q, b)| q.abs_diff(b)).collect();
+    let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
+    assert!(diffs.iter().all(|&d| d <= 4) && mean < 1.0, "max {:?}, mean {mean}", diffs.iter().max());
+
+    // Progress: the alpha passes count in the work and come after the colour's.
+    let start = |ev: &[serde_json::Value]| ev.iter().find(|e| e["event"] == "start").unwrap().clone();
+    let (sb, sm) = (start(&bicubic_events), start(&model_events));
+    assert_eq!((sb["alpha"].as_str(), sb["work"].as_u64()), (Some("bicubic"), Some(3)));
+    assert_eq!(sb["alpha_passes"].as_array().map(Vec::len), Some(0));
+    assert_eq!((sm["alpha"].as_str(), sm["work"].as_u64()), (Some("model"), Some(6)));
+    assert_eq!(sm["alpha_passes"], sm["passes"]);
+    let progress: Vec<_> = model_events.iter().filter(|e| e["event"] == "progress").collect();
+    let planes: Vec<(u64, &str)> =
+        progress.iter().map(|e| (e["pass"].as_u64().unwrap(), e["plane"].as_str().unwrap())).collect();
+    assert_eq!(planes.first(), Some(&(0, "colour")));
+    assert_eq!(planes.last(), Some(&(1, "alpha")));
+    assert!(planes.windows(2).all(|w| w[0].0 <= w[1].0), "{planes:?}");
+    assert!(progress.iter().all(|e| e["passes"] == 2));
+
+    // The dry run's plan says how the alpha plane is upscaled.
+    let plan = |flags: &[&str]| {
+        let r = parity_upscale(&[input.as_os_str()])
+            .arg("-o")
+            .arg(dir.join("x.png"))
+            .arg("--dry-run")
+            .args(flags)
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{}", stderr_of(&r));
+        String::from_utf8_lossy(&r.stdout).lines().next().unwrap_or_default().to_string()
+    };
+    let line = plan(&["--alpha", "model"]);
+    assert!(
+        line.contains(
+            "x4 pass to 64x48 (1 x 1 blocks of 128 px, block batch 1); alpha: the same 1 model pass again; about "
+        ),
+        "{line}"
+    );
+    let line = plan(&[]);
+    assert!(line.contains("block batch 1); alpha: bicubic; about "), "{line}");
+    assert!(!dir.join("x.png").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -198,6 +198,51 @@ fn two_pass_run_resumes_in_its_second_pass() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `--alpha model` with --checkpoint-dir, stopped in the alpha plane's pass: the finished colour
+/// is kept and the alpha pass's state is in `<DIR>/alpha`; the rerun does not sample the colour
+/// again, resumes the alpha pass, writes the image of an uninterrupted run and removes its state.
+#[cfg(unix)]
+#[test]
+fn alpha_model_run_resumes_in_the_alpha_pass() {
+    let p = shared("parity2");
+    let dir = tmpdir("alpha-resume");
+    let (out, ck) = (dir.join("out.png"), dir.join("ck"));
+    let cmd = |out: &PathBuf, ck: Option<&PathBuf>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_infdit"));
+        c.arg("upscale")
+            .arg(real("basn6a08.png"))
+            .arg("-o")
+            .arg(out)
+            .args(["--model".as_ref(), p.join("tiny2.safetensors").as_os_str()])
+            .args(["--config".as_ref(), p.join("config.json").as_os_str()])
+            .args(["--steps", "3", "--alpha", "model", "--json", "--verbose"]);
+        if let Some(ck) = ck {
+            c.arg("--checkpoint-dir").arg(ck);
+        }
+        c
+    };
+    let (r, _) =
+        interrupt_when(&mut cmd(&out, Some(&ck)), |v| v["plane"] == "alpha" && v["steps_done"].as_u64().unwrap() >= 1);
+    assert_eq!(r.status.code(), Some(130), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(!out.exists());
+    assert!(ck.join("pass1-output.safetensors").exists(), "the colour result is kept");
+    assert!(!ck.join("infdit-state.safetensors").exists());
+    assert!(ck.join("alpha/infdit-state.safetensors").exists());
+
+    let r = cmd(&out, Some(&ck)).output().unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    assert_eq!(err.matches("pass 1/1 (").count(), 1, "the colour was sampled again: {err}");
+    assert!(err.contains("alpha pass 1/1 (") && err.contains("resumed from step 1"), "{err}");
+    assert_eq!(std::fs::read_dir(&ck).unwrap().count(), 0, "state files are removed once the image is written");
+    let straight = dir.join("straight.png");
+    let r = cmd(&straight, None).output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(image::open(&out).unwrap().color(), image::ColorType::Rgba8);
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&straight).unwrap());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Ctrl-C in a batch stops it: exit 130, the summary counts the files not done, nothing written.
 #[cfg(unix)]
 #[test]

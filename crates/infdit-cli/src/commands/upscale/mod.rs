@@ -29,7 +29,7 @@ use self::inputs::{Template, canonical_target, collect, is_batch, output_extensi
 use self::progress::Reporter;
 use self::scale::{PassGeometry, Target, geometry, plan_passes};
 use super::{dtype, heun_config, load_model, model_config, model_label, sampler_defaults};
-use crate::args::{CropArg, DTypeArg, ModeArg, ResizeArg, UpscaleArgs};
+use crate::args::{AlphaArg, CropArg, DTypeArg, ModeArg, ResizeArg, UpscaleArgs};
 
 /// Exit code of a run stopped by Ctrl-C (128 + SIGINT, as shells report it).
 const EXIT_INTERRUPTED: u8 = 130;
@@ -64,8 +64,8 @@ fn holds_16_bits(out: &Path) -> bool {
 
 /// The seed of pass `k`'s noise: the user's seed for the first pass (so a one-pass run is
 /// unchanged), a different stream for each later pass.
-fn pass_seed(seed: u64, k: usize) -> u64 {
-    seed.wrapping_add((k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+fn pass_seed(seed: u64, k: u64) -> u64 {
+    seed.wrapping_add(k.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 fn pass_name(p: PassScale) -> &'static str {
@@ -146,14 +146,16 @@ fn passes_for(s: &Settings, w: usize, h: usize, block_px: usize) -> Result<(Vec<
     Ok((geometry(w, h, &plan_passes(w, h, tw, th), block_px, false), (tw, th)))
 }
 
-/// Network evaluations x blocks over all passes (the progress units).
-fn work_of(s: &Settings, passes: &[PassGeometry]) -> u64 {
-    passes.iter().map(|p| (s.heun.evaluations() * p.grid.0 * p.grid.1) as u64).sum()
+/// Network evaluations x blocks over all passes (the progress units), twice when the alpha plane
+/// goes through the model too.
+fn work_of(s: &Settings, passes: &[PassGeometry], alpha_model: bool) -> u64 {
+    let colour: u64 = passes.iter().map(|p| (s.heun.evaluations() * p.grid.0 * p.grid.1) as u64).sum();
+    if alpha_model { 2 * colour } else { colour }
 }
 
-/// Width and height of an image file from its header, EXIF orientation applied, without
-/// decoding the pixels.
-fn probe(path: &Path, max_pixels: u64) -> Result<(usize, usize)> {
+/// Width and height of an image file from its header, EXIF orientation applied, and whether it
+/// has an alpha channel, without decoding the pixels.
+fn probe(path: &Path, max_pixels: u64) -> Result<(usize, usize, bool)> {
     use image::ImageDecoder;
     use image::metadata::Orientation;
     let file = std::fs::File::open(path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
@@ -165,6 +167,7 @@ fn probe(path: &Path, max_pixels: u64) -> Result<(usize, usize)> {
     let mut dec =
         reader.into_decoder().map_err(|e| anyhow!("{}: cannot read the image header: {e}", path.display()))?;
     let (w, h) = dec.dimensions();
+    let has_alpha = dec.color_type().has_alpha();
     let turned = matches!(
         dec.orientation().unwrap_or(Orientation::NoTransforms),
         Orientation::Rotate90 | Orientation::Rotate270 | Orientation::Rotate90FlipH | Orientation::Rotate270FlipH
@@ -176,7 +179,7 @@ fn probe(path: &Path, max_pixels: u64) -> Result<(usize, usize)> {
     if (w as u64) * (h as u64) > max_pixels {
         bail!("{}: image is {w} x {h} = {} pixels, above the limit of {max_pixels}", path.display(), w * h);
     }
-    Ok((w, h))
+    Ok((w, h, has_alpha))
 }
 
 /// The one-line message of a file's failure, naming the input when the error does not.
@@ -329,8 +332,8 @@ pub(crate) fn upscale(a: UpscaleArgs) -> Result<ExitCode> {
         .iter()
         .map(|j| {
             probe(&j.input, a.max_pixels)
-                .and_then(|(w, h)| passes_for(&s, w, h, cfg.dit.block_px))
-                .map_or(0, |(g, _)| work_of(&s, &g))
+                .and_then(|(w, h, alpha)| Ok((passes_for(&s, w, h, cfg.dit.block_px)?.0, alpha)))
+                .map_or(0, |(g, alpha)| work_of(&s, &g, alpha && a.alpha == AlphaArg::Model))
         })
         .collect();
     let mut rep = Reporter::new(a.quiet, a.json, batch, jobs.len(), works.iter().sum());
@@ -447,6 +450,180 @@ fn state_dir(a: &UpscaleArgs, job: &Job) -> Option<PathBuf> {
     })
 }
 
+/// The stream index of the alpha plane's first pass: its noise seeds, `pass_seed(seed,
+/// ALPHA_STREAM + k)`, never equal the colour's `pass_seed(seed, k)` (the multiplier is odd).
+const ALPHA_STREAM: u64 = 1 << 32;
+
+/// The alpha plane (1, 1, H, W) in [0, 1] as the gray RGB image (1, 3, H, W) in [-1, 1] that the
+/// model passes take.
+fn alpha_to_image(alpha: &Tensor) -> Result<Tensor> {
+    Ok(alpha.to_dtype(DType::F32)?.affine(2.0, -1.0)?.repeat((1, 3, 1, 1))?)
+}
+
+/// The model's output for the alpha plane back to alpha: the mean of its channels, in [0, 1].
+fn image_to_alpha(x: &Tensor) -> Result<Tensor> {
+    Ok(x.to_dtype(DType::F32)?.mean_keepdim(1)?.affine(0.5, 0.5)?.clamp(0f32, 1f32)?)
+}
+
+/// What one file's model passes share, for the colour and the alpha plane alike.
+struct FileRun<'a> {
+    a: &'a UpscaleArgs,
+    s: &'a Settings,
+    cfg: &'a ModelConfig,
+    model: &'a Model,
+    params: usize,
+    name: String,
+    passes: &'a [PassGeometry],
+    /// Block evaluations of each pass (the progress units).
+    work: &'a [u64],
+    /// The output size.
+    target: (usize, usize),
+    /// Model passes of the file, the alpha plane's included (progress).
+    total_passes: usize,
+}
+
+/// One image run through a file's passes: the colour, or the alpha plane as a gray image.
+struct PlaneRun<'a> {
+    /// The alpha plane's passes (progress, --verbose).
+    alpha: bool,
+    /// Seed stream of the first pass (pass `k` draws noise from `pass_seed(seed, stream + k)`).
+    stream: u64,
+    /// Noise of the (single) pass from a file (--noise, colour only).
+    noise: Option<&'a Path>,
+    /// Folder of the sampler state (--checkpoint-dir).
+    state: Option<PathBuf>,
+    /// Also save the last pass's output in `state`, as more work follows it.
+    keep_last: bool,
+    /// Index of the first pass among the file's passes, and the work done before it (progress).
+    first_pass: usize,
+    work_offset: u64,
+}
+
+impl PlaneRun<'_> {
+    fn pass_dir(&self, k: usize) -> Option<PathBuf> {
+        self.state.as_ref().map(|b| if k == 0 { b.clone() } else { b.join(format!("pass{}", k + 1)) })
+    }
+
+    fn pass_output(&self, k: usize) -> Option<PathBuf> {
+        self.state.as_ref().map(|b| b.join(format!("pass{}-output.safetensors", k + 1)))
+    }
+
+    /// Removes the saved pass outputs and the emptied pass folders of a finished file.
+    fn clean(&self, passes: usize) {
+        if let Some(b) = &self.state {
+            for k in 0..passes {
+                if let Some(f) = self.pass_output(k) {
+                    let _ = std::fs::remove_file(f);
+                }
+                if k > 0 {
+                    let _ = std::fs::remove_dir(b.join(format!("pass{}", k + 1)));
+                }
+            }
+        }
+    }
+}
+
+/// Runs `x` (1, 3, H, W) in [-1, 1] through the file's passes (resuming after the last saved
+/// one), then resizes it to the output size; returns the result in [-1, 1] (unclamped when the
+/// last pass gives the output size, as the output conversion clamps).
+fn run_passes(f: &FileRun, p: &PlaneRun, mut x: Tensor, rep: &mut Reporter) -> Result<Tensor> {
+    let (a, s, passes) = (f.a, f.s, f.passes);
+    let dev = Device::Cpu;
+    let bp = f.cfg.dit.block_px;
+    let (tw, th) = f.target;
+    let last = passes.len() - 1;
+    // Saved pass outputs: every pass before the last, and the last one too when work follows.
+    let saved = if p.keep_last { passes.len() } else { last };
+    let seed = pass_seed(a.seed, p.stream);
+    let fingerprint = if p.state.is_some() && saved > 0 {
+        Some(passes_fingerprint(a, s, f.cfg, seed, p.noise, &x, passes)?)
+    } else {
+        None
+    };
+
+    // Resume after the last finished pass whose output was saved.
+    let mut first = 0;
+    if let Some(fp) = &fingerprint {
+        for k in (0..saved).rev() {
+            let file = p.pass_output(k).expect("with a checkpoint folder");
+            if let Some((t, _)) = infdit::resume::load_state(&file, fp)? {
+                x = t;
+                first = k + 1;
+                break;
+            }
+        }
+    }
+    let mut offset = p.work_offset + f.work[..first].iter().sum::<u64>();
+    for (k, pass) in passes.iter().enumerate().skip(first) {
+        if s.cancel.load(Ordering::SeqCst) {
+            return Err(InfditError::Interrupted { steps_done: 0 }.into());
+        }
+        let (prep, out_crop, clip_input) = if s.official {
+            let pr = prepare_official(&x, pass.scale, bp, s.kind)?;
+            let c = OutputCrop { top: 0, left: 0, height: pr.grid.height(), width: pr.grid.width() };
+            let clip_input = pr.lr.clone();
+            (pr, c, clip_input)
+        } else {
+            prepare_padded(&x, pass.scale, bp, s.kind)?
+        };
+        let (h, w) = (prep.grid.height(), prep.grid.width());
+        let eps = match p.noise {
+            Some(file) => load_noise(file, h, w)?,
+            None => image_noise(pass_seed(a.seed, p.stream + k as u64), &prep.grid, 3, &dev)?,
+        };
+        let clip = f.model.clip_vector(&clip_input, s.kind)?;
+        let (mode, plan) = choose_mode(a, &f.model.cfg, f.params, &prep.grid, s)?;
+        if a.verbose {
+            rep.line(&format!(
+                "{} {}pass {}/{} ({}): {}x{} -> {}x{} (model output {w}x{h}: {} x {} blocks), mode {mode:?}, budget {:.1} MiB",
+                f.name,
+                if p.alpha { "alpha " } else { "" },
+                k + 1,
+                passes.len(),
+                pass_name(pass.scale),
+                pass.input.0,
+                pass.input.1,
+                out_crop.width,
+                out_crop.height,
+                prep.grid.rows,
+                prep.grid.cols,
+                s.budget as f64 / (1u64 << 20) as f64
+            ));
+            rep.line(&format!("memory plan: {plan}"));
+        }
+        let opts = SampleOptions {
+            heun: s.heun,
+            mode,
+            checkpoint_dir: p.pass_dir(k),
+            stop_after_steps: None,
+            cancel: Some(s.cancel.clone()),
+        };
+        let (index, n) = (p.first_pass + k, f.total_passes);
+        let out = sample(f.model, &prep, &clip, &eps, &opts, &mut |pr| rep.sample(index, n, offset, p.alpha, &pr))?;
+        if a.verbose && out.resumed_from > 0 {
+            rep.line(&format!("resumed from step {}", out.resumed_from));
+        }
+        let y = out.sample.context("sampling stopped before the last step")?;
+        x = crop(&y, out_crop.top, out_crop.left, out_crop.height, out_crop.width)?;
+        if k < last || (out_crop.width, out_crop.height) != (tw, th) {
+            // The next pass and the resize expect images in [-1, 1].
+            x = x.clamp(-1f32, 1f32)?;
+        }
+        if k < saved
+            && let (Some(file), Some(fp)) = (p.pass_output(k), &fingerprint)
+        {
+            infdit::resume::save_state(&file, &x, k + 1, fp)?;
+        }
+        offset += f.work[k];
+    }
+    let (_, _, h, w) = x.dims4()?;
+    if (w, h) != (tw, th) {
+        // The exact size: an antialiased bicubic downscale of the last pass.
+        x = resize_tensor(&x, th, tw, Bicubic::Antialias)?.clamp(-1f32, 1f32)?;
+    }
+    Ok(x)
+}
+
 /// Upscales one file; returns the size written.
 fn upscale_file(
     a: &UpscaleArgs,
@@ -470,8 +647,15 @@ fn upscale_file(
     if a.noise.is_some() && passes.len() > 1 {
         bail!("--noise needs a single model pass (--scale 4 or 2); this output takes {}", passes.len());
     }
+    let alpha_model = loaded.alpha.is_some() && a.alpha == AlphaArg::Model;
     let work: Vec<u64> = passes.iter().map(|p| (s.heun.evaluations() * p.grid.0 * p.grid.1) as u64).collect();
-    rep.begin_image(format!("{} -> {tw}x{th}", job.input.display()), work.iter().sum());
+    let colour_work: u64 = work.iter().sum();
+    let total_work = work_of(s, &passes, alpha_model);
+    rep.begin_image(format!("{} -> {tw}x{th}", job.input.display()), total_work);
+    let pass_list = passes
+        .iter()
+        .map(|p| json!({"scale": p.scale.factor(), "blocks": p.grid.0 * p.grid.1, "width": p.output.0, "height": p.output.1}))
+        .collect::<Vec<_>>();
     rep.emit(json!({
         "event": "start",
         "input": job.input.display().to_string(),
@@ -481,104 +665,51 @@ fn upscale_file(
         "blocks": passes[0].grid.0 * passes[0].grid.1,
         "steps": s.heun.steps,
         "evaluations": s.heun.evaluations(),
-        "passes": passes.iter().map(|p| json!({
-            "scale": p.scale.factor(), "blocks": p.grid.0 * p.grid.1, "width": p.output.0, "height": p.output.1,
-        })).collect::<Vec<_>>(),
+        "passes": pass_list,
+        "alpha": loaded.alpha.as_ref().map(|_| alpha_name(a.alpha)),
+        "alpha_passes": if alpha_model { pass_list.clone() } else { Vec::new() },
+        "work": total_work,
     }));
     if model.is_none() {
         *model = Some(load_model(&a.model, s.act, &dev).map_err(|e| anyhow::Error::new(ModelLoadError(e)))?);
     }
     let model = model.as_ref().expect("loaded above");
-    let params = Model::parameter_count(&model.cfg)?;
+    let f = FileRun {
+        a,
+        s,
+        cfg,
+        model,
+        params: Model::parameter_count(&model.cfg)?,
+        name: job.input.display().to_string(),
+        passes: &passes,
+        work: &work,
+        target: (tw, th),
+        total_passes: if alpha_model { 2 * passes.len() } else { passes.len() },
+    };
     let base = state_dir(a, job);
-    let pass_dir = |k: usize| base.as_ref().map(|b| if k == 0 { b.clone() } else { b.join(format!("pass{}", k + 1)) });
-    let pass_output = |k: usize| base.as_ref().map(|b| b.join(format!("pass{}-output.safetensors", k + 1)));
-    let fingerprint =
-        if base.is_some() && passes.len() > 1 { Some(passes_fingerprint(a, s, cfg, &rgb, &passes)?) } else { None };
-
-    // Resume after the last finished pass whose output was saved.
-    let mut x = rgb;
-    let mut first = 0;
-    if let Some(fp) = &fingerprint {
-        for k in (0..passes.len() - 1).rev() {
-            let f = pass_output(k).expect("with a checkpoint folder");
-            if let Some((t, _)) = infdit::resume::load_state(&f, fp)? {
-                x = t;
-                first = k + 1;
-                break;
-            }
-        }
-    }
-    let mut offset: u64 = work[..first].iter().sum();
-    let last = passes.len() - 1;
-    for (k, pass) in passes.iter().enumerate().skip(first) {
-        if s.cancel.load(Ordering::SeqCst) {
-            return Err(InfditError::Interrupted { steps_done: 0 }.into());
-        }
-        let (prep, out_crop, clip_input) = if s.official {
-            let p = prepare_official(&x, pass.scale, bp, s.kind)?;
-            let c = OutputCrop { top: 0, left: 0, height: p.grid.height(), width: p.grid.width() };
-            let clip_input = p.lr.clone();
-            (p, c, clip_input)
-        } else {
-            prepare_padded(&x, pass.scale, bp, s.kind)?
-        };
-        let (h, w) = (prep.grid.height(), prep.grid.width());
-        let eps = match &a.noise {
-            Some(p) => load_noise(p, h, w)?,
-            None => image_noise(pass_seed(a.seed, k), &prep.grid, 3, &dev)?,
-        };
-        let clip = model.clip_vector(&clip_input, s.kind)?;
-        let (mode, plan) = choose_mode(a, &model.cfg, params, &prep.grid, s)?;
-        if a.verbose {
-            rep.line(&format!(
-                "{} pass {}/{} ({}): {}x{} -> {}x{} (model output {w}x{h}: {} x {} blocks), mode {mode:?}, budget {:.1} MiB",
-                job.input.display(),
-                k + 1,
-                passes.len(),
-                pass_name(pass.scale),
-                pass.input.0,
-                pass.input.1,
-                out_crop.width,
-                out_crop.height,
-                prep.grid.rows,
-                prep.grid.cols,
-                s.budget as f64 / (1u64 << 20) as f64
-            ));
-            rep.line(&format!("memory plan: {plan}"));
-        }
-        let opts = SampleOptions {
-            heun: s.heun,
-            mode,
-            checkpoint_dir: pass_dir(k),
-            stop_after_steps: None,
-            cancel: Some(s.cancel.clone()),
-        };
-        let n = passes.len();
-        let out = sample(model, &prep, &clip, &eps, &opts, &mut |p| rep.sample(k, n, offset, &p))?;
-        if a.verbose && out.resumed_from > 0 {
-            rep.line(&format!("resumed from step {}", out.resumed_from));
-        }
-        let y = out.sample.context("sampling stopped before the last step")?;
-        x = crop(&y, out_crop.top, out_crop.left, out_crop.height, out_crop.width)?;
-        if k < last || (out_crop.width, out_crop.height) != (tw, th) {
-            // The next pass and the resize expect images in [-1, 1].
-            x = x.clamp(-1f32, 1f32)?;
-        }
-        if k < last
-            && let (Some(f), Some(fp)) = (pass_output(k), &fingerprint)
-        {
-            infdit::resume::save_state(&f, &x, k + 1, fp)?;
-        }
-        offset += work[k];
-    }
-    let (_, _, h, w) = x.dims4()?;
-    if (w, h) != (tw, th) {
-        // The exact size: an antialiased bicubic downscale of the last pass.
-        x = resize_tensor(&x, th, tw, Bicubic::Antialias)?.clamp(-1f32, 1f32)?;
-    }
-    // The alpha plane is upscaled on its own (bicubic, from the input), clamped to [0, 1].
+    let colour = PlaneRun {
+        alpha: false,
+        stream: 0,
+        noise: a.noise.as_deref(),
+        state: base.clone(),
+        keep_last: alpha_model,
+        first_pass: 0,
+        work_offset: 0,
+    };
+    let x = run_passes(&f, &colour, rgb, rep)?;
+    // The alpha plane is upscaled on its own: through the model as a gray image (its own noise
+    // and state folder), or bicubic from the input straight to the output size; in [0, 1].
+    let alpha_run = PlaneRun {
+        alpha: true,
+        stream: ALPHA_STREAM,
+        noise: None,
+        state: base.as_ref().map(|b| b.join("alpha")),
+        keep_last: false,
+        first_pass: passes.len(),
+        work_offset: colour_work,
+    };
     let alpha = match &loaded.alpha {
+        Some(al) if alpha_model => Some(image_to_alpha(&run_passes(&f, &alpha_run, alpha_to_image(al)?, rep)?)?),
         Some(al) => Some(resize_tensor(al, th, tw, s.kind)?.clamp(0f32, 1f32)?),
         None => None,
     };
@@ -603,14 +734,9 @@ fn upscale_file(
     }));
     // The saved pass outputs and emptied state folders are no longer needed.
     if let Some(b) = &base {
-        for k in 0..passes.len() {
-            if let Some(f) = pass_output(k) {
-                let _ = std::fs::remove_file(f);
-            }
-            if k > 0 {
-                let _ = std::fs::remove_dir(b.join(format!("pass{}", k + 1)));
-            }
-        }
+        alpha_run.clean(passes.len());
+        let _ = std::fs::remove_dir(b.join("alpha"));
+        colour.clean(passes.len());
         if let (Some(root), true) = (&a.checkpoint_dir, s.batch) {
             let mut d = Some(b.as_path());
             while let Some(dir) = d.filter(|d| *d != root.as_path()) {
@@ -624,22 +750,34 @@ fn upscale_file(
     Ok((tw, th))
 }
 
+fn alpha_name(a: AlphaArg) -> &'static str {
+    match a {
+        AlphaArg::Model => "model",
+        AlphaArg::Bicubic => "bicubic",
+    }
+}
+
 /// A hash of what determines the passes' outputs, so that a saved pass output is only reused by
 /// the same run (the sampler's own state has its own fingerprint).
 fn passes_fingerprint(
     a: &UpscaleArgs,
     s: &Settings,
     cfg: &ModelConfig,
-    rgb: &Tensor,
+    seed: u64,
+    noise: Option<&Path>,
+    input: &Tensor,
     passes: &[PassGeometry],
 ) -> Result<String> {
     let mut h = infdit::resume::Fnv::default();
-    h.tensor(rgb)?;
+    h.tensor(input)?;
+    if let Some(n) = noise {
+        h.bytes(&std::fs::read(n).with_context(|| format!("{}: cannot read the noise file", n.display()))?);
+    }
     let scales: Vec<usize> = passes.iter().map(|p| p.scale.factor()).collect();
     h.bytes(
         format!(
             "{scales:?}/{}/{:?}/{:?}/{:?}/{:?}/{:?}/{}",
-            a.seed,
+            seed,
             s.heun,
             s.act,
             s.kv_dtype,
@@ -691,7 +829,7 @@ fn dry_run(a: &UpscaleArgs, s: &Settings, cfg: &ModelConfig, jobs: &[Job], error
             continue;
         }
         let planned = (|| -> Result<_> {
-            let (w, h) = probe(&job.input, a.max_pixels)?;
+            let (w, h, has_alpha) = probe(&job.input, a.max_pixels)?;
             let (passes, (tw, th)) = passes_for(s, w, h, bp)?;
             if a.noise.is_some() && passes.len() > 1 {
                 bail!("--noise needs a single model pass (--scale 4 or 2); this output takes {}", passes.len());
@@ -704,11 +842,14 @@ fn dry_run(a: &UpscaleArgs, s: &Settings, cfg: &ModelConfig, jobs: &[Job], error
                 memory = memory.max(plan.total());
                 steps.push((*p, mode));
             }
-            Ok(((w, h), (tw, th), steps, memory))
+            let alpha = has_alpha.then_some(a.alpha);
+            let work = work_of(s, &passes, alpha == Some(AlphaArg::Model));
+            Ok(((w, h), (tw, th), steps, memory, alpha, work))
         })();
         match planned {
-            Ok(((w, h), (tw, th), steps, memory)) => {
+            Ok(((w, h), (tw, th), steps, memory, alpha, work)) => {
                 run += 1;
+                let alpha_passes = if alpha == Some(AlphaArg::Model) { steps.len() } else { 0 };
                 let mib = memory as f64 / (1u64 << 20) as f64;
                 emit(
                     i,
@@ -726,6 +867,9 @@ fn dry_run(a: &UpscaleArgs, s: &Settings, cfg: &ModelConfig, jobs: &[Job], error
                             "cols": p.grid.1,
                             "block_batch": match mode { Mode::Blocks { block_batch, .. } => Some(*block_batch), Mode::WholeImage => None },
                         })).collect::<Vec<_>>(),
+                        "alpha": alpha.map(alpha_name),
+                        "alpha_passes": alpha_passes,
+                        "work": work,
                         "memory_bytes": memory,
                     }),
                 );
@@ -749,8 +893,16 @@ fn dry_run(a: &UpscaleArgs, s: &Settings, cfg: &ModelConfig, jobs: &[Job], error
                         .collect();
                     let last = steps.last().map(|(p, _)| p.output).unwrap_or((tw, th));
                     let resize = if last != (tw, th) { ", then a bicubic resize" } else { "" };
+                    let alpha = match alpha {
+                        Some(AlphaArg::Model) => {
+                            let s = if alpha_passes > 1 { "es" } else { "" };
+                            format!("; alpha: the same {alpha_passes} model pass{s} again")
+                        }
+                        Some(AlphaArg::Bicubic) => "; alpha: bicubic".into(),
+                        None => String::new(),
+                    };
                     println!(
-                        "{inp} -> {out}: {w}x{h} -> {tw}x{th}: {}{resize}; about {mib:.1} MiB",
+                        "{inp} -> {out}: {w}x{h} -> {tw}x{th}: {}{resize}{alpha}; about {mib:.1} MiB",
                         desc.join(", then ")
                     );
                 }
@@ -769,4 +921,37 @@ fn dry_run(a: &UpscaleArgs, s: &Settings, cfg: &ModelConfig, jobs: &[Job], error
         println!("dry run: {run} to upscale, {skip} skipped, {fail} failed; nothing written");
     }
     Ok(if fail > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alpha_maps_to_a_gray_image_and_back() {
+        let al = Tensor::from_vec(vec![0f32, 0.25, 1.0], (1, 1, 1, 3), &Device::Cpu).unwrap();
+        let img = alpha_to_image(&al).unwrap();
+        assert_eq!(img.dims(), [1, 3, 1, 3]);
+        let v = img.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v, [-1.0, -0.5, 1.0, -1.0, -0.5, 1.0, -1.0, -0.5, 1.0]);
+        let back = image_to_alpha(&img).unwrap();
+        assert_eq!(back.dims(), [1, 1, 1, 3]);
+        assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [0.0, 0.25, 1.0]);
+        // The mean of the channels, then clamped to [0, 1].
+        let out = Tensor::from_vec(vec![1f32, 2.0, -3.0, 0.0, 1.0, -2.0, -1.0, 3.0, -1.0], (1, 3, 1, 3), &Device::Cpu);
+        let a = image_to_alpha(&out.unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a, [0.5, 1.0, 0.0]);
+    }
+
+    #[test]
+    fn alpha_noise_seeds_differ_from_the_colour_ones() {
+        for seed in [0u64, 7, u64::MAX] {
+            assert_eq!(pass_seed(seed, 0), seed);
+            for k in 0..4 {
+                for j in 0..4 {
+                    assert_ne!(pass_seed(seed, ALPHA_STREAM + k), pass_seed(seed, j), "seed {seed}, {k} {j}");
+                }
+            }
+        }
+    }
 }

@@ -122,12 +122,14 @@ impl Reporter {
         self.started.elapsed().as_secs_f64()
     }
 
-    /// A sampler report in pass `pass` of `passes`, whose work starts at `offset` in the file.
-    pub fn sample(&self, pass: usize, passes: usize, offset: u64, p: &Progress) {
+    /// A sampler report in pass `pass` of the file's `passes` (those of the alpha plane
+    /// included), whose work starts at `offset` in the file; `alpha` for the alpha plane's passes.
+    pub fn sample(&self, pass: usize, passes: usize, offset: u64, alpha: bool, p: &Progress) {
         self.emit(json!({
             "event": "progress",
             "pass": pass,
             "passes": passes,
+            "plane": if alpha { "alpha" } else { "colour" },
             "steps_done": p.steps_done,
             "steps_total": p.steps_total,
             "evals_done": p.evals_done,
@@ -141,7 +143,8 @@ impl Reporter {
         if let Some(b) = &self.batch {
             b.set_position(self.batch_done + pos);
         }
-        let pass_text = if passes > 1 { format!("pass {}/{passes}, ", pass + 1) } else { String::new() };
+        let plane = if alpha { "alpha, " } else { "" };
+        let pass_text = if passes > 1 { format!("{plane}pass {}/{passes}, ", pass + 1) } else { String::new() };
         self.image.set_message(format!(
             "{pass_text}step {}/{}, evaluation {}/{}, block {}/{}",
             (p.steps_done + 1).min(p.steps_total),
