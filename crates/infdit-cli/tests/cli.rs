@@ -626,3 +626,37 @@ fn rgba_alpha_by_bicubic_or_by_the_model() {
     assert!(!dir.join("x.png").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// With `--crop official` the alpha plane is centre-cropped exactly as the colour before its resize.
+#[test]
+fn official_crop_cuts_the_alpha_like_the_colour() {
+    let dir = tmpdir("alpha-official");
+    let input = dir.join("rgba.png");
+    // 40 x 36: the official crop keeps the centre 32 x 32 (offsets 4, 2).
+    let img =
+        image::RgbaImage::from_fn(40, 36, |x, y| image::Rgba([(x * 6) as u8, (y * 7) as u8, 90, (x * 5 + y) as u8]));
+    img.save(&input).unwrap();
+    let out = dir.join("out.png");
+    let mut c = parity_upscale(&[input.as_os_str()]);
+    let r = c.arg("-o").arg(&out).args(["--crop", "official", "--steps", "1"]).output().unwrap();
+    assert!(r.status.success(), "{}", stderr_of(&r));
+    let got = image::open(&out).unwrap().to_rgba8();
+    assert_eq!(got.dimensions(), (128, 128));
+    let cropped: Vec<f32> = (0..32)
+        .flat_map(|y| (0..32).map(move |x| (x, y)))
+        .map(|(x, y)| img.get_pixel(x + 4, y + 2).0[3] as f32 / 255.0)
+        .collect();
+    let t = candle_core::Tensor::from_vec(cropped, (1, 1, 32, 32), &candle_core::Device::Cpu).unwrap();
+    let want = infdit::imageio::resize::resize_tensor(&t, 128, 128, infdit::imageio::resize::Bicubic::Antialias)
+        .unwrap()
+        .clamp(0f32, 1f32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for (i, (p, w)) in got.pixels().zip(&want).enumerate() {
+        assert!((p.0[3] as f32 - w * 255.0).abs() <= 1.0, "alpha {i}: {} vs {}", p.0[3], w * 255.0);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

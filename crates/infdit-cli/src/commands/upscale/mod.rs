@@ -18,7 +18,7 @@ use serde_json::json;
 
 use infdit::diffusion::HeunConfig;
 use infdit::diffusion::noise::image_noise;
-use infdit::imageio::resize::{Bicubic, resize_tensor};
+use infdit::imageio::resize::{Bicubic, center_crop_offsets, resize_tensor};
 use infdit::imageio::{LoadLimits, SaveOptions, crop, fill_transparent, load_image, save_image_atomic};
 use infdit::model::blocks::BlockGrid;
 use infdit::pipeline::{Mode, Model, OutputCrop, PassScale, SampleOptions, prepare_official, prepare_padded, sample};
@@ -710,7 +710,18 @@ fn upscale_file(
     };
     let alpha = match &loaded.alpha {
         Some(al) if alpha_model => Some(image_to_alpha(&run_passes(&f, &alpha_run, alpha_to_image(al)?, rep)?)?),
-        Some(al) => Some(resize_tensor(al, th, tw, s.kind)?.clamp(0f32, 1f32)?),
+        Some(al) => {
+            // With the official centre crop, the alpha is cut exactly as the colour was.
+            let al = if s.official {
+                let (_, _, ah, aw) = al.dims4()?;
+                let (ch, cw) = (ah / 32 * 32, aw / 32 * 32);
+                let (top, left) = center_crop_offsets(ah, aw, ch, cw);
+                crop(al, top, left, ch, cw)?
+            } else {
+                al.clone()
+            };
+            Some(resize_tensor(&al, th, tw, s.kind)?.clamp(0f32, 1f32)?)
+        }
         None => None,
     };
     let mut save = if a.strip_metadata { SaveOptions::default() } else { SaveOptions::like_input(&loaded) };
