@@ -15,7 +15,7 @@ use infdit::pipeline::{
     ConcatLr, Mode, Model, PassScale, Prepared, SampleOptions, WholeImageDenoiser, sample, sample_with_noise,
 };
 use infdit::schedule::state::STATE_FILE;
-use infdit::schedule::{BlockDenoiser, batches};
+use infdit::schedule::{BlockDenoiser, MemoryPlan, batches};
 use infdit::weights::random::random_checkpoint;
 
 /// Relative bound: max |a - b| / max |b|.
@@ -231,7 +231,8 @@ fn bits(t: &Tensor) -> Vec<u32> {
 /// With a state folder (per-block state in a file, upsampled LR and noise made one block row at a
 /// time, the Heun update done inside the sweeps) the sample is bit-identical to the in-memory
 /// scheduler and to whole-image Heun steps over the scheduler's denoiser, for n = 1 and 2 on a
-/// ragged 3x5 grid. The result reads back whole, by rows and as 8 bits; the scratch file is gone.
+/// ragged 3x5 grid. The result reads back whole, by rows, as 8 bits, and saves band by band to the
+/// same PNG bytes as the tensor; the scratch file is gone.
 #[test]
 fn state_dir_sample_is_bit_identical() {
     let m = tiny_random(2, 32, 2, 31);
@@ -241,6 +242,7 @@ fn state_dir_sample_is_bit_identical() {
     let heun = HeunConfig { steps: 4, ..HeunConfig::default() };
     let sigmas = heun.sigmas();
     let dir = temp_dir("state-dir");
+    let out_dir = temp_dir("state-dir-out");
     let cl = p.concat_lr.full().unwrap();
     for n in [1, 2] {
         let mode = Mode::Blocks { block_batch: n, kv_dtype: DType::F32 };
@@ -271,6 +273,16 @@ fn state_dir_sample_is_bit_identical() {
             infdit::imageio::tensor_to_rgb8(&infdit::imageio::crop(&reference, 5, 7, 300, 500).unwrap()).unwrap();
         assert_eq!(rgb.dimensions(), (500, 300));
         assert_eq!(rgb.as_raw(), expect.as_raw());
+        // Saved band by band from the file: the same bytes as saving the tensor, 8 and 16 bits.
+        let window = fin.window(5, 7, 300, 500).unwrap();
+        let cropped = infdit::imageio::crop(&reference, 5, 7, 300, 500).unwrap();
+        for bit_depth in [8, 16] {
+            let opts = infdit::imageio::SaveOptions { bit_depth, ..Default::default() };
+            let (a, b) = (out_dir.join(format!("a{bit_depth}.png")), out_dir.join(format!("b{bit_depth}.png")));
+            infdit::imageio::save_image_atomic(&a, &window, None, false, &opts, &[]).unwrap();
+            infdit::imageio::save_image_atomic(&b, &cropped, None, false, &opts, &[]).unwrap();
+            assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "{bit_depth}-bit PNG");
+        }
         assert_eq!(entries(&dir), Vec::<String>::new(), "the scratch file is unlinked");
     }
     // Whole-image mode has no use for a state folder.
@@ -278,6 +290,7 @@ fn state_dir_sample_is_bit_identical() {
     let err = sample(&m, &p, &clip, &eps, &opts, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("block mode"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&out_dir).unwrap();
 }
 
 /// Parity case b (2x3 blocks; n = 2 leaves a ragged batch column), prepared from its PNG so the
@@ -394,4 +407,27 @@ fn state_dir_resume_is_bit_identical() {
     assert_eq!(entries(&sd), Vec::<String>::new());
     std::fs::remove_dir_all(&ck).unwrap();
     std::fs::remove_dir_all(&sd).unwrap();
+}
+
+/// The memory plan with a state folder: from a 1024x1024 to a 1024x8192 output only the 8-bit
+/// output image and the LR image grow (3 + 1.5 bytes per added pixel), against 72 + 1.5 with the
+/// sampler state in memory; the weights, K/V cache and activations do not depend on the height.
+#[test]
+fn memory_plan_with_state_dir_is_flat_in_height() {
+    let cfg = DitConfig { hidden: 64, depth: 2, heads: 2, mlp_hidden: 128, vector_dim: 8, ..DitConfig::released() };
+    let short = BlockGrid { rows: 8, cols: 8, block_px: 128 };
+    let tall = BlockGrid { rows: 64, cols: 8, block_px: 128 };
+    let plan = |g: &BlockGrid, dir: bool| MemoryPlan::estimate_for(&cfg, 1000, g, Some(1), DType::F32, DType::F32, dir);
+    let added = 1024 * 7168;
+    for dir in [false, true] {
+        let (a, b) = (plan(&short, dir), plan(&tall, dir));
+        assert_eq!((a.weights, a.kv_cache, a.activations), (b.weights, b.kv_cache, b.activations));
+        let per_px = if dir { 3 } else { 72 };
+        assert_eq!(b.image_state - a.image_state, per_px * added + 3 * added / 2, "state_dir {dir}");
+    }
+    assert_eq!(plan(&tall, false), MemoryPlan::estimate(&cfg, 1000, &tall, Some(1), DType::F32, DType::F32));
+    // At 1024x8192: about 560 MiB in memory, under 64 MiB (mostly the 24 MiB output) in a folder.
+    println!("1024x8192: in memory {}, state folder {}", plan(&tall, false), plan(&tall, true));
+    assert!(plan(&tall, false).image_state > 500 << 20);
+    assert!(plan(&tall, true).image_state < 64 << 20);
 }

@@ -346,14 +346,16 @@ pub struct MemoryPlan {
     pub kv_cache: usize,
     /// Activations of one batch (the largest forward).
     pub activations: usize,
-    /// Image-size tensors (sampler state, Heun intermediates, upsampled LR, noise) and the LR
-    /// features with their keys/values.
+    /// Image-size tensors (sampler state, Heun intermediates, upsampled LR, noise; with a state
+    /// folder only a batch row of them and the 8-bit output), the LR image, and the LR features
+    /// with their keys/values.
     pub image_state: usize,
 }
 
 impl MemoryPlan {
     /// The estimate for `grid`, with `batch` = Some(n) for the scheduler or None for whole-image
     /// mode; `act` is the activation dtype, `kv` the cache dtype, `params` the parameter count.
+    /// The sampler state is in memory; see [`MemoryPlan::estimate_for`].
     pub fn estimate(
         cfg: &crate::config::DitConfig,
         params: usize,
@@ -361,6 +363,20 @@ impl MemoryPlan {
         batch: Option<usize>,
         act: DType,
         kv: DType,
+    ) -> Self {
+        Self::estimate_for(cfg, params, grid, batch, act, kv, false)
+    }
+
+    /// [`MemoryPlan::estimate`], with `state_dir` true when the scheduler keeps the sampler state
+    /// in a state folder (`SampleOptions::state_dir`; ignored in whole-image mode).
+    pub fn estimate_for(
+        cfg: &crate::config::DitConfig,
+        params: usize,
+        grid: &BlockGrid,
+        batch: Option<usize>,
+        act: DType,
+        kv: DType,
+        state_dir: bool,
     ) -> Self {
         let t = cfg.tokens_per_block();
         let d = cfg.hidden;
@@ -386,7 +402,24 @@ impl MemoryPlan {
             None => h / cfg.sr_scale / cfg.lr_patch + 2 * lb,
         };
         let lr_tokens = lr_rows * (w / cfg.sr_scale / cfg.lr_patch + 2 * lb);
-        let image_state = 7 * 3 * h * w * 4 + lr_tokens * 3 * d * 4;
+        // Image-size f32 tensors (3 channels): in whole-image mode x, the upsampled LR, the noise,
+        // the denoiser output and the Heun intermediates; in the scheduler with the state in
+        // memory the per-block x, derivative and Euler point, the upsampled LR, the noise and one
+        // transient copy (the assembled sample or a checkpoint). With a state folder: the upsampled
+        // LR of one batch row (and its blocks), x, derivative, Euler point, noise and input of one
+        // batch, and the 8-bit output image (3 bytes per pixel) the caller writes.
+        let px = h * w;
+        let images = match (batch, state_dir) {
+            (None, _) => 7 * 3 * px * 4,
+            (Some(_), false) => 6 * 3 * px * 4,
+            (Some(n), true) => {
+                let band = n.min(grid.rows).max(1) * grid.block_px * w;
+                2 * 3 * band * 4 + 6 * 3 * blocks * grid.block_px * grid.block_px * 4 + 3 * px
+            }
+        };
+        // The LR image itself, and its padded copy (1/16 of the output's pixels each).
+        let lr_image = 2 * 3 * (px / (cfg.sr_scale * cfg.sr_scale)) * 4;
+        let image_state = images + lr_image + lr_tokens * 3 * d * 4;
         Self { weights: params * act.size_in_bytes(), kv_cache, activations: blocks * per_block + scores, image_state }
     }
 
@@ -404,8 +437,21 @@ impl MemoryPlan {
         kv: DType,
         limit: usize,
     ) -> Option<usize> {
+        Self::largest_batch_for(cfg, params, grid, act, kv, limit, false)
+    }
+
+    /// [`MemoryPlan::largest_batch`] with the sampler state in a state folder when `state_dir`.
+    pub fn largest_batch_for(
+        cfg: &crate::config::DitConfig,
+        params: usize,
+        grid: &BlockGrid,
+        act: DType,
+        kv: DType,
+        limit: usize,
+        state_dir: bool,
+    ) -> Option<usize> {
         (1..=grid.rows.max(grid.cols))
-            .take_while(|&n| Self::estimate(cfg, params, grid, Some(n), act, kv).total() <= limit)
+            .take_while(|&n| Self::estimate_for(cfg, params, grid, Some(n), act, kv, state_dir).total() <= limit)
             .last()
     }
 }

@@ -342,11 +342,24 @@ impl FinalSample {
         }
     }
 
-    /// The 8-bit RGB image of the window `top, left, height, width` (an output crop), converted as
-    /// [`crate::imageio::tensor_to_rgb8`] does, one block row at a time: 3 bytes per output pixel.
+    /// The window `top, left, height, width` (e.g. the output crop), to write with
+    /// [`crate::imageio::save_image_atomic`] band by band.
+    pub fn window(&self, top: usize, left: usize, height: usize, width: usize) -> Result<SampleWindow<'_>> {
+        let (h, w) = self.dims()?;
+        if top + height > h || left + width > w || height == 0 || width == 0 {
+            return Err(InfditError::Input(format!(
+                "window {width}x{height} at ({left}, {top}) is empty or outside the {w}x{h} sample"
+            )));
+        }
+        Ok(SampleWindow { sample: self, top, left, height, width })
+    }
+
+    /// The 8-bit RGB image of a window, converted as [`crate::imageio::tensor_to_rgb8`] does, one
+    /// block row at a time: 3 bytes per output pixel are held, not the f32 image.
     pub fn to_rgb8(&self, top: usize, left: usize, height: usize, width: usize) -> Result<image::RgbImage> {
+        let win = self.window(top, left, height, width)?;
         let mut out = Vec::with_capacity(3 * height * width);
-        self.for_each_band(top, left, height, width, &mut |band| {
+        win.bands(&mut |band| {
             let img = crate::imageio::tensor_to_rgb8(band).map_err(|e| InfditError::Input(e.to_string()))?;
             out.extend_from_slice(img.as_raw());
             Ok(())
@@ -354,34 +367,64 @@ impl FinalSample {
         image::RgbImage::from_raw(width as u32, height as u32, out)
             .ok_or_else(|| InfditError::Input(format!("cannot make a {width}x{height} image")))
     }
+}
 
-    fn for_each_band(
-        &self,
-        top: usize,
-        left: usize,
-        height: usize,
-        width: usize,
-        f: &mut dyn FnMut(&Tensor) -> Result<()>,
-    ) -> Result<()> {
-        let (h, w) = self.dims()?;
-        if top + height > h || left + width > w || height == 0 || width == 0 {
-            return Err(InfditError::Input(format!(
-                "window {width}x{height} at ({left}, {top}) is empty or outside the {w}x{h} sample"
-            )));
-        }
-        let step = match &self.0 {
-            FinalInner::Tensor(_) => height,
+/// A window of a [`FinalSample`], read band by band (see [`FinalSample::window`]).
+#[derive(Debug, Clone, Copy)]
+pub struct SampleWindow<'a> {
+    sample: &'a FinalSample,
+    top: usize,
+    left: usize,
+    height: usize,
+    width: usize,
+}
+
+impl SampleWindow<'_> {
+    /// Calls `f` with the window's bands of rows, (1, 3, rows, width), top to bottom: the whole
+    /// window for a sample in memory, at most one block row per band for a stored one.
+    pub fn bands(&self, f: &mut dyn FnMut(&Tensor) -> Result<()>) -> Result<()> {
+        let step = match &self.sample.0 {
+            FinalInner::Tensor(_) => self.height,
             FinalInner::Stored { store, .. } => store.grid().block_px,
         };
-        let mut y = top;
-        while y < top + height {
+        let end = self.top + self.height;
+        let mut y = self.top;
+        while y < end {
             // Bands aligned to the block rows, so each block is read once.
-            let y1 = ((y / step + 1) * step).min(top + height);
-            let band = self.rows(y, y1)?.narrow(3, left, width)?;
-            f(&band)?;
+            let y1 = ((y / step + 1) * step).min(end);
+            f(&self.sample.rows(y, y1)?.narrow(3, self.left, self.width)?)?;
             y = y1;
         }
         Ok(())
+    }
+}
+
+impl crate::imageio::RgbBands for SampleWindow<'_> {
+    fn size(&self) -> std::result::Result<(usize, usize), crate::imageio::ImageIoError> {
+        Ok((self.height, self.width))
+    }
+
+    fn for_each_band(
+        &self,
+        f: &mut dyn FnMut(&Tensor) -> std::result::Result<(), crate::imageio::ImageIoError>,
+    ) -> std::result::Result<(), crate::imageio::ImageIoError> {
+        // Keep the callback's own error; report a failure to read the state as a bad image.
+        let mut inner = None;
+        let r = self.bands(&mut |band| {
+            f(band).map_err(|e| {
+                let msg = e.to_string();
+                inner = Some(e);
+                InfditError::Input(msg)
+            })
+        });
+        match (r, inner) {
+            (Ok(()), _) => Ok(()),
+            (Err(_), Some(e)) => Err(e),
+            (Err(e), None) => Err(crate::imageio::ImageIoError::BadTensor {
+                path: PathBuf::new(),
+                reason: format!("cannot read the sample: {e}"),
+            }),
+        }
     }
 }
 
