@@ -653,14 +653,11 @@ pub fn sample_with_noise(
             let peak = den.peak_cache_bytes;
             drop(den);
             let fin = if steps_done == last {
-                Some(match store {
-                    StateStore::Ram(_) => FinalSample::from_tensor(store.image(Slot::X(last))?),
-                    StateStore::File(mut f) => {
-                        // The run is complete: the file is no checkpoint any more, only the result.
-                        f.unlink()?;
-                        FinalSample::stored(StateStore::File(f), Slot::X(last))
-                    }
-                })
+                if let StateStore::File(f) = &mut store {
+                    // The run is complete: the file is no checkpoint any more, only the result.
+                    f.unlink()?;
+                }
+                Some(store.into_final(Slot::X(last))?)
             } else {
                 None
             };

@@ -65,7 +65,7 @@ pub fn resize_planar(
     }
     match kind {
         Bicubic::Antialias => resize_aa(src, channels, h, w, out_h, out_w),
-        Bicubic::Classic => resize_classic(src, channels, h, w, out_h, out_w, 0..out_h),
+        Bicubic::Classic => resize_classic(src, 0..h, channels, h, w, out_h, out_w, 0..out_h),
     }
 }
 
@@ -98,6 +98,53 @@ pub fn resize_planar_rows(
         "resize_planar_rows: buffer of {} values does not hold {channels}x{h}x{w}",
         src.len()
     );
+    resize_band(src, 0..h, channels, h, w, out_h, out_w, kind, rows)
+}
+
+/// The input rows that output rows `rows` of a `h x w -> out_h x out_w` resize read (every tap,
+/// including zero-weight ones): the band [`resize_band`] needs.
+///
+/// # Panics
+/// If `rows` is not inside `0..out_h`.
+pub fn source_rows(h: usize, w: usize, out_h: usize, out_w: usize, kind: Bicubic, rows: Range<usize>) -> Range<usize> {
+    assert!(rows.start <= rows.end && rows.end <= out_h, "source_rows: rows {rows:?} outside the {out_h}-row output");
+    if rows.is_empty() {
+        return 0..0;
+    }
+    if (h, w) == (out_h, out_w) || (kind == Bicubic::Antialias && out_h == h) {
+        return rows;
+    }
+    match kind {
+        Bicubic::Antialias => {
+            let t = aa_axis_taps(h, out_h, rows);
+            let lo = t.start.iter().copied().min().unwrap_or(0);
+            let hi = t.start.iter().zip(&t.len).map(|(s, l)| s + l).max().unwrap_or(lo).max(lo);
+            lo..hi
+        }
+        Bicubic::Classic => {
+            let (yi, _) = classic_axis_taps(h, out_h);
+            let used = rows.flat_map(|y| yi[y]);
+            let (lo, hi) = used.fold((usize::MAX, 0), |(lo, hi), i| (lo.min(i), hi.max(i + 1)));
+            lo..hi
+        }
+    }
+}
+
+/// Output rows `rows` of the resize of a `channels x h x w` image of which `band` holds input rows
+/// `band_rows` (a `(channels, band_rows.len(), w)` buffer); the band must contain
+/// [`source_rows`]. The same operations as the whole resize, in the same order.
+#[allow(clippy::too_many_arguments)]
+fn resize_band(
+    band: &[f32],
+    band_rows: Range<usize>,
+    channels: usize,
+    h: usize,
+    w: usize,
+    out_h: usize,
+    out_w: usize,
+    kind: Bicubic,
+    rows: Range<usize>,
+) -> Vec<f32> {
     assert!(
         rows.start <= rows.end && rows.end <= out_h,
         "resize_planar_rows: rows {rows:?} outside the {out_h}-row output"
@@ -106,11 +153,17 @@ pub fn resize_planar_rows(
         return Vec::new();
     }
     assert!(h > 0 && w > 0, "resize_planar_rows: cannot resize an empty {h}x{w} image to {out_h}x{out_w}");
+    let need = source_rows(h, w, out_h, out_w, kind, rows.clone());
+    let (b0, bh) = (band_rows.start, band_rows.len());
+    assert!(
+        band_rows.start <= need.start && need.end <= band_rows.end && band.len() == channels * bh * w,
+        "resize_band: input rows {band_rows:?} do not hold the {need:?} needed"
+    );
     // Input rows `lo..hi` of every plane, as a contiguous (channels, hi - lo, w) buffer.
     let input_rows = |lo: usize, hi: usize| -> Vec<f32> {
         let mut v = Vec::with_capacity(channels * (hi - lo) * w);
         for p in 0..channels {
-            v.extend_from_slice(&src[(p * h + lo) * w..(p * h + hi) * w]);
+            v.extend_from_slice(&band[(p * bh + lo - b0) * w..(p * bh + hi - b0) * w]);
         }
         v
     };
@@ -121,33 +174,32 @@ pub fn resize_planar_rows(
         Bicubic::Antialias => {
             if out_h == h {
                 // Width pass only, on the requested rows.
-                let band = input_rows(rows.start, rows.end);
+                let src = input_rows(rows.start, rows.end);
                 let taps = aa_axis_taps(w, out_w, 0..out_w);
                 let mut dst = vec![0f32; channels * rows.len() * out_w];
-                pass_horizontal(&band, channels * rows.len(), w, &taps, &mut dst);
+                pass_horizontal(&src, channels * rows.len(), w, &taps, &mut dst);
                 return dst;
             }
             let mut vtaps = aa_axis_taps(h, out_h, rows.clone());
-            let lo = vtaps.start.iter().copied().min().unwrap_or(0);
-            let hi = (0..vtaps.start.len()).map(|i| vtaps.start[i] + vtaps.len[i]).max().unwrap_or(lo).max(lo);
+            let (lo, hi) = (need.start, need.end);
             vtaps.start.iter_mut().for_each(|s| *s -= lo);
-            let band = input_rows(lo, hi);
+            let src = input_rows(lo, hi);
             let horizontal = (out_w != w).then(|| {
                 let taps = aa_axis_taps(w, out_w, 0..out_w);
                 let mut dst = vec![0f32; channels * (hi - lo) * out_w];
-                pass_horizontal(&band, channels * (hi - lo), w, &taps, &mut dst);
+                pass_horizontal(&src, channels * (hi - lo), w, &taps, &mut dst);
                 dst
             });
             let mut dst = vec![0f32; channels * rows.len() * out_w];
-            pass_vertical(horizontal.as_deref().unwrap_or(&band), channels, hi - lo, out_w, &vtaps, &mut dst);
+            pass_vertical(horizontal.as_deref().unwrap_or(&src), channels, hi - lo, out_w, &vtaps, &mut dst);
             dst
         }
-        Bicubic::Classic => resize_classic(src, channels, h, w, out_h, out_w, rows),
+        Bicubic::Classic => resize_classic(band, b0..b0 + bh, channels, h, w, out_h, out_w, rows),
     }
 }
 
-/// Rows `y0..y1` of [`resize_tensor`]'s result, `(…, C, y1 - y0, out_w)`, bit for bit (see
-/// [`resize_planar_rows`]).
+/// Rows `rows` of [`resize_tensor`]'s result, `(…, C, rows.len(), out_w)`, bit for bit (see
+/// [`resize_planar_rows`]). Only the input rows they read ([`source_rows`]) are copied out of `t`.
 pub fn resize_tensor_rows(
     t: &Tensor,
     out_h: usize,
@@ -164,10 +216,15 @@ pub fn resize_tensor_rows(
     if rows.start > rows.end || rows.end > out_h {
         candle_core::bail!("resize_tensor_rows: rows {rows:?} outside the {out_h}-row output")
     }
-    let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    if h == 0 || w == 0 {
+        candle_core::bail!("resize_tensor_rows: cannot resize an empty {h}x{w} image")
+    }
     let n = rows.len();
-    let out = resize_planar_rows(&data, c, h, w, out_h, out_w, kind, rows);
     let out_shape: Vec<usize> = if dims.len() == 4 { vec![1, c, n, out_w] } else { vec![c, n, out_w] };
+    let need = source_rows(h, w, out_h, out_w, kind, rows.clone());
+    let band = t.narrow(dims.len() - 2, need.start, need.len())?;
+    let data = band.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let out = resize_band(&data, need, c, h, w, out_h, out_w, kind, rows);
     Tensor::from_vec(out, out_shape, t.device())
 }
 
@@ -445,8 +502,11 @@ fn classic_axis_taps(input: usize, output: usize) -> (Vec<[usize; 4]>, Vec<[f32;
 /// Non-antialiased bicubic: each output is the 4x4-tap sum, rows combined after each row's
 /// 4 horizontal taps (torch's `Interpolate<2, …, 4>` recursion), accumulated like [`dot_fma`].
 /// Only output rows `rows` are produced.
+/// `src` holds input rows `src_rows` of each plane.
+#[allow(clippy::too_many_arguments)]
 fn resize_classic(
     src: &[f32],
+    src_rows: Range<usize>,
     c: usize,
     h: usize,
     w: usize,
@@ -456,14 +516,15 @@ fn resize_classic(
 ) -> Vec<f32> {
     let (yi, yw) = classic_axis_taps(h, out_h);
     let (xi, xw) = classic_axis_taps(w, out_w);
+    let (b0, bh) = (src_rows.start, src_rows.len());
     let mut out = Vec::with_capacity(c * rows.len() * out_w);
     for p in 0..c {
-        let plane = &src[p * h * w..(p + 1) * h * w];
+        let plane = &src[p * bh * w..(p + 1) * bh * w];
         for y in rows.clone() {
             for x in 0..out_w {
                 let mut rows = [0f32; 4];
                 for (r, &sy) in rows.iter_mut().zip(&yi[y]) {
-                    let row = &plane[sy * w..(sy + 1) * w];
+                    let row = &plane[(sy - b0) * w..(sy - b0 + 1) * w];
                     *r = dot_fma(xi[x].iter().map(|&sx| row[sx]), &xw[x]);
                 }
                 out.push(dot_fma(rows.into_iter(), &yw[y]));
@@ -647,7 +708,7 @@ mod tests {
             assert_eq!(resize_planar(&src, 3, 6, 7, 6, 7, kind), src);
         }
         // The classic kernel is also exact when forced through the weight path (t = 0).
-        assert_eq!(resize_classic(&src, 3, 6, 7, 6, 7, 0..6), src);
+        assert_eq!(resize_classic(&src, 0..6, 3, 6, 7, 6, 7, 0..6), src);
     }
 
     #[test]
@@ -700,9 +761,25 @@ mod tests {
                     let expect: Vec<f32> =
                         (0..3).flat_map(|p| whole[(p * oh + y0) * ow..(p * oh + y1) * ow].to_vec()).collect();
                     assert_eq!(diff(&band, &expect), (0, 0.0), "{kind:?} {oh}x{ow} rows {y0}..{y1}");
+                    // The tensor version copies only the input rows the band reads.
+                    let t = Tensor::from_vec(src.clone(), (1, 3, 13, 11), &Device::Cpu).unwrap();
+                    let tb = resize_tensor_rows(&t, oh, ow, kind, y0..y1).unwrap();
+                    assert_eq!(tb.dims(), &[1, 3, y1 - y0, ow]);
+                    assert_eq!(diff(&vec_of(&tb), &expect), (0, 0.0), "tensor {kind:?} {oh}x{ow} rows {y0}..{y1}");
                 }
             }
         }
+    }
+
+    /// A 4x upsample reads 2 LR rows either side of a band (the kernel's support), both kernels.
+    #[test]
+    fn source_rows_of_a_4x_band() {
+        for kind in [Bicubic::Antialias, Bicubic::Classic] {
+            assert_eq!(source_rows(100, 100, 400, 400, kind, 128..256), 30..66, "{kind:?}");
+            assert_eq!(source_rows(100, 100, 400, 400, kind, 0..128), 0..34, "{kind:?}");
+            assert_eq!(source_rows(100, 100, 400, 400, kind, 384..400), 94..100, "{kind:?}");
+        }
+        assert_eq!(source_rows(100, 100, 100, 400, Bicubic::Antialias, 5..9), 5..9);
     }
 
     #[test]

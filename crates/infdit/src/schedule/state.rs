@@ -261,6 +261,26 @@ impl StateStore {
         let grid = self.grid();
         Ok(blocks_to_image(&self.read(slot, &grid.raster())?, &grid)?)
     }
+
+    /// The final sample in `slot`: a memory store becomes the image (its other slots are freed
+    /// first, and each block once copied), a file store is read from where it is.
+    pub fn into_final(self, slot: Slot) -> Result<FinalSample> {
+        match self {
+            StateStore::Ram(mut s) => {
+                let blocks = std::mem::take(&mut s.slots[ram_slot(slot)]);
+                let grid = s.grid;
+                drop(s);
+                let blocks = blocks
+                    .into_iter()
+                    .map(|b| b.ok_or_else(|| InfditError::Input(format!("state store: {slot:?} incomplete (bug)"))))
+                    .collect::<Result<Vec<_>>>()?;
+                let stacked = Tensor::stack(&blocks, 0)?;
+                drop(blocks);
+                Ok(FinalSample::from_tensor(blocks_to_image(&stacked, &grid)?))
+            }
+            StateStore::File(_) => Ok(FinalSample::stored(self, slot)),
+        }
+    }
 }
 
 /// The memory store keeps one `x`: a block's new state replaces its old one.
@@ -318,6 +338,9 @@ impl FinalSample {
         }
         match &self.0 {
             FinalInner::Tensor(t) => Ok(t.narrow(2, y0, y1 - y0)?),
+            FinalInner::Stored { store, .. } if y0 == y1 => {
+                Ok(Tensor::zeros((1, CHANNELS, 0, store.grid().width()), DType::F32, &Device::Cpu)?)
+            }
             FinalInner::Stored { store, slot } => {
                 let grid = store.grid();
                 let bp = grid.block_px;
