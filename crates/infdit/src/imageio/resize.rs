@@ -102,7 +102,7 @@ pub fn resize_planar_rows(
 }
 
 /// The input rows that output rows `rows` of a `h x w -> out_h x out_w` resize read (every tap,
-/// including zero-weight ones): the band [`resize_band`] needs.
+/// including zero-weight ones): the band [`resize_tensor_rows`] copies out of its input.
 ///
 /// # Panics
 /// If `rows` is not inside `0..out_h`.
