@@ -270,6 +270,12 @@ pub struct UpscaleArgs {
     /// With --alpha model, the alpha plane's passes keep theirs in an `alpha` folder below.
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
+    /// Keep the sampler's image-size state (about 36 bytes per output pixel) in files in this folder
+    /// instead of in memory, and make the upsampled LR and the initial noise block row by block row
+    /// (block mode only): the sampling's memory then grows with the width only. Bit-identical
+    /// results. Use a folder on a disk, not a tmpfs.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Print the memory plan and the chosen settings.
     #[arg(long, short)]
     pub verbose: bool,

@@ -9,12 +9,15 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::clip::ClipVision;
 use crate::config::ModelConfig;
+use crate::diffusion::noise::Noise;
 use crate::diffusion::{Denoise, EdmScalings, HeunConfig, initial_state};
 use crate::error::{InfditError, Result};
-use crate::imageio::resize::{Bicubic, center_crop_offsets, resize_tensor};
-use crate::model::blocks::{BlockGrid, WholeImageKv, blocks_to_image, image_to_blocks};
+use crate::imageio::resize::{Bicubic, center_crop_offsets, resize_tensor, resize_tensor_rows};
+use crate::model::blocks::{BlockGrid, BlockPos, WholeImageKv, blocks_to_image, image_to_blocks, take_blocks};
 use crate::model::{ImageCond, InfDit};
 use crate::schedule::BlockDenoiser;
+pub use crate::schedule::state::FinalSample;
+use crate::schedule::state::{FileStore, RamStore, STATE_FILE, Slot, StateStore};
 use crate::weights::{CLIP_PREFIX, Checkpoint, WeightLoader};
 
 /// A loaded model: the DiT and, when configured, its CLIP tower.
@@ -116,13 +119,92 @@ impl PassScale {
     }
 }
 
+/// The upsampled LR that the network gets as extra input channels (`concat_lr`), at output size:
+/// either held whole, or described by its LR source and computed band by band, so that huge
+/// outputs never hold it at once.
+#[derive(Debug, Clone)]
+pub enum ConcatLr {
+    /// The image itself, (1, 3, H, W).
+    Tensor(Tensor),
+    /// `clamp(resize(src, height, width, kind), -1, 1)` of an LR-size `src` (1, 3, h, w). A band of
+    /// rows ([`ConcatLr::rows`]) equals the same rows of the whole upsample bit for bit
+    /// ([`crate::imageio::resize::resize_planar_rows`]).
+    Upsample {
+        /// The LR image (1, 3, h, w) in [-1, 1].
+        src: Tensor,
+        /// Output height.
+        height: usize,
+        /// Output width.
+        width: usize,
+        /// The bicubic kernel.
+        kind: Bicubic,
+    },
+}
+
+impl ConcatLr {
+    /// (height, width) of the upsampled image.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        match self {
+            ConcatLr::Tensor(t) => {
+                let (_, _, h, w) = t.dims4()?;
+                Ok((h, w))
+            }
+            ConcatLr::Upsample { height, width, .. } => Ok((*height, *width)),
+        }
+    }
+
+    /// Rows `y0..y1`, (1, 3, y1 - y0, W), on the device of the source.
+    pub fn rows(&self, y0: usize, y1: usize) -> Result<Tensor> {
+        match self {
+            ConcatLr::Tensor(t) => Ok(t.narrow(2, y0, y1.saturating_sub(y0))?),
+            ConcatLr::Upsample { src, height, width, kind } => {
+                Ok(resize_tensor_rows(src, *height, *width, *kind, y0..y1)?.clamp(-1f32, 1f32)?)
+            }
+        }
+    }
+
+    /// The whole image (1, 3, H, W).
+    pub fn full(&self) -> Result<Tensor> {
+        match self {
+            ConcatLr::Tensor(t) => Ok(t.clone()),
+            ConcatLr::Upsample { src, height, width, kind } => {
+                Ok(resize_tensor(src, *height, *width, *kind)?.clamp(-1f32, 1f32)?)
+            }
+        }
+    }
+
+    /// On `dev`: a held image is moved there, an upsample's source too (bands are then made there).
+    pub fn to_device(&self, dev: &Device) -> Result<Self> {
+        Ok(match self {
+            ConcatLr::Tensor(t) => ConcatLr::Tensor(t.to_device(dev)?),
+            ConcatLr::Upsample { src, height, width, kind } => {
+                ConcatLr::Upsample { src: src.to_device(dev)?, height: *height, width: *width, kind: *kind }
+            }
+        })
+    }
+
+    /// Mixes what determines the image into a fingerprint: a held image by its values, an
+    /// upsample by its source, size and kernel (cheap, and independent of the output size).
+    fn fingerprint(&self, h: &mut crate::resume::Fnv) -> Result<()> {
+        match self {
+            ConcatLr::Tensor(t) => h.tensor(t)?,
+            ConcatLr::Upsample { src, height, width, kind } => {
+                h.bytes(format!("upsample {height}x{width} {kind:?}").as_bytes());
+                h.tensor(src)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Network inputs prepared from an image.
 #[derive(Debug, Clone)]
 pub struct Prepared {
     /// The LR the network sees (CLIP and cross-attention), (1, 3, H/4, W/4), not clipped.
     pub lr: Tensor,
-    /// The bicubic upsample at output size, clipped to [-1, 1], (1, 3, H, W).
-    pub concat_lr: Tensor,
+    /// The bicubic upsample at output size, clipped to [-1, 1], (1, 3, H, W); [`prepare_official`]
+    /// and [`prepare_padded`] describe it ([`ConcatLr::Upsample`]) rather than compute it.
+    pub concat_lr: ConcatLr,
     /// The output block grid.
     pub grid: BlockGrid,
 }
@@ -145,7 +227,7 @@ pub fn prepare_official(input: &Tensor, scale: PassScale, block_px: usize, kind:
              {block_px}-px block (the official 2x mode needs sides that are multiples of 64)"
         )));
     }
-    let concat_lr = resize_tensor(&lr, oh, ow, kind)?.clamp(-1f32, 1f32)?;
+    let concat_lr = ConcatLr::Upsample { src: lr.clone(), height: oh, width: ow, kind };
     let lr = match scale {
         PassScale::X4 => lr,
         PassScale::X2 => resize_tensor(&lr, h / 2, w / 2, kind)?,
@@ -191,7 +273,7 @@ pub fn prepare_padded(
     let (h, w) = (h0.div_ceil(unit) * unit, w0.div_ceil(unit) * unit);
     let (top, left) = ((h - h0) / 2, (w - w0) / 2);
     let padded = crate::imageio::pad_reflect(input, top, h - h0 - top, left, w - w0 - left)?;
-    let concat_lr = resize_tensor(&padded, h * f, w * f, kind)?.clamp(-1f32, 1f32)?;
+    let concat_lr = ConcatLr::Upsample { src: padded.clone(), height: h * f, width: w * f, kind };
     let lr = match scale {
         PassScale::X4 => padded,
         PassScale::X2 => resize_tensor(&padded, h / 2, w / 2, kind)?,
@@ -251,28 +333,26 @@ pub struct SampleOptions {
     pub checkpoint_dir: Option<std::path::PathBuf>,
     /// Stop (returning no sample) once this many steps are done; for interruption and tests.
     pub stop_after_steps: Option<usize>,
+    /// Block mode only: keep the sampler's image-size state (x, the Heun derivative and Euler
+    /// point) in a file in this folder instead of memory, and compute the upsampled LR and the
+    /// initial state one block row at a time, so memory stays bounded whatever the height. The
+    /// file is read and written block by block; it needs 36 bytes per output pixel of disk, 48
+    /// with `checkpoint_dir`, when it is also the resume state (kept there until the run
+    /// finishes); without `checkpoint_dir` it is deleted as soon as it is opened and vanishes with
+    /// the process. The result is bit-identical to the in-memory run, and comes back as
+    /// [`SampleOutcome::final_sample`] read from that file ([`SampleOutcome::sample`] is `None`).
+    pub state_dir: Option<std::path::PathBuf>,
     /// Set from another thread (a Ctrl-C handler) to stop the run: [`sample`] checks it before
-    /// every network evaluation and returns [`InfditError::Interrupted`]. The saved state of the
-    /// last completed step, if any, is kept, so the run can be resumed.
+    /// every network evaluation (whole image) or block batch (scheduler) and returns
+    /// [`InfditError::Interrupted`]. The saved state of the last completed step, if any, is kept,
+    /// so the run can be resumed.
     pub cancel: Option<Arc<AtomicBool>>,
-}
-
-impl Default for SampleOptions {
-    fn default() -> Self {
-        Self {
-            heun: HeunConfig::default(),
-            mode: Mode::Blocks { block_batch: 1, kv_dtype: DType::F32 },
-            checkpoint_dir: None,
-            stop_after_steps: None,
-            cancel: None,
-        }
-    }
 }
 
 impl PartialEq for SampleOptions {
     /// Field by field; two cancellation flags are equal when they are the same flag.
     fn eq(&self, o: &Self) -> bool {
-        let Self { heun, mode, checkpoint_dir, stop_after_steps, cancel } = self;
+        let Self { heun, mode, checkpoint_dir, stop_after_steps, state_dir, cancel } = self;
         let same_flag = match (cancel, &o.cancel) {
             (None, None) => true,
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -282,6 +362,7 @@ impl PartialEq for SampleOptions {
             && *mode == o.mode
             && *checkpoint_dir == o.checkpoint_dir
             && *stop_after_steps == o.stop_after_steps
+            && *state_dir == o.state_dir
             && same_flag
     }
 }
@@ -301,11 +382,28 @@ impl Denoise for Cancellable<'_, '_> {
     }
 }
 
+impl Default for SampleOptions {
+    fn default() -> Self {
+        Self {
+            heun: HeunConfig::default(),
+            mode: Mode::Blocks { block_batch: 1, kv_dtype: DType::F32 },
+            checkpoint_dir: None,
+            stop_after_steps: None,
+            state_dir: None,
+            cancel: None,
+        }
+    }
+}
+
 /// The result of [`sample`].
 #[derive(Debug, Clone)]
 pub struct SampleOutcome {
-    /// The final sample (1, 3, H, W), or `None` when the run stopped early.
+    /// The final sample (1, 3, H, W), or `None` when the run stopped early or kept its state in a
+    /// state folder (then see `final_sample`).
     pub sample: Option<Tensor>,
+    /// The final sample, in memory or in the state folder's file, readable band by band (e.g.
+    /// [`FinalSample::to_rgb8`]); `None` when the run stopped early.
+    pub final_sample: Option<FinalSample>,
     /// Steps done, including those done before a resume.
     pub steps_done: usize,
     /// Step the run resumed from (0 for a fresh run).
@@ -439,20 +537,51 @@ pub fn sample(
     opts: &SampleOptions,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<SampleOutcome> {
+    sample_with_noise(model, prep, clip_vec, &Noise::Image(eps.clone()), opts, progress)
+}
+
+/// [`sample`] with the noise given as a [`Noise`]: [`Noise::Seeded`] draws it block by block, so
+/// that with [`SampleOptions::state_dir`] no image-size tensor is ever held.
+///
+/// In block mode each sweep of the scheduler also applies the Heun update to the blocks it has
+/// just denoised (the update is elementwise), reading and writing the per-block state in memory
+/// or in the state folder's file; the values are those of [`crate::diffusion::heun_step`] on the
+/// whole image, bit for bit.
+pub fn sample_with_noise(
+    model: &Model,
+    prep: &Prepared,
+    clip_vec: &Tensor,
+    noise: &Noise,
+    opts: &SampleOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<SampleOutcome> {
     let heun = &opts.heun;
     let sigmas = heun.sigmas();
     let dev = model.dit.device();
-    let concat_lr = prep.concat_lr.to_device(dev)?;
-    let eps = eps.to_device(dev)?;
-    let state_file = opts.checkpoint_dir.as_ref().map(|d| d.join("infdit-state.safetensors"));
-    let fingerprint = run_fingerprint(&concat_lr, &eps, clip_vec, heun, model)?;
-    let (mut x, start) = match state_file.as_deref().map(|f| crate::resume::load_state(f, &fingerprint)) {
-        Some(Ok(Some((x, k)))) => (x.to_device(dev)?, k),
-        Some(Err(e)) => return Err(e),
-        _ => (initial_state(&concat_lr, &eps, sigmas[0])?, 0),
+    let grid = prep.grid;
+    noise.check(&grid)?;
+    if prep.concat_lr.dims()? != (grid.height(), grid.width()) {
+        return Err(InfditError::Input(format!(
+            "the upsampled LR is {:?}, the output grid {}x{}",
+            prep.concat_lr.dims()?,
+            grid.height(),
+            grid.width()
+        )));
+    }
+    if opts.state_dir.is_some() && opts.mode == Mode::WholeImage {
+        return Err(InfditError::Config(
+            "a state folder (--state-dir) needs block mode: whole-image mode holds the whole image anyway".into(),
+        ));
+    }
+    let record = opts.checkpoint_dir.as_ref().map(|d| d.join("infdit-state.safetensors"));
+    let fingerprint = run_fingerprint(&prep.concat_lr, noise, &grid, clip_vec, heun, model)?;
+    let saved = match record.as_deref() {
+        Some(f) => crate::resume::load_state(f, &fingerprint)?,
+        None => None,
     };
+    let start = saved.as_ref().map_or(0, |s| s.steps_done);
     let evals_before = |k: usize| if k == 0 { 0 } else { (2 * k).min(heun.evaluations()) };
-    let blocks_total = prep.grid.len();
+    let blocks_total = grid.len();
     let base = Progress {
         evals_done: evals_before(start),
         evals_total: heun.evaluations(),
@@ -468,71 +597,218 @@ pub fn sample(
         (progress.borrow_mut())(p)
     };
     report(base);
-    let mut whole;
-    let mut blocks: Option<BlockDenoiser<'_>> = None;
-    let den: &mut dyn Denoise = match opts.mode {
+    let last = sigmas.len() - 1;
+    let stop = |steps_done: usize| opts.stop_after_steps.is_some_and(|s| steps_done >= s);
+    let never = AtomicBool::new(false);
+    let flag: &AtomicBool = opts.cancel.as_deref().unwrap_or(&never);
+    let step_done = |steps_done: usize| {
+        let p = state.get();
+        report(Progress { steps_done, ..p });
+    };
+
+    let (steps_done, final_sample, peak_kv_cache_bytes) = match opts.mode {
         Mode::WholeImage => {
-            whole = WholeImageDenoiser::new(&model.dit, clip_vec, &prep.lr, &concat_lr)?;
-            whole.on_eval = Some(Box::new(|_| {
+            let concat_lr = prep.concat_lr.full()?.to_device(dev)?;
+            let mut x = match saved {
+                Some(crate::resume::SavedState { x: Some(x), .. }) => x.to_device(dev)?,
+                Some(_) => return Err(state_dir_needed(record.as_deref())),
+                None => initial_state(&concat_lr, &noise.image(&grid, dev)?, sigmas[0])?,
+            };
+            let mut den = WholeImageDenoiser::new(&model.dit, clip_vec, &prep.lr, &concat_lr)?;
+            den.on_eval = Some(Box::new(|_| {
                 let p = state.get();
                 report(Progress { evals_done: p.evals_done + 1, blocks_done: blocks_total, ..p })
             }));
-            &mut whole
+            let mut den = Cancellable { inner: &mut den, flag };
+            let mut steps_done = start;
+            for i in start..last {
+                if stop(steps_done) {
+                    break;
+                }
+                let stepped = crate::diffusion::heun_step(&mut den, &x, &sigmas, i);
+                if flag.load(Ordering::Relaxed) {
+                    return Err(InfditError::Interrupted { steps_done });
+                }
+                x = stepped?;
+                check_finite(&x, i)?;
+                steps_done = i + 1;
+                if let Some(f) = &record {
+                    crate::resume::save_state(f, Some(&x), steps_done, &fingerprint)?;
+                }
+                step_done(steps_done);
+            }
+            (steps_done, (steps_done == last).then(|| FinalSample::from_tensor(x)), 0)
         }
         Mode::Blocks { block_batch, kv_dtype } => {
-            let b =
-                blocks.insert(BlockDenoiser::new(&model.dit, clip_vec, &prep.lr, &concat_lr, block_batch, kv_dtype)?);
-            b.on_batch = Some(Box::new(|s| {
+            // In memory the upsampled LR is computed once; with a state folder, per batch row.
+            let concat_lr = match &opts.state_dir {
+                None => ConcatLr::Tensor(prep.concat_lr.full()?.to_device(dev)?),
+                Some(_) => prep.concat_lr.clone(),
+            };
+            let mut store = match (&opts.state_dir, &saved) {
+                (None, _) => StateStore::Ram(RamStore::new(grid)),
+                (Some(dir), Some(crate::resume::SavedState { x: None, .. })) => {
+                    if !dir.join(STATE_FILE).exists() {
+                        return Err(state_dir_needed(record.as_deref()));
+                    }
+                    StateStore::File(FileStore::open(dir, grid, &fingerprint)?)
+                }
+                (Some(dir), _) => StateStore::File(FileStore::create(dir, grid, &fingerprint, record.is_some())?),
+            };
+            match saved {
+                None => {
+                    // x0 = concat_lr + sigma_0 eps, one block row at a time.
+                    let bp = grid.block_px;
+                    for row in 0..grid.rows {
+                        let pos: Vec<BlockPos> = (0..grid.cols).map(|col| BlockPos { row, col }).collect();
+                        let local: Vec<BlockPos> = (0..grid.cols).map(|col| BlockPos { row: 0, col }).collect();
+                        let up = take_blocks(&concat_lr.rows(row * bp, (row + 1) * bp)?.to_device(dev)?, bp, &local)?;
+                        let x0 = initial_state(&up, &noise.blocks(&grid, &pos, dev)?, sigmas[0])?;
+                        store.write(Slot::X(0), &pos, &x0)?;
+                    }
+                }
+                Some(crate::resume::SavedState { x: Some(x), steps_done }) => {
+                    store.write(Slot::X(steps_done), &grid.raster(), &image_to_blocks(&x, grid.block_px)?)?;
+                }
+                Some(crate::resume::SavedState { x: None, .. }) if opts.state_dir.is_none() => {
+                    return Err(state_dir_needed(record.as_deref()));
+                }
+                Some(_) => {}
+            }
+            let mut den =
+                BlockDenoiser::with_concat_lr(&model.dit, clip_vec, &prep.lr, concat_lr, block_batch, kv_dtype)?;
+            den.on_batch = Some(Box::new(|s| {
                 let p = state.get();
                 let evals_done = p.evals_done + (s.blocks_done == s.blocks_total) as usize;
                 report(Progress { evals_done, blocks_done: s.blocks_done % s.blocks_total.max(1), ..p })
             }));
-            b
+            let mut steps_done = start;
+            for i in start..last {
+                if stop(steps_done) {
+                    break;
+                }
+                heun_step_blocks(&mut den, &mut store, &sigmas, i, dev, flag)?;
+                steps_done = i + 1;
+                if let Some(f) = &record {
+                    match &store {
+                        StateStore::Ram(_) => {
+                            let x = store.image(Slot::X(steps_done))?;
+                            crate::resume::save_state(f, Some(&x), steps_done, &fingerprint)?;
+                        }
+                        StateStore::File(_) => {
+                            store.sync()?;
+                            crate::resume::save_state(f, None, steps_done, &fingerprint)?;
+                        }
+                    }
+                }
+                step_done(steps_done);
+            }
+            let peak = den.peak_cache_bytes;
+            drop(den);
+            let fin = if steps_done == last {
+                if let StateStore::File(f) = &mut store {
+                    // The run is complete: the file is no checkpoint any more, only the result.
+                    f.unlink()?;
+                }
+                Some(store.into_final(Slot::X(last))?)
+            } else {
+                None
+            };
+            (steps_done, fin, peak)
         }
     };
-    let never = AtomicBool::new(false);
-    let flag = opts.cancel.as_deref().unwrap_or(&never);
-    let mut den = Cancellable { inner: den, flag };
-    let last = sigmas.len() - 1;
-    let mut steps_done = start;
-    for i in start..last {
-        if opts.stop_after_steps.is_some_and(|s| steps_done >= s) {
-            break;
-        }
-        let stepped = crate::diffusion::heun_step(&mut den, &x, &sigmas, i);
-        if flag.load(Ordering::Relaxed) {
-            return Err(InfditError::Interrupted { steps_done });
-        }
-        x = stepped?;
-        check_finite(&x, i)?;
-        steps_done = i + 1;
-        if let Some(f) = &state_file {
-            crate::resume::save_state(f, &x, steps_done, &fingerprint)?;
-        }
-        let p = state.get();
-        report(Progress { steps_done, ..p });
-    }
-    let peak_kv_cache_bytes = blocks.as_ref().map_or(0, |b| b.peak_cache_bytes);
-    let finished = steps_done == last;
-    if finished && let Some(f) = &state_file {
+    if final_sample.is_some()
+        && let Some(f) = &record
+    {
         let _ = std::fs::remove_file(f);
     }
-    Ok(SampleOutcome { sample: finished.then_some(x), steps_done, resumed_from: start, peak_kv_cache_bytes })
+    let sample = match &final_sample {
+        Some(f) if f.in_memory() => Some(f.to_tensor()?),
+        _ => None,
+    };
+    Ok(SampleOutcome { sample, final_sample, steps_done, resumed_from: start, peak_kv_cache_bytes })
+}
+
+/// One Heun step of the block scheduler, done inside its sweeps: the first sweep denoises `x` and
+/// stores the derivative and Euler point of each batch (or, for the last step, the new `x`); the
+/// second denoises the Euler point and stores the corrected `x`. Bit-identical to
+/// [`crate::diffusion::heun_step`] on the whole image (the update is elementwise).
+fn heun_step_blocks(
+    den: &mut BlockDenoiser<'_>,
+    store: &mut StateStore,
+    sigmas: &[f32],
+    i: usize,
+    dev: &Device,
+    flag: &AtomicBool,
+) -> Result<()> {
+    let (s, s_next) = (sigmas[i], sigmas[i + 1]);
+    let store = std::cell::RefCell::new(store);
+    // Checked before each block batch is read: a Ctrl-C stops the sweep at the next batch.
+    let go = || if flag.load(Ordering::Relaxed) { Err(InfditError::Interrupted { steps_done: i }) } else { Ok(()) };
+    den.sweep_blocks::<InfditError>(
+        s,
+        &mut |pos| {
+            go()?;
+            store.borrow().read(Slot::X(i), pos)
+        },
+        &mut |pos, x, d1| {
+            let (d, euler) = crate::diffusion::heun_euler(x, &d1, s, s_next)?;
+            let mut st = store.borrow_mut();
+            if s_next <= 0.0 {
+                check_finite(&euler, i)?;
+                st.write(Slot::X(i + 1), pos, &euler)
+            } else {
+                st.write(Slot::D, pos, &d)?;
+                st.write(Slot::Euler, pos, &euler)
+            }
+        },
+    )?;
+    if s_next <= 0.0 {
+        return Ok(());
+    }
+    den.sweep_blocks::<InfditError>(
+        s_next,
+        &mut |pos| {
+            go()?;
+            store.borrow().read(Slot::Euler, pos)
+        },
+        &mut |pos, euler, d2| {
+            let mut st = store.borrow_mut();
+            let x = st.read(Slot::X(i), pos)?.to_device(dev)?;
+            let d = st.read(Slot::D, pos)?.to_device(dev)?;
+            let x_new = crate::diffusion::heun_correct(&x, &d, euler, &d2, s, s_next)?;
+            check_finite(&x_new, i)?;
+            st.write(Slot::X(i + 1), pos, &x_new)
+        },
+    )
+}
+
+/// The error for a checkpoint whose state is in a state folder this run does not have.
+fn state_dir_needed(record: Option<&Path>) -> InfditError {
+    InfditError::Input(format!(
+        "{}: this checkpoint's state is in a state folder ({}); resume with the same --state-dir, in block mode",
+        record.map_or_else(String::new, |p| p.display().to_string()),
+        crate::schedule::state::STATE_FILE
+    ))
 }
 
 /// A hash of everything that determines a run's trajectory, so a saved state is only resumed by
 /// the same run.
 fn run_fingerprint(
-    concat_lr: &Tensor,
-    eps: &Tensor,
+    concat_lr: &ConcatLr,
+    noise: &Noise,
+    grid: &BlockGrid,
     clip: &Tensor,
     heun: &HeunConfig,
     model: &Model,
 ) -> Result<String> {
     let mut h = crate::resume::Fnv::default();
-    for t in [concat_lr, eps, clip] {
-        h.tensor(t)?;
+    concat_lr.fingerprint(&mut h)?;
+    match noise {
+        Noise::Image(t) => h.tensor(t)?,
+        Noise::Seeded(seed) => h.bytes(format!("seeded noise {seed} on {grid:?}").as_bytes()),
     }
+    h.tensor(clip)?;
     h.bytes(format!("{heun:?}/{:?}/{:?}", model.dit.dtype(), model.cfg).as_bytes());
     Ok(format!("{:016x}", h.finish()))
 }

@@ -5,6 +5,10 @@
 //! done and a fingerprint of the run's inputs and settings. A later run with the same inputs resumes
 //! from it; because the noise, the sampler and every network evaluation are deterministic, the
 //! final image is bit-identical to an uninterrupted run.
+//!
+//! With a state folder (`SampleOptions::state_dir`) the state already lives in a file there; the
+//! record in the checkpoint folder then holds no tensor, only the step count and fingerprint, and
+//! is written once that file is synced (see [`crate::schedule::state`]).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -45,12 +49,26 @@ impl Fnv {
     }
 }
 
-/// Writes the state atomically.
-pub fn save_state(path: &Path, x: &Tensor, steps_done: usize, fingerprint: &str) -> Result<()> {
+/// A saved state: the step count, and `x` unless the state lives in a state folder's file
+/// ([`crate::schedule::state::FileStore`]), which the record then stands for.
+#[derive(Debug, Clone)]
+pub struct SavedState {
+    /// The state (1, 3, H, W), or `None` when it is in the state folder.
+    pub x: Option<Tensor>,
+    /// Steps done.
+    pub steps_done: usize,
+}
+
+/// Writes the state atomically: `x`, or with `None` a record that the state after `steps_done`
+/// steps is in the state folder (which must be durable before this is called).
+pub fn save_state(path: &Path, x: Option<&Tensor>, steps_done: usize, fingerprint: &str) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| InfditError::io(dir, e))?;
     let mut t = HashMap::new();
-    t.insert("x".to_string(), x.to_device(&Device::Cpu)?.to_dtype(DType::F32)?);
+    match x {
+        Some(x) => t.insert("x".to_string(), x.to_device(&Device::Cpu)?.to_dtype(DType::F32)?),
+        None => t.insert("in_state_dir".to_string(), Tensor::new(&[1u8], &Device::Cpu)?),
+    };
     t.insert("steps_done".to_string(), Tensor::new(&[steps_done as u32], &Device::Cpu)?);
     t.insert("fingerprint".to_string(), Tensor::new(fingerprint.as_bytes(), &Device::Cpu)?);
     let tmp = path.with_extension("safetensors.partial");
@@ -64,7 +82,7 @@ pub fn save_state(path: &Path, x: &Tensor, steps_done: usize, fingerprint: &str)
 }
 
 /// Reads a saved state: `Ok(None)` when there is none, an error when it belongs to another run.
-pub fn load_state(path: &Path, fingerprint: &str) -> Result<Option<(Tensor, usize)>> {
+pub fn load_state(path: &Path, fingerprint: &str) -> Result<Option<SavedState>> {
     if !path.exists() {
         return Ok(None);
     }
@@ -78,6 +96,10 @@ pub fn load_state(path: &Path, fingerprint: &str) -> Result<Option<(Tensor, usiz
         ));
     }
     let steps = t.remove("steps_done").ok_or_else(|| bad("has no step count"))?.to_vec1::<u32>()?;
-    let x = t.remove("x").ok_or_else(|| bad("has no state tensor"))?;
-    Ok(Some((x, *steps.first().ok_or_else(|| bad("has an empty step count"))? as usize)))
+    let x = match (t.remove("x"), t.contains_key("in_state_dir")) {
+        (Some(x), _) => Some(x),
+        (None, true) => None,
+        (None, false) => return Err(bad("has no state tensor")),
+    };
+    Ok(Some(SavedState { x, steps_done: *steps.first().ok_or_else(|| bad("has an empty step count"))? as usize }))
 }

@@ -35,7 +35,7 @@ fn check_network(case_name: &str) {
         None => {
             let (set, _) = set_of(case_name);
             let png = load_rgb(&shared(set).join(format!("case_{case_name}_lr.png")), 1 << 30).unwrap();
-            prepare_official(&png, PassScale::X4, 128, Bicubic::Antialias).unwrap().concat_lr
+            prepare_official(&png, PassScale::X4, 128, Bicubic::Antialias).unwrap().concat_lr.full().unwrap()
         }
     };
     let eps = &c["eps"];
@@ -77,7 +77,7 @@ fn check_sampling(case_name: &str) {
         Some(t) => t.clone(),
         None => {
             let png = load_rgb(&shared(set).join(format!("case_{case_name}_lr.png")), 1 << 30).unwrap();
-            prepare_official(&png, PassScale::X4, 128, Bicubic::Antialias).unwrap().concat_lr
+            prepare_official(&png, PassScale::X4, 128, Bicubic::Antialias).unwrap().concat_lr.full().unwrap()
         }
     };
     let clip = m.clip_vector(lr, Bicubic::Antialias).unwrap();
@@ -179,7 +179,7 @@ fn official_preparation_reproduces_the_stored_inputs() {
         let p = prepare_official(&png, PassScale::X4, 128, Bicubic::Antialias).unwrap();
         assert_close(&format!("{case_name} lr"), &p.lr, &c["lr"], 0.0);
         if let Some(e) = c.get("concat_lr") {
-            assert_close(&format!("{case_name} concat_lr"), &p.concat_lr, e, 1e-6);
+            assert_close(&format!("{case_name} concat_lr"), &p.concat_lr.full().unwrap(), e, 1e-6);
         }
     }
     // The official 2x mode (case e): LR halved, concat_lr at 2x.
@@ -187,7 +187,7 @@ fn official_preparation_reproduces_the_stored_inputs() {
     let png = load_rgb(&shared("parity2").join("case_e_lr.png"), 1 << 30).unwrap();
     assert_close("e lr_input", &png, &c["lr_input"], 0.0);
     let p = prepare_official(&png, PassScale::X2, 128, Bicubic::Antialias).unwrap();
-    assert_close("e concat_lr (2x)", &p.concat_lr, &c["concat_lr"], 1e-6);
+    assert_close("e concat_lr (2x)", &p.concat_lr.full().unwrap(), &c["concat_lr"], 1e-6);
     assert_close("e lr (2x, downsampled)", &p.lr, &c["lr"], 1e-6);
     assert_eq!((p.grid.rows, p.grid.cols), (2, 1));
     let _ = Device::Cpu;

@@ -71,6 +71,7 @@ fn eval_one(model: &Model, path: &Path, a: &EvalArgs, heun: HeunConfig, dev: &De
         checkpoint_dir: None,
         stop_after_steps: None,
         cancel: None,
+        state_dir: None,
     };
     let out = sample(model, &prep, &clip, &eps, &opts, &mut |_| {})?;
     let sr = out.sample.context("sampling stopped before the last step")?;

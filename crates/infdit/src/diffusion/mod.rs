@@ -94,15 +94,31 @@ pub trait Denoise {
 /// One Heun step from `sigmas[i]` to `sigmas[i+1]` (Euler when the next sigma is 0).
 pub fn heun_step(den: &mut dyn Denoise, x: &Tensor, sigmas: &[f32], i: usize) -> Result<Tensor> {
     let (s, s_next) = (sigmas[i], sigmas[i + 1]);
-    let dt = (s_next - s) as f64;
     let d1 = den.denoise(x, s, i)?;
-    let d = ((x - &d1)? / s as f64)?;
-    let euler = (x + (&d * dt)?)?;
+    let (d, euler) = heun_euler(x, &d1, s, s_next)?;
     if s_next <= 0.0 {
         return Ok(euler);
     }
     let d2 = den.denoise(&euler, s_next, i + 1)?;
-    let d_new = ((&euler - &d2)? / s_next as f64)?;
+    heun_correct(x, &d, &euler, &d2, s, s_next)
+}
+
+/// The first half of a Heun step from `s` to `s_next`, given `d1 = D(x; s)`: the derivative
+/// `d = (x - d1) / s` and the Euler point `x + d (s_next - s)` (the step's result when `s_next` is
+/// 0). Elementwise, so it may be applied to any part of the image (block by block in the
+/// scheduler) with the same values as on the whole.
+pub fn heun_euler(x: &Tensor, d1: &Tensor, s: f32, s_next: f32) -> Result<(Tensor, Tensor)> {
+    let dt = (s_next - s) as f64;
+    let d = ((x - d1)? / s as f64)?;
+    let euler = (x + (&d * dt)?)?;
+    Ok((d, euler))
+}
+
+/// The second half, given `d2 = D(euler; s_next)`: `x + (d + (euler - d2) / s_next) / 2 (s_next -
+/// s)`. Elementwise, like [`heun_euler`].
+pub fn heun_correct(x: &Tensor, d: &Tensor, euler: &Tensor, d2: &Tensor, s: f32, s_next: f32) -> Result<Tensor> {
+    let dt = (s_next - s) as f64;
+    let d_new = ((euler - d2)? / s_next as f64)?;
     let d_prime = ((d + d_new)? / 2.0)?;
     x + (d_prime * dt)?
 }

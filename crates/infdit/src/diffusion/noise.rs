@@ -71,6 +71,47 @@ pub fn image_noise(seed: u64, grid: &BlockGrid, channels: usize, dev: &Device) -
     crate::model::blocks::blocks_to_image(&blocks, grid)
 }
 
+/// The initial noise eps of a run: a whole-image tensor, or drawn block by block from a seed.
+#[derive(Debug, Clone)]
+pub enum Noise {
+    /// A given (1, 3, H, W) tensor (`--noise FILE`, or the reference's own eps for parity).
+    Image(Tensor),
+    /// [`block_noise`] of each block for this seed: identical to [`image_noise`] for the seed, but
+    /// never held for the whole image at once.
+    Seeded(u64),
+}
+
+impl Noise {
+    /// The noise of blocks `pos` of `grid`, (n, 3, bp, bp), on `dev`.
+    pub fn blocks(&self, grid: &BlockGrid, pos: &[BlockPos], dev: &Device) -> Result<Tensor> {
+        match self {
+            Noise::Image(t) => crate::model::blocks::take_blocks(t, grid.block_px, pos)?.to_device(dev),
+            Noise::Seeded(seed) => blocks_noise(*seed, pos, 3, grid.block_px, dev),
+        }
+    }
+
+    /// The whole-image noise (1, 3, H, W) on `dev`.
+    pub fn image(&self, grid: &BlockGrid, dev: &Device) -> Result<Tensor> {
+        match self {
+            Noise::Image(t) => t.to_device(dev),
+            Noise::Seeded(seed) => image_noise(*seed, grid, 3, dev),
+        }
+    }
+
+    /// Fails unless the noise fits `grid` (a given tensor must be (1, 3, H, W)).
+    pub fn check(&self, grid: &BlockGrid) -> Result<()> {
+        match self {
+            Noise::Image(t) if t.dims() != [1, 3, grid.height(), grid.width()] => candle_core::bail!(
+                "the noise has shape {:?}, the output needs (1, 3, {}, {})",
+                t.dims(),
+                grid.height(),
+                grid.width()
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,5 +130,21 @@ mod tests {
         // 49152 samples: standard error of the mean 0.0045, of the variance ~0.0064.
         assert!(mean.abs() < 0.02, "mean {mean}");
         assert!((var - 1.0).abs() < 0.03, "var {var}");
+    }
+
+    #[test]
+    fn seeded_blocks_are_the_image_noise_blocks() {
+        let grid = BlockGrid { rows: 2, cols: 3, block_px: 8 };
+        let dev = Device::Cpu;
+        let whole = image_noise(5, &grid, 3, &dev).unwrap();
+        let pos = [BlockPos { row: 1, col: 2 }, BlockPos { row: 0, col: 1 }];
+        let a = Noise::Seeded(5).blocks(&grid, &pos, &dev).unwrap();
+        let b = Noise::Image(whole.clone()).blocks(&grid, &pos, &dev).unwrap();
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a.dims(), &[2, 3, 8, 8]);
+        assert_eq!(v(&a), v(&b));
+        assert_eq!(v(&a)[..192], block_noise(5, pos[0], 3, 8)[..]);
+        assert_eq!(v(&Noise::Seeded(5).image(&grid, &dev).unwrap()), v(&whole));
+        assert!(Noise::Image(whole).check(&BlockGrid { rows: 3, ..grid }).is_err());
     }
 }

@@ -33,7 +33,7 @@ mod save;
 pub use fill::fill_transparent;
 pub use load::{LoadLimits, LoadedImage, load_image};
 pub use pad::{crop, pad_reflect};
-pub use save::{SaveOptions, save_image_atomic, writes_exif, writes_icc};
+pub use save::{RgbBands, SaveOptions, save_image_atomic, writes_exif, writes_icc};
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, BufWriter, Write};

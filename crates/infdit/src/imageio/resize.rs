@@ -17,6 +17,8 @@
 //!
 //! Plus the two geometry helpers of torchvision's `Resize(int)` and `CenterCrop`.
 
+use std::ops::Range;
+
 use candle_core::{DType, Tensor};
 
 /// Which bicubic kernel to use.
@@ -63,8 +65,167 @@ pub fn resize_planar(
     }
     match kind {
         Bicubic::Antialias => resize_aa(src, channels, h, w, out_h, out_w),
-        Bicubic::Classic => resize_classic(src, channels, h, w, out_h, out_w),
+        Bicubic::Classic => resize_classic(src, 0..h, channels, h, w, out_h, out_w, 0..out_h),
     }
+}
+
+/// Rows `rows` of [`resize_planar`]'s result, `(channels, rows.len(), out_w)`, bit for bit, computed
+/// from only the input rows they depend on.
+///
+/// The filters have finite support (the antialiased kernel reaches `support` input pixels either
+/// side of an output's centre, 2 px when upsampling; the classic one 4 clamped taps), so a band of
+/// output rows needs only a band of input rows. The tap ranges and weights of the band's rows are
+/// computed exactly as for the whole image and the taps are accumulated in the same order, hence
+/// the same values: a huge upsample can be produced band by band in memory that grows with the
+/// width only.
+///
+/// # Panics
+/// As [`resize_planar`], and if `rows` is not inside `0..out_h`.
+#[allow(clippy::too_many_arguments)]
+pub fn resize_planar_rows(
+    src: &[f32],
+    channels: usize,
+    h: usize,
+    w: usize,
+    out_h: usize,
+    out_w: usize,
+    kind: Bicubic,
+    rows: Range<usize>,
+) -> Vec<f32> {
+    assert_eq!(
+        src.len(),
+        channels * h * w,
+        "resize_planar_rows: buffer of {} values does not hold {channels}x{h}x{w}",
+        src.len()
+    );
+    resize_band(src, 0..h, channels, h, w, out_h, out_w, kind, rows)
+}
+
+/// The input rows that output rows `rows` of a `h x w -> out_h x out_w` resize read (every tap,
+/// including zero-weight ones): the band [`resize_tensor_rows`] copies out of its input.
+///
+/// # Panics
+/// If `rows` is not inside `0..out_h`.
+pub fn source_rows(h: usize, w: usize, out_h: usize, out_w: usize, kind: Bicubic, rows: Range<usize>) -> Range<usize> {
+    assert!(rows.start <= rows.end && rows.end <= out_h, "source_rows: rows {rows:?} outside the {out_h}-row output");
+    if rows.is_empty() {
+        return 0..0;
+    }
+    if (h, w) == (out_h, out_w) || (kind == Bicubic::Antialias && out_h == h) {
+        return rows;
+    }
+    match kind {
+        Bicubic::Antialias => {
+            let t = aa_axis_taps(h, out_h, rows);
+            let lo = t.start.iter().copied().min().unwrap_or(0);
+            let hi = t.start.iter().zip(&t.len).map(|(s, l)| s + l).max().unwrap_or(lo).max(lo);
+            lo..hi
+        }
+        Bicubic::Classic => {
+            let (yi, _) = classic_axis_taps(h, out_h);
+            let used = rows.flat_map(|y| yi[y]);
+            let (lo, hi) = used.fold((usize::MAX, 0), |(lo, hi), i| (lo.min(i), hi.max(i + 1)));
+            lo..hi
+        }
+    }
+}
+
+/// Output rows `rows` of the resize of a `channels x h x w` image of which `band` holds input rows
+/// `band_rows` (a `(channels, band_rows.len(), w)` buffer); the band must contain
+/// [`source_rows`]. The same operations as the whole resize, in the same order.
+#[allow(clippy::too_many_arguments)]
+fn resize_band(
+    band: &[f32],
+    band_rows: Range<usize>,
+    channels: usize,
+    h: usize,
+    w: usize,
+    out_h: usize,
+    out_w: usize,
+    kind: Bicubic,
+    rows: Range<usize>,
+) -> Vec<f32> {
+    assert!(
+        rows.start <= rows.end && rows.end <= out_h,
+        "resize_planar_rows: rows {rows:?} outside the {out_h}-row output"
+    );
+    if channels == 0 || out_w == 0 || rows.is_empty() {
+        return Vec::new();
+    }
+    assert!(h > 0 && w > 0, "resize_planar_rows: cannot resize an empty {h}x{w} image to {out_h}x{out_w}");
+    let need = source_rows(h, w, out_h, out_w, kind, rows.clone());
+    let (b0, bh) = (band_rows.start, band_rows.len());
+    assert!(
+        band_rows.start <= need.start && need.end <= band_rows.end && band.len() == channels * bh * w,
+        "resize_band: input rows {band_rows:?} do not hold the {need:?} needed"
+    );
+    // Input rows `lo..hi` of every plane, as a contiguous (channels, hi - lo, w) buffer.
+    let input_rows = |lo: usize, hi: usize| -> Vec<f32> {
+        let mut v = Vec::with_capacity(channels * (hi - lo) * w);
+        for p in 0..channels {
+            v.extend_from_slice(&band[(p * bh + lo - b0) * w..(p * bh + hi - b0) * w]);
+        }
+        v
+    };
+    if (h, w) == (out_h, out_w) {
+        return input_rows(rows.start, rows.end);
+    }
+    match kind {
+        Bicubic::Antialias => {
+            if out_h == h {
+                // Width pass only, on the requested rows.
+                let src = input_rows(rows.start, rows.end);
+                let taps = aa_axis_taps(w, out_w, 0..out_w);
+                let mut dst = vec![0f32; channels * rows.len() * out_w];
+                pass_horizontal(&src, channels * rows.len(), w, &taps, &mut dst);
+                return dst;
+            }
+            let mut vtaps = aa_axis_taps(h, out_h, rows.clone());
+            let (lo, hi) = (need.start, need.end);
+            vtaps.start.iter_mut().for_each(|s| *s -= lo);
+            let src = input_rows(lo, hi);
+            let horizontal = (out_w != w).then(|| {
+                let taps = aa_axis_taps(w, out_w, 0..out_w);
+                let mut dst = vec![0f32; channels * (hi - lo) * out_w];
+                pass_horizontal(&src, channels * (hi - lo), w, &taps, &mut dst);
+                dst
+            });
+            let mut dst = vec![0f32; channels * rows.len() * out_w];
+            pass_vertical(horizontal.as_deref().unwrap_or(&src), channels, hi - lo, out_w, &vtaps, &mut dst);
+            dst
+        }
+        Bicubic::Classic => resize_classic(band, b0..b0 + bh, channels, h, w, out_h, out_w, rows),
+    }
+}
+
+/// Rows `rows` of [`resize_tensor`]'s result, `(…, C, rows.len(), out_w)`, bit for bit (see
+/// [`resize_planar_rows`]). Only the input rows they read ([`source_rows`]) are copied out of `t`.
+pub fn resize_tensor_rows(
+    t: &Tensor,
+    out_h: usize,
+    out_w: usize,
+    kind: Bicubic,
+    rows: Range<usize>,
+) -> candle_core::Result<Tensor> {
+    let dims = t.dims();
+    let (c, h, w) = match *dims {
+        [1, c, h, w] => (c, h, w),
+        [c, h, w] => (c, h, w),
+        _ => candle_core::bail!("resize_tensor_rows: expected a (1,C,H,W) or (C,H,W) tensor, got shape {:?}", dims),
+    };
+    if rows.start > rows.end || rows.end > out_h {
+        candle_core::bail!("resize_tensor_rows: rows {rows:?} outside the {out_h}-row output")
+    }
+    if h == 0 || w == 0 {
+        candle_core::bail!("resize_tensor_rows: cannot resize an empty {h}x{w} image")
+    }
+    let n = rows.len();
+    let out_shape: Vec<usize> = if dims.len() == 4 { vec![1, c, n, out_w] } else { vec![c, n, out_w] };
+    let need = source_rows(h, w, out_h, out_w, kind, rows.clone());
+    let band = t.narrow(dims.len() - 2, need.start, need.len())?;
+    let data = band.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let out = resize_band(&data, need, c, h, w, out_h, out_w, kind, rows);
+    Tensor::from_vec(out, out_shape, t.device())
 }
 
 /// Resize a candle tensor of shape `(1, C, H, W)` or `(C, H, W)` to `(…, C, out_h, out_w)`.
@@ -172,16 +333,16 @@ impl AxisTaps {
 ///   converted to f32 and the subtraction happens in f32, the `+ 0.5` and the multiplication
 ///   in double;
 /// * `w_j /= total` with `total` the sequential f32 sum, when `total != 0`.
-fn aa_axis_taps(input: usize, output: usize) -> AxisTaps {
+fn aa_axis_taps(input: usize, output: usize, outputs: Range<usize>) -> AxisTaps {
     let scale = input as f32 / output as f32;
     let support: f32 = if scale >= 1.0 { (2.0 * scale as f64) as f32 } else { 2.0 };
     let invscale: f32 = if scale >= 1.0 { (1.0 / scale as f64) as f32 } else { 1.0 };
     let stride = support.ceil() as usize * 2 + 1;
 
-    let mut start = Vec::with_capacity(output);
-    let mut len = Vec::with_capacity(output);
-    let mut weights = vec![0f32; output * stride];
-    for i in 0..output {
+    let mut start = Vec::with_capacity(outputs.len());
+    let mut len = Vec::with_capacity(outputs.len());
+    let mut weights = vec![0f32; outputs.len() * stride];
+    for (k, i) in outputs.enumerate() {
         let center = (scale as f64 * (i as f64 + 0.5)) as f32;
         // `as i64` truncates toward zero, like C++'s static_cast<int64_t>.
         let xmin = (((center - support) as f64 + 0.5) as i64).max(0);
@@ -189,7 +350,7 @@ fn aa_axis_taps(input: usize, output: usize) -> AxisTaps {
         let xsize = (xmax - xmin).clamp(0, stride as i64) as usize;
         let xmin = xmin as usize;
 
-        let w = &mut weights[i * stride..i * stride + xsize];
+        let w = &mut weights[k * stride..k * stride + xsize];
         let mut total = 0f32;
         for (j, wj) in w.iter_mut().enumerate() {
             let d = (j + xmin) as f32 - center;
@@ -297,7 +458,7 @@ fma_dispatch!(pass_vertical, pass_vertical_impl,
 /// is stored in f32.
 fn resize_aa(src: &[f32], c: usize, h: usize, w: usize, out_h: usize, out_w: usize) -> Vec<f32> {
     let horizontal = (out_w != w).then(|| {
-        let taps = aa_axis_taps(w, out_w);
+        let taps = aa_axis_taps(w, out_w, 0..out_w);
         let mut dst = vec![0f32; c * h * out_w];
         pass_horizontal(src, c * h, w, &taps, &mut dst);
         dst
@@ -305,7 +466,7 @@ fn resize_aa(src: &[f32], c: usize, h: usize, w: usize, out_h: usize, out_w: usi
     if out_h == h {
         return horizontal.unwrap_or_else(|| src.to_vec());
     }
-    let taps = aa_axis_taps(h, out_h);
+    let taps = aa_axis_taps(h, out_h, 0..out_h);
     let mut dst = vec![0f32; c * out_h * out_w];
     pass_vertical(horizontal.as_deref().unwrap_or(src), c, h, out_w, &taps, &mut dst);
     dst
@@ -340,17 +501,30 @@ fn classic_axis_taps(input: usize, output: usize) -> (Vec<[usize; 4]>, Vec<[f32;
 
 /// Non-antialiased bicubic: each output is the 4x4-tap sum, rows combined after each row's
 /// 4 horizontal taps (torch's `Interpolate<2, …, 4>` recursion), accumulated like [`dot_fma`].
-fn resize_classic(src: &[f32], c: usize, h: usize, w: usize, out_h: usize, out_w: usize) -> Vec<f32> {
+/// Only output rows `rows` are produced.
+/// `src` holds input rows `src_rows` of each plane.
+#[allow(clippy::too_many_arguments)]
+fn resize_classic(
+    src: &[f32],
+    src_rows: Range<usize>,
+    c: usize,
+    h: usize,
+    w: usize,
+    out_h: usize,
+    out_w: usize,
+    rows: Range<usize>,
+) -> Vec<f32> {
     let (yi, yw) = classic_axis_taps(h, out_h);
     let (xi, xw) = classic_axis_taps(w, out_w);
-    let mut out = Vec::with_capacity(c * out_h * out_w);
+    let (b0, bh) = (src_rows.start, src_rows.len());
+    let mut out = Vec::with_capacity(c * rows.len() * out_w);
     for p in 0..c {
-        let plane = &src[p * h * w..(p + 1) * h * w];
-        for y in 0..out_h {
+        let plane = &src[p * bh * w..(p + 1) * bh * w];
+        for y in rows.clone() {
             for x in 0..out_w {
                 let mut rows = [0f32; 4];
                 for (r, &sy) in rows.iter_mut().zip(&yi[y]) {
-                    let row = &plane[sy * w..(sy + 1) * w];
+                    let row = &plane[(sy - b0) * w..(sy - b0 + 1) * w];
                     *r = dot_fma(xi[x].iter().map(|&sx| row[sx]), &xw[x]);
                 }
                 out.push(dot_fma(rows.into_iter(), &yw[y]));
@@ -492,7 +666,7 @@ mod tests {
     #[test]
     fn aa_weights_known_values() {
         // 2x downsample, interior output: 8 taps at distances ±0.25, ±0.75, ±1.25, ±1.75.
-        let taps = aa_axis_taps(64, 32);
+        let taps = aa_axis_taps(64, 32, 0..32);
         let (s, w) = taps.taps(10);
         assert_eq!(s, 17);
         let half = [-0.01171875f32, -0.03515625, 0.11328125, 0.43359375];
@@ -534,7 +708,7 @@ mod tests {
             assert_eq!(resize_planar(&src, 3, 6, 7, 6, 7, kind), src);
         }
         // The classic kernel is also exact when forced through the weight path (t = 0).
-        assert_eq!(resize_classic(&src, 3, 6, 7, 6, 7), src);
+        assert_eq!(resize_classic(&src, 0..6, 3, 6, 7, 6, 7, 0..6), src);
     }
 
     #[test]
@@ -569,6 +743,43 @@ mod tests {
         assert!((out[0] - e0).abs() < 1e-7, "{} vs {e0}", out[0]);
         let aa = resize_planar(&src, 1, 1, w, 1, 2 * w, Bicubic::Antialias);
         assert_ne!(aa, out);
+    }
+
+    /// Every band of output rows equals the same rows of the whole resize, bit for bit: 4x and 2x
+    /// upsamples (the `concat_lr` cases), a downsample, a height-only and a width-only change.
+    #[test]
+    fn row_bands_equal_the_whole_resize() {
+        // Values with full mantissas, so any change in weights or tap order would show.
+        let src: Vec<f32> = (0..3 * 13 * 11).map(|i| (i as f32 * 0.7548777).sin() * 0.9).collect();
+        for (oh, ow) in [(52, 44), (26, 22), (7, 5), (52, 11), (13, 44)] {
+            for kind in [Bicubic::Antialias, Bicubic::Classic] {
+                let whole = resize_planar(&src, 3, 13, 11, oh, ow, kind);
+                let mut bands = [0, 1, 3, oh / 2, oh - 2, oh - 1].map(|a| (a, (a + 5).min(oh))).to_vec();
+                bands.push((0, oh));
+                for (y0, y1) in bands {
+                    let band = resize_planar_rows(&src, 3, 13, 11, oh, ow, kind, y0..y1);
+                    let expect: Vec<f32> =
+                        (0..3).flat_map(|p| whole[(p * oh + y0) * ow..(p * oh + y1) * ow].to_vec()).collect();
+                    assert_eq!(diff(&band, &expect), (0, 0.0), "{kind:?} {oh}x{ow} rows {y0}..{y1}");
+                    // The tensor version copies only the input rows the band reads.
+                    let t = Tensor::from_vec(src.clone(), (1, 3, 13, 11), &Device::Cpu).unwrap();
+                    let tb = resize_tensor_rows(&t, oh, ow, kind, y0..y1).unwrap();
+                    assert_eq!(tb.dims(), &[1, 3, y1 - y0, ow]);
+                    assert_eq!(diff(&vec_of(&tb), &expect), (0, 0.0), "tensor {kind:?} {oh}x{ow} rows {y0}..{y1}");
+                }
+            }
+        }
+    }
+
+    /// A 4x upsample reads 2 LR rows either side of a band (the kernel's support), both kernels.
+    #[test]
+    fn source_rows_of_a_4x_band() {
+        for kind in [Bicubic::Antialias, Bicubic::Classic] {
+            assert_eq!(source_rows(100, 100, 400, 400, kind, 128..256), 30..66, "{kind:?}");
+            assert_eq!(source_rows(100, 100, 400, 400, kind, 0..128), 0..34, "{kind:?}");
+            assert_eq!(source_rows(100, 100, 400, 400, kind, 384..400), 94..100, "{kind:?}");
+        }
+        assert_eq!(source_rows(100, 100, 100, 400, Bicubic::Antialias, 5..9), 5..9);
     }
 
     #[test]

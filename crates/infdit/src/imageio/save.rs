@@ -101,9 +101,13 @@ const JPEG_MAX_EXIF: usize = 65_535 - 2 - 6;
 /// quality not 1-100, 16 bits or alpha in a format that cannot hold them, EXIF that is not
 /// TIFF-structured or too large for JPEG), a wrong tensor shape or a NaN, encoder and I/O
 /// failures.
+///
+/// `rgb` may also be any other [`RgbBands`], such as a window of the sampler's final state kept in
+/// a state folder ([`crate::pipeline::FinalSample::window`]): it is then read and quantised one
+/// band of rows at a time, so only the 8- or 16-bit samples are ever held for the whole image.
 pub fn save_image_atomic(
     out: &Path,
-    rgb: &Tensor,
+    rgb: &dyn RgbBands,
     alpha: Option<&Tensor>,
     grayscale: bool,
     opts: &SaveOptions,
@@ -150,14 +154,7 @@ pub fn save_image_atomic(
         ImageIoError::BadTensor { reason, .. } => ImageIoError::BadTensor { path: out.to_path_buf(), reason },
         e => e,
     };
-    let (w, h, mut samples) = if opts.bit_depth == 8 {
-        let img = tensor_to_rgb8(rgb).map_err(with_path)?;
-        let (w, h) = img.dimensions();
-        (w, h, Samples::U8(img.into_raw()))
-    } else {
-        let (w, h, v) = tensor_to_rgb16(rgb).map_err(with_path)?;
-        (w, h, Samples::U16(v))
-    };
+    let (w, h, mut samples) = quantise_bands(rgb, opts.bit_depth).map_err(with_path)?;
     let alpha = alpha.map(|a| alpha_samples(a, w, h, opts.bit_depth).map_err(with_path)).transpose()?;
     // TIFF has no gray + alpha: write RGBA.
     let grayscale = grayscale && !(format == ImageFormat::Tiff && alpha.is_some());
@@ -217,6 +214,62 @@ pub fn save_image_atomic(
             }
         }
     })
+}
+
+/// An RGB image in `[-1, 1]` that can be read as horizontal bands of rows: a whole `(1, 3, H, W)`
+/// or `(3, H, W)` tensor is one band.
+pub trait RgbBands {
+    /// `(height, width)`; fails on a tensor that is not an RGB image.
+    fn size(&self) -> Result<(usize, usize), ImageIoError>;
+    /// Calls `f` with consecutive bands of rows, `(1, 3, rows, W)` or `(3, rows, W)` tensors, top to
+    /// bottom, covering the image.
+    fn for_each_band(&self, f: &mut dyn FnMut(&Tensor) -> Result<(), ImageIoError>) -> Result<(), ImageIoError>;
+}
+
+impl RgbBands for Tensor {
+    fn size(&self) -> Result<(usize, usize), ImageIoError> {
+        super::rgb_tensor_hw(self)
+    }
+
+    fn for_each_band(&self, f: &mut dyn FnMut(&Tensor) -> Result<(), ImageIoError>) -> Result<(), ImageIoError> {
+        f(self)
+    }
+}
+
+/// The interleaved samples of `rgb` at `bits` (8: [`tensor_to_rgb8`], 16: [`tensor_to_rgb16`]),
+/// band by band. A NaN is reported with its row in the band.
+fn quantise_bands(rgb: &dyn RgbBands, bits: u8) -> Result<(u32, u32, Samples), ImageIoError> {
+    let (h, w) = rgb.size()?;
+    let (wu, hu) = dims_u32(w, h)?;
+    let mut samples: Option<Samples> = None;
+    let mut rows = 0;
+    rgb.for_each_band(&mut |band| {
+        let (bh, bw) = super::rgb_tensor_hw(band)?;
+        if bw != w || rows + bh > h {
+            return Err(ImageIoError::bad_tensor(format!("a {bw} x {bh} band does not fit the {w} x {h} image")));
+        }
+        rows += bh;
+        // The first band's buffer is kept (a single band is not copied), later ones appended.
+        match (&mut samples, bits) {
+            (None, 8) => {
+                let mut v = tensor_to_rgb8(band)?.into_raw();
+                v.reserve_exact(3 * w * (h - bh));
+                samples = Some(Samples::U8(v));
+            }
+            (None, _) => {
+                let mut v = tensor_to_rgb16(band)?.2;
+                v.reserve_exact(3 * w * (h - bh));
+                samples = Some(Samples::U16(v));
+            }
+            (Some(Samples::U8(v)), _) => v.extend_from_slice(tensor_to_rgb8(band)?.as_raw()),
+            (Some(Samples::U16(v)), _) => v.extend_from_slice(&tensor_to_rgb16(band)?.2),
+        }
+        Ok(())
+    })?;
+    match samples {
+        Some(s) if rows == h => Ok((wu, hu, s)),
+        _ => Err(ImageIoError::bad_tensor(format!("the bands cover {rows} of the {h} rows"))),
+    }
 }
 
 /// Whether an ICC profile can describe the pixels written: its data colour space (header bytes

@@ -15,12 +15,14 @@
 //! column of the previous batch), and the corner (saved just before the batch to its left
 //! overwrote it). That is `cols + n + 1` blocks per layer.
 
+pub mod state;
+
 use candle_core::{DType, Result, Tensor};
 
 use crate::diffusion::{Denoise, EdmScalings};
 use crate::model::blocks::{BlockGrid, BlockPos, KvSource, blocks_to_image, concat_groups, neighbours, take_blocks};
 use crate::model::{ImageCond, InfDit};
-use crate::pipeline::DenoiserInputs;
+use crate::pipeline::ConcatLr;
 
 /// K and V of one block at one layer, (H, T, d) each.
 #[derive(Debug, Clone)]
@@ -191,10 +193,19 @@ pub struct SweepProgress {
     pub blocks_total: usize,
 }
 
+/// Receives one batch's result in [`BlockDenoiser::sweep_blocks`]: the blocks, their input `x`
+/// and `D(x; sigma)`, (n, 3, bp, bp) each.
+pub type BatchOutput<'o, E> = dyn FnMut(&[BlockPos], &Tensor, Tensor) -> std::result::Result<(), E> + 'o;
+
 /// The EDM denoiser evaluated batch by batch.
 pub struct BlockDenoiser<'a> {
     model: &'a InfDit,
-    inputs: DenoiserInputs,
+    /// (1, vector_dim) on the model's device.
+    clip: Tensor,
+    /// The LR the network sees, (1, 3, h, w), on the model's device.
+    lr: Tensor,
+    concat_lr: ConcatLr,
+    grid: BlockGrid,
     block_batch: usize,
     kv_dtype: DType,
     /// Called after each batch.
@@ -204,7 +215,8 @@ pub struct BlockDenoiser<'a> {
 }
 
 impl<'a> BlockDenoiser<'a> {
-    /// A denoiser for one image with `n x n` block batches and the cache stored as `kv_dtype`.
+    /// A denoiser for one image with `n x n` block batches and the cache stored as `kv_dtype`:
+    /// `clip` (1, vector_dim), `lr` (1, 3, h, w), `concat_lr` (1, 3, H, W).
     pub fn new(
         model: &'a InfDit,
         clip: &Tensor,
@@ -213,9 +225,27 @@ impl<'a> BlockDenoiser<'a> {
         block_batch: usize,
         kv_dtype: DType,
     ) -> Result<Self> {
+        Self::with_concat_lr(model, clip, lr, ConcatLr::Tensor(concat_lr.clone()), block_batch, kv_dtype)
+    }
+
+    /// The same with the upsampled LR given as a [`ConcatLr`]: an [`ConcatLr::Upsample`] is
+    /// computed one batch row at a time, never for the whole image.
+    pub fn with_concat_lr(
+        model: &'a InfDit,
+        clip: &Tensor,
+        lr: &Tensor,
+        concat_lr: ConcatLr,
+        block_batch: usize,
+        kv_dtype: DType,
+    ) -> Result<Self> {
+        let dev = model.device();
+        let (h, w) = concat_lr.dims().map_err(to_candle)?;
         Ok(Self {
             model,
-            inputs: DenoiserInputs::new(model, clip, lr, concat_lr)?,
+            clip: clip.to_device(dev)?,
+            lr: lr.to_device(dev)?,
+            concat_lr: concat_lr.to_device(dev).map_err(to_candle)?,
+            grid: BlockGrid::for_image(h, w, model.config().block_px)?,
             block_batch: block_batch.max(1),
             kv_dtype,
             on_batch: None,
@@ -225,45 +255,79 @@ impl<'a> BlockDenoiser<'a> {
 
     /// The grid.
     pub fn grid(&self) -> BlockGrid {
-        self.inputs.grid
+        self.grid
     }
 
     /// One sweep: `D(x; sigma)` for the whole image, (1, 3, H, W).
     pub fn sweep(&mut self, x: &Tensor, sigma: f32) -> Result<Tensor> {
-        let s = EdmScalings::new(sigma);
-        let step = self.model.step_cond(s.c_noise, &self.inputs.clip)?;
-        let grid = self.inputs.grid;
-        let bp = grid.block_px;
-        let mut cache = CachedKv::new(&grid, self.model.config().depth, self.kv_dtype);
+        let grid = self.grid;
         let mut out: Vec<Option<Tensor>> = vec![None; grid.len()];
+        self.sweep_blocks::<candle_core::Error>(
+            sigma,
+            &mut |pos| take_blocks(x, grid.block_px, pos),
+            &mut |pos, _, d| {
+                for (i, p) in pos.iter().enumerate() {
+                    out[p.row * grid.cols + p.col] = Some(d.get(i)?);
+                }
+                Ok(())
+            },
+        )?;
+        let blocks: Vec<Tensor> = out.into_iter().map(|t| t.expect("every block is produced")).collect();
+        blocks_to_image(&Tensor::stack(&blocks, 0)?, &grid)
+    }
+
+    /// One sweep with the state supplied and consumed batch by batch, so that no image-size
+    /// tensor is needed: `input(pos)` gives `x` at the blocks `pos` (n, 3, bp, bp) and
+    /// `output(pos, x, d)` receives those blocks of `D(x; sigma)`, in raster order of the batches.
+    /// `output` may overwrite the state of the blocks it is given: no later batch reads them.
+    pub fn sweep_blocks<E: From<candle_core::Error>>(
+        &mut self,
+        sigma: f32,
+        input: &mut dyn FnMut(&[BlockPos]) -> std::result::Result<Tensor, E>,
+        output: &mut BatchOutput<'_, E>,
+    ) -> std::result::Result<(), E> {
+        let s = EdmScalings::new(sigma);
+        let step = self.model.step_cond(s.c_noise, &self.clip)?;
+        let grid = self.grid;
+        let bp = grid.block_px;
+        let dev = self.model.device().clone();
+        let mut cache = CachedKv::new(&grid, self.model.config().depth, self.kv_dtype);
         let mut done = 0;
-        let mut band: Option<(usize, ImageCond)> = None;
+        // Per batch row: its LR keys/values and its band of the upsampled LR, so memory grows
+        // with the width.
+        let mut band: Option<(usize, ImageCond, Tensor)> = None;
         for batch in batches(&grid, self.block_batch) {
             let pos = batch.blocks();
-            // LR keys/values for this batch row only: memory grows with the width.
-            if band.as_ref().is_none_or(|(r, _)| *r != batch.row0) {
+            if band.as_ref().is_none_or(|(r, _, _)| *r != batch.row0) {
                 drop(band.take()); // free the previous band before building the next
-                let cond = self.model.image_cond_rows(&self.inputs.lr, grid, batch.row0, batch.row1)?;
-                band = Some((batch.row0, cond));
+                let cond = self.model.image_cond_rows(&self.lr, grid, batch.row0, batch.row1)?;
+                let up = self.concat_lr.rows(batch.row0 * bp, batch.row1 * bp).map_err(to_candle)?;
+                band = Some((batch.row0, cond, up.to_device(&dev)?));
             }
-            let image = &band.as_ref().expect("band computed above").1;
-            let xb = take_blocks(x, bp, &pos)?;
-            let ub = take_blocks(&self.inputs.concat_lr, bp, &pos)?;
+            let (_, image, up) = band.as_ref().expect("band computed above");
+            let in_band: Vec<BlockPos> = pos.iter().map(|p| BlockPos { row: p.row - batch.row0, col: p.col }).collect();
+            let xb = input(&pos)?.to_device(&dev)?;
+            let ub = take_blocks(up, bp, &in_band)?;
             let x_in = Tensor::cat(&[(&xb * s.c_in as f64)?, (&ub * s.c_in as f64)?], 1)?;
             cache.begin(batch);
             let f = self.model.forward_blocks(&x_in, &pos, &step, image, &mut cache, None)?;
             let d = ((f * s.c_out as f64)? + (&xb * s.c_skip as f64)?)?;
-            for (i, p) in pos.iter().enumerate() {
-                out[p.row * grid.cols + p.col] = Some(d.get(i)?);
-            }
+            output(&pos, &xb, d)?;
             self.peak_cache_bytes = self.peak_cache_bytes.max(cache.bytes());
             done += pos.len();
             if let Some(cb) = self.on_batch.as_mut() {
                 cb(SweepProgress { blocks_done: done, blocks_total: grid.len() });
             }
         }
-        let blocks: Vec<Tensor> = out.into_iter().map(|t| t.expect("every block is produced")).collect();
-        blocks_to_image(&Tensor::stack(&blocks, 0)?, &grid)
+        Ok(())
+    }
+}
+
+/// A library error inside the tensor-level scheduler.
+fn to_candle(e: crate::error::InfditError) -> candle_core::Error {
+    match e {
+        crate::error::InfditError::Candle(e) => e,
+        e => candle_core::Error::Msg(e.to_string()),
     }
 }
 
@@ -282,14 +346,16 @@ pub struct MemoryPlan {
     pub kv_cache: usize,
     /// Activations of one batch (the largest forward).
     pub activations: usize,
-    /// Image-size tensors (sampler state, Heun intermediates, upsampled LR, noise) and the LR
-    /// features with their keys/values.
+    /// Image-size tensors (sampler state, Heun intermediates, upsampled LR, noise; with a state
+    /// folder only a batch row of them and the 8-bit output), the LR image, and the LR features
+    /// with their keys/values.
     pub image_state: usize,
 }
 
 impl MemoryPlan {
     /// The estimate for `grid`, with `batch` = Some(n) for the scheduler or None for whole-image
     /// mode; `act` is the activation dtype, `kv` the cache dtype, `params` the parameter count.
+    /// The sampler state is in memory; see [`MemoryPlan::estimate_for`].
     pub fn estimate(
         cfg: &crate::config::DitConfig,
         params: usize,
@@ -297,6 +363,20 @@ impl MemoryPlan {
         batch: Option<usize>,
         act: DType,
         kv: DType,
+    ) -> Self {
+        Self::estimate_for(cfg, params, grid, batch, act, kv, false)
+    }
+
+    /// [`MemoryPlan::estimate`], with `state_dir` true when the scheduler keeps the sampler state
+    /// in a state folder (`SampleOptions::state_dir`; ignored in whole-image mode).
+    pub fn estimate_for(
+        cfg: &crate::config::DitConfig,
+        params: usize,
+        grid: &BlockGrid,
+        batch: Option<usize>,
+        act: DType,
+        kv: DType,
+        state_dir: bool,
     ) -> Self {
         let t = cfg.tokens_per_block();
         let d = cfg.hidden;
@@ -322,7 +402,24 @@ impl MemoryPlan {
             None => h / cfg.sr_scale / cfg.lr_patch + 2 * lb,
         };
         let lr_tokens = lr_rows * (w / cfg.sr_scale / cfg.lr_patch + 2 * lb);
-        let image_state = 7 * 3 * h * w * 4 + lr_tokens * 3 * d * 4;
+        // Image-size f32 tensors (3 channels): in whole-image mode x, the upsampled LR, the noise,
+        // the denoiser output and the Heun intermediates; in the scheduler with the state in
+        // memory the per-block x, derivative and Euler point, the upsampled LR, the noise and one
+        // transient copy (the assembled sample or a checkpoint). With a state folder: the upsampled
+        // LR of one batch row (and its blocks), x, derivative, Euler point, noise and input of one
+        // batch, and the 8-bit output image (3 bytes per pixel) the caller writes.
+        let px = h * w;
+        let images = match (batch, state_dir) {
+            (None, _) => 7 * 3 * px * 4,
+            (Some(_), false) => 6 * 3 * px * 4,
+            (Some(n), true) => {
+                let band = n.min(grid.rows).max(1) * grid.block_px * w;
+                2 * 3 * band * 4 + 6 * 3 * blocks * grid.block_px * grid.block_px * 4 + 3 * px
+            }
+        };
+        // The LR image itself, and its padded copy (1/16 of the output's pixels each).
+        let lr_image = 2 * 3 * (px / (cfg.sr_scale * cfg.sr_scale)) * 4;
+        let image_state = images + lr_image + lr_tokens * 3 * d * 4;
         Self { weights: params * act.size_in_bytes(), kv_cache, activations: blocks * per_block + scores, image_state }
     }
 
@@ -340,8 +437,21 @@ impl MemoryPlan {
         kv: DType,
         limit: usize,
     ) -> Option<usize> {
+        Self::largest_batch_for(cfg, params, grid, act, kv, limit, false)
+    }
+
+    /// [`MemoryPlan::largest_batch`] with the sampler state in a state folder when `state_dir`.
+    pub fn largest_batch_for(
+        cfg: &crate::config::DitConfig,
+        params: usize,
+        grid: &BlockGrid,
+        act: DType,
+        kv: DType,
+        limit: usize,
+        state_dir: bool,
+    ) -> Option<usize> {
         (1..=grid.rows.max(grid.cols))
-            .take_while(|&n| Self::estimate(cfg, params, grid, Some(n), act, kv).total() <= limit)
+            .take_while(|&n| Self::estimate_for(cfg, params, grid, Some(n), act, kv, state_dir).total() <= limit)
             .last()
     }
 }

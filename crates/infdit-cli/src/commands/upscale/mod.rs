@@ -17,11 +17,13 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
 use infdit::diffusion::HeunConfig;
-use infdit::diffusion::noise::image_noise;
+use infdit::diffusion::noise::Noise;
 use infdit::imageio::resize::{Bicubic, center_crop_offsets, resize_tensor};
 use infdit::imageio::{LoadLimits, SaveOptions, crop, fill_transparent, load_image, save_image_atomic};
 use infdit::model::blocks::BlockGrid;
-use infdit::pipeline::{Mode, Model, OutputCrop, PassScale, SampleOptions, prepare_official, prepare_padded, sample};
+use infdit::pipeline::{
+    Mode, Model, OutputCrop, PassScale, SampleOptions, prepare_official, prepare_padded, sample_with_noise,
+};
 use infdit::schedule::MemoryPlan;
 use infdit::{InfditError, ModelConfig};
 
@@ -528,7 +530,6 @@ impl PlaneRun<'_> {
 /// last pass gives the output size, as the output conversion clamps).
 fn run_passes(f: &FileRun, p: &PlaneRun, mut x: Tensor, rep: &mut Reporter) -> Result<Tensor> {
     let (a, s, passes) = (f.a, f.s, f.passes);
-    let dev = Device::Cpu;
     let bp = f.cfg.dit.block_px;
     let (tw, th) = f.target;
     let last = passes.len() - 1;
@@ -546,7 +547,7 @@ fn run_passes(f: &FileRun, p: &PlaneRun, mut x: Tensor, rep: &mut Reporter) -> R
     if let Some(fp) = &fingerprint {
         for k in (0..saved).rev() {
             let file = p.pass_output(k).expect("with a checkpoint folder");
-            if let Some((t, _)) = infdit::resume::load_state(&file, fp)? {
+            if let Some(infdit::resume::SavedState { x: Some(t), .. }) = infdit::resume::load_state(&file, fp)? {
                 x = t;
                 first = k + 1;
                 break;
@@ -567,9 +568,10 @@ fn run_passes(f: &FileRun, p: &PlaneRun, mut x: Tensor, rep: &mut Reporter) -> R
             prepare_padded(&x, pass.scale, bp, s.kind)?
         };
         let (h, w) = (prep.grid.height(), prep.grid.width());
-        let eps = match p.noise {
-            Some(file) => load_noise(file, h, w)?,
-            None => image_noise(pass_seed(a.seed, p.stream + k as u64), &prep.grid, 3, &dev)?,
+        // Seeded noise is drawn block by block inside the sampler (the same values as image_noise).
+        let noise = match p.noise {
+            Some(file) => Noise::Image(load_noise(file, h, w)?),
+            None => Noise::Seeded(pass_seed(a.seed, p.stream + k as u64)),
         };
         let clip = f.model.clip_vector(&clip_input, s.kind)?;
         let (mode, plan) = choose_mode(a, &f.model.cfg, f.params, &prep.grid, s)?;
@@ -597,13 +599,25 @@ fn run_passes(f: &FileRun, p: &PlaneRun, mut x: Tensor, rep: &mut Reporter) -> R
             checkpoint_dir: p.pass_dir(k),
             stop_after_steps: None,
             cancel: Some(s.cancel.clone()),
+            // One state folder per output file, plane and pass (a resumed run finds its own).
+            state_dir: a.state_dir.as_ref().map(|d| {
+                let stem = Path::new(&f.name).file_name().map_or_else(|| "image".into(), |n| n.to_string_lossy());
+                d.join(format!("{stem}.{}.pass{}", if p.alpha { "alpha" } else { "colour" }, k + 1))
+            }),
         };
         let (index, n) = (p.first_pass + k, f.total_passes);
-        let out = sample(f.model, &prep, &clip, &eps, &opts, &mut |pr| rep.sample(index, n, offset, p.alpha, &pr))?;
+        let out = sample_with_noise(f.model, &prep, &clip, &noise, &opts, &mut |pr| {
+            rep.sample(index, n, offset, p.alpha, &pr)
+        })?;
         if a.verbose && out.resumed_from > 0 {
             rep.line(&format!("resumed from step {}", out.resumed_from));
         }
-        let y = out.sample.context("sampling stopped before the last step")?;
+        // With a state folder the result is read back from its file; the finished image itself is
+        // held in memory for the crop, the next pass and the encoder.
+        let y = match out.sample {
+            Some(y) => y,
+            None => out.final_sample.context("sampling stopped before the last step")?.to_tensor()?,
+        };
         x = crop(&y, out_crop.top, out_crop.left, out_crop.height, out_crop.width)?;
         if k < last || (out_crop.width, out_crop.height) != (tw, th) {
             // The next pass and the resize expect images in [-1, 1].
@@ -612,7 +626,7 @@ fn run_passes(f: &FileRun, p: &PlaneRun, mut x: Tensor, rep: &mut Reporter) -> R
         if k < saved
             && let (Some(file), Some(fp)) = (p.pass_output(k), &fingerprint)
         {
-            infdit::resume::save_state(&file, &x, k + 1, fp)?;
+            infdit::resume::save_state(&file, Some(&x), k + 1, fp)?;
         }
         offset += f.work[k];
     }
