@@ -660,3 +660,35 @@ fn official_crop_cuts_the_alpha_like_the_colour() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--state-dir` keeps the sampler state in files and gives the same image, leaving nothing behind.
+#[test]
+fn state_dir_gives_the_same_image_and_cleans_up() {
+    let dir = tmpdir("state-dir");
+    let input = shared("parity").join("case_b_lr.png");
+    let state = dir.join("state");
+    let run = |out: &std::path::Path, extra: &[&std::ffi::OsStr]| {
+        let mut c = parity_upscale(&[input.as_os_str()]);
+        let r =
+            c.arg("-o").arg(out).args(["--steps", "2", "--block-batch", "2", "--quiet"]).args(extra).output().unwrap();
+        assert!(r.status.success(), "{}", stderr_of(&r));
+        std::fs::read(out).unwrap()
+    };
+    let plain = run(&dir.join("plain.png"), &[]);
+    let filed = run(&dir.join("filed.png"), &["--state-dir".as_ref(), state.as_os_str()]);
+    assert!(plain == filed, "--state-dir changed the image");
+    let left: Vec<_> = walk(&state);
+    assert!(left.is_empty(), "files left in the state folder: {left:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn walk(d: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(d) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+        }
+    }
+    out
+}
