@@ -685,6 +685,13 @@ fn upscale_file(
         "work": total_work,
     }));
     if model.is_none() {
+        if a.model.model.is_none() && !a.quiet {
+            rep.line(
+                "note: using the small model built into infdit, a demonstration model trained for about an hour on a \
+                 CPU (models/default/MODEL_CARD.md: its quality table, below bicubic so far); give the released \
+                 checkpoint with --model for real work",
+            );
+        }
         *model = Some(load_model(&a.model, s.act, &dev).map_err(|e| anyhow::Error::new(ModelLoadError(e)))?);
     }
     let model = model.as_ref().expect("loaded above");
