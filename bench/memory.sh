@@ -16,14 +16,15 @@ peak() { # prints peak RSS in MiB of the command
     /usr/bin/time -f "%M" -o "$TMP/rss" "$@" >/dev/null 2>"$TMP/err" || { cat "$TMP/err" >&2; echo "failed"; return; }
     awk '{printf "%.0f", $1/1024}' "$TMP/rss"
 }
-echo "| output (W x H) | blocks | whole-image peak RSS (MiB) | scheduler n=1 peak RSS (MiB) | ratio |"
-echo "| --- | --- | --- | --- | --- |"
+echo "| output (W x H) | blocks | whole-image peak RSS (MiB) | scheduler n=1 peak RSS (MiB) | ratio | scheduler n=1 + --state-dir (MiB) |"
+echo "| --- | --- | --- | --- | --- | --- |"
 for s in "${SIZES[@]}"; do
     W=${s%x*}; H=${s#*x}
     python3 bench/make_png.py $((W / 4)) $((H / 4)) "$TMP/in.png"
     COMMON=(upscale "$TMP/in.png" -o "$TMP/out.png" --model "$TMP/model.safetensors" --config bench/small-config.json --steps 1 --quiet)
     whole=$(peak $BIN "${COMMON[@]}" --mode whole)
     sched=$(peak $BIN "${COMMON[@]}" --mode blocks --block-batch 1)
+    filed=$(peak $BIN "${COMMON[@]}" --mode blocks --block-batch 1 --state-dir "$TMP/state")
     ratio=$(awk -v a="$whole" -v b="$sched" 'BEGIN { if (b > 0) printf "%.1fx", a / b; else print "-" }')
-    echo "| ${W} x ${H} | $((W / 128 * H / 128)) | $whole | $sched | $ratio |"
+    echo "| ${W} x ${H} | $((W / 128 * H / 128)) | $whole | $sched | $ratio | $filed |"
 done
