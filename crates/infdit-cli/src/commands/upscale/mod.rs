@@ -111,19 +111,24 @@ fn choose_mode(
     s: &Settings,
 ) -> Result<(Mode, MemoryPlan)> {
     let dit = &cfg.dit;
+    // The plan counts the sampler state in a state folder, not in memory, with --state-dir.
+    let filed = a.state_dir.is_some();
+    let plan = |n: Option<usize>| MemoryPlan::estimate_for(dit, params, grid, n, s.act, s.kv_dtype, filed);
     Ok(match a.mode {
-        ModeArg::Whole => (Mode::WholeImage, MemoryPlan::estimate(dit, params, grid, None, s.act, s.kv_dtype)),
+        ModeArg::Whole => (Mode::WholeImage, plan(None)),
         ModeArg::Blocks => {
             let n = match a.block_batch {
                 Some(n) => n,
-                None => {
-                    MemoryPlan::largest_batch(dit, params, grid, s.act, s.kv_dtype, s.budget).with_context(|| {
-                        let one = MemoryPlan::estimate(dit, params, grid, Some(1), s.act, s.kv_dtype);
-                        format!("even --block-batch 1 needs about {one}, above the memory budget of {} bytes", s.budget)
-                    })?
-                }
+                None => MemoryPlan::largest_batch_for(dit, params, grid, s.act, s.kv_dtype, s.budget, filed)
+                    .with_context(|| {
+                        format!(
+                            "even --block-batch 1 needs about {}, above the memory budget of {} bytes",
+                            plan(Some(1)),
+                            s.budget
+                        )
+                    })?,
             };
-            let plan = MemoryPlan::estimate(dit, params, grid, Some(n), s.act, s.kv_dtype);
+            let plan = plan(Some(n));
             (Mode::Blocks { block_batch: n, kv_dtype: s.kv_dtype }, plan)
         }
     })
