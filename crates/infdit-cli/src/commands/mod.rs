@@ -7,7 +7,7 @@ mod upscale;
 
 use std::process::ExitCode;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use candle_core::{DType, Device};
@@ -49,16 +49,15 @@ const DEFAULT_MODEL_WEIGHTS: &[u8] = include_bytes!("../../../../models/default/
 const DEFAULT_MODEL_CONFIG: &str = include_str!("../../../../models/default/config.json");
 
 /// Where the weights and the config of a `--model` come from.
-enum ModelSource<'a> {
+enum ModelSource {
     BuiltIn,
-    /// A weights file and the config file to use, if any (else the released config).
+    /// A weights file; its config is [`config_file`]'s, else the released one.
     Files {
         weights: PathBuf,
-        config: Option<&'a Path>,
     },
 }
 
-fn model_source(a: &ModelArgs) -> Result<ModelSource<'_>> {
+fn model_source(a: &ModelArgs) -> Result<ModelSource> {
     match &a.model {
         None if a.config.is_some() => bail!("--config needs --model (the built-in model has its own config)"),
         None => Ok(ModelSource::BuiltIn),
@@ -68,9 +67,9 @@ fn model_source(a: &ModelArgs) -> Result<ModelSource<'_>> {
             if !weights.is_file() {
                 bail!("{}: a model folder must hold model.safetensors (and config.json)", dir.display());
             }
-            Ok(ModelSource::Files { weights, config: None })
+            Ok(ModelSource::Files { weights })
         }
-        Some(file) => Ok(ModelSource::Files { weights: file.clone(), config: a.config.as_deref() }),
+        Some(file) => Ok(ModelSource::Files { weights: file.clone() }),
     }
 }
 
@@ -79,8 +78,8 @@ pub(crate) fn model_label(a: &ModelArgs) -> String {
     a.model.as_ref().map_or_else(|| "built-in default model".into(), |p| p.display().to_string())
 }
 
-/// The config file of a model folder given to --model, unless --config overrides it.
-fn folder_config(a: &ModelArgs) -> Option<PathBuf> {
+/// The config file to read: --config, else the config.json of a model folder given to --model.
+fn config_file(a: &ModelArgs) -> Option<PathBuf> {
     match (&a.model, &a.config) {
         (_, Some(c)) => Some(c.clone()),
         (Some(dir), None) if dir.is_dir() => Some(dir.join("config.json")),
@@ -89,17 +88,16 @@ fn folder_config(a: &ModelArgs) -> Option<PathBuf> {
 }
 
 pub(crate) fn model_config(a: &ModelArgs) -> Result<ModelConfig> {
-    Ok(match (model_source(a)?, folder_config(a)) {
+    Ok(match (model_source(a)?, config_file(a)) {
         (ModelSource::BuiltIn, _) => ModelConfig::from_json_str(DEFAULT_MODEL_CONFIG)?,
         (_, Some(p)) => ModelConfig::from_file(&p)?,
-        (ModelSource::Files { config: None, .. }, None) => ModelConfig::released(),
-        (ModelSource::Files { config: Some(p), .. }, None) => ModelConfig::from_file(p)?,
+        (_, None) => ModelConfig::released(),
     })
 }
 
 /// The sampler settings the model's config recommends (steps, starting sigma), if it names any.
 pub(crate) fn sampler_defaults(a: &ModelArgs) -> Result<Option<SamplerDefaults>> {
-    Ok(match (model_source(a)?, folder_config(a)) {
+    Ok(match (model_source(a)?, config_file(a)) {
         (ModelSource::BuiltIn, _) => SamplerDefaults::from_json_str(DEFAULT_MODEL_CONFIG)?,
         (_, Some(p)) => SamplerDefaults::from_file(&p)?,
         _ => None,
@@ -135,7 +133,7 @@ pub(crate) fn load_model(a: &ModelArgs, dt: DType, dev: &Device) -> Result<Model
             let tensors = candle_core::safetensors::load_buffer(DEFAULT_MODEL_WEIGHTS, &Device::Cpu)?;
             Model::from_checkpoint(&cfg, Checkpoint::from_tensors("built-in default model", tensors), dt, dev)?
         }
-        ModelSource::Files { weights, .. } => Model::load(&cfg, &weights, a.clip.as_deref(), dt, dev)?,
+        ModelSource::Files { weights } => Model::load(&cfg, &weights, a.clip.as_deref(), dt, dev)?,
     })
 }
 
@@ -146,7 +144,7 @@ fn convert_cmd(a: ConvertArgs) -> Result<()> {
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
-    let ModelSource::Files { weights, .. } = model_source(&a.model)? else {
+    let ModelSource::Files { weights } = model_source(&a.model)? else {
         bail!("give the checkpoint to inspect with --model");
     };
     let ck = Checkpoint::open(&weights)?;

@@ -16,7 +16,7 @@
 //! * The CLIP tower, when the config has one, is frozen: only the DiT is trained.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -25,6 +25,7 @@ use super::data::{Dataset, SampleConfig, TrainSample};
 use super::{Sampler, SplitMix64};
 use crate::config::ModelConfig;
 use crate::error::{InfditError, Result};
+use crate::imageio::ImageIoError;
 use crate::pipeline::{Model, WholeImageDenoiser};
 use crate::weights::{CLIP_PREFIX, Checkpoint, convert::save_atomic};
 
@@ -377,15 +378,9 @@ impl Trainer {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+/// Writes `bytes` to `path` atomically (the image writer's temporary file, fsync and rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp: PathBuf = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let io = |e: std::io::Error| InfditError::Input(format!("{}: {e}", path.display()));
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
-    })
+    use std::io::Write;
+    crate::imageio::write_atomic(path, &[], |w| w.write_all(bytes).map_err(|e| ImageIoError::io(path, e)))
+        .map_err(|e| InfditError::Input(e.to_string()))
 }
