@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 
 use infdit::diffusion::HeunConfig;
 use infdit::diffusion::noise::image_noise;
@@ -36,6 +36,19 @@ fn collect_inputs(paths: &[PathBuf]) -> Vec<Result<PathBuf>> {
     out
 }
 
+/// The model's 4x of `lr` (1, 3, h, w) in [-1, 1]: padded preparation, seeded noise, the exact crop
+/// back to 4h x 4w.
+pub(crate) fn upscale_x4(model: &Model, lr: &Tensor, heun: HeunConfig, mode: Mode, seed: u64) -> Result<Tensor> {
+    let kind = Bicubic::Antialias;
+    let (prep, out_crop, clip_input) = prepare_padded(lr, PassScale::X4, model.cfg.dit.block_px, kind)?;
+    let eps = image_noise(seed, &prep.grid, 3, lr.device())?;
+    let clip = model.clip_vector(&clip_input, kind)?;
+    let opts = SampleOptions { heun, mode, ..Default::default() };
+    let out = sample(model, &prep, &clip, &eps, &opts, &mut |_| {})?;
+    let sr = out.sample.context("sampling stopped before the last step")?;
+    Ok(crop(&sr, out_crop.top, out_crop.left, out_crop.height, out_crop.width)?)
+}
+
 /// The model output and the bicubic baseline rows for one HR image.
 fn eval_one(model: &Model, path: &Path, a: &EvalArgs, heun: HeunConfig, dev: &Device) -> Result<(EvalRow, EvalRow)> {
     let mut hr = load_rgb(path, MAX_PIXELS)?;
@@ -61,21 +74,8 @@ fn eval_one(model: &Model, path: &Path, a: &EvalArgs, heun: HeunConfig, dev: &De
     // Back to [-1, 1] exactly as `load_rgb` maps 8-bit samples.
     let lr = rgb8_to_tensor(&lr8)?.to_device(dev)?;
 
-    let kind = Bicubic::Antialias;
-    let (prep, out_crop, clip_input) = prepare_padded(&lr, PassScale::X4, model.cfg.dit.block_px, kind)?;
-    let eps = image_noise(a.seed, &prep.grid, 3, dev)?;
-    let clip = model.clip_vector(&clip_input, kind)?;
-    let opts = SampleOptions {
-        heun,
-        mode: Mode::Blocks { block_batch: a.block_batch, kv_dtype: DType::F32 },
-        checkpoint_dir: None,
-        stop_after_steps: None,
-        cancel: None,
-        state_dir: None,
-    };
-    let out = sample(model, &prep, &clip, &eps, &opts, &mut |_| {})?;
-    let sr = out.sample.context("sampling stopped before the last step")?;
-    let sr = crop(&sr, out_crop.top, out_crop.left, out_crop.height, out_crop.width)?;
+    let mode = Mode::Blocks { block_batch: a.block_batch, kv_dtype: DType::F32 };
+    let sr = upscale_x4(model, &lr, heun, mode, a.seed)?;
     let sr8 = tensor_to_rgb8(&sr)?;
     if sr8.dimensions() != hr8.dimensions() {
         bail!("model output is {:?}, the HR image {:?}", sr8.dimensions(), hr8.dimensions());

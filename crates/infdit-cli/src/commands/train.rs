@@ -6,16 +6,15 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use image::RgbImage;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use infdit::config::SamplerDefaults;
 use infdit::diffusion::HeunConfig;
-use infdit::diffusion::noise::image_noise;
 use infdit::imageio::resize::{Bicubic, resize_tensor};
 use infdit::imageio::{LoadLimits, load_image, rgb8_to_tensor, save_rgb8_atomic, tensor_to_rgb8};
-use infdit::pipeline::{Mode, Model, PassScale, SampleOptions, prepare_padded, sample};
+use infdit::pipeline::{Mode, Model};
 use infdit::train::trainer::write_atomic;
 use infdit::train::{Dataset, SampleConfig, TrainConfig, Trainer};
 use infdit::weights::Checkpoint;
@@ -37,20 +36,12 @@ fn sample_target(path: &Path, crop: usize) -> Result<Tensor> {
 }
 
 /// `[bicubic | model | reference]` of an HR crop downscaled 4x, with the metrics of the two
-/// upscales; the model output alone is returned too.
+/// upscales (as a one-line summary).
 pub(crate) fn side_by_side(model: &Model, hr: &Tensor, heun: HeunConfig, seed: u64) -> Result<(RgbImage, String)> {
     let (_, _, h, w) = hr.dims4()?;
     let lr8 = tensor_to_rgb8(&resize_tensor(hr, h / 4, w / 4, Bicubic::Antialias)?)?;
     let lr = rgb8_to_tensor(&lr8)?;
-    let (prep, crop, clip_input) = prepare_padded(&lr, PassScale::X4, model.cfg.dit.block_px, Bicubic::Antialias)?;
-    let clip = match &model.clip {
-        Some(_) => model.clip_vector(&clip_input, Bicubic::Antialias)?,
-        None => Tensor::zeros((1, model.cfg.dit.vector_dim), DType::F32, &Device::Cpu)?,
-    };
-    let eps = image_noise(seed, &prep.grid, 3, &Device::Cpu)?;
-    let opts = SampleOptions { heun, mode: Mode::WholeImage, ..Default::default() };
-    let out = sample(model, &prep, &clip, &eps, &opts, &mut |_| {})?.sample.context("the sampler stopped early")?;
-    let out = out.narrow(2, crop.top, crop.height)?.narrow(3, crop.left, crop.width)?;
+    let out = super::eval::upscale_x4(model, &lr, heun, Mode::WholeImage, seed)?;
     let got = tensor_to_rgb8(&out)?;
     let bic = metrics::bicubic_baseline(&lr8, 4);
     let reference = tensor_to_rgb8(hr)?;

@@ -240,10 +240,7 @@ impl Trainer {
             let n = s.hr.elem_count();
             let eps: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
             let eps = Tensor::from_vec(eps, s.hr.shape(), &Device::Cpu)?;
-            let clip = match &model.clip {
-                Some(_) => model.clip_vector(&s.lr, crate::imageio::resize::Bicubic::Antialias)?,
-                None => Tensor::zeros((1, dc.vector_dim), DType::F32, &Device::Cpu)?,
-            };
+            let clip = model.clip_vector(&s.lr, crate::imageio::resize::Bicubic::Antialias)?;
             let loss = edm_loss(&model, &s, &clip, sigma, &eps, offset)?;
             let lv = loss.to_scalar::<f32>()? as f64;
             if !lv.is_finite() {
