@@ -162,6 +162,24 @@ pub enum AlphaArg {
     Model,
 }
 
+/// How 8-bit output samples are made from the model's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoundingArg {
+    /// Round to nearest (unbiased; an unchanged 8-bit pixel comes back as it was).
+    Nearest,
+    /// Truncate like the official script (half a level darker on average; bit-exact parity).
+    Truncate,
+}
+
+impl From<RoundingArg> for infdit::imageio::Rounding {
+    fn from(r: RoundingArg) -> Self {
+        match r {
+            RoundingArg::Nearest => Self::Nearest,
+            RoundingArg::Truncate => Self::Truncate,
+        }
+    }
+}
+
 /// Model selection shared by the subcommands that build a model.
 #[derive(Debug, clap::Args)]
 pub struct ModelArgs {
@@ -289,6 +307,10 @@ pub struct UpscaleArgs {
     /// JPEG output quality (1-100).
     #[arg(long, default_value_t = 95, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub jpeg_quality: u8,
+    /// How 8-bit output samples are made: round to nearest, or truncate as the official script
+    /// does (its images are half a level darker on average; use it to compare bit for bit).
+    #[arg(long, value_enum, default_value_t = RoundingArg::Nearest)]
+    pub rounding: RoundingArg,
     /// Largest input accepted, in pixels (guards against decompression bombs).
     #[arg(long, default_value_t = 64 << 20)]
     pub max_pixels: u64,

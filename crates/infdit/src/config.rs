@@ -46,6 +46,39 @@ pub struct DitConfig {
     pub lr_patch: usize,
     /// LayerNorm epsilon of the transformer. Released: 1e-6.
     pub ln_eps: f64,
+    /// How the network output becomes the denoised image. Absent from a config file means the
+    /// released preconditioning.
+    #[serde(default, skip_serializing_if = "Precond::is_released")]
+    pub precond: Precond,
+}
+
+/// The EDM preconditioning around the network (spec §3.7): `D(x; sigma)` from the network output.
+///
+/// The released model uses `sigma_data` 0.5 on the image itself. infdit adds a residual mode for
+/// its own small models (not in the reference, no released checkpoint uses it): the diffusion runs
+/// on `x - u`, the difference from the upsampled LR image `u`, the network sees `[c_in (x - u), u]`
+/// (the LR unscaled), and `D = u + c_skip (x - u) + c_out F`. With a zero final layer this denoiser
+/// returns the bicubic upsampling, so every step of training starts from bicubic quality.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Precond {
+    /// EDM's data standard deviation. Released: 0.5.
+    pub sigma_data: f32,
+    /// Residual mode (see the type docs). Released: false.
+    pub residual: bool,
+}
+
+impl Default for Precond {
+    fn default() -> Self {
+        Self { sigma_data: 0.5, residual: false }
+    }
+}
+
+impl Precond {
+    /// Whether this is the released preconditioning.
+    pub fn is_released(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Hyper-parameters of the open_clip ViT image tower (vision part only).
@@ -109,6 +142,7 @@ impl DitConfig {
             sr_scale: 4,
             lr_patch: 2,
             ln_eps: 1e-6,
+            precond: Precond::default(),
         }
     }
 
@@ -165,6 +199,9 @@ impl DitConfig {
         }
         if !self.rope_positions().is_multiple_of(self.block_tokens().max(1)) {
             errs.push("the RoPE table side must be a multiple of the block side in tokens".into());
+        }
+        if !(self.precond.sigma_data.is_finite() && self.precond.sigma_data > 0.0) {
+            errs.push(format!("precond.sigma_data {} must be a positive number", self.precond.sigma_data));
         }
         for (name, v) in [("depth", self.depth), ("mlp_hidden", self.mlp_hidden), ("vector_dim", self.vector_dim)] {
             if v == 0 {
@@ -339,6 +376,7 @@ impl ModelConfig {
             sr_scale: int("--sr-scale", released.sr_scale)?,
             lr_patch: released.lr_patch,
             ln_eps: flags.get("--layernorm-epsilon").and_then(|x| x.as_f64()).unwrap_or(released.ln_eps),
+            precond: Precond::default(),
         };
         if let Some(m) = v.pointer("/derived/mlp_hidden").and_then(|x| x.as_u64()) {
             dit.mlp_hidden = m as usize;

@@ -472,9 +472,10 @@ impl<'a> WholeImageDenoiser<'a> {
     /// `D(x; sigma)` with, when `trace` is given, the hidden state after each layer in row-major
     /// token order (1, N, D).
     pub fn denoise_traced(&mut self, x: &Tensor, sigma: f32, trace: Option<&mut Vec<Tensor>>) -> Result<Tensor> {
-        let s = EdmScalings::new(sigma);
+        let pre = self.model.config().precond;
+        let s = pre.scalings(sigma);
         let step = self.model.step_cond(s.c_noise, &self.inputs.clip)?;
-        let x_in = Tensor::cat(&[(x * s.c_in as f64)?, (&self.inputs.concat_lr * s.c_in as f64)?], 1)?;
+        let x_in = pre.network_input(x, &self.inputs.concat_lr, &s)?;
         let bp = self.model.config().block_px;
         let grid = self.inputs.grid;
         let pos = grid.raster();
@@ -494,7 +495,7 @@ impl<'a> WholeImageDenoiser<'a> {
             }
         }
         let f = blocks_to_image(&f, &grid)?;
-        let d = ((f * s.c_out as f64)? + (x * s.c_skip as f64)?)?;
+        let d = pre.denoised(f, x, &self.inputs.concat_lr, &s)?;
         self.evals += 1;
         if let Some(cb) = self.on_eval.as_mut() {
             cb(self.evals);

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use infdit::diffusion::HeunConfig;
 use infdit::diffusion::noise::image_noise;
 use infdit::imageio::resize::{Bicubic, center_crop_offsets, resize_shorter_side, resize_tensor};
-use infdit::imageio::{crop, load_rgb, rgb8_to_tensor, save_rgb8_atomic, tensor_to_rgb8};
+use infdit::imageio::{Rounding, crop, load_rgb, rgb8_to_tensor, save_rgb8_atomic, tensor_to_rgb8_with};
 use infdit::metrics::{EvalRow, bicubic_baseline, evaluate, format_table};
 use infdit::pipeline::{Mode, Model, PassScale, SampleOptions, prepare_padded, sample};
 use infdit::train::collect_image_files;
@@ -66,17 +66,16 @@ fn eval_one(model: &Model, path: &Path, a: &EvalArgs, heun: HeunConfig, dev: &De
         bail!("image of {w0}x{h0} is smaller than {SCALE}x{SCALE}");
     }
     let hr = crop(&hr, 0, 0, h, w)?;
-    // tensor_to_rgb8 truncates; aim at the middle of the nearest sample so an 8-bit HR file maps
-    // back to exactly its own samples.
-    let centred = hr.affine(127.5, 127.5)?.round()?.affine(1.0 / 127.5, 0.5 / 127.5 - 1.0)?;
-    let hr8 = tensor_to_rgb8(&centred)?;
-    let lr8 = tensor_to_rgb8(&resize_tensor(&hr, h / SCALE, w / SCALE, Bicubic::Antialias)?)?;
+    // Rounded to nearest throughout (an 8-bit HR file maps back to exactly its own samples), as
+    // the bicubic baseline rounds.
+    let hr8 = tensor_to_rgb8_with(&hr, Rounding::Nearest)?;
+    let lr8 = tensor_to_rgb8_with(&resize_tensor(&hr, h / SCALE, w / SCALE, Bicubic::Antialias)?, Rounding::Nearest)?;
     // Back to [-1, 1] exactly as `load_rgb` maps 8-bit samples.
     let lr = rgb8_to_tensor(&lr8)?.to_device(dev)?;
 
     let mode = Mode::Blocks { block_batch: a.block_batch, kv_dtype: DType::F32 };
     let sr = upscale_x4(model, &lr, heun, mode, a.seed)?;
-    let sr8 = tensor_to_rgb8(&sr)?;
+    let sr8 = tensor_to_rgb8_with(&sr, Rounding::Nearest)?;
     if sr8.dimensions() != hr8.dimensions() {
         bail!("model output is {:?}, the HR image {:?}", sr8.dimensions(), hr8.dimensions());
     }

@@ -13,12 +13,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use infdit::config::SamplerDefaults;
 use infdit::diffusion::HeunConfig;
 use infdit::imageio::resize::{Bicubic, resize_tensor};
-use infdit::imageio::{LoadLimits, load_image, rgb8_to_tensor, save_rgb8_atomic, tensor_to_rgb8};
+use infdit::imageio::{LoadLimits, Rounding, load_image, rgb8_to_tensor, save_rgb8_atomic, tensor_to_rgb8_with};
 use infdit::pipeline::{Mode, Model};
 use infdit::train::trainer::write_atomic;
 use infdit::train::{Dataset, SampleConfig, TrainConfig, Trainer};
 use infdit::weights::Checkpoint;
-use infdit::weights::random::random_checkpoint;
+use infdit::weights::random::training_init;
 use infdit::{ModelConfig, metrics};
 
 use crate::args::TrainArgs;
@@ -39,12 +39,12 @@ fn sample_target(path: &Path, crop: usize) -> Result<Tensor> {
 /// upscales (as a one-line summary).
 pub(crate) fn side_by_side(model: &Model, hr: &Tensor, heun: HeunConfig, seed: u64) -> Result<(RgbImage, String)> {
     let (_, _, h, w) = hr.dims4()?;
-    let lr8 = tensor_to_rgb8(&resize_tensor(hr, h / 4, w / 4, Bicubic::Antialias)?)?;
+    let lr8 = tensor_to_rgb8_with(&resize_tensor(hr, h / 4, w / 4, Bicubic::Antialias)?, Rounding::Nearest)?;
     let lr = rgb8_to_tensor(&lr8)?;
     let out = super::eval::upscale_x4(model, &lr, heun, Mode::WholeImage, seed)?;
-    let got = tensor_to_rgb8(&out)?;
+    let got = tensor_to_rgb8_with(&out, Rounding::Nearest)?;
     let bic = metrics::bicubic_baseline(&lr8, 4);
-    let reference = tensor_to_rgb8(hr)?;
+    let reference = tensor_to_rgb8_with(hr, Rounding::Nearest)?;
     let (ow, oh) = got.dimensions();
     let mut canvas = RgbImage::new(3 * ow, oh);
     for (i, im) in [&bic, &got, &reference].into_iter().enumerate() {
@@ -101,7 +101,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         None if cfg.clip.is_some() => {
             bail!("{}: the config has a CLIP tower; give its weights with --init (and --clip)", a.config.display())
         }
-        None => random_checkpoint(&cfg, a.seed)?,
+        None => training_init(&cfg, a.seed)?,
     };
     let tc = TrainConfig {
         steps: a.steps,

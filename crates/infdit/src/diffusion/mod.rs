@@ -5,6 +5,8 @@ pub mod noise;
 
 use candle_core::{Result, Tensor};
 
+pub use crate::config::Precond;
+
 /// EDM's data standard deviation used by Inf-DiT.
 pub const SIGMA_DATA: f32 = 0.5;
 
@@ -22,12 +24,51 @@ pub struct EdmScalings {
 }
 
 impl EdmScalings {
-    /// Scalings for `sigma` > 0.
+    /// The released scalings (`sigma_data` 0.5) for `sigma` > 0.
     pub fn new(sigma: f32) -> Self {
-        let sd2 = SIGMA_DATA * SIGMA_DATA;
+        Self::with_sigma_data(sigma, SIGMA_DATA)
+    }
+
+    /// Scalings for `sigma` > 0 and a data standard deviation `sd`.
+    pub fn with_sigma_data(sigma: f32, sd: f32) -> Self {
+        let sd2 = sd * sd;
         let den = sigma * sigma + sd2;
         let root = den.sqrt();
-        Self { c_skip: sd2 / den, c_out: sigma * SIGMA_DATA / root, c_in: 1.0 / root, c_noise: sigma.ln() / 4.0 }
+        Self { c_skip: sd2 / den, c_out: sigma * sd / root, c_in: 1.0 / root, c_noise: sigma.ln() / 4.0 }
+    }
+}
+
+impl Precond {
+    /// The scalings for `sigma` > 0.
+    pub fn scalings(&self, sigma: f32) -> EdmScalings {
+        EdmScalings::with_sigma_data(sigma, self.sigma_data)
+    }
+
+    /// The network input for state `x` and upsampled LR `up` (both (n, 3, h, w), the same pixels):
+    /// `[c_in x || c_in up]` (released; the LR scaled too, as the released weights expect) or
+    /// `[c_in (x - up) || up]` (residual).
+    pub fn network_input(&self, x: &Tensor, up: &Tensor, s: &EdmScalings) -> Result<Tensor> {
+        if self.residual {
+            Tensor::cat(&[((x - up)? * s.c_in as f64)?, up.clone()], 1)
+        } else {
+            Tensor::cat(&[(x * s.c_in as f64)?, (up * s.c_in as f64)?], 1)
+        }
+    }
+
+    /// The denoised image from the network output `f`: `c_out f + c_skip x` (released) or
+    /// `c_out f + c_skip (x - up) + up` (residual).
+    pub fn denoised(&self, f: Tensor, x: &Tensor, up: &Tensor, s: &EdmScalings) -> Result<Tensor> {
+        if self.residual {
+            ((f * s.c_out as f64)? + ((x - up)? * s.c_skip as f64)?)? + up
+        } else {
+            (f * s.c_out as f64)? + (x * s.c_skip as f64)?
+        }
+    }
+
+    /// The EDM loss weight `(sigma^2 + sigma_data^2) / (sigma sigma_data)^2`.
+    pub fn loss_weight(&self, sigma: f64) -> f64 {
+        let sd = self.sigma_data as f64;
+        (sigma * sigma + sd * sd) / (sigma * sd).powi(2)
     }
 }
 

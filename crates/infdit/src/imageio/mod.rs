@@ -2,7 +2,8 @@
 //!
 //! * [`load_rgb`] decodes a file into the `(1, 3, H, W)` f32 tensor in `[-1, 1]` that
 //!   torchvision's `ToTensor()(img.convert('RGB')) * 2 - 1` produces, bit for bit.
-//! * [`tensor_to_rgb8`] is the reference output conversion (truncating, not rounding).
+//! * [`tensor_to_rgb8`] is the reference output conversion (truncating, not rounding);
+//!   [`tensor_to_rgb8_with`] also rounds to nearest ([`Rounding`]), infdit's default for output files.
 //! * [`save_rgb8_atomic`] writes through a temporary file and a rename, so a crash never leaves
 //!   a half-written output, and it refuses to overwrite the input image.
 //!
@@ -277,12 +278,29 @@ pub(crate) fn rgb_tensor_hw(t: &Tensor) -> Result<(usize, usize), ImageIoError> 
     }
 }
 
+/// How `[-1, 1]` values become 8-bit samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Rounding {
+    /// `round((x + 1) * 127.5)`: unbiased, the inverse of [`load_image`]'s `v / 127.5 - 1` up to
+    /// f32 rounding. infdit's default.
+    #[default]
+    Nearest,
+    /// `trunc((x + 1) * 127.5)`, the reference script's `astype(uint8)`: every sample half a
+    /// level darker on average. For bit-exact comparisons with the official code.
+    Truncate,
+}
+
 /// Convert a `(1, 3, H, W)` or `(3, H, W)` tensor in `[-1, 1]` to an 8-bit RGB image the way
 /// the reference script does: `((x as f64 + 1) * 127.5).clamp(0, 255)`, then truncation
 /// toward zero (not rounding). Other float dtypes are converted to f32 first.
 ///
 /// Fails on a wrong shape or when any value is NaN (infinities saturate to 0 or 255).
 pub fn tensor_to_rgb8(t: &Tensor) -> Result<RgbImage, ImageIoError> {
+    tensor_to_rgb8_with(t, Rounding::Truncate)
+}
+
+/// [`tensor_to_rgb8`] with a choice of [`Rounding`].
+pub fn tensor_to_rgb8_with(t: &Tensor, rounding: Rounding) -> Result<RgbImage, ImageIoError> {
     let (h, w) = rgb_tensor_hw(t)?;
     let (wu, hu) = match (u32::try_from(w), u32::try_from(h)) {
         (Ok(wu), Ok(hu)) if wu > 0 && hu > 0 => (wu, hu),
@@ -307,8 +325,10 @@ pub fn tensor_to_rgb8(t: &Tensor) -> Result<RgbImage, ImageIoError> {
                     i % w
                 )));
             }
-            // Truncation, like numpy's astype(uint8) after clip.
-            out.push(((x as f64 + 1.0) * 127.5).clamp(0.0, 255.0) as u8);
+            let v = (x as f64 + 1.0) * 127.5;
+            // Truncation is numpy's astype(uint8) after clip.
+            let v = if rounding == Rounding::Nearest { v.round() } else { v };
+            out.push(v.clamp(0.0, 255.0) as u8);
         }
     }
     Ok(RgbImage::from_raw(wu, hu, out).expect("buffer size matches the dimensions"))
@@ -571,6 +591,21 @@ mod tests {
         assert!(e.to_string().contains("NaN"), "{e}");
         let wrong = Tensor::zeros((1, 4, 2, 2), DType::F32, &Device::Cpu).unwrap();
         assert!(tensor_to_rgb8(&wrong).is_err());
+    }
+
+    #[test]
+    fn nearest_rounding_inverts_the_input_mapping() {
+        let vals = [-1.0f32, 1.0, -0.996, 0.0, 7.0, -3.0, f32::INFINITY, f32::NEG_INFINITY, 0.5];
+        let t = Tensor::from_vec(vals.to_vec(), (3, 1, 3), &Device::Cpu).unwrap();
+        let img = tensor_to_rgb8_with(&t, Rounding::Nearest).unwrap();
+        // -0.996 -> 0.51 -> 1, 0 -> 127.5 -> 128 (half away from zero), 0.5 -> 191.25 -> 191.
+        assert_eq!(img.as_raw(), &vec![0, 128, 255, 255, 255, 0, 1, 0, 191]);
+        // Every 8-bit value mapped to [-1, 1] as the loader does comes back unchanged.
+        let all: Vec<f32> = (0..=255u8).flat_map(|v| [v, v, v]).map(|v| v as f32 / 255.0 * 2.0 - 1.0).collect();
+        let planar = Tensor::from_vec(all, (1, 256, 3), &Device::Cpu).unwrap().permute((2, 0, 1)).unwrap();
+        let img = tensor_to_rgb8_with(&planar, Rounding::Nearest).unwrap();
+        assert!(img.pixels().enumerate().all(|(i, p)| p.0 == [i as u8; 3]));
+        assert_eq!(tensor_to_rgb8_with(&planar, Rounding::Truncate).unwrap(), tensor_to_rgb8(&planar).unwrap());
     }
 
     fn partial_files(d: &Path) -> Vec<String> {

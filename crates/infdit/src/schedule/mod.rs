@@ -19,7 +19,7 @@ pub mod state;
 
 use candle_core::{DType, Result, Tensor};
 
-use crate::diffusion::{Denoise, EdmScalings};
+use crate::diffusion::Denoise;
 use crate::model::blocks::{BlockGrid, BlockPos, KvSource, blocks_to_image, concat_groups, neighbours, take_blocks};
 use crate::model::{ImageCond, InfDit};
 use crate::pipeline::ConcatLr;
@@ -286,7 +286,8 @@ impl<'a> BlockDenoiser<'a> {
         input: &mut dyn FnMut(&[BlockPos]) -> std::result::Result<Tensor, E>,
         output: &mut BatchOutput<'_, E>,
     ) -> std::result::Result<(), E> {
-        let s = EdmScalings::new(sigma);
+        let pre = self.model.config().precond;
+        let s = pre.scalings(sigma);
         let step = self.model.step_cond(s.c_noise, &self.clip)?;
         let grid = self.grid;
         let bp = grid.block_px;
@@ -308,10 +309,10 @@ impl<'a> BlockDenoiser<'a> {
             let in_band: Vec<BlockPos> = pos.iter().map(|p| BlockPos { row: p.row - batch.row0, col: p.col }).collect();
             let xb = input(&pos)?.to_device(&dev)?;
             let ub = take_blocks(up, bp, &in_band)?;
-            let x_in = Tensor::cat(&[(&xb * s.c_in as f64)?, (&ub * s.c_in as f64)?], 1)?;
+            let x_in = pre.network_input(&xb, &ub, &s)?;
             cache.begin(batch);
             let f = self.model.forward_blocks(&x_in, &pos, &step, image, &mut cache, None)?;
-            let d = ((f * s.c_out as f64)? + (&xb * s.c_skip as f64)?)?;
+            let d = pre.denoised(f, &xb, &ub, &s)?;
             output(&pos, &xb, d)?;
             self.peak_cache_bytes = self.peak_cache_bytes.max(cache.bytes());
             done += pos.len();

@@ -2,7 +2,8 @@
 //!
 //! * Loss (spec §10): `sigma = max(exp(P_mean + P_std n), 0.001)`, `x_noisy = x + sigma eps`,
 //!   `loss = lambda(sigma) mean((D(x_noisy; sigma) - x)^2)` with the EDM weight
-//!   `lambda = (sigma^2 + 0.25) / (0.5 sigma)^2`, averaged over the batch. The denoiser is the
+//!   `lambda = (sigma^2 + sd^2) / (sigma sd)^2` (`sd` = the config's `precond.sigma_data`, 0.5 in
+//!   the reference), averaged over the batch. The denoiser is the
 //!   whole-image UniBA network ([`crate::pipeline::WholeImageDenoiser`]), the path the reference
 //!   trains with, with one random RoPE start per batch.
 //! * The network runs in f32 through differentiable candle ops only: [`crate::model::ops::attention`]
@@ -92,9 +93,9 @@ pub struct StepStats {
     pub sigma: f64,
 }
 
-/// The EDM loss weight `(sigma^2 + sigma_data^2) / (sigma sigma_data)^2`.
+/// The released EDM loss weight `(sigma^2 + 0.25) / (0.5 sigma)^2` ([`crate::diffusion::Precond::loss_weight`]).
 pub fn edm_weight(sigma: f64) -> f64 {
-    (sigma * sigma + 0.25) / (0.5 * sigma).powi(2)
+    crate::diffusion::Precond::default().loss_weight(sigma)
 }
 
 /// The weighted EDM loss of one example (a scalar tensor in the autograd graph).
@@ -111,7 +112,8 @@ pub fn edm_loss(
     let mut den = WholeImageDenoiser::new(&model.dit, clip, &s.lr, &s.concat_lr)?;
     den.set_rope_offset(rope_offset);
     let d = den.denoise_traced(&x_noisy, sigma, None)?;
-    Ok(((d - &s.hr)?.sqr()?.mean_all()? * edm_weight(sigma as f64))?)
+    let weight = model.dit.config().precond.loss_weight(sigma as f64);
+    Ok(((d - &s.hr)?.sqr()?.mean_all()? * weight)?)
 }
 
 fn stream(seed: u64, step: usize, sample: usize) -> SplitMix64 {

@@ -42,3 +42,52 @@ pub fn random_checkpoint(cfg: &ModelConfig, seed: u64) -> Result<Checkpoint> {
     }
     Ok(Checkpoint::from_tensors("random weights", tensors))
 }
+
+/// The starting point of a new training run: [`random_checkpoint`] with the final linear layer
+/// (weight and bias) zeroed, DiT's initialisation: the network output starts at 0, so the denoiser
+/// starts as `c_skip x` (or, in residual mode, as the upsampled LR image).
+pub fn training_init(cfg: &ModelConfig, seed: u64) -> Result<Checkpoint> {
+    let mut ck = random_checkpoint(cfg, seed)?;
+    let finals: Vec<String> = ck.keys().filter(|k| k.starts_with(FINAL_LINEAR)).map(str::to_owned).collect();
+    for k in finals {
+        let zero = ck.load(&k, &Device::Cpu)?.zeros_like()?;
+        ck.insert(k, zero);
+    }
+    Ok(ck)
+}
+
+const FINAL_LINEAR: &str = "mixins.final_layer.linear.";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DitConfig;
+
+    #[test]
+    fn training_init_zeroes_only_the_final_linear() -> Result<()> {
+        let dit = DitConfig {
+            hidden: 32,
+            depth: 1,
+            heads: 2,
+            mlp_hidden: 64,
+            vector_dim: 8,
+            block_px: 32,
+            ..DitConfig::released()
+        };
+        let cfg = ModelConfig { dit, clip: None };
+        let (r, t) = (random_checkpoint(&cfg, 3)?, training_init(&cfg, 3)?);
+        let mut zeroed = 0;
+        for k in r.keys() {
+            let (a, b) = (r.load(k, &Device::Cpu)?, t.load(k, &Device::Cpu)?);
+            let diff = (a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            if k.starts_with(FINAL_LINEAR) {
+                zeroed += 1;
+                assert_eq!(b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?, 0.0, "{k}");
+            } else {
+                assert_eq!(diff, 0.0, "{k}");
+            }
+        }
+        assert_eq!(zeroed, 2);
+        Ok(())
+    }
+}

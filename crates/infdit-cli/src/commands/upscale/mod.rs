@@ -753,6 +753,7 @@ fn upscale_file(
     let mut save = if a.strip_metadata { SaveOptions::default() } else { SaveOptions::like_input(&loaded) };
     save.strip_metadata = a.strip_metadata;
     save.jpeg_quality = a.jpeg_quality;
+    save.rounding = a.rounding.into();
     if !holds_16_bits(&job.output) {
         save.bit_depth = 8;
     }
