@@ -692,3 +692,26 @@ fn walk(d: &std::path::Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// 8-bit output rounds to nearest by default; `--rounding truncate` gives the official script's
+/// truncation: the same image at most one level darker, on average about half a level.
+#[test]
+fn rounding_nearest_by_default_truncate_on_request() {
+    let dir = tmpdir("rounding");
+    let input = shared("parity").join("case_b_lr.png");
+    let (near, trunc) = (dir.join("near.png"), dir.join("trunc.png"));
+    let (ok, err) = quick_upscale(&input, &near, &["--seed", "3"]);
+    assert!(ok, "{err}");
+    let (ok, err) = quick_upscale(&input, &trunc, &["--seed", "3", "--rounding", "truncate"]);
+    assert!(ok, "{err}");
+    let (a, b) = (image::open(&near).unwrap().to_rgb8(), image::open(&trunc).unwrap().to_rgb8());
+    let mut sum = 0i64;
+    for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
+        let d = *x as i64 - *y as i64;
+        assert!(d == 0 || d == 1, "{x} vs {y}");
+        sum += d;
+    }
+    let mean = sum as f64 / a.as_raw().len() as f64;
+    assert!((0.35..0.65).contains(&mean), "mean difference {mean}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -56,8 +56,9 @@ pub struct DitConfig {
 ///
 /// The released model uses `sigma_data` 0.5 on the image itself. infdit adds a residual mode for
 /// its own small models (not in the reference, no released checkpoint uses it): the diffusion runs
-/// on `x - u`, the difference from the upsampled LR image `u`, the network sees `[c_in (x - u), u]`
-/// (the LR unscaled), and `D = u + c_skip (x - u) + c_out F`. With a zero final layer this denoiser
+/// on `x - u`, the difference from the upsampled LR image `u`, the network sees
+/// `[c_in^2 sd (x - u), u]` (the LR unscaled; the noisy residual fades out at high noise, see
+/// [`crate::diffusion::Precond::network_input`]), and `D = u + c_skip (x - u) + c_out F`. With a zero final layer this denoiser
 /// returns the bicubic upsampling, so every step of training starts from bicubic quality.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

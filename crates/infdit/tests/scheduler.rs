@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use infdit::config::{DitConfig, ModelConfig};
+use infdit::config::{DitConfig, ModelConfig, Precond};
 use infdit::diffusion::noise::Noise;
 use infdit::diffusion::noise::image_noise;
 use infdit::diffusion::{HeunConfig, heun_sample, initial_state};
@@ -16,7 +16,7 @@ use infdit::pipeline::{
 };
 use infdit::schedule::state::STATE_FILE;
 use infdit::schedule::{BlockDenoiser, MemoryPlan, batches};
-use infdit::weights::random::random_checkpoint;
+use infdit::weights::random::{random_checkpoint, training_init};
 
 /// Relative bound: max |a - b| / max |b|.
 fn rel(a: &Tensor, b: &Tensor) -> f64 {
@@ -436,4 +436,46 @@ fn memory_plan_with_state_dir_is_flat_in_height() {
     println!("1024x8192: in memory {}, state folder {}", plan(&tall, false), plan(&tall, true));
     assert!(plan(&tall, false).image_state > 500 << 20);
     assert!(plan(&tall, true).image_state < 64 << 20);
+}
+
+/// The residual preconditioning of infdit's own models: block mode equals whole-image mode, it is
+/// not the released denoiser, and with the zero-initialised final layer of a new training run the
+/// denoiser is `u + c_skip (x - u)`: the upsampled LR image, whatever the noise level.
+#[test]
+fn residual_preconditioning_blocks_match_and_zero_network_gives_the_upsampled_lr() {
+    let precond = Precond { sigma_data: 0.05, residual: true };
+    let dit =
+        DitConfig { hidden: 32, depth: 2, heads: 2, mlp_hidden: 64, vector_dim: 8, precond, ..DitConfig::released() };
+    let cfg = ModelConfig { dit, clip: None };
+    let released = ModelConfig { dit: DitConfig { precond: Precond::default(), ..cfg.dit.clone() }, clip: None };
+    let load = |c: &ModelConfig, ck| Model::from_checkpoint(c, ck, DType::F32, &Device::Cpu).unwrap();
+    let (p, eps, clip) = random_inputs(2, 3, 7);
+    let cl = p.concat_lr.full().unwrap();
+    let sigma = 0.8;
+    let x = initial_state(&cl, &eps, sigma).unwrap();
+    let whole_of = |m: &Model| {
+        WholeImageDenoiser::new(&m.dit, &clip, &p.lr, &cl).unwrap().denoise_traced(&x, sigma, None).unwrap()
+    };
+
+    let m = load(&cfg, random_checkpoint(&cfg, 21).unwrap());
+    let whole = whole_of(&m);
+    for n in [1, 2] {
+        let d = BlockDenoiser::new(&m.dit, &clip, &p.lr, &cl, n, DType::F32).unwrap().sweep(&x, sigma).unwrap();
+        let r = rel(&d, &whole);
+        assert!(r <= REL_BOUND, "n={n}: {r:e}");
+    }
+    let other = whole_of(&load(&released, random_checkpoint(&released, 21).unwrap()));
+    assert!(rel(&other, &whole) > 0.1, "the residual denoiser equals the released one");
+
+    let zero = load(&cfg, training_init(&cfg, 21).unwrap());
+    let c_skip = precond.scalings(sigma).c_skip as f64;
+    let want = (&cl + ((&x - &cl).unwrap() * c_skip).unwrap()).unwrap();
+    for d in [
+        whole_of(&zero),
+        BlockDenoiser::new(&zero.dit, &clip, &p.lr, &cl, 2, DType::F32).unwrap().sweep(&x, sigma).unwrap(),
+    ] {
+        let diff =
+            (d - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-6, "{diff}");
+    }
 }

@@ -4,13 +4,13 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
-use infdit::config::{DitConfig, ModelConfig};
+use infdit::config::{DitConfig, ModelConfig, Precond};
 use infdit::pipeline::{Model, WholeImageDenoiser};
 use infdit::train::{
     Dataset, Image, SampleConfig, Sampler, SplitMix64, TrainConfig, TrainSample, Trainer, edm_loss, edm_weight,
 };
 use infdit::weights::Checkpoint;
-use infdit::weights::random::random_checkpoint;
+use infdit::weights::random::{random_checkpoint, training_init};
 
 fn tiny() -> ModelConfig {
     ModelConfig {
@@ -29,6 +29,7 @@ fn tiny() -> ModelConfig {
             sr_scale: 4,
             lr_patch: 2,
             ln_eps: 1e-6,
+            precond: Precond::default(),
         },
         clip: None,
     }
@@ -224,4 +225,28 @@ fn resumed_training_is_bit_identical() {
 fn edm_weight_is_the_reference_formula() {
     assert!((edm_weight(0.5) - (0.25 + 0.25) / 0.0625).abs() < 1e-12);
     assert!((edm_weight(2.0) - 4.25).abs() < 1e-12);
+}
+
+/// In residual mode the loss goes through the residual denoiser with the config's sigma_data: with
+/// the zero-initialised final layer, `D = u + c_skip (x - u)` and the loss is
+/// `lambda(sigma) mean((D - hr)^2)`, `lambda = (sigma^2 + sd^2) / (sigma sd)^2`.
+#[test]
+fn residual_loss_uses_the_config_preconditioning() {
+    let mut cfg = tiny();
+    cfg.dit.precond = Precond { sigma_data: 0.05, residual: true };
+    let model = Model::from_checkpoint(&cfg, training_init(&cfg, 4).unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let mut rng = SplitMix64::new(9);
+    let s = dataset().sample(&SampleConfig { lr_dropout: 0.0, ..sample_cfg() }, &mut rng).unwrap();
+    let clip = clip0();
+    let eps = Tensor::randn(0f32, 1.0, s.hr.dims(), &Device::Cpu).unwrap();
+    let sigma = 0.7f32;
+    let loss = edm_loss(&model, &s, &clip, sigma, &eps, (0, 0)).unwrap().to_scalar::<f32>().unwrap() as f64;
+    let sc = cfg.dit.precond.scalings(sigma);
+    let x = (&s.hr + (&eps * sigma as f64).unwrap()).unwrap();
+    let d = (&s.concat_lr + ((&x - &s.concat_lr).unwrap() * sc.c_skip as f64).unwrap()).unwrap();
+    let mse = (d - &s.hr).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    let weight = cfg.dit.precond.loss_weight(sigma as f64);
+    let formula = (0.49 + 0.0025) / (0.7f64 * 0.05).powi(2);
+    assert!((weight - formula).abs() < 1e-6 * formula, "{weight} vs {formula}");
+    assert!((loss - weight * mse).abs() <= 1e-4 * loss, "{loss} vs {}", weight * mse);
 }

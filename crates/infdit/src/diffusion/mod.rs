@@ -46,10 +46,14 @@ impl Precond {
 
     /// The network input for state `x` and upsampled LR `up` (both (n, 3, h, w), the same pixels):
     /// `[c_in x || c_in up]` (released; the LR scaled too, as the released weights expect) or
-    /// `[c_in (x - up) || up]` (residual).
+    /// `[c_in^2 sd (x - up) || up]` (residual): the noisy residual is scaled by `c_in` and once more
+    /// by `sd c_in = sd / sqrt(s^2 + sd^2)`, which is 1 at low noise and falls as `sd / s` where
+    /// the state is nearly all noise, so a one-step sample from high noise is a regression from
+    /// the LR alone instead of a network learning to ignore a unit-variance noise input.
     pub fn network_input(&self, x: &Tensor, up: &Tensor, s: &EdmScalings) -> Result<Tensor> {
         if self.residual {
-            Tensor::cat(&[((x - up)? * s.c_in as f64)?, up.clone()], 1)
+            let scale = s.c_in as f64 * s.c_in as f64 * self.sigma_data as f64;
+            Tensor::cat(&[((x - up)? * scale)?, up.clone()], 1)
         } else {
             Tensor::cat(&[(x * s.c_in as f64)?, (up * s.c_in as f64)?], 1)
         }
@@ -183,4 +187,46 @@ pub fn heun_sample(
 /// The initial state `concat_lr + sigma_0 * eps`, elementwise in f32 (product rounded, then sum).
 pub fn initial_state(concat_lr: &Tensor, eps: &Tensor, sigma0: f32) -> Result<Tensor> {
     concat_lr + (eps * sigma0 as f64)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn released_and_residual_inputs_and_outputs() {
+        let dev = Device::Cpu;
+        let up = Tensor::new(&[[[[0.5f32, -0.25]]]], &dev).unwrap();
+        let x = Tensor::new(&[[[[1.5f32, 0.75]]]], &dev).unwrap(); // up + 1
+        let f = Tensor::new(&[[[[2.0f32, -2.0]]]], &dev).unwrap();
+        let released = Precond::default();
+        let s = released.scalings(2.0);
+        assert_eq!(s, EdmScalings::new(2.0));
+        let inp = released.network_input(&x, &up, &s).unwrap();
+        assert_eq!(inp.dims(), &[1, 2, 1, 2]);
+        let want = [1.5 * s.c_in, 0.75 * s.c_in, 0.5 * s.c_in, -0.25 * s.c_in];
+        assert_eq!(inp.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+        let d = released.denoised(f.clone(), &x, &up, &s).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(d, [2.0 * s.c_out + 1.5 * s.c_skip, -2.0 * s.c_out + 0.75 * s.c_skip]);
+
+        let residual = Precond { sigma_data: 0.1, residual: true };
+        for sigma in [0.01f32, 20.0] {
+            let s = residual.scalings(sigma);
+            let inp = residual.network_input(&x, &up, &s).unwrap();
+            let noisy = max_abs(&inp.narrow(1, 0, 1).unwrap());
+            // c_in^2 sd: 1 / sd at low noise (about 9.9 here), sd / s^2 at high noise.
+            let expect = 0.1 / (sigma * sigma + 0.01);
+            assert!((noisy - expect).abs() <= 1e-6 * expect, "{sigma}: {noisy} vs {expect}");
+            assert_eq!(max_abs(&(inp.narrow(1, 1, 1).unwrap() - &up).unwrap()), 0.0);
+            let d = residual.denoised(f.clone(), &x, &up, &s).unwrap();
+            let want = (((&f * s.c_out as f64).unwrap() + s.c_skip as f64).unwrap() + &up).unwrap();
+            assert!(max_abs(&(d - want).unwrap()) < 1e-6);
+        }
+        assert!((residual.loss_weight(1.0) - 1.01 / 0.01).abs() < 1e-4);
+    }
 }
