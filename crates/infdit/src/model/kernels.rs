@@ -110,8 +110,10 @@ struct Dims {
 }
 
 /// An element type read and written by the kernel.
-trait Elem: WithDType + Copy + Send + Sync + 'static {
+pub(crate) trait Elem: WithDType + Copy + Send + Sync + 'static {
+    /// To f32 (exact).
     fn to_f32(self) -> f32;
+    /// From f32 (rounded to nearest even).
     fn from_f32(x: f32) -> Self;
 }
 
@@ -425,7 +427,7 @@ const EXP2_POLY: [f32; 7] =
 /// of the AVX-512 path (without FMA), x clamped to -126 (so the result stays normal; below that
 /// it is ~1e-38 instead of 0); NaN stays NaN.
 #[inline(always)]
-fn exp2_portable(x: f32) -> f32 {
+pub(crate) fn exp2_portable(x: f32) -> f32 {
     let x = if x < -126.0 { -126.0 } else { x };
     // Round to nearest through the 1.5 * 2^23 trick (|x| < 2^22).
     let n = (x + 12_582_912.0) - 12_582_912.0;
@@ -437,7 +439,7 @@ fn exp2_portable(x: f32) -> f32 {
 
 /// A sum with 16 independent partial sums (vectorisable, and more accurate than a serial sum).
 #[inline(always)]
-fn sum_f32(x: &[f32]) -> f32 {
+pub(crate) fn sum_f32(x: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let mut chunks = x.chunks_exact(16);
     for c in &mut chunks {

@@ -3,7 +3,8 @@
 use candle_core::{D, DType, Module, Result, Tensor};
 
 use super::blocks::KvSource;
-use super::ops::{LayerNorm, Linear, attention, layer_norm, modulate};
+use super::fused;
+use super::ops::{LayerNorm, Linear, attention, layer_norm, modulate, norm_modulate};
 use crate::config::DitConfig;
 use crate::weights::WeightLoader;
 
@@ -171,21 +172,58 @@ impl Layer {
         Ok(LayerMod { shift_a: part(0)?, scale_a: part(1)?, shift_m: part(2)?, scale_m: part(3)? })
     }
 
+    /// Q, K (per-head QK LayerNorm and RoPE applied) and V as (n, H, T, d) from the normalised
+    /// input `a` (n, T, D). For CPU inference the bias, split, norm, rotation and transpose are
+    /// one fused pass per part ([`super::fused::heads`]); otherwise plain candle ops.
+    fn qkv_heads(&self, a: &Tensor, rope: (&Tensor, &Tensor)) -> Result<(Tensor, Tensor, Tensor)> {
+        let (n, t, dm) = a.dims3()?;
+        let (h, d) = (self.heads, self.head_dim);
+        let (cos, sin) = rope;
+        if fused::applies(&[a, self.qkv.weight()]) {
+            let qkv = self.qkv.forward_no_bias(a)?;
+            let (w, b, eps) = self.qk_ln.parts();
+            let nr = fused::NormRope { weight: w, bias: b, eps, cos, sin };
+            let bias = self.qkv.bias();
+            return Ok((
+                fused::heads(&qkv, bias, 0, h, d, Some(&nr), a.dtype())?,
+                fused::heads(&qkv, bias, 1, h, d, Some(&nr), a.dtype())?,
+                fused::heads(&qkv, bias, 2, h, d, None, a.dtype())?,
+            ));
+        }
+        let qkv = self.qkv.forward(a)?; // (n, T, 3D)
+        let split = |i: usize| qkv.narrow(D::Minus1, i * dm, dm)?.reshape((n, t, h, d));
+        let rope = |z: Tensor| -> Result<Tensor> {
+            let z = self.qk_ln.forward(&z)?.transpose(1, 2)?; // (n, H, T, d)
+            super::rope::apply_rope(&z.to_dtype(DType::F32)?, cos, sin)?.to_dtype(a.dtype())
+        };
+        Ok((rope(split(0)?)?, rope(split(1)?)?, split(2)?.transpose(1, 2)?.contiguous()?))
+    }
+
+    /// `x + proj(z)`: fused with the projection's bias for CPU inference.
+    fn residual(x: &Tensor, proj: &Linear, z: &Tensor) -> Result<Tensor> {
+        match proj.bias() {
+            Some(b) if fused::applies(&[x, z, proj.weight(), b]) => {
+                fused::add_bias_residual(x, &proj.forward_no_bias(z)?, b)
+            }
+            _ => x + proj.forward(z)?,
+        }
+    }
+
+    /// The MLP `down(gelu(up(z)))`, with the up projection's bias fused into the GELU for CPU
+    /// inference.
+    fn mlp_hidden(&self, z: &Tensor) -> Result<Tensor> {
+        if fused::applies(&[z, self.up.weight()]) {
+            return fused::bias_gelu(&self.up.forward_no_bias(z)?, self.up.bias());
+        }
+        self.up.forward(z)?.gelu()
+    }
+
     /// The layer on a batch of blocks: `x` is (n, T, D), tokens block-local row-major.
     pub fn forward(&self, x: &Tensor, m: &LayerMod, inp: &mut LayerInputs<'_>) -> Result<Tensor> {
         let (n, t, dm) = x.dims3()?;
         let (h, d) = (self.heads, self.head_dim);
-        let a = modulate(&layer_norm(x, self.eps)?, &m.shift_a, &m.scale_a)?;
-        let qkv = self.qkv.forward(&a)?; // (n, T, 3D)
-        let split = |i: usize| qkv.narrow(D::Minus1, i * dm, dm)?.reshape((n, t, h, d));
-        let (cos, sin) = inp.rope;
-        let rope = |z: Tensor| -> Result<Tensor> {
-            let z = self.qk_ln.forward(&z)?.transpose(1, 2)?; // (n, H, T, d)
-            super::rope::apply_rope(&z.to_dtype(DType::F32)?, cos, sin)?.to_dtype(x.dtype())
-        };
-        let q = rope(split(0)?)?;
-        let k = rope(split(1)?)?;
-        let v = split(2)?.transpose(1, 2)?.contiguous()?;
+        let a = norm_modulate(x, &m.shift_a, &m.scale_a, self.eps)?;
+        let (q, k, v) = self.qkv_heads(&a, inp.rope)?;
         let (k4, v4) = inp.kv.neighbourhood(self.index, &k, &v)?;
         let k4 = k4.reshape((n, h, 4, t, d))?.broadcast_add(&self.block_pos.to_dtype(k4.dtype())?)?.reshape((
             n,
@@ -194,17 +232,15 @@ impl Layer {
             d,
         ))?;
         let ctx = attention(&q, &k4, &v4, SCORE_BYTES)?.transpose(1, 2)?.reshape((n, t, dm))?;
-        let mut x = (x + self.dense.forward(&ctx)?)?;
+        let mut x = Self::residual(x, &self.dense, &ctx)?;
         let mlp_in = match &self.cross {
             Some(cross) => {
                 let (lr, corners, window) = inp.lr;
                 x = (&x + cross.forward(&layer_norm(&x, self.eps)?, lr, corners, window)?)?;
-                cross.post_ln.forward(&x)?
+                modulate(&cross.post_ln.forward(&x)?, &m.shift_m, &m.scale_m)?
             }
-            None => layer_norm(&x, self.eps)?,
+            None => norm_modulate(&x, &m.shift_m, &m.scale_m, self.eps)?,
         };
-        let mlp_in = modulate(&mlp_in, &m.shift_m, &m.scale_m)?;
-        let y = self.down.forward(&self.up.forward(&mlp_in)?.gelu()?)?;
-        x + y
+        Self::residual(&x, &self.down, &self.mlp_hidden(&mlp_in)?)
     }
 }

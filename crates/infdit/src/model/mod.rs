@@ -6,6 +6,7 @@
 //! only in the [`blocks::KvSource`] that supplies each block's neighbourhood keys.
 
 pub mod blocks;
+pub mod fused;
 pub mod kernels;
 pub mod layer;
 pub mod ops;
@@ -17,7 +18,7 @@ use crate::config::DitConfig;
 use crate::weights::WeightLoader;
 use blocks::{BlockGrid, BlockPos, KvSource};
 use layer::{Layer, LayerInputs, LayerMod, LrKv};
-use ops::{Linear, PatchConv, layer_norm, modulate};
+use ops::{Linear, PatchConv, layer_norm, norm_modulate};
 use rope::Rope;
 
 /// Per-sigma conditioning: the vector c and every adaLN output derived from it.
@@ -224,7 +225,7 @@ impl InfDit {
         }
         // SAT's final_layernorm, then the final layer's norm_final: two LayerNorms in a row.
         let eps = self.cfg.ln_eps;
-        let z = modulate(&layer_norm(&layer_norm(&x, eps)?, eps)?, &step.final_shift, &step.final_scale)?;
+        let z = norm_modulate(&layer_norm(&x, eps)?, &step.final_shift, &step.final_scale, eps)?;
         let o = self.final_linear.forward(&z)?; // (n, T, p*p*C) ordered (py, px, c)
         let (p, co) = (self.cfg.patch, self.cfg.out_channels);
         o.to_dtype(DType::F32)?

@@ -30,28 +30,46 @@ impl Linear {
     pub fn weight(&self) -> &Tensor {
         self.inner.weight()
     }
-}
-
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// The bias (out), if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+    /// `x W^T` without the bias (for kernels that fuse the bias into what follows).
+    pub fn forward_no_bias(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.inner.weight();
         let dims = x.dims();
         // Flatten leading dims: one GEMM with a transposed (strided) rhs, no copy of W.
         let inp = dims[dims.len() - 1];
         let rows = x.elem_count() / inp;
         let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
-        let y = match self.inner.bias() {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
         let mut out = dims.to_vec();
         *out.last_mut().unwrap() = w.dim(0)?;
         y.reshape(out)
     }
 }
 
-/// LayerNorm over the last dimension without affine parameters, statistics in f32 (two passes).
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.forward_no_bias(x)?;
+        match self.inner.bias() {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// LayerNorm over the last dimension without affine parameters, statistics in f32 (two passes):
+/// the fused kernel ([`super::fused::layer_norm_affine`]) for CPU inference, else
+/// [`layer_norm_plain`].
 pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
+    if super::fused::applies(&[x]) {
+        return super::fused::layer_norm_affine(x, None, None, eps);
+    }
+    layer_norm_plain(x, eps)
+}
+
+/// [`layer_norm`] from differentiable candle primitives.
+pub fn layer_norm_plain(x: &Tensor, eps: f64) -> Result<Tensor> {
     let dt = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let mean = x.mean_keepdim(D::Minus1)?;
@@ -75,17 +93,40 @@ impl LayerNorm {
         let w = w.pp(name);
         Ok(Self { weight: w.get(dim, "weight")?, bias: w.get(dim, "bias")?, eps })
     }
+    /// From tensors.
+    pub fn from_parts(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        Self { weight, bias, eps }
+    }
+    /// The weight, bias and epsilon.
+    pub fn parts(&self) -> (&Tensor, &Tensor, f64) {
+        (&self.weight, &self.bias, self.eps)
+    }
+    /// [`Module::forward`] from differentiable candle primitives.
+    pub fn forward_plain(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm_plain(x, self.eps)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
 }
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layer_norm(x, self.eps)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        if super::fused::applies(&[x, &self.weight, &self.bias]) {
+            return super::fused::layer_norm_affine(x, Some(&self.weight), Some(&self.bias), self.eps);
+        }
+        self.forward_plain(x)
     }
 }
 
 /// adaLN modulation `z * (1 + scale) + shift`, with `shift`/`scale` broadcast over tokens.
 pub fn modulate(z: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     z.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
+}
+
+/// `modulate(layer_norm(x), shift, scale)`, fused into one pass for CPU inference.
+pub fn norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    if super::fused::applies(&[x, shift, scale]) {
+        return super::fused::layer_norm_affine(x, Some(&(scale + 1.0)?), Some(shift), eps);
+    }
+    modulate(&layer_norm_plain(x, eps)?, shift, scale)
 }
 
 /// Cuts (B, C, H, W) into non-overlapping p x p patches: (B, (H/p)(W/p), C p p), patches in row-major
