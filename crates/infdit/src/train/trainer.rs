@@ -253,9 +253,12 @@ impl Trainer {
             let g = loss.backward()?;
             for (acc, p) in grads.iter_mut().zip(&self.params) {
                 if let Some(gi) = g.get(p.as_tensor()) {
+                    // Detached: a gradient computed from tracked activations records its ops, and
+                    // kept in the optimiser state it would hold this step's whole graph alive.
+                    let gi = gi.detach();
                     *acc = Some(match acc.take() {
                         Some(a) => (a + gi)?,
-                        None => gi.clone(),
+                        None => gi,
                     });
                 }
             }
@@ -293,16 +296,24 @@ impl Trainer {
         let decay = self.cfg.ema_decay.min((1.0 + t) / (10.0 + t));
         for (i, g) in grads.iter().enumerate() {
             let g = (g * clip)?;
-            self.m[i] = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
-            self.v[i] = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            self.m[i] = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?.detach();
+            self.v[i] = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?.detach();
             let upd = ((&self.m[i] / bc1)? / ((&self.v[i] / bc2)?.sqrt()? + self.cfg.eps)?)?;
-            let p = self.params[i].as_tensor();
-            let new = ((p * (1.0 - lr * self.cfg.weight_decay))? - (upd * lr)?)?;
+            // The parameter is a variable: arithmetic on it records ops; the new value must not.
+            let p = self.params[i].as_tensor().detach();
+            let new = ((p * (1.0 - lr * self.cfg.weight_decay))? - (upd * lr)?)?.detach();
             self.params[i].set(&new)?;
-            self.ema[i] = ((&self.ema[i] * decay)? + (new * (1.0 - decay))?)?;
+            self.ema[i] = ((&self.ema[i] * decay)? + (new * (1.0 - decay))?)?.detach();
         }
         self.step += 1;
         Ok(StepStats { step: self.step, loss: loss_sum / b, grad_norm, lr, sigma: (log_sigma / b).exp() })
+    }
+
+    /// Whether any optimiser state (moments, EMA) still records autograd ops: it must not, or each
+    /// step would keep the previous steps' graphs alive (memory growing without bound).
+    #[doc(hidden)]
+    pub fn state_records_ops(&self) -> bool {
+        self.m.iter().chain(&self.v).chain(&self.ema).any(|t| t.track_op())
     }
 
     /// Writes the EMA weights (`ema`) or the raw weights, DiT and frozen CLIP, as safetensors in the
