@@ -1,8 +1,8 @@
 //! The compute device: the CPU, or an NVIDIA GPU through candle's CUDA backend (cargo feature
 //! `cuda`, built by `bench/build-cuda.sh`).
 //!
-//! A CUDA build opens the CUDA libraries (the driver's `libcuda.so.1`, cuBLAS, cuRAND, NVRTC) when
-//! a GPU is first asked for, not when the program starts: on a machine without them, or without a
+//! A CUDA build opens the CUDA libraries (the driver's `libcuda.so.1`, cuBLAS, cuBLASLt, cuRAND)
+//! when a GPU is first asked for, not when the program starts: on a machine without them, or without a
 //! GPU, [`open`] says so in [`OpenedDevice::fallback`] and gives the CPU.
 //!
 //! What runs where with a GPU: the weights, the network's activations, the LR features and (unless
@@ -158,7 +158,7 @@ fn open_cuda(n: usize, req: DeviceRequest) -> Result<OpenedDevice> {
     if !missing.is_empty() {
         return cpu(format!(
             "a GPU is there but these CUDA 13 libraries could not be loaded: {}; put their folder on \
-             LD_LIBRARY_PATH (PyTorch's nvidia/cu13/lib has them all)",
+             LD_LIBRARY_PATH (PyTorch's nvidia/cu13/lib has them)",
             missing.join(", ")
         ));
     }
@@ -200,7 +200,6 @@ mod cuda_libs {
         &Lib { name: "cuBLAS", files: &["libcublas.so.13", "libcublas.so"] },
         &Lib { name: "cuBLASLt", files: &["libcublasLt.so.13", "libcublasLt.so"] },
         &Lib { name: "cuRAND", files: &["libcurand.so.10", "libcurand.so"] },
-        &Lib { name: "NVRTC", files: &["libnvrtc.so.13", "libnvrtc.so"] },
     ];
 
     /// Ok when one of the files opens; otherwise the names tried.
