@@ -357,14 +357,15 @@ mod tests {
     /// machine without a GPU (this project's CI), the CPU with a reason.
     #[test]
     fn gpu_request_without_a_gpu() {
+        let cuda_built = CUDA_BUILT;
         match open(DeviceRequest::Cuda(0)) {
             Err(e) => {
-                assert!(!CUDA_BUILT);
+                assert!(!cuda_built);
                 let m = e.to_string();
                 assert!(m.contains("built without CUDA") && m.contains("bench/build-cuda.sh"), "{m}");
             }
             Ok(d) => {
-                assert!(CUDA_BUILT);
+                assert!(cuda_built);
                 if d.device.is_cpu() {
                     assert!(d.fallback.as_deref().is_some_and(|m| m.contains("running on the CPU")));
                 }

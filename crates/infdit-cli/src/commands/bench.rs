@@ -103,7 +103,7 @@ struct Inputs {
 
 fn inputs(cfg: &DitConfig, h: usize, w: usize, sigma: f32, seed: u64) -> Result<Inputs> {
     let bp = cfg.block_px;
-    if h == 0 || w == 0 || h % bp != 0 || w % bp != 0 {
+    if h == 0 || w == 0 || !h.is_multiple_of(bp) || !w.is_multiple_of(bp) {
         bail!("--size {h}x{w}: both sides must be positive multiples of the block size {bp}");
     }
     let (dev, s) = (Device::Cpu, cfg.sr_scale);

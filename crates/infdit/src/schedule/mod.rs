@@ -507,10 +507,12 @@ impl MemoryPlan {
 
     /// The plan of the memory that `placement` says the run needs: host memory for a run on the
     /// CPU (then as [`MemoryPlan::estimate_for`]), GPU memory for a run on a GPU. On a GPU the
-    /// sampler state, the upsampled LR and the noise stay in host memory (only a block batch of
-    /// them is on the GPU at a time), so `image_state` counts just the LR image and its features;
-    /// with `kv_offload` the K/V cache is in host memory too and only the batch's outside
-    /// neighbours (`2n + 1` blocks of one layer) are on the GPU, counted as `kv_cache`.
+    /// images, the sampler state and the noise stay in host memory, so `image_state` counts one
+    /// batch's images, the upsampled LR of its batch row and the LR features of the band; with
+    /// `kv_offload` the K/V cache is in host memory too and only the batch's outside neighbours
+    /// (`2n + 1` blocks of one layer) are on the GPU, counted as `kv_cache`, and the LR features
+    /// are those of the batch's window. Whole-image mode on a GPU holds everything there, as on
+    /// the CPU.
     pub fn estimate_placed(
         cfg: &crate::config::DitConfig,
         params: usize,
@@ -564,23 +566,20 @@ impl MemoryPlan {
         let lr_image = 2 * 3 * (px / (cfg.sr_scale * cfg.sr_scale)) * 4;
         let activations = blocks * per_block + scores;
         let weights = params * act.size_in_bytes();
-        if placement.gpu && batch.is_some() {
-            let n = batch.unwrap_or(1);
-            // x, the upsampled LR, D and the Heun intermediates of one batch, and the upsampled LR
-            // of its batch row.
-            let band = n.min(grid.rows).max(1) * grid.block_px * w;
-            let batch_images = 6 * 3 * blocks * grid.block_px * grid.block_px * 4 + 3 * band * 4;
-            let (kv_cache, lr_tokens) = if placement.kv_offload {
+        if let (true, Some(n)) = (placement.gpu, batch) {
+            // x, the upsampled LR, D and the Heun intermediates of one batch.
+            let batch_images = 6 * 3 * blocks * grid.block_px * grid.block_px * 4;
+            let (kv_cache, lr_tokens, band) = if placement.kv_offload {
                 // The outside neighbours of one layer, and the LR window of one batch.
                 let outside = n.min(grid.rows) + n.min(grid.cols) + 1;
                 let side = |k: usize| lb * n.min(k).max(1) + 2 * lb;
-                (outside * 2 * t * d * kv.size_in_bytes().max(act.size_in_bytes()), side(grid.rows) * side(grid.cols))
+                let kv_bytes = kv.size_in_bytes().max(act.size_in_bytes());
+                (outside * 2 * t * d * kv_bytes, side(grid.rows) * side(grid.cols), 0)
             } else {
-                (kv_cache, lr_tokens)
+                // The cache, the LR features of a batch row and its upsampled LR.
+                (kv_cache, lr_tokens, 3 * n.min(grid.rows).max(1) * grid.block_px * w * 4)
             };
-            let batch_images =
-                if placement.kv_offload { 6 * 3 * blocks * grid.block_px * grid.block_px * 4 } else { batch_images };
-            let image_state = batch_images + lr_tokens * 3 * d * 4;
+            let image_state = batch_images + band + lr_tokens * 3 * d * 4;
             return Self { weights, kv_cache, activations, image_state };
         }
         let image_state = images + lr_image + lr_tokens * 3 * d * 4;
