@@ -15,7 +15,11 @@ Examples:
       --check-against ../shared/parity/case_a.safetensors
   python bench/pytorch_baseline.py --weights W --config C --inputs IN.safetensors --sigma S --dump OUT.safetensors
 
-Timing output (one line): `pytorch_denoise best_s=<s> median_s=<s> size=HxW dtype=<d> threads=<n> repeat=<r>`.
+GPU (bench/gpu.sh): --device cuda --dtype bf16 [--chunk auto]; the peak is torch.cuda.max_memory_allocated over the
+timed calls (after the warm-up), which counts the weights.
+
+Timing output (one line): `pytorch_denoise best_s=<s> median_s=<s> per_block_s=<s> blocks=<n> size=HxW dtype=<d>
+device=<d> chunk=<n> oom_whole=<0|1> peak_gpu_mib=<MiB|na> peak_gpu_reserved_mib=<MiB|na> threads=<n> repeat=<r>`.
 """
 
 import argparse
@@ -67,9 +71,11 @@ class InfDiTTorch:
     """The network F and the EDM denoiser D, full-image mode, batch 1. Hidden states are block-major
     (blocks, T, D) with T = block_tokens^2; every per-token op is layout independent."""
 
-    def __init__(self, cfg, sd, dtype):
+    def __init__(self, cfg, sd, dtype, device="cpu", chunk=0):
         self.cfg = cfg
         self.dtype = dtype
+        self.device = torch.device(device)
+        self.chunk = chunk  # blocks per chunk of the per-block work (0: all blocks at once)
         self.D = cfg["hidden"]
         self.H = cfg["heads"]
         self.hd = self.D // self.H
@@ -80,12 +86,13 @@ class InfDiTTorch:
         self.lr_block = self.bt * self.p // cfg["sr_scale"] // cfg["lr_patch"]  # 16
         self.lr_win = 3 * self.lr_block  # 48
         self.rope_side = 8 * cfg["image_size"] // self.p  # 1024 (table side and position modulo)
-        self.w = {k: v.to(dtype).contiguous() for k, v in sd.items() if not k.startswith("image_encoder.")}
+        self.w = {k: v.to(device=self.device, dtype=dtype).contiguous()
+                  for k, v in sd.items() if not k.startswith("image_encoder.")}
         # 2-D RoPE frequencies (fp32): per axis hd/2 channels, hd/4 frequencies, each repeated twice.
         axis = self.hd // 2
         self.theta = 1.0 / (10000.0 ** (torch.arange(0, axis, 2, dtype=torch.float32) / axis))
         half = cfg["time_channels"] // 2
-        self.time_freqs = (1.0 / 10000.0) ** (torch.arange(half, dtype=torch.float32) / half)
+        self.time_freqs = ((1.0 / 10000.0) ** (torch.arange(half, dtype=torch.float32) / half)).to(self.device)
         self._rope_cache = {}
 
     def W(self, k):
@@ -110,8 +117,8 @@ class InfDiTTorch:
         c = cols[None, :, None, :].expand(R, C, bt, bt).reshape(R * C, bt * bt) % self.rope_side
         fr = self.theta.repeat_interleave(2)  # (hd/2,)
         ang = torch.cat([r[..., None].float() * fr, c[..., None].float() * fr], dim=-1)  # (nb, T, hd)
-        cos = torch.cos(ang)[:, None].to(self.dtype)
-        sin = torch.sin(ang)[:, None].to(self.dtype)
+        cos = torch.cos(ang)[:, None].to(device=self.device, dtype=self.dtype)
+        sin = torch.sin(ang)[:, None].to(device=self.device, dtype=self.dtype)
         self._rope_cache[key] = (cos, sin)
         return cos, sin
 
@@ -129,20 +136,25 @@ class InfDiTTorch:
             for b in range(C):
                 am, bm = max(a - 1, 0), max(b - 1, 0)
                 idx.append([a * C + b, am * C + bm, a * C + bm, am * C + b])
-        return torch.tensor(idx, dtype=torch.long)  # (nb, 4)
+        return torch.tensor(idx, dtype=torch.long, device=self.device)  # (nb, 4)
 
-    def lr_windows(self, lr):
-        """LR conv (k2 s2), zero padding, K/V projection, key LN + position embedding, 48x48 windows
-        stride 16 in block raster order: returns k, v each (nb, H, 2304, hd)."""
+    def lr_map(self, lr):
+        """LR conv (k2 s2), zero padding and K/V projection: the padded map (h'+2p, w'+2p, 2D)."""
         pre = "mixins.adaln_layer."
         f = F.conv2d(lr.to(self.dtype), self.W(pre + "proj_lr.weight"), self.W(pre + "proj_lr.bias"),
                      stride=self.cfg["lr_patch"])  # (1, D, h', w')
         pad = self.lr_block
         f = F.pad(f, (pad, pad, pad, pad))[0].permute(1, 2, 0)  # (h'+2p, w'+2p, D), zeros outside
-        kv = self.lin(f, pre + "cross_attention.key_value")  # (hp, wp, 2D)
-        win = kv.unfold(0, self.lr_win, self.lr_block).unfold(1, self.lr_win, self.lr_block)  # (R, C, 2D, 48, 48)
-        R, C = win.shape[0], win.shape[1]
-        win = win.permute(0, 1, 3, 4, 2).reshape(R * C, self.lr_win * self.lr_win, 2 * self.D)
+        return self.lin(f, pre + "cross_attention.key_value")  # (hp, wp, 2D)
+
+    def lr_windows(self, kv, C, i, j):
+        """Key LN + position embedding of the 48x48 windows (stride 16) of blocks i..j (raster
+        order, C blocks per row) of the map kv: returns k, v each (j-i, H, 2304, hd)."""
+        pre = "mixins.adaln_layer."
+        r0, r1 = i // C, (j - 1) // C + 1
+        win = kv.unfold(0, self.lr_win, self.lr_block).unfold(1, self.lr_win, self.lr_block)[r0:r1]
+        win = win.permute(0, 1, 3, 4, 2).reshape((r1 - r0) * C, self.lr_win * self.lr_win, 2 * self.D)
+        win = win[i - r0 * C: j - r0 * C]
         k, v = win[..., : self.D], win[..., self.D:]
         nb, n = k.shape[0], k.shape[1]
         k = k.reshape(nb, n, self.H, self.hd)
@@ -159,6 +171,52 @@ class InfDiTTorch:
         u = self.lin(F.silu(self.lin(clip.to(self.dtype), "cond_embed.map_vector.0")), "cond_embed.map_vector.2")
         return F.silu(t + u)  # (1, D)
 
+    def qkv(self, h, l, shift_a, scale_a, cos, sin):
+        """Q, K, V (n, H, T, hd) of blocks h (n, T, D) at layer l (QK-norm and RoPE applied)."""
+        D, H, hd = self.D, self.H, self.hd
+        pre = "mixins.adaln_layer."
+        n, T = h.shape[0], h.shape[1]
+        a = self.ln(h) * (1 + scale_a) + shift_a
+        qkv = self.lin(a, f"transformer.layers.{l}.attention.query_key_value")
+        q, k, v = qkv.split(D, dim=-1)
+        q = q.reshape(n, T, H, hd).transpose(1, 2)  # (n, H, T, hd)
+        k = k.reshape(n, T, H, hd).transpose(1, 2)
+        v = v.reshape(n, T, H, hd).transpose(1, 2)
+        qw, qb = self.W(f"{pre}q_layer_norm.{l}.weight"), self.W(f"{pre}q_layer_norm.{l}.bias")
+        q = self.apply_rope(self.ln(q, qw, qb), cos, sin)
+        k = self.apply_rope(self.ln(k, qw, qb), cos, sin)  # q_layer_norm on K too (official bug)
+        return q, k, v
+
+    def rest(self, h, l, q, k, v, nbr, lr_k, lr_v, shift_m, scale_m):
+        """The rest of layer l for blocks h (n, T, D) with queries q (n, H, T, hd): UniBA attention
+        over the [self, top-left, left, top] keys of all blocks k, v (nb, H, T, hd) picked by nbr
+        (n, 4), the layer-0 LR cross-attention (windows lr_k, lr_v of these blocks) and the MLP."""
+        D, H, hd = self.D, self.H, self.hd
+        pre = "mixins.adaln_layer."
+        n, T = h.shape[0], h.shape[1]
+        # [self, top-left, left, top] keys, + re_pos_embed on K only
+        P = self.W(f"{pre}re_pos_embed")[l]  # (4, H, hd)
+        kb = k[nbr]  # (n, 4, H, T, hd)
+        kb = kb + P[None, :, :, None, :]
+        kb = kb.permute(0, 2, 1, 3, 4).reshape(n, H, 4 * T, hd)
+        vb = v[nbr].permute(0, 2, 1, 3, 4).reshape(n, H, 4 * T, hd)
+        ctx = F.scaled_dot_product_attention(q, kb, vb)  # (n, H, T, hd)
+        ctx = ctx.transpose(1, 2).reshape(n, T, D)
+        h = h + self.lin(ctx, f"transformer.layers.{l}.attention.dense")
+        if l == 0:
+            cq = self.lin(self.ln(h), pre + "cross_attention.query").reshape(n, T, H, hd)
+            cq = self.ln(cq, self.W(pre + "cross_q_ln.weight"), self.W(pre + "cross_q_ln.bias"))
+            cq = (cq + self.W(pre + "lr_query_position_embedding")[0]).transpose(1, 2)
+            cctx = F.scaled_dot_product_attention(cq, lr_k, lr_v).transpose(1, 2).reshape(n, T, D)
+            h = h + self.lin(cctx, pre + "cross_attention.dense")
+            m = self.ln(h, self.W(pre + "post_cross_attention_layernorm.weight"),
+                        self.W(pre + "post_cross_attention_layernorm.bias"))
+        else:
+            m = self.ln(h)
+        m = m * (1 + scale_m) + shift_m
+        up = F.gelu(self.lin(m, f"transformer.layers.{l}.mlp.dense_h_to_4h"), approximate="tanh")
+        return h + self.lin(up, f"transformer.layers.{l}.mlp.dense_4h_to_h")
+
     def network(self, x_in, lr, c):
         """F(x_in; c, LR): x_in (1, 6, H, W) already scaled by c_in. Returns (1, 3, H, W)."""
         D, H, hd, bt = self.D, self.H, self.hd, self.bt
@@ -173,41 +231,27 @@ class InfDiTTorch:
         cos, sin = self.rope(R, C)
         nbr = self.neighbour_index(R, C)
         sc = F.silu(c)
-        lr_k, lr_v = self.lr_windows(lr)
+        lr_kv = self.lr_map(lr)
         for l in range(self.L):
             mods = self.lin(sc, f"{pre}adaLN_modulations.{l}.1")  # (1, 4D)
             shift_a, scale_a, shift_m, scale_m = [m[:, None, :] for m in mods.chunk(4, dim=-1)]
-            a = self.ln(h) * (1 + scale_a) + shift_a
-            qkv = self.lin(a, f"transformer.layers.{l}.attention.query_key_value")
-            q, k, v = qkv.split(D, dim=-1)
-            q = q.reshape(nb, T, H, hd).transpose(1, 2)  # (nb, H, T, hd)
-            k = k.reshape(nb, T, H, hd).transpose(1, 2)
-            v = v.reshape(nb, T, H, hd).transpose(1, 2)
-            qw, qb = self.W(f"{pre}q_layer_norm.{l}.weight"), self.W(f"{pre}q_layer_norm.{l}.bias")
-            q = self.apply_rope(self.ln(q, qw, qb), cos, sin)
-            k = self.apply_rope(self.ln(k, qw, qb), cos, sin)  # q_layer_norm on K too (official bug)
-            # [self, top-left, left, top] keys, + re_pos_embed on K only
-            P = self.W(f"{pre}re_pos_embed")[l]  # (4, H, hd)
-            kb = k[nbr]  # (nb, 4, H, T, hd)
-            kb = kb + P[None, :, :, None, :]
-            kb = kb.permute(0, 2, 1, 3, 4).reshape(nb, H, 4 * T, hd)
-            vb = v[nbr].permute(0, 2, 1, 3, 4).reshape(nb, H, 4 * T, hd)
-            ctx = F.scaled_dot_product_attention(q, kb, vb)  # (nb, H, T, hd)
-            ctx = ctx.transpose(1, 2).reshape(nb, T, D)
-            h = h + self.lin(ctx, f"transformer.layers.{l}.attention.dense")
-            if l == 0:
-                cq = self.lin(self.ln(h), pre + "cross_attention.query").reshape(nb, T, H, hd)
-                cq = self.ln(cq, self.W(pre + "cross_q_ln.weight"), self.W(pre + "cross_q_ln.bias"))
-                cq = (cq + self.W(pre + "lr_query_position_embedding")[0]).transpose(1, 2)
-                cctx = F.scaled_dot_product_attention(cq, lr_k, lr_v).transpose(1, 2).reshape(nb, T, D)
-                h = h + self.lin(cctx, pre + "cross_attention.dense")
-                m = self.ln(h, self.W(pre + "post_cross_attention_layernorm.weight"),
-                            self.W(pre + "post_cross_attention_layernorm.bias"))
-            else:
-                m = self.ln(h)
-            m = m * (1 + scale_m) + shift_m
-            up = F.gelu(self.lin(m, f"transformer.layers.{l}.mlp.dense_h_to_4h"), approximate="tanh")
-            h = h + self.lin(up, f"transformer.layers.{l}.mlp.dense_4h_to_h")
+            if self.chunk <= 0 or self.chunk >= nb:
+                q, k, v = self.qkv(h, l, shift_a, scale_a, cos, sin)
+                lr_k, lr_v = self.lr_windows(lr_kv, C, 0, nb) if l == 0 else (None, None)
+                h = self.rest(h, l, q, k, v, nbr, lr_k, lr_v, shift_m, scale_m)
+                continue
+            # Chunks of blocks: Q, K, V of every block first (a block's keys come from its
+            # neighbours' layer input), then attention and MLP chunk by chunk, in place.
+            q = torch.empty_like(h).reshape(nb, T, H, hd).transpose(1, 2)
+            k = torch.empty_like(q)
+            v = torch.empty_like(q)
+            for i in range(0, nb, self.chunk):
+                j = min(nb, i + self.chunk)
+                q[i:j], k[i:j], v[i:j] = self.qkv(h[i:j], l, shift_a, scale_a, cos[i:j], sin[i:j])
+            for i in range(0, nb, self.chunk):
+                j = min(nb, i + self.chunk)
+                lr_k, lr_v = self.lr_windows(lr_kv, C, i, j) if l == 0 else (None, None)
+                h[i:j] = self.rest(h[i:j], l, q[i:j], k, v, nbr[i:j], lr_k, lr_v, shift_m, scale_m)
         fm = self.lin(sc, "mixins.final_layer.adaLN_modulation.1")
         shift, scale = [m[:, None, :] for m in fm.chunk(2, dim=-1)]
         z = self.ln(self.ln(h)) * (1 + scale) + shift
@@ -234,6 +278,22 @@ def parse_size(s):
     return int(h), int(w)
 
 
+def random_inputs(args, cfg, size, dev):
+    """x, concat_lr, lr, clip for an output of size (H, W): a uniform random LR in [-1, 1], its nearest
+    upsample, x = concat_lr + sigma * N(0, 1), the --clip vector or zeros; on dev."""
+    H, W = size
+    s = cfg["sr_scale"]
+    g = torch.Generator().manual_seed(args.seed)
+    lr = torch.rand(1, 3, H // s, W // s, generator=g) * 2 - 1
+    concat_lr = F.interpolate(lr, scale_factor=s, mode="nearest")
+    x = concat_lr + args.sigma * torch.randn(1, 3, H, W, generator=g)
+    if args.clip:
+        clip = load_file(args.clip)["clip_vector"].float().reshape(1, -1)
+    else:
+        clip = torch.zeros(1, cfg["vector_dim"])
+    return x.to(dev), concat_lr.to(dev), lr.to(dev), clip.to(dev)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", required=True)
@@ -241,8 +301,13 @@ def main():
     ap.add_argument("--size", default="384x384", help="output (HR) size HxW, multiples of block_px")
     ap.add_argument("--sigma", type=float, default=1.0)
     ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--chunk", default="0",
+                    help="blocks per chunk of the per-block work, layer by layer (0: all blocks at once; "
+                         "auto: all at once, then chunks of 64 after a CUDA out-of-memory error)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--warmup-size", help="HxW of the warm-up call (default: --size)")
     ap.add_argument("--clip", help="safetensors file with the conditioning vector (key clip_vector); default zeros")
     ap.add_argument("--check-against", metavar="FILE",
                     help="parity case file (lr, concat_lr, eps, sigmas, clip_vector, denoised_K): compare D")
@@ -256,12 +321,15 @@ def main():
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    auto = args.chunk == "auto"
     cfg = load_config(args.config)
-    model = InfDiTTorch(cfg, load_file(args.weights), dtype)
+    model = InfDiTTorch(cfg, load_file(args.weights), dtype, dev, 0 if auto else int(args.chunk))
 
     with torch.inference_mode():
         if args.check_against:
-            t = load_file(args.check_against)
+            t = {k: v.to(dev) for k, v in load_file(args.check_against).items()}
             sig = t["sigmas"].float()[args.step]
             x = t["concat_lr"].float() + t["eps"].float() * sig
             d = model.denoise(x, float(sig), t["concat_lr"].float(), t["lr"].float(),
@@ -276,21 +344,12 @@ def main():
             return
 
         if args.inputs:
-            t = load_file(args.inputs)
+            t = {k: v.to(dev) for k, v in load_file(args.inputs).items()}
             x, concat_lr, lr = t["x"].float(), t["concat_lr"].float(), t["lr"].float()
             clip = t["clip_vector"].float().reshape(1, -1) if "clip_vector" in t else \
-                torch.zeros(1, cfg["vector_dim"])
+                torch.zeros(1, cfg["vector_dim"], device=dev)
         else:
-            H, W = parse_size(args.size)
-            s = cfg["sr_scale"]
-            g = torch.Generator().manual_seed(args.seed)
-            lr = torch.rand(1, 3, H // s, W // s, generator=g) * 2 - 1
-            concat_lr = F.interpolate(lr, scale_factor=s, mode="nearest")
-            x = concat_lr + args.sigma * torch.randn(1, 3, H, W, generator=g)
-            if args.clip:
-                clip = load_file(args.clip)["clip_vector"].float().reshape(1, -1)
-            else:
-                clip = torch.zeros(1, cfg["vector_dim"])
+            x, concat_lr, lr, clip = random_inputs(args, cfg, parse_size(args.size), dev)
 
         if args.dump:
             d = model.denoise(x, args.sigma, concat_lr, lr, clip)
@@ -298,15 +357,43 @@ def main():
             print(f"wrote {args.dump} shape={tuple(d.shape)}")
             return
 
-        model.denoise(x, args.sigma, concat_lr, lr, clip)  # warm-up
-        times = []
-        for _ in range(max(1, args.repeat)):
-            t0 = time.perf_counter()
-            model.denoise(x, args.sigma, concat_lr, lr, clip)
-            times.append(time.perf_counter() - t0)
+        warm = random_inputs(args, cfg, parse_size(args.warmup_size), dev) if args.warmup_size else \
+            (x, concat_lr, lr, clip)
+
+        def timed():
+            model.denoise(warm[0], args.sigma, warm[1], warm[2], warm[3])  # warm-up
+            times = []
+            if cuda:
+                torch.cuda.synchronize(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+            for _ in range(max(1, args.repeat)):
+                t0 = time.perf_counter()
+                model.denoise(x, args.sigma, concat_lr, lr, clip)
+                if cuda:
+                    torch.cuda.synchronize(dev)
+                times.append(time.perf_counter() - t0)
+            return times
+
+        oom = 0
+        try:
+            times = timed()
+        except torch.cuda.OutOfMemoryError:
+            if not auto:
+                raise
+            # The whole image does not fit: the per-block work in chunks, layer by layer.
+            oom = 1
+            model.chunk = 64
+            torch.cuda.empty_cache()
+            times = timed()
         H, W = x.shape[2], x.shape[3]
+        blocks = (H // cfg["block_px"]) * (W // cfg["block_px"])
+        peak = f"{torch.cuda.max_memory_allocated(dev) / 2**20:.1f}" if cuda else "na"
+        reserved = f"{torch.cuda.max_memory_reserved(dev) / 2**20:.1f}" if cuda else "na"
         print(f"pytorch_denoise best_s={min(times):.6f} median_s={statistics.median(times):.6f} "
-              f"size={H}x{W} dtype={args.dtype} threads={torch.get_num_threads()} repeat={len(times)}")
+              f"per_block_s={min(times) / blocks:.6f} blocks={blocks} "
+              f"size={H}x{W} dtype={args.dtype} device={dev} chunk={model.chunk} oom_whole={oom} "
+              f"peak_gpu_mib={peak} peak_gpu_reserved_mib={reserved} "
+              f"threads={torch.get_num_threads()} repeat={len(times)}")
 
 
 if __name__ == "__main__":

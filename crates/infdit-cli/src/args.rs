@@ -4,15 +4,27 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use infdit::device::DeviceRequest;
 
-/// Inf-DiT image upscaler: any-resolution 4x diffusion upsampling on CPU.
+/// Inf-DiT image upscaler: any-resolution 4x diffusion upsampling on the CPU or an NVIDIA GPU.
 #[derive(Debug, Parser)]
-#[command(name = "infdit", version, about, propagate_version = true)]
+#[command(name = "infdit", version = VERSION, about, propagate_version = true)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
+
+/// `infdit --version`: the version and whether the binary has the CUDA backend.
+const VERSION: &str = if cfg!(feature = "cuda") {
+    concat!(env!("CARGO_PKG_VERSION"), " (with CUDA)")
+} else {
+    concat!(env!("CARGO_PKG_VERSION"), " (CPU only)")
+};
+
+/// Help of `--device`.
+pub const DEVICE_HELP: &str = "Where the network runs: cpu, cuda (the first NVIDIA GPU) or cuda:N. A GPU needs a \
+     binary built with CUDA (bench/build-cuda.sh) and falls back to the CPU, with a warning, when none is usable.";
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
@@ -236,9 +248,11 @@ pub struct UpscaleArgs {
     /// of the seeded generator, e.g. to compare with the official code on the same noise.
     #[arg(long, value_name = "FILE")]
     pub noise: Option<PathBuf>,
-    /// Network precision.
-    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
-    pub dtype: DTypeArg,
+    #[arg(long, default_value = "cpu", value_name = "DEVICE", help = DEVICE_HELP)]
+    pub device: DeviceRequest,
+    /// Network precision. Default: bf16 on a GPU, f32 on the CPU.
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
     /// Upscaling factor (default 4): 4 is the native pass, 2 the official 2x mode; any other factor
     /// S > 0 (8, 16, 3, 1.5, ...) runs the fewest passes (x4, or x2 where that suffices) reaching at
     /// least S, then an antialiased bicubic downscale to round(W*S) x round(H*S). `x4` also accepted.
@@ -275,13 +289,19 @@ pub struct UpscaleArgs {
     /// whose memory plan fits --max-memory.
     #[arg(long, value_name = "N")]
     pub block_batch: Option<usize>,
-    /// Memory budget in bytes (suffixes K, M, G, T accepted) used to choose --block-batch.
-    /// Default: half of the available memory, at most 8G.
+    /// Memory budget in bytes (suffixes K, M, G, T accepted) used to choose --block-batch: of
+    /// host memory on the CPU, of GPU memory on a GPU. Default: half of the available memory, at
+    /// most 8G; on a GPU 90% of its free memory less 512M.
     #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
     pub max_memory: Option<u64>,
     /// Storage precision of the scheduler's K/V cache. Default: the network's --dtype.
     #[arg(long, value_enum)]
     pub kv_dtype: Option<DTypeArg>,
+    /// Keep the block scheduler's K/V cache in host memory and copy what each block batch needs
+    /// to the GPU, so that GPU memory does not grow with the output size (block mode; same
+    /// results bit for bit; some time for the copies). Nothing changes on the CPU.
+    #[arg(long)]
+    pub kv_offload: bool,
     /// Save the sampler state here after each step, and resume from it when rerun with the same
     /// command (the result is bit-identical to an uninterrupted run). In a batch, each file uses
     /// `DIR/<output path below -o>.state`; runs of several passes also keep each finished pass.
@@ -352,6 +372,20 @@ pub struct InspectArgs {
 pub enum BenchTarget {
     /// One denoiser call D(x; sigma) on the whole image.
     Denoise,
+    /// Checks --device against the CPU: one block-scheduler call on the device (with and without
+    /// --kv-offload) and on the CPU in f32, same inputs; prints the largest differences.
+    Compare,
+}
+
+/// `--kv-offload` of `infdit bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OffloadArg {
+    /// The K/V cache on the model's device.
+    Off,
+    /// The K/V cache in host memory.
+    On,
+    /// Both, one after the other (one line each).
+    Both,
 }
 
 /// `infdit bench`.
@@ -362,24 +396,40 @@ pub struct BenchArgs {
     pub target: BenchTarget,
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Output (HR) size HxW in pixels, multiples of the block size.
+    /// Output (HR) size HxW in pixels, multiples of the block size; several, comma-separated
+    /// (`1024x1024,2048x2048`), are timed one after the other in one process, after one warm-up.
     #[arg(long, default_value = "384x384")]
     pub size: String,
     /// Noise level of the call.
     #[arg(long, default_value_t = 1.0)]
     pub sigma: f32,
-    /// Network precision.
-    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
-    pub dtype: DTypeArg,
+    #[arg(long, default_value = "cpu", value_name = "DEVICE", help = DEVICE_HELP)]
+    pub device: DeviceRequest,
+    /// Network precision. Default: bf16 on a GPU, f32 on the CPU.
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
     /// Timed calls (after one warm-up call).
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
-    /// Whole image at once (default), or the block scheduler (default with --block-batch).
+    /// Size HxW of the warm-up call (one per --kv-offload setting, before the first timed call).
+    /// Default: the first --size.
+    #[arg(long, value_name = "HxW")]
+    pub warmup: Option<String>,
+    /// Whole image at once (default on the CPU), or the block scheduler (default with
+    /// --block-batch, --kv-offload, --max-memory or on a GPU).
     #[arg(long, value_enum)]
     pub mode: Option<ModeArg>,
-    /// Block batch side n of the scheduler (implies --mode blocks).
+    /// Block batch side n of the scheduler (implies --mode blocks). Default: 1 on the CPU; on a GPU
+    /// the largest n whose memory plan fits --max-memory.
     #[arg(long, value_name = "N")]
     pub block_batch: Option<usize>,
+    /// Memory budget that picks the block batch on a GPU (of GPU memory; default as for upscale).
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    pub max_memory: Option<u64>,
+    /// The scheduler's K/V cache in host memory (`on`, or just `--kv-offload`), on the model's
+    /// device (`off`), or both one after the other.
+    #[arg(long, value_enum, value_name = "WHEN", num_args = 0..=1, default_value = "off", default_missing_value = "on")]
+    pub kv_offload: OffloadArg,
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -393,6 +443,11 @@ pub struct EvalArgs {
     pub hr: Vec<PathBuf>,
     #[command(flatten)]
     pub model: ModelArgs,
+    #[arg(long, default_value = "cpu", value_name = "DEVICE", help = DEVICE_HELP)]
+    pub device: DeviceRequest,
+    /// Network precision. Default: bf16 on a GPU, f32 on the CPU.
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
     /// Sampler steps (default: the model's own setting, else 20).
     #[arg(long)]
     pub steps: Option<usize>,

@@ -12,10 +12,11 @@
 //! 4. [`diffusion`] wraps it in EDM preconditioning and runs the deterministic Heun sampler;
 //! 5. [`weights`] loads official `.pt` and safetensors checkpoints strictly, and converts them.
 //!
-//! Configuration lives in [`config`]; errors in [`error`].
+//! Configuration lives in [`config`]; errors in [`error`]; the choice of CPU or GPU in [`device`].
 
 pub mod clip;
 pub mod config;
+pub mod device;
 pub mod diffusion;
 pub mod error;
 pub mod imageio;

@@ -347,12 +347,16 @@ pub struct SampleOptions {
     /// [`InfditError::Interrupted`]. The saved state of the last completed step, if any, is kept,
     /// so the run can be resumed.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Block mode: keep the scheduler's K/V cache in host memory and copy what each block batch
+    /// needs to the model's device ([`BlockDenoiser::with_kv_offload`]); for a model on a GPU,
+    /// whose memory then does not grow with the image. Bit-identical results.
+    pub kv_offload: bool,
 }
 
 impl PartialEq for SampleOptions {
     /// Field by field; two cancellation flags are equal when they are the same flag.
     fn eq(&self, o: &Self) -> bool {
-        let Self { heun, mode, checkpoint_dir, stop_after_steps, state_dir, cancel } = self;
+        let Self { heun, mode, checkpoint_dir, stop_after_steps, state_dir, cancel, kv_offload } = self;
         let same_flag = match (cancel, &o.cancel) {
             (None, None) => true,
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -363,6 +367,7 @@ impl PartialEq for SampleOptions {
             && *checkpoint_dir == o.checkpoint_dir
             && *stop_after_steps == o.stop_after_steps
             && *state_dir == o.state_dir
+            && *kv_offload == o.kv_offload
             && same_flag
     }
 }
@@ -391,6 +396,7 @@ impl Default for SampleOptions {
             stop_after_steps: None,
             state_dir: None,
             cancel: None,
+            kv_offload: false,
         }
     }
 }
@@ -641,9 +647,11 @@ pub fn sample_with_noise(
             (steps_done, (steps_done == last).then(|| FinalSample::from_tensor(x)), 0)
         }
         Mode::Blocks { block_batch, kv_dtype } => {
-            // In memory the upsampled LR is computed once; with a state folder, per batch row.
+            // In memory the upsampled LR is computed once; with a state folder, per batch row. It
+            // stays in host memory, as does the sampler state: each block batch goes to the
+            // model's device when it is denoised.
             let concat_lr = match &opts.state_dir {
-                None => ConcatLr::Tensor(prep.concat_lr.full()?.to_device(dev)?),
+                None => ConcatLr::Tensor(prep.concat_lr.full()?),
                 Some(_) => prep.concat_lr.clone(),
             };
             let mut store = match (&opts.state_dir, &saved) {
@@ -663,7 +671,8 @@ pub fn sample_with_noise(
                     for row in 0..grid.rows {
                         let pos: Vec<BlockPos> = (0..grid.cols).map(|col| BlockPos { row, col }).collect();
                         let local: Vec<BlockPos> = (0..grid.cols).map(|col| BlockPos { row: 0, col }).collect();
-                        let up = take_blocks(&concat_lr.rows(row * bp, (row + 1) * bp)?.to_device(dev)?, bp, &local)?;
+                        let band = crate::device::to_device_compact(&concat_lr.rows(row * bp, (row + 1) * bp)?, dev)?;
+                        let up = take_blocks(&band, bp, &local)?;
                         let x0 = initial_state(&up, &noise.blocks(&grid, &pos, dev)?, sigmas[0])?;
                         store.write(Slot::X(0), &pos, &x0)?;
                     }
@@ -677,7 +686,8 @@ pub fn sample_with_noise(
                 Some(_) => {}
             }
             let mut den =
-                BlockDenoiser::with_concat_lr(&model.dit, clip_vec, &prep.lr, concat_lr, block_batch, kv_dtype)?;
+                BlockDenoiser::with_concat_lr(&model.dit, clip_vec, &prep.lr, concat_lr, block_batch, kv_dtype)?
+                    .with_kv_offload(opts.kv_offload);
             den.on_batch = Some(Box::new(|s| {
                 let p = state.get();
                 let evals_done = p.evals_done + (s.blocks_done == s.blocks_total) as usize;

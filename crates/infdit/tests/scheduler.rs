@@ -194,6 +194,7 @@ fn resume_is_bit_identical() {
         stop_after_steps: Some(3),
         state_dir: None,
         cancel: None,
+        kv_offload: false,
     };
     let first = sample(&m, &p, &clip, &eps, &stopped, &mut |_| {}).unwrap();
     assert!(first.sample.is_none());

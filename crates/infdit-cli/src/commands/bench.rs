@@ -1,9 +1,12 @@
-//! `infdit bench denoise`: times one denoiser call D(x; sigma) and reports its model FLOPs.
+//! `infdit bench denoise`: times one denoiser call D(x; sigma) and reports its model FLOPs, the time
+//! per block and, on a GPU, the peak GPU memory; `infdit bench compare` checks a device against the
+//! CPU.
 //!
 //! The inputs are deterministic pseudo-random values (LR image in [-1, 1], its nearest 4x upsample as
 //! `concat_lr`, x = concat_lr + sigma * noise) and a zero conditioning vector (CLIP is not timed).
 //! One warm-up call, then `--repeat` timed calls; prints best and median seconds per call.
-//! bench/cpu.sh compares it with bench/pytorch_baseline.py on the same network.
+//! bench/cpu.sh compares it with bench/pytorch_baseline.py on the same network, bench/gpu.sh on a
+//! GPU.
 
 use std::time::Instant;
 
@@ -11,11 +14,13 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 
 use infdit::config::DitConfig;
-use infdit::pipeline::WholeImageDenoiser;
-use infdit::schedule::BlockDenoiser;
+use infdit::device::OpenedDevice;
+use infdit::model::blocks::{BlockGrid, blocks_to_image, take_blocks};
+use infdit::pipeline::{Model, WholeImageDenoiser};
+use infdit::schedule::{BlockDenoiser, MemoryPlan, Placement};
 
-use super::{dtype, load_model};
-use crate::args::{BenchArgs, BenchTarget, ModeArg};
+use super::load_model;
+use crate::args::{BenchArgs, BenchTarget, ModeArg, OffloadArg};
 
 /// Model FLOPs of one denoiser call on an `h x w` (HR pixels) image, counting a multiply-add as 2.
 ///
@@ -56,6 +61,15 @@ fn parse_size(s: &str) -> Result<(usize, usize)> {
     Ok((a.trim().parse().context("--size height")?, b.trim().parse().context("--size width")?))
 }
 
+/// `--size`: one or more HxW, comma-separated.
+fn parse_sizes(s: &str) -> Result<Vec<(usize, usize)>> {
+    let sizes = s.split(',').filter(|p| !p.trim().is_empty()).map(parse_size).collect::<Result<Vec<_>>>()?;
+    if sizes.is_empty() {
+        bail!("--size: give at least one HxW");
+    }
+    Ok(sizes)
+}
+
 /// Deterministic values in [-1, 1) (splitmix64).
 fn uniform(seed: u64, n: usize) -> Vec<f32> {
     let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -75,76 +89,270 @@ fn uniform(seed: u64, n: usize) -> Vec<f32> {
 pub fn bench(a: BenchArgs) -> Result<()> {
     match a.target {
         BenchTarget::Denoise => bench_denoise(a),
+        BenchTarget::Compare => compare(a),
+    }
+}
+
+/// The random inputs of one call at `h x w`, in host memory: LR (1, 3, h/s, w/s), its nearest
+/// upsample `concat_lr` and x = concat_lr + sigma * noise (1, 3, h, w).
+struct Inputs {
+    lr: Tensor,
+    concat_lr: Tensor,
+    x: Tensor,
+}
+
+fn inputs(cfg: &DitConfig, h: usize, w: usize, sigma: f32, seed: u64) -> Result<Inputs> {
+    let bp = cfg.block_px;
+    if h == 0 || w == 0 || !h.is_multiple_of(bp) || !w.is_multiple_of(bp) {
+        bail!("--size {h}x{w}: both sides must be positive multiples of the block size {bp}");
+    }
+    let (dev, s) = (Device::Cpu, cfg.sr_scale);
+    let lr = Tensor::from_vec(uniform(seed, 3 * (h / s) * (w / s)), (1, 3, h / s, w / s), &dev)?;
+    let concat_lr = lr.upsample_nearest2d(h, w)?;
+    let noise = Tensor::from_vec(uniform(seed ^ 0xA5A5, 3 * h * w), (1, 3, h, w), &dev)?;
+    let x = (&concat_lr + (noise * sigma as f64)?)?;
+    Ok(Inputs { lr, concat_lr, x })
+}
+
+/// The block batch side for a grid: `--block-batch`, else on a GPU the largest that fits the GPU
+/// memory plan, else 1.
+fn block_batch(
+    a: &BenchArgs,
+    model: &Model,
+    dev: &OpenedDevice,
+    dt: DType,
+    grid: &BlockGrid,
+    offload: bool,
+) -> Result<usize> {
+    if let Some(n) = a.block_batch {
+        return Ok(n);
+    }
+    let free = infdit::device::gpu_memory(&dev.device);
+    if !dev.is_gpu() && a.max_memory.is_none() {
+        return Ok(1);
+    }
+    let budget = match (a.max_memory, free) {
+        (Some(b), _) => b,
+        (None, Some((f, _))) => infdit::device::default_gpu_budget(f),
+        (None, None) => 4 << 30,
+    } as usize;
+    let placed = Placement { gpu: dev.is_gpu(), kv_offload: offload, state_dir: false };
+    let params = Model::parameter_count(&model.cfg)?;
+    MemoryPlan::largest_batch_placed(&model.cfg.dit, params, grid, dt, dt, budget, placed)
+        .with_context(|| format!("even --block-batch 1 does not fit the memory budget of {budget} bytes"))
+}
+
+fn mib(b: Option<u64>) -> String {
+    b.map_or_else(|| "na".into(), |b| format!("{:.1}", b as f64 / (1u64 << 20) as f64))
+}
+
+fn dtype_name(dt: DType) -> &'static str {
+    match dt {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "other",
     }
 }
 
 fn bench_denoise(a: BenchArgs) -> Result<()> {
-    let dev = Device::Cpu;
-    let (h, w) = parse_size(&a.size)?;
-    let dt = dtype(a.dtype);
-    let model = load_model(&a.model, dt, &dev)?;
+    let sizes = parse_sizes(&a.size)?;
+    let dev = super::open_device(a.device)?;
+    let dt = super::run_dtype(a.dtype, &dev);
+    let model = load_model(&a.model, dt, &dev.device)?;
     let cfg = model.cfg.dit.clone();
-    let bp = cfg.block_px;
-    if h == 0 || w == 0 || h % bp != 0 || w % bp != 0 {
-        bail!("--size {h}x{w}: both sides must be positive multiples of the block size {bp}");
+    let clip = Tensor::zeros((1, cfg.vector_dim), DType::F32, &Device::Cpu)?;
+    let offloads: &[bool] = match a.kv_offload {
+        OffloadArg::Off => &[false],
+        OffloadArg::On => &[true],
+        OffloadArg::Both => &[false, true],
+    };
+    let blocks_mode = a.block_batch.is_some()
+        || a.max_memory.is_some()
+        || a.kv_offload != OffloadArg::Off
+        || (dev.is_gpu() && a.mode.is_none());
+    let mode = match (a.mode, blocks_mode) {
+        (_, _) if a.block_batch == Some(0) => bail!("--block-batch must be at least 1"),
+        (Some(ModeArg::Whole), true) if a.block_batch.is_some() || a.kv_offload != OffloadArg::Off => {
+            bail!("--block-batch and --kv-offload are for --mode blocks")
+        }
+        (Some(ModeArg::Whole), _) | (None, false) => ModeArg::Whole,
+        _ => ModeArg::Blocks,
+    };
+    let warmup = match &a.warmup {
+        Some(s) => parse_size(s)?,
+        None => sizes[0],
+    };
+    // One call of the denoiser on `inp` with the block batch `n` and the offload setting (None:
+    // whole-image mode).
+    let call = |inp: &Inputs, n: Option<usize>, offload: Option<bool>| -> Result<Tensor> {
+        Ok(match (n, offload) {
+            (Some(n), Some(o)) => {
+                let mut den = BlockDenoiser::new(&model.dit, &clip, &inp.lr, &inp.concat_lr, n, dt)?.with_kv_offload(o);
+                sweep_to_host(&mut den, &inp.x, a.sigma)?
+            }
+            _ => {
+                let concat = inp.concat_lr.to_device(&dev.device)?;
+                let x = inp.x.to_device(&dev.device)?;
+                WholeImageDenoiser::new(&model.dit, &clip, &inp.lr, &concat)?.denoise_traced(&x, a.sigma, None)?
+            }
+        })
+    };
+    let batch_for = |h: usize, w: usize, offload: Option<bool>| -> Result<Option<usize>> {
+        let grid = BlockGrid::for_image(h, w, cfg.block_px)?;
+        offload.map(|o| block_batch(&a, &model, &dev, dt, &grid, o)).transpose()
+    };
+    let mut warmed = Vec::new();
+    for &(h, w) in &sizes {
+        let inp = inputs(&cfg, h, w, a.sigma, a.seed)?;
+        let grid = BlockGrid::for_image(h, w, cfg.block_px)?;
+        let modes: Vec<Option<bool>> = match mode {
+            ModeArg::Whole => vec![None],
+            ModeArg::Blocks => offloads.iter().map(|&o| Some(o)).collect(),
+        };
+        for offload in modes {
+            let n = batch_for(h, w, offload)?;
+            // One warm-up call per setting (kernels loaded, allocator warm) before its first timing.
+            if !warmed.contains(&offload) {
+                let (wh, ww) = warmup;
+                let out = call(&inputs(&cfg, wh, ww, a.sigma, a.seed)?, batch_for(wh, ww, offload)?, offload)?;
+                let check = out.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                if !check.is_finite() {
+                    bail!("the denoiser output is not finite");
+                }
+                warmed.push(offload);
+            }
+            let mut times = Vec::with_capacity(a.repeat.max(1));
+            let (mut peak, mut reserved) = (None::<u64>, None::<u64>);
+            for _ in 0..a.repeat.max(1) {
+                infdit::device::reset_gpu_peak(&dev.device)?;
+                let t0 = Instant::now();
+                let y = call(&inp, n, offload)?;
+                dev.device.synchronize()?;
+                times.push(t0.elapsed().as_secs_f64());
+                drop(y);
+                let m = |a: Option<u64>, b: Option<u64>| match (a, b) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
+                peak = m(peak, infdit::device::gpu_peak(&dev.device));
+                reserved = m(reserved, infdit::device::gpu_peak_reserved(&dev.device));
+            }
+            times.sort_by(f64::total_cmp);
+            let best = times[0];
+            let median = if times.len() % 2 == 1 {
+                times[times.len() / 2]
+            } else {
+                (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0
+            };
+            let flops = denoise_flops(&cfg, h, w);
+            let mode_s = n.map_or_else(|| "whole".to_string(), |n| format!("blocks{n}"));
+            let kv = match offload {
+                None => "na",
+                Some(true) => "on",
+                Some(false) => "off",
+            };
+            println!(
+                "infdit_denoise best_s={best:.6} median_s={median:.6} per_block_s={:.6} blocks={} gflop={:.3} \
+                 gflops={:.2} size={h}x{w} dtype={} mode={mode_s} kv_offload={kv} device={} peak_gpu_mib={} \
+                 peak_gpu_reserved_mib={} threads={} repeat={}",
+                best / grid.len() as f64,
+                grid.len(),
+                flops / 1e9,
+                flops / best / 1e9,
+                dtype_name(dt),
+                dev.name(),
+                mib(peak),
+                mib(reserved),
+                candle_core::utils::get_num_threads(),
+                times.len()
+            );
+        }
     }
-    let s = cfg.sr_scale;
-    let lr = Tensor::from_vec(uniform(a.seed, 3 * (h / s) * (w / s)), (1, 3, h / s, w / s), &dev)?;
-    let concat_lr = lr.upsample_nearest2d(h, w)?;
-    let noise = Tensor::from_vec(uniform(a.seed ^ 0xA5A5, 3 * h * w), (1, 3, h, w), &dev)?;
-    let x = (&concat_lr + (noise * a.sigma as f64)?)?;
-    let clip = Tensor::zeros((1, cfg.vector_dim), DType::F32, &dev)?;
+    Ok(())
+}
 
-    let mode = match (a.mode, a.block_batch) {
-        (Some(ModeArg::Whole), _) | (None, None) => None,
-        (_, Some(0)) => bail!("--block-batch must be at least 1"),
-        (Some(ModeArg::Blocks), n) | (None, n) => Some(n.unwrap_or(1)),
-    };
-    let mut whole;
-    let mut blocks;
-    let mut call: Box<dyn FnMut() -> Result<Tensor>> = match mode {
-        None => {
-            whole = WholeImageDenoiser::new(&model.dit, &clip, &lr, &concat_lr)?;
-            Box::new(|| Ok(whole.denoise_traced(&x, a.sigma, None)?))
+/// One sweep as upscale runs it: the input blocks come from host memory and each batch's result
+/// goes back there at once (so GPU memory holds no image-size tensor); the image is put together
+/// in host memory.
+fn sweep_to_host(den: &mut BlockDenoiser, x: &Tensor, sigma: f32) -> Result<Tensor> {
+    let grid = den.grid();
+    let mut out: Vec<Option<Tensor>> = vec![None; grid.len()];
+    den.sweep_blocks::<candle_core::Error>(sigma, &mut |pos| take_blocks(x, grid.block_px, pos), &mut |pos, _, d| {
+        let d = d.to_device(&Device::Cpu)?;
+        for (i, p) in pos.iter().enumerate() {
+            out[p.row * grid.cols + p.col] = Some(d.get(i)?);
         }
-        Some(n) => {
-            blocks = BlockDenoiser::new(&model.dit, &clip, &lr, &concat_lr, n, dt)?;
-            Box::new(|| Ok(blocks.sweep(&x, a.sigma)?))
-        }
+        Ok(())
+    })?;
+    let blocks: Vec<Tensor> = out.into_iter().map(|t| t.expect("every block is produced")).collect();
+    Ok(blocks_to_image(&Tensor::stack(&blocks, 0)?, &grid)?)
+}
+
+fn max_abs(t: &Tensor) -> Result<f32> {
+    Ok(t.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F32)?.to_scalar::<f32>()?)
+}
+
+fn diff(a: &Tensor, b: &Tensor) -> Result<(f32, f32)> {
+    let d = (a.to_device(&Device::Cpu)?.to_dtype(DType::F32)? - b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)?
+        .abs()?
+        .flatten_all()?;
+    Ok((d.max(0)?.to_scalar::<f32>()?, d.mean(0)?.to_scalar::<f32>()?))
+}
+
+/// `infdit bench compare`: the same block-scheduler call on the CPU in f32 and on `--device` in
+/// f32 and in `--dtype`, with and without --kv-offload.
+fn compare(a: BenchArgs) -> Result<()> {
+    let (h, w) = parse_sizes(&a.size)?[0];
+    let dev = super::open_device(a.device)?;
+    let dt = super::run_dtype(a.dtype, &dev);
+    let n = match a.block_batch {
+        Some(0) => bail!("--block-batch must be at least 1"),
+        Some(n) => n,
+        None => 2,
     };
-    let out = call()?; // warm-up
-    let check = out.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-    if !check.is_finite() {
-        bail!("the denoiser output is not finite");
-    }
-    let mut times = Vec::with_capacity(a.repeat.max(1));
-    for _ in 0..a.repeat.max(1) {
-        let t0 = Instant::now();
-        let y = call()?;
-        drop(y);
-        times.push(t0.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    let best = times[0];
-    let median = if times.len() % 2 == 1 {
-        times[times.len() / 2]
-    } else {
-        (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0
+    let cpu_model = load_model(&a.model, DType::F32, &Device::Cpu)?;
+    let cfg = cpu_model.cfg.dit.clone();
+    let inp = inputs(&cfg, h, w, a.sigma, a.seed)?;
+    let clip = Tensor::zeros((1, cfg.vector_dim), DType::F32, &Device::Cpu)?;
+    let sweep = |m: &Model, dt: DType, offload: bool| -> Result<Tensor> {
+        let mut den = BlockDenoiser::new(&m.dit, &clip, &inp.lr, &inp.concat_lr, n, dt)?.with_kv_offload(offload);
+        sweep_to_host(&mut den, &inp.x, a.sigma)
     };
-    let flops = denoise_flops(&cfg, h, w);
-    let mode_s = match mode {
-        None => "whole".to_string(),
-        Some(n) => format!("blocks{n}"),
-    };
-    println!(
-        "infdit_denoise best_s={best:.6} median_s={median:.6} gflop={:.3} gflops={:.2} size={h}x{w} dtype={:?} \
-         mode={mode_s} threads={} repeat={}",
-        flops / 1e9,
-        flops / best / 1e9,
-        a.dtype,
-        candle_core::utils::get_num_threads(),
-        times.len()
+    let reference = sweep(&cpu_model, DType::F32, false)?;
+    let scale = max_abs(&reference)?;
+    let mut line = format!(
+        "compare size={h}x{w} block_batch={n} device={} reference=cpu-f32 max_abs_output={scale:.4}",
+        dev.name()
     );
+    let mut ok = true;
+    let mut dtypes = vec![DType::F32];
+    if dt != DType::F32 {
+        dtypes.push(dt);
+    }
+    for d in dtypes {
+        let model = if d == DType::F32 && dev.device.is_cpu() {
+            cpu_model.clone()
+        } else {
+            load_model(&a.model, d, &dev.device)?
+        };
+        let plain = sweep(&model, d, false)?;
+        let offloaded = sweep(&model, d, true)?;
+        let (mx, mean) = diff(&plain, &reference)?;
+        let (off, _) = diff(&offloaded, &plain)?;
+        let name = dtype_name(d);
+        line += &format!(
+            " {name}_max_abs_diff={mx:.3e} {name}_mean_abs_diff={mean:.3e} {name}_kv_offload_max_abs_diff={off:.3e}"
+        );
+        // f32 on the device must agree closely with the CPU; offloading must change nothing.
+        ok &= off == 0.0 && mx.is_finite() && (d != DType::F32 || mx <= 1e-3 * scale.max(1.0));
+    }
+    println!("{line} {}", if ok { "OK" } else { "FAIL" });
+    if !ok {
+        bail!(
+            "the device's result differs from the CPU's beyond the tolerance (f32: 1e-3 of the output) or --kv-offload changed it"
+        );
+    }
     Ok(())
 }
 
@@ -169,6 +377,7 @@ mod tests {
             sr_scale: 4,
             lr_patch: 2,
             ln_eps: 1e-6,
+            ..DitConfig::released()
         };
         // one 128x128 block: N = 1024 tokens, LR 32x32 -> features 16x16, padded 48x48.
         let n = 1024.0;

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 
 use infdit::diffusion::HeunConfig;
 use infdit::diffusion::noise::image_noise;
@@ -50,7 +50,7 @@ pub(crate) fn upscale_x4(model: &Model, lr: &Tensor, heun: HeunConfig, mode: Mod
 }
 
 /// The model output and the bicubic baseline rows for one HR image.
-fn eval_one(model: &Model, path: &Path, a: &EvalArgs, heun: HeunConfig, dev: &Device) -> Result<(EvalRow, EvalRow)> {
+fn eval_one(model: &Model, path: &Path, a: &EvalArgs, heun: HeunConfig) -> Result<(EvalRow, EvalRow)> {
     let mut hr = load_rgb(path, MAX_PIXELS)?;
     if let Some(n) = a.hr_size {
         // Shorter side to n (antialiased bicubic), then the centre n x n.
@@ -70,10 +70,11 @@ fn eval_one(model: &Model, path: &Path, a: &EvalArgs, heun: HeunConfig, dev: &De
     // the bicubic baseline rounds.
     let hr8 = tensor_to_rgb8_with(&hr, Rounding::Nearest)?;
     let lr8 = tensor_to_rgb8_with(&resize_tensor(&hr, h / SCALE, w / SCALE, Bicubic::Antialias)?, Rounding::Nearest)?;
-    // Back to [-1, 1] exactly as `load_rgb` maps 8-bit samples.
-    let lr = rgb8_to_tensor(&lr8)?.to_device(dev)?;
+    // Back to [-1, 1] exactly as `load_rgb` maps 8-bit samples. Images stay in host memory (the
+    // sampler moves block batches to the model's device).
+    let lr = rgb8_to_tensor(&lr8)?;
 
-    let mode = Mode::Blocks { block_batch: a.block_batch, kv_dtype: DType::F32 };
+    let mode = Mode::Blocks { block_batch: a.block_batch, kv_dtype: model.dit.dtype() };
     let sr = upscale_x4(model, &lr, heun, mode, a.seed)?;
     let sr8 = tensor_to_rgb8_with(&sr, Rounding::Nearest)?;
     if sr8.dimensions() != hr8.dimensions() {
@@ -102,7 +103,6 @@ fn mean(rows: &[EvalRow], f: impl Fn(&EvalRow) -> f64) -> f64 {
 }
 
 pub(crate) fn eval(a: EvalArgs) -> Result<()> {
-    let dev = Device::Cpu;
     if a.steps == Some(0) || a.hr_size == Some(0) {
         bail!("--steps and --hr-size must be at least 1");
     }
@@ -119,7 +119,8 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     if inputs.is_empty() {
         bail!("no HR images found");
     }
-    let model = load_model(&a.model, DType::F32, &dev)?;
+    let dev = super::open_device(a.device)?;
+    let model = load_model(&a.model, super::run_dtype(a.dtype, &dev), &dev.device)?;
     let heun = super::heun_config(sampler_defaults(&a.model)?, a.steps, a.sigma_max)?;
     eprintln!("sampler: {} Heun steps from sigma {}", heun.steps, heun.sigma_max);
     let (mut model_rows, mut bic_rows) = (Vec::new(), Vec::new());
@@ -127,7 +128,7 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     for input in &inputs {
         let res = input.as_ref().map_err(|e| anyhow::anyhow!("{e:#}")).and_then(|p| {
             eprintln!("evaluating {}", p.display());
-            eval_one(&model, p, &a, heun, &dev).map_err(|e| {
+            eval_one(&model, p, &a, heun).map_err(|e| {
                 // Name the file, unless the error already starts with it.
                 let name = p.display().to_string();
                 if format!("{e:#}").starts_with(&name) { e } else { e.context(name) }

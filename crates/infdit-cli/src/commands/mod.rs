@@ -14,6 +14,7 @@ use candle_core::{DType, Device};
 
 use infdit::ModelConfig;
 use infdit::config::SamplerDefaults;
+use infdit::device::{DeviceRequest, OpenedDevice};
 use infdit::diffusion::HeunConfig;
 use infdit::pipeline::Model;
 use infdit::weights::{Checkpoint, convert::convert};
@@ -40,6 +41,23 @@ pub(crate) fn dtype(d: DTypeArg) -> DType {
         DTypeArg::Bf16 => DType::BF16,
         DTypeArg::F16 => DType::F16,
     }
+}
+
+/// Opens `--device`: a GPU request in a CPU-only build is an error (naming how to build with
+/// CUDA); in a CUDA build without a usable GPU the run goes on on the CPU after a warning on
+/// standard error.
+pub(crate) fn open_device(req: DeviceRequest) -> Result<OpenedDevice> {
+    let d = infdit::device::open(req)?;
+    if let Some(why) = &d.fallback {
+        eprintln!("warning: {why}");
+    }
+    Ok(d)
+}
+
+/// The network dtype: `--dtype` when given, else the device's default (bf16 on a GPU, f32 on
+/// the CPU, also when a GPU was asked for and the CPU is used instead).
+pub(crate) fn run_dtype(d: Option<DTypeArg>, dev: &OpenedDevice) -> DType {
+    d.map(dtype).unwrap_or(if dev.is_gpu() { DType::BF16 } else { DType::F32 })
 }
 
 /// The model shipped inside the binary (see models/default/MODEL_CARD.md): used when no

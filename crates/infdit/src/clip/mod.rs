@@ -92,8 +92,10 @@ impl ClipVision {
         x.broadcast_sub(&mean)?.broadcast_div(&std)
     }
 
-    /// The embedding of preprocessed pixels (1, 3, S, S): (1, output_dim), L2-normalised twice.
+    /// The embedding of preprocessed pixels (1, 3, S, S): (1, output_dim), L2-normalised twice, on
+    /// the tower's device (the pixels are moved there).
     pub fn encode(&self, pixels: &Tensor) -> Result<Tensor> {
+        let pixels = pixels.to_device(self.class_embedding.device())?;
         let x = self.conv1.forward(&pixels.to_dtype(DType::F32)?)?; // (1, G, W)
         let (b, _, wd) = x.dims3()?;
         let cls = self.class_embedding.reshape((1, 1, wd))?.broadcast_as((b, 1, wd))?;

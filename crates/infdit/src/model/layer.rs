@@ -74,9 +74,15 @@ impl CrossAttention {
     /// applied to the padded map once instead of to each of the overlapping windows (padding
     /// tokens become `LN(b_k)`, `b_v`, exactly what the windows of zero vectors give).
     pub fn lr_kv(&self, feat: &Tensor, top: usize, bottom: usize, side: usize) -> Result<LrKv> {
+        self.lr_kv_sides(feat, (top, bottom), (side, side))
+    }
+
+    /// [`CrossAttention::lr_kv`] with `(top, bottom)` rows and `(left, right)` columns of padding.
+    pub fn lr_kv_sides(&self, feat: &Tensor, rows: (usize, usize), cols: (usize, usize)) -> Result<LrKv> {
+        let ((top, bottom), (left, right)) = (rows, cols);
         let (dm, h, w) = feat.dims3()?;
-        let padded = feat.pad_with_zeros(1, top, bottom)?.pad_with_zeros(2, side, side)?;
-        let (hp, wp) = (h + top + bottom, w + 2 * side);
+        let padded = feat.pad_with_zeros(1, top, bottom)?.pad_with_zeros(2, left, right)?;
+        let (hp, wp) = (h + top + bottom, w + left + right);
         let tokens = padded.reshape((dm, hp * wp))?.t()?.contiguous()?; // (hp wp, D)
         let kv = self.key_value.forward(&tokens)?; // (hp wp, 2D)
         let k = kv.narrow(1, 0, dm)?.reshape((hp, wp, self.heads, self.head_dim))?;

@@ -44,6 +44,8 @@ pub struct ImageCond {
     pub lr: LrKv,
     /// Row of the full padded LR feature map that `lr` starts at.
     pub lr_row0: usize,
+    /// Column of the full padded LR feature map that `lr` starts at.
+    pub lr_col0: usize,
     /// RoPE position of the image's first token (row, column): 0 at inference; training draws a
     /// random start per batch so the network sees every part of the position table.
     pub rope_offset: (usize, usize),
@@ -164,28 +166,68 @@ impl InfDit {
     /// The same for block rows `row0..row1` only: the LR features those blocks' windows read (one
     /// LR block above and below the band), so memory grows with the width, not the area.
     pub fn image_cond_rows(&self, lr: &Tensor, grid: BlockGrid, row0: usize, row1: usize) -> Result<ImageCond> {
+        self.image_cond_window(lr, grid, row0, row1, None)
+    }
+
+    /// The same for the blocks of rows `row0..row1` and, when given, columns `cols` only (one LR
+    /// block around them), so that memory does not grow with the image at all. `lr` may be in
+    /// host memory: only the part read goes to the model's device. The features of a token do not
+    /// depend on the window it is computed in.
+    pub fn image_cond_window(
+        &self,
+        lr: &Tensor,
+        grid: BlockGrid,
+        row0: usize,
+        row1: usize,
+        cols: Option<(usize, usize)>,
+    ) -> Result<ImageCond> {
         let (_, c, h, w) = lr.dims4()?;
         let s = self.cfg.sr_scale;
-        if c != 3 || h * s != grid.height() || w * s != grid.width() || row0 >= row1 || row1 > grid.rows {
+        let (col0, col1) = cols.unwrap_or((0, grid.cols));
+        if c != 3
+            || h * s != grid.height()
+            || w * s != grid.width()
+            || row0 >= row1
+            || row1 > grid.rows
+            || col0 >= col1
+            || col1 > grid.cols
+        {
             candle_core::bail!(
-                "LR image {c}x{h}x{w} (rows {row0}..{row1}) does not match the output grid {}x{} at scale {s}",
+                "LR image {c}x{h}x{w} (rows {row0}..{row1}, columns {col0}..{col1}) does not match the output grid \
+                 {}x{} at scale {s}",
                 grid.height(),
                 grid.width()
             )
         }
         let (lb, lp) = (self.cfg.lr_block(), self.cfg.lr_patch);
         let (hf, wf) = (h / lp, w / lp);
-        // Feature rows the band's windows cover, clipped to the image; the rest is zero padding.
-        let want0 = (lb * row0) as isize - lb as isize;
-        let f0 = want0.max(0) as usize;
-        let f1 = (lb * row1 + lb).min(hf);
-        let band = lr.narrow(2, f0 * lp, (f1 - f0) * lp)?.to_dtype(self.dtype)?;
-        let feat = self.proj_lr.forward(&band)?; // (1, rows*wf, D)
-        let feat = feat.squeeze(0)?.t()?.reshape((self.cfg.hidden, f1 - f0, wf))?;
-        let top = (f0 as isize - want0) as usize;
-        let bottom = lb * row1 + lb - f1;
+        // Feature rows/columns the windows cover, clipped to the image; the rest is zero padding.
+        let clip = |a: usize, b: usize, len: usize| {
+            let want0 = (lb * a) as isize - lb as isize;
+            let f0 = want0.max(0) as usize;
+            let f1 = (lb * b + lb).min(len);
+            (f0, f1, (f0 as isize - want0) as usize, lb * b + lb - f1)
+        };
+        let (f0, f1, top, bottom) = clip(row0, row1, hf);
+        let (g0, g1, left, right) = match cols {
+            None => (0, wf, lb, lb),
+            Some(_) => clip(col0, col1, wf),
+        };
+        let mut band = lr.narrow(2, f0 * lp, (f1 - f0) * lp)?;
+        if cols.is_some() {
+            band = band.narrow(3, g0 * lp, (g1 - g0) * lp)?;
+        }
+        let band = crate::device::to_device_compact(&band, &self.device)?.to_dtype(self.dtype)?;
+        let feat = self.proj_lr.forward(&band)?; // (1, rows*cols, D)
+        let feat = feat.squeeze(0)?.t()?.reshape((self.cfg.hidden, f1 - f0, g1 - g0))?;
         let cross = self.layers[0].cross().expect("layer 0 has the cross-attention");
-        Ok(ImageCond { grid, lr: cross.lr_kv(&feat, top, bottom, lb)?, lr_row0: lb * row0, rope_offset: (0, 0) })
+        Ok(ImageCond {
+            grid,
+            lr: cross.lr_kv_sides(&feat, (top, bottom), (left, right))?,
+            lr_row0: lb * row0,
+            lr_col0: lb * col0,
+            rope_offset: (0, 0),
+        })
     }
 
     /// The network F on a batch of blocks. `x_in` is (n, in_channels, bp, bp): the blocks of
@@ -215,7 +257,8 @@ impl InfDit {
         let cos = Tensor::stack(&cos, 0)?;
         let sin = Tensor::stack(&sin, 0)?;
         let lb = self.cfg.lr_block();
-        let corners: Vec<(usize, usize)> = pos.iter().map(|p| (p.row * lb - image.lr_row0, p.col * lb)).collect();
+        let corners: Vec<(usize, usize)> =
+            pos.iter().map(|p| (p.row * lb - image.lr_row0, p.col * lb - image.lr_col0)).collect();
         let mut inputs = LayerInputs { rope: (&cos, &sin), kv, lr: (&image.lr, &corners, self.cfg.lr_window()) };
         for (layer, m) in self.layers.iter().zip(&step.layers) {
             x = layer.forward(&x, m, &mut inputs)?;

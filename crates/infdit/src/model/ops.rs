@@ -2,7 +2,7 @@
 //!
 //! Normalisations are written with differentiable candle primitives, with statistics in f32
 //! whatever the activation dtype. Attention uses the fused CPU kernel (inference only: it has no
-//! backward pass) and candle's fused softmax elsewhere.
+//! backward pass), cuBLAS and candle's fused softmax on a GPU.
 
 use candle_core::{D, DType, Module, Result, Tensor};
 
@@ -167,15 +167,20 @@ impl PatchConv {
 /// Scaled dot-product attention `softmax(q k^T / sqrt(d)) v` for (N, H, Tq, d) x (N, H, Tk, d).
 ///
 /// On the CPU this is the fused kernel of [`super::kernels`] (online softmax, no score matrix in
-/// memory). Elsewhere, and whenever an operand is part of an autograd graph (training: the fused
-/// kernel and candle's fused softmax have no backward pass), it is the plain matmul/softmax/matmul,
-/// processed in slices over N so that the score matrix stays within `max_score_bytes`.
+/// memory). On a GPU it is cuBLAS products around candle's fused softmax (`attention_device`).
+/// Whenever an operand is part of an autograd graph (training: the fused kernel and candle's fused
+/// softmax have no backward pass), it is the plain matmul/softmax/matmul from differentiable
+/// primitives. The last two run in slices over N so that the score matrix stays within
+/// `max_score_bytes`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, max_score_bytes: usize) -> Result<Tensor> {
     let (n, h, tq, d) = q.dims4()?;
     let scale = 1.0 / (d as f64).sqrt();
     let tracked = q.track_op() || k.track_op() || v.track_op();
     if q.device().is_cpu() && !tracked {
         return super::kernels::fused_attention(q, k, v, scale);
+    }
+    if !tracked {
+        return attention_device(q, k, v, scale, max_score_bytes);
     }
     let tk = k.dim(2)?;
     let per = (h * tq * tk * 4).max(1);
@@ -197,6 +202,34 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, max_score_bytes: usize) -> 
     Tensor::cat(&outs, 0)
 }
 
+/// Inference attention on a GPU (or any non-CPU device): per slice of the batch, `S = (q scale)
+/// k^T` by cuBLAS, candle's fused softmax over the keys, `S v` by cuBLAS. The slices keep the
+/// score matrix within `max_score_bytes` (counted at 4 bytes a score).
+///
+/// The scale is folded into `q` (a (N, H, Tq, d) product instead of one over the scores), and in
+/// bf16/f16 the scores and probabilities stay in that dtype: the product's output is already
+/// rounded to it, and candle's half-precision softmax sums in f32, so going through f32 would only
+/// add two passes over the largest tensor. In f32 the scores are f32 throughout.
+fn attention_device(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, max_score_bytes: usize) -> Result<Tensor> {
+    let (n, h, tq, _) = q.dims4()?;
+    let tk = k.dim(2)?;
+    let per = (h * tq * tk * 4).max(1);
+    let chunk = (max_score_bytes / per).clamp(1, n.max(1));
+    let q = (q * scale)?;
+    let mut outs = Vec::with_capacity(n.div_ceil(chunk));
+    let mut i = 0;
+    while i < n {
+        let c = chunk.min(n - i);
+        let qi = q.narrow(0, i, c)?.contiguous()?;
+        let ki = k.narrow(0, i, c)?.contiguous()?;
+        let vi = v.narrow(0, i, c)?.contiguous()?;
+        let p = candle_nn::ops::softmax_last_dim(&qi.matmul(&ki.t()?)?)?;
+        outs.push(p.to_dtype(vi.dtype())?.matmul(&vi)?);
+        i += c;
+    }
+    if outs.len() == 1 { Ok(outs.remove(0)) } else { Tensor::cat(&outs, 0) }
+}
+
 /// Softmax over the last dimension from differentiable primitives (the row maximum is a constant
 /// shift, so it is detached).
 pub fn softmax_differentiable(s: &Tensor) -> Result<Tensor> {
@@ -209,4 +242,48 @@ pub fn softmax_differentiable(s: &Tensor) -> Result<Tensor> {
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     let n = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
     x.broadcast_div(&n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn rand(seed: u64, shape: (usize, usize, usize, usize)) -> Tensor {
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        let mut s = seed;
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let a = a.to_dtype(DType::F32).unwrap();
+        let b = b.to_dtype(DType::F32).unwrap();
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// The GPU path's arithmetic (scale folded into q, slices, half-precision scores), run on the
+    /// CPU against the fused kernel's reference.
+    #[test]
+    fn device_attention_matches_the_reference() {
+        let (q, k, v) = (rand(1, (3, 2, 16, 8)), rand(2, (3, 2, 64, 8)), rand(3, (3, 2, 64, 8)));
+        let q = q.transpose(2, 3).unwrap().contiguous().unwrap().transpose(2, 3).unwrap(); // strided q
+        let scale = 1.0 / 8f64.sqrt();
+        let want = super::super::kernels::attention_reference(&q, &k, &v, scale).unwrap();
+        // One slice, and slices of one batch entry (budget below one entry's scores).
+        for budget in [1 << 30, 1] {
+            let got = attention_device(&q, &k, &v, scale, budget).unwrap();
+            assert_eq!(got.dims(), [3, 2, 16, 8]);
+            assert!(max_diff(&got, &want) < 1e-5, "f32, budget {budget}: {}", max_diff(&got, &want));
+        }
+        let h = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let got = attention_device(&h(&q), &h(&k), &h(&v), scale, 1).unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        assert!(max_diff(&got, &want) < 0.05, "bf16: {}", max_diff(&got, &want));
+    }
 }

@@ -14,10 +14,17 @@
 //! row above, overwritten batch by batch), one block per row of the current batch row (the right
 //! column of the previous batch), and the corner (saved just before the batch to its left
 //! overwrote it). That is `cols + n + 1` blocks per layer.
+//!
+//! With a GPU the cache can be kept in host memory instead ([`BlockDenoiser::with_kv_offload`]):
+//! at each layer of a batch the batch's outside neighbours (at most `2n + 1` blocks) are copied to
+//! the GPU once, and the blocks later batches need are copied back, so GPU memory does not grow
+//! with the image at all.
 
 pub mod state;
 
-use candle_core::{DType, Result, Tensor};
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Result, Tensor};
 
 use crate::diffusion::Denoise;
 use crate::model::blocks::{BlockGrid, BlockPos, KvSource, blocks_to_image, concat_groups, neighbours, take_blocks};
@@ -87,19 +94,55 @@ struct LayerCache {
 
 /// The [`KvSource`] of the scheduler: serves neighbourhoods from the current batch and the cache,
 /// then stores what later batches need. `kv_dtype` is the storage precision of the cache.
+///
+/// The cache lives on the device of the keys it is given (the model's), or, offloaded, on a
+/// storage device (the host): then each layer call copies the batch's outside neighbour blocks to
+/// the model's device once, builds the neighbourhood there, and copies the blocks to keep back.
+/// Either way each cached block is a tensor of its own: a view into the batch's keys would keep
+/// the whole batch alive (and a device copy of a view copies all of it).
 pub struct CachedKv {
     layers: Vec<LayerCache>,
     batch: Batch,
     kv_dtype: DType,
+    /// Where the cache is stored when offloaded.
+    storage: Option<Device>,
+    uploaded: usize,
 }
 
 impl CachedKv {
-    /// An empty cache for one sweep over `grid` with `depth` layers.
+    /// An empty cache for one sweep over `grid` with `depth` layers, on the model's device.
     pub fn new(grid: &BlockGrid, depth: usize, kv_dtype: DType) -> Self {
+        Self::with_storage(grid, depth, kv_dtype, None)
+    }
+
+    /// The same stored on `storage` (e.g. `Device::Cpu` for a model on a GPU) when given.
+    pub fn with_storage(grid: &BlockGrid, depth: usize, kv_dtype: DType, storage: Option<Device>) -> Self {
         let layers = (0..depth)
             .map(|_| LayerCache { row: vec![None; grid.cols], col: vec![None; grid.rows], corner: None })
             .collect();
-        Self { layers, batch: Batch { row0: 0, row1: 0, col0: 0, col1: 0 }, kv_dtype }
+        Self { layers, batch: Batch { row0: 0, row1: 0, col0: 0, col1: 0 }, kv_dtype, storage, uploaded: 0 }
+    }
+
+    /// The device the cache is offloaded to, if it is.
+    pub fn storage(&self) -> Option<&Device> {
+        self.storage.as_ref()
+    }
+
+    /// Bytes copied from the offload storage to the model's device so far (0 when not offloaded).
+    pub fn uploaded_bytes(&self) -> usize {
+        self.uploaded
+    }
+
+    /// Every cached K and V tensor (for checks of where they live).
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        let mut out = Vec::new();
+        for l in &self.layers {
+            for e in l.row.iter().chain(&l.col).chain(std::iter::once(&l.corner)).flatten() {
+                out.push(&e.k);
+                out.push(&e.v);
+            }
+        }
+        out
     }
 
     /// Sets the batch the next layer calls belong to. At the start of a batch row the column
@@ -133,35 +176,52 @@ impl KvSource for CachedKv {
         let width = b.col1 - b.col0;
         let index = |p: BlockPos| (p.row - b.row0) * width + (p.col - b.col0);
         let dt = k.dtype();
+        let dev = k.device().clone();
         let cache = &mut self.layers[layer];
-        let fetch = |q: BlockPos, cache: &LayerCache| -> Result<BlockKv> {
+        // The batch's outside neighbours, each taken from the cache (and, offloaded, copied to the
+        // model's device) once.
+        let mut outside: HashMap<BlockPos, BlockKv> = HashMap::new();
+        for p in &pos {
+            for q in neighbours(*p).into_iter().skip(1).filter(|q| !b.contains(*q)) {
+                if outside.contains_key(&q) {
+                    continue;
+                }
+                let hit = if q.row >= b.row0 {
+                    debug_assert_eq!(q.col + 1, b.col0);
+                    cache.col[q.row].as_ref()
+                } else if q.col >= b.col0 {
+                    cache.row[q.col].as_ref()
+                } else {
+                    cache.corner.as_ref()
+                };
+                let hit = hit.ok_or_else(|| {
+                    candle_core::Error::Msg(format!("block scheduler: K/V of block {q:?} not cached (bug)"))
+                })?;
+                if self.storage.is_some() {
+                    self.uploaded += (hit.k.elem_count() + hit.v.elem_count()) * hit.k.dtype().size_in_bytes();
+                }
+                let bring = |t: &Tensor| crate::device::to_device_compact(t, &dev)?.to_dtype(dt);
+                outside.insert(q, BlockKv { k: bring(&hit.k)?, v: bring(&hit.v)? });
+            }
+        }
+        let fetch = |q: BlockPos| -> Result<BlockKv> {
             if b.contains(q) {
                 let i = index(q);
                 return Ok(BlockKv { k: k.get(i)?, v: v.get(i)? });
             }
-            let hit = if q.row >= b.row0 {
-                debug_assert_eq!(q.col + 1, b.col0);
-                cache.col[q.row].as_ref()
-            } else if q.col >= b.col0 {
-                cache.row[q.col].as_ref()
-            } else {
-                cache.corner.as_ref()
-            };
-            let hit = hit.ok_or_else(|| {
-                candle_core::Error::Msg(format!("block scheduler: K/V of block {q:?} not cached (bug)"))
-            })?;
-            Ok(BlockKv { k: hit.k.to_dtype(dt)?, v: hit.v.to_dtype(dt)? })
+            Ok(outside[&q].clone())
         };
         let mut groups_k: [Vec<Tensor>; 3] = Default::default();
         let mut groups_v: [Vec<Tensor>; 3] = Default::default();
         for p in &pos {
             let nb = neighbours(*p);
             for g in 0..3 {
-                let e = fetch(nb[g + 1], cache)?;
+                let e = fetch(nb[g + 1])?;
                 groups_k[g].push(e.k);
                 groups_v[g].push(e.v);
             }
         }
+        drop(outside);
         let stack = |g: &[Tensor]| Tensor::stack(g, 0);
         let [k1, k2, k3] = &groups_k;
         let [v1, v2, v3] = &groups_v;
@@ -170,9 +230,23 @@ impl KvSource for CachedKv {
 
         // Store what later batches need: the corner for the batch to the right, the bottom row for
         // the batch row below, the right column for the batch to the right.
-        let store = |i: usize| -> Result<BlockKv> {
-            Ok(BlockKv { k: k.get(i)?.to_dtype(self.kv_dtype)?, v: v.get(i)?.to_dtype(self.kv_dtype)? })
+        let (kv_dtype, storage, views) = (self.kv_dtype, self.storage.as_ref(), k.dim(0)? > 1);
+        let keep = |t: Tensor| -> Result<Tensor> {
+            // A block of a batch is a view into the batch's tensor: copied, so that it holds only
+            // itself (a one-block batch is its own tensor; a dtype change copies anyway).
+            let t = if t.dtype() != kv_dtype {
+                t.to_dtype(kv_dtype)?
+            } else if views {
+                t.force_contiguous()?
+            } else {
+                t
+            };
+            match storage {
+                Some(d) => t.to_device(d),
+                None => Ok(t),
+            }
         };
+        let store = |i: usize| -> Result<BlockKv> { Ok(BlockKv { k: keep(k.get(i)?)?, v: keep(v.get(i)?)? }) };
         cache.corner = if b.row0 > 0 { cache.row[b.col1 - 1].take() } else { None };
         for c in b.col0..b.col1 {
             cache.row[c] = Some(store(index(BlockPos { row: b.row1 - 1, col: c }))?);
@@ -202,16 +276,22 @@ pub struct BlockDenoiser<'a> {
     model: &'a InfDit,
     /// (1, vector_dim) on the model's device.
     clip: Tensor,
-    /// The LR the network sees, (1, 3, h, w), on the model's device.
+    /// The LR the network sees, (1, 3, h, w), and the upsampled LR, where they were given (the
+    /// host, usually): the parts a batch row or batch needs go to the model's device.
     lr: Tensor,
     concat_lr: ConcatLr,
     grid: BlockGrid,
     block_batch: usize,
     kv_dtype: DType,
+    /// Keep the K/V cache in host memory (see [`BlockDenoiser::with_kv_offload`]).
+    kv_offload: bool,
     /// Called after each batch.
     pub on_batch: Option<Box<dyn FnMut(SweepProgress) + 'a>>,
     /// Largest cache size seen, in bytes.
     pub peak_cache_bytes: usize,
+    /// Bytes of cached K/V copied from the host to the model's device, over all sweeps (0 unless
+    /// offloaded).
+    pub uploaded_kv_bytes: usize,
 }
 
 impl<'a> BlockDenoiser<'a> {
@@ -243,14 +323,28 @@ impl<'a> BlockDenoiser<'a> {
         Ok(Self {
             model,
             clip: clip.to_device(dev)?,
-            lr: lr.to_device(dev)?,
-            concat_lr: concat_lr.to_device(dev).map_err(to_candle)?,
+            lr: lr.clone(),
+            concat_lr,
             grid: BlockGrid::for_image(h, w, model.config().block_px)?,
             block_batch: block_batch.max(1),
             kv_dtype,
+            kv_offload: false,
             on_batch: None,
             peak_cache_bytes: 0,
+            uploaded_kv_bytes: 0,
         })
+    }
+
+    /// Keeps the K/V cache in host memory when `on`: each layer of a batch copies the batch's
+    /// outside neighbours (at most `2n + 1` blocks) to the model's device and the blocks later
+    /// batches need back; the LR features are then made for each batch's window only, and only
+    /// its blocks of the upsampled LR go to the device, so that nothing on the model's device
+    /// grows with the image. Results are the same bit for bit (the copies are exact, and a
+    /// token's LR features do not depend on the window). On the CPU everything is in host memory
+    /// anyway; the mechanism runs all the same.
+    pub fn with_kv_offload(mut self, on: bool) -> Self {
+        self.kv_offload = on;
+        self
     }
 
     /// The grid.
@@ -292,23 +386,40 @@ impl<'a> BlockDenoiser<'a> {
         let grid = self.grid;
         let bp = grid.block_px;
         let dev = self.model.device().clone();
-        let mut cache = CachedKv::new(&grid, self.model.config().depth, self.kv_dtype);
+        let storage = self.kv_offload.then_some(Device::Cpu);
+        let mut cache = CachedKv::with_storage(&grid, self.model.config().depth, self.kv_dtype, storage);
         let mut done = 0;
         // Per batch row: its LR keys/values and its band of the upsampled LR, so memory grows
         // with the width.
-        let mut band: Option<(usize, ImageCond, Tensor)> = None;
+        // (Offloaded: only the batch's own LR window and blocks of it go to the model's device, so
+        // that nothing there grows with the width either.)
+        let mut band: Option<(usize, Option<ImageCond>, Tensor)> = None;
+        let offload = self.kv_offload;
         for batch in batches(&grid, self.block_batch) {
             let pos = batch.blocks();
             if band.as_ref().is_none_or(|(r, _, _)| *r != batch.row0) {
                 drop(band.take()); // free the previous band before building the next
-                let cond = self.model.image_cond_rows(&self.lr, grid, batch.row0, batch.row1)?;
                 let up = self.concat_lr.rows(batch.row0 * bp, batch.row1 * bp).map_err(to_candle)?;
-                band = Some((batch.row0, cond, up.to_device(&dev)?));
+                band = Some(if offload {
+                    (batch.row0, None, up)
+                } else {
+                    let cond = self.model.image_cond_rows(&self.lr, grid, batch.row0, batch.row1)?;
+                    (batch.row0, Some(cond), crate::device::to_device_compact(&up, &dev)?)
+                });
             }
-            let (_, image, up) = band.as_ref().expect("band computed above");
+            let (_, cond, up) = band.as_ref().expect("band computed above");
+            let window;
+            let image = match cond {
+                Some(c) => c,
+                None => {
+                    let cols = Some((batch.col0, batch.col1));
+                    window = self.model.image_cond_window(&self.lr, grid, batch.row0, batch.row1, cols)?;
+                    &window
+                }
+            };
             let in_band: Vec<BlockPos> = pos.iter().map(|p| BlockPos { row: p.row - batch.row0, col: p.col }).collect();
-            let xb = input(&pos)?.to_device(&dev)?;
-            let ub = take_blocks(up, bp, &in_band)?;
+            let xb = crate::device::to_device_compact(&input(&pos)?, &dev)?;
+            let ub = crate::device::to_device_compact(&take_blocks(up, bp, &in_band)?, &dev)?;
             let x_in = pre.network_input(&xb, &ub, &s)?;
             cache.begin(batch);
             let f = self.model.forward_blocks(&x_in, &pos, &step, image, &mut cache, None)?;
@@ -320,6 +431,7 @@ impl<'a> BlockDenoiser<'a> {
                 cb(SweepProgress { blocks_done: done, blocks_total: grid.len() });
             }
         }
+        self.uploaded_kv_bytes += cache.uploaded_bytes();
         Ok(())
     }
 }
@@ -336,6 +448,17 @@ impl Denoise for BlockDenoiser<'_> {
     fn denoise(&mut self, x: &Tensor, sigma: f32, _index: usize) -> Result<Tensor> {
         self.sweep(x, sigma)
     }
+}
+
+/// Where a run keeps what a [`MemoryPlan`] counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Placement {
+    /// The network runs on a GPU: the plan is of GPU memory.
+    pub gpu: bool,
+    /// The K/V cache is in host memory ([`BlockDenoiser::with_kv_offload`]); matters on a GPU.
+    pub kv_offload: bool,
+    /// The sampler state is in a state folder (`SampleOptions::state_dir`).
+    pub state_dir: bool,
 }
 
 /// A memory estimate for one upscale, by component, in bytes.
@@ -379,6 +502,27 @@ impl MemoryPlan {
         kv: DType,
         state_dir: bool,
     ) -> Self {
+        Self::estimate_placed(cfg, params, grid, batch, act, kv, Placement { state_dir, ..Placement::default() })
+    }
+
+    /// The plan of the memory that `placement` says the run needs: host memory for a run on the
+    /// CPU (then as [`MemoryPlan::estimate_for`]), GPU memory for a run on a GPU. On a GPU the
+    /// images, the sampler state and the noise stay in host memory, so `image_state` counts one
+    /// batch's images, the upsampled LR of its batch row and the LR features of the band; with
+    /// `kv_offload` the K/V cache is in host memory too and only the batch's outside neighbours
+    /// (`2n + 1` blocks of one layer) are on the GPU, counted as `kv_cache`, and the LR features
+    /// are those of the batch's window. Whole-image mode on a GPU holds everything there, as on
+    /// the CPU.
+    pub fn estimate_placed(
+        cfg: &crate::config::DitConfig,
+        params: usize,
+        grid: &BlockGrid,
+        batch: Option<usize>,
+        act: DType,
+        kv: DType,
+        placement: Placement,
+    ) -> Self {
+        let state_dir = placement.state_dir;
         let t = cfg.tokens_per_block();
         let d = cfg.hidden;
         let blocks = match batch {
@@ -420,8 +564,26 @@ impl MemoryPlan {
         };
         // The LR image itself, and its padded copy (1/16 of the output's pixels each).
         let lr_image = 2 * 3 * (px / (cfg.sr_scale * cfg.sr_scale)) * 4;
+        let activations = blocks * per_block + scores;
+        let weights = params * act.size_in_bytes();
+        if let (true, Some(n)) = (placement.gpu, batch) {
+            // x, the upsampled LR, D and the Heun intermediates of one batch.
+            let batch_images = 6 * 3 * blocks * grid.block_px * grid.block_px * 4;
+            let (kv_cache, lr_tokens, band) = if placement.kv_offload {
+                // The outside neighbours of one layer, and the LR window of one batch.
+                let outside = n.min(grid.rows) + n.min(grid.cols) + 1;
+                let side = |k: usize| lb * n.min(k).max(1) + 2 * lb;
+                let kv_bytes = kv.size_in_bytes().max(act.size_in_bytes());
+                (outside * 2 * t * d * kv_bytes, side(grid.rows) * side(grid.cols), 0)
+            } else {
+                // The cache, the LR features of a batch row and its upsampled LR.
+                (kv_cache, lr_tokens, 3 * n.min(grid.rows).max(1) * grid.block_px * w * 4)
+            };
+            let image_state = batch_images + band + lr_tokens * 3 * d * 4;
+            return Self { weights, kv_cache, activations, image_state };
+        }
         let image_state = images + lr_image + lr_tokens * 3 * d * 4;
-        Self { weights: params * act.size_in_bytes(), kv_cache, activations: blocks * per_block + scores, image_state }
+        Self { weights, kv_cache, activations, image_state }
     }
 
     /// Sum of the components.
@@ -451,8 +613,22 @@ impl MemoryPlan {
         limit: usize,
         state_dir: bool,
     ) -> Option<usize> {
+        Self::largest_batch_placed(cfg, params, grid, act, kv, limit, Placement { state_dir, ..Placement::default() })
+    }
+
+    /// [`MemoryPlan::largest_batch`] for the memory of `placement` (GPU memory for a GPU run; see
+    /// [`MemoryPlan::estimate_placed`]).
+    pub fn largest_batch_placed(
+        cfg: &crate::config::DitConfig,
+        params: usize,
+        grid: &BlockGrid,
+        act: DType,
+        kv: DType,
+        limit: usize,
+        placement: Placement,
+    ) -> Option<usize> {
         (1..=grid.rows.max(grid.cols))
-            .take_while(|&n| Self::estimate_for(cfg, params, grid, Some(n), act, kv, state_dir).total() <= limit)
+            .take_while(|&n| Self::estimate_placed(cfg, params, grid, Some(n), act, kv, placement).total() <= limit)
             .last()
     }
 }

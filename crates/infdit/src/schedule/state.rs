@@ -214,7 +214,7 @@ impl StateStore {
         }
     }
 
-    /// The blocks `pos` of `slot`, (n, 3, bp, bp) f32 (on the CPU for a file store).
+    /// The blocks `pos` of `slot`, (n, 3, bp, bp) f32, in host memory.
     pub fn read(&self, slot: Slot, pos: &[BlockPos]) -> Result<Tensor> {
         match self {
             StateStore::Ram(s) => {
@@ -239,6 +239,8 @@ impl StateStore {
             StateStore::Ram(s) => {
                 let i = ram_slot(slot);
                 let cols = s.grid.cols;
+                // Kept in host memory whatever the model's device.
+                let t = crate::device::to_device_compact(t, &Device::Cpu)?;
                 for (k, p) in pos.iter().enumerate() {
                     s.slots[i][p.row * cols + p.col] = Some(t.get(k)?);
                 }

@@ -16,6 +16,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
+use infdit::device::OpenedDevice;
 use infdit::diffusion::HeunConfig;
 use infdit::diffusion::noise::Noise;
 use infdit::imageio::resize::{Bicubic, center_crop_offsets, resize_tensor};
@@ -24,14 +25,14 @@ use infdit::model::blocks::BlockGrid;
 use infdit::pipeline::{
     Mode, Model, OutputCrop, PassScale, SampleOptions, prepare_official, prepare_padded, sample_with_noise,
 };
-use infdit::schedule::MemoryPlan;
+use infdit::schedule::{MemoryPlan, Placement};
 use infdit::{InfditError, ModelConfig};
 
 use self::inputs::{Template, canonical_target, collect, is_batch, output_extension};
 use self::progress::Reporter;
 use self::scale::{PassGeometry, Target, geometry, plan_passes};
-use super::{dtype, heun_config, load_model, model_config, model_label, sampler_defaults};
-use crate::args::{AlphaArg, CropArg, DTypeArg, ModeArg, ResizeArg, UpscaleArgs};
+use super::{dtype, heun_config, load_model, model_config, model_label, open_device, run_dtype, sampler_defaults};
+use crate::args::{AlphaArg, CropArg, ModeArg, ResizeArg, UpscaleArgs};
 
 /// Exit code of a run stopped by Ctrl-C (128 + SIGINT, as shells report it).
 const EXIT_INTERRUPTED: u8 = 130;
@@ -79,6 +80,8 @@ fn pass_name(p: PassScale) -> &'static str {
 
 /// Settings shared by every file of a run, validated once.
 struct Settings {
+    /// Where the network runs.
+    device: OpenedDevice,
     target: Target,
     kind: Bicubic,
     act: DType,
@@ -111,15 +114,17 @@ fn choose_mode(
     s: &Settings,
 ) -> Result<(Mode, MemoryPlan)> {
     let dit = &cfg.dit;
-    // The plan counts the sampler state in a state folder, not in memory, with --state-dir.
-    let filed = a.state_dir.is_some();
-    let plan = |n: Option<usize>| MemoryPlan::estimate_for(dit, params, grid, n, s.act, s.kv_dtype, filed);
+    // The plan counts the sampler state in a state folder, not in memory, with --state-dir; on a
+    // GPU it is a plan of GPU memory (the sampler state and images are in host memory, and with
+    // --kv-offload the K/V cache too).
+    let placed = Placement { gpu: s.device.is_gpu(), kv_offload: a.kv_offload, state_dir: a.state_dir.is_some() };
+    let plan = |n: Option<usize>| MemoryPlan::estimate_placed(dit, params, grid, n, s.act, s.kv_dtype, placed);
     Ok(match a.mode {
         ModeArg::Whole => (Mode::WholeImage, plan(None)),
         ModeArg::Blocks => {
             let n = match a.block_batch {
                 Some(n) => n,
-                None => MemoryPlan::largest_batch_for(dit, params, grid, s.act, s.kv_dtype, s.budget, filed)
+                None => MemoryPlan::largest_batch_placed(dit, params, grid, s.act, s.kv_dtype, s.budget, placed)
                     .with_context(|| {
                         format!(
                             "even --block-batch 1 needs about {}, above the memory budget of {} bytes",
@@ -286,8 +291,19 @@ pub(crate) fn upscale(a: UpscaleArgs) -> Result<ExitCode> {
     if official && !matches!(target, Target::Factor(f) if f == 4.0 || f == 2.0) {
         bail!("--crop official works with --scale 4 or 2 only");
     }
-    let act = dtype(a.dtype);
+    if a.kv_offload && a.mode == ModeArg::Whole {
+        bail!("--kv-offload is for the block scheduler (--mode blocks): whole-image mode has no K/V cache");
+    }
+    let device = open_device(a.device)?;
+    let act = run_dtype(a.dtype, &device);
+    // The memory budget: of host memory on the CPU, of GPU memory on a GPU.
+    let budget = match (a.max_memory, infdit::device::gpu_memory(&device.device)) {
+        (Some(b), _) => b,
+        (None, Some((free, _))) => infdit::device::default_gpu_budget(free),
+        (None, None) => default_memory_budget(),
+    };
     let s = Settings {
+        device,
         target,
         kind: match a.resize {
             ResizeArg::Antialias => Bicubic::Antialias,
@@ -296,7 +312,7 @@ pub(crate) fn upscale(a: UpscaleArgs) -> Result<ExitCode> {
         act,
         kv_dtype: a.kv_dtype.map(dtype).unwrap_or(act),
         heun: heun_config(sampler_defaults(&a.model)?, a.steps, a.sigma_max)?,
-        budget: a.max_memory.unwrap_or_else(default_memory_budget) as usize,
+        budget: budget as usize,
         limits: LoadLimits::for_pixels(a.max_pixels),
         official,
         batch,
@@ -313,11 +329,26 @@ pub(crate) fn upscale(a: UpscaleArgs) -> Result<ExitCode> {
     if a.dry_run {
         return dry_run(&a, &s, &cfg, &jobs, &errors);
     }
-    if a.dtype != DTypeArg::F32 && !a.quiet {
+    if a.verbose {
+        let bf = |b: usize| b as f64 / (1u64 << 30) as f64;
+        let mem = match infdit::device::gpu_memory(&s.device.device) {
+            Some((free, total)) => {
+                format!(", {:.1} of {:.1} GiB GPU memory free", bf(free as usize), bf(total as usize))
+            }
+            None => String::new(),
+        };
         eprintln!(
-            "note: on the CPU, --dtype {:?} is several times slower than f32 in this version (candle converts \
-             half-precision operands); use it to save memory, not time",
-            a.dtype
+            "device: {}, network dtype {act:?}, K/V cache {:?}{}{mem}; memory budget {:.1} GiB",
+            s.device.describe(),
+            s.kv_dtype,
+            if a.kv_offload { " in host memory (--kv-offload)" } else { "" },
+            bf(s.budget)
+        );
+    }
+    if let Some(d) = a.dtype.filter(|_| !s.device.is_gpu() && act != DType::F32 && !a.quiet) {
+        eprintln!(
+            "note: on the CPU, --dtype {d:?} is several times slower than f32 in this version (candle converts \
+             half-precision operands); use it to save memory, not time"
         );
     }
     let flag = s.cancel.clone();
@@ -596,7 +627,8 @@ fn run_passes(f: &FileRun, p: &PlaneRun, mut x: Tensor, rep: &mut Reporter) -> R
                 prep.grid.cols,
                 s.budget as f64 / (1u64 << 20) as f64
             ));
-            rep.line(&format!("memory plan: {plan}"));
+            let what = if s.device.is_gpu() { "GPU memory plan" } else { "memory plan" };
+            rep.line(&format!("{what}: {plan}"));
         }
         let opts = SampleOptions {
             heun: s.heun,
@@ -609,6 +641,7 @@ fn run_passes(f: &FileRun, p: &PlaneRun, mut x: Tensor, rep: &mut Reporter) -> R
                 let stem = Path::new(&f.name).file_name().map_or_else(|| "image".into(), |n| n.to_string_lossy());
                 d.join(format!("{stem}.{}.pass{}", if p.alpha { "alpha" } else { "colour" }, k + 1))
             }),
+            kv_offload: a.kv_offload,
         };
         let (index, n) = (p.first_pass + k, f.total_passes);
         let out = sample_with_noise(f.model, &prep, &clip, &noise, &opts, &mut |pr| {
@@ -623,6 +656,8 @@ fn run_passes(f: &FileRun, p: &PlaneRun, mut x: Tensor, rep: &mut Reporter) -> R
             Some(y) => y,
             None => out.final_sample.context("sampling stopped before the last step")?.to_tensor()?,
         };
+        // Whole-image mode leaves the result on the model's device; the rest is done on the CPU.
+        let y = y.to_device(&Device::Cpu)?;
         x = crop(&y, out_crop.top, out_crop.left, out_crop.height, out_crop.width)?;
         if k < last || (out_crop.width, out_crop.height) != (tw, th) {
             // The next pass and the resize expect images in [-1, 1].
@@ -652,7 +687,7 @@ fn upscale_file(
     model: &mut Option<Model>,
     rep: &mut Reporter,
 ) -> Result<(usize, usize)> {
-    let dev = Device::Cpu;
+    let dev = s.device.device.clone();
     let loaded = load_image(&job.input, &s.limits)?;
     // Colour under fully transparent pixels is arbitrary; fill it from the visible neighbours so
     // it does not bleed into the upscaled edges.
