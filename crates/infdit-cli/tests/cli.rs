@@ -22,7 +22,8 @@ fn tmpdir(name: &str) -> PathBuf {
     d
 }
 
-/// `infdit upscale --noise case.safetensors` reproduces the official output PNG (case a: identical).
+/// `infdit upscale --noise case.safetensors --rounding truncate` reproduces the official output PNG
+/// (case a: identical).
 #[test]
 fn upscale_with_injected_noise_reproduces_the_official_png() {
     let p = shared("parity");
@@ -36,7 +37,7 @@ fn upscale_with_injected_noise_reproduces_the_official_png() {
         .args(["--model".as_ref(), p.join("tiny_mp_rank_00_model_states.pt").as_os_str()])
         .args(["--config".as_ref(), p.join("config.json").as_os_str()])
         .args(["--noise".as_ref(), p.join("case_a.safetensors").as_os_str()])
-        .arg("--quiet")
+        .args(["--rounding", "truncate", "--quiet"])
         .status()
         .unwrap();
     assert!(status.success());
