@@ -63,16 +63,19 @@ macro_rules! dispatch_dtype {
 macro_rules! multiversion {
     (fn $name:ident <$T:ident> ($($p:ident : $ty:ty),*) $body:block) => {
         #[inline(always)]
+        #[allow(clippy::too_many_arguments)]
         fn $name<$T: Elem>($($p: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn wide<$T: Elem>($($p: $ty),*) $body
                 if std::arch::is_x86_feature_detected!("avx512f") {
                     // SAFETY: the CPU supports AVX-512F (checked above).
                     return unsafe { wide::<$T>($($p),*) };
                 }
             }
+            #[allow(clippy::too_many_arguments)]
             fn narrow<$T: Elem>($($p: $ty),*) $body
             narrow::<$T>($($p),*)
         }

@@ -173,7 +173,7 @@ impl PatchConv {
 /// primitives. The last two run in slices over N so that the score matrix stays within
 /// `max_score_bytes`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, max_score_bytes: usize) -> Result<Tensor> {
-    let (n, h, tq, d) = q.dims4()?;
+    let d = q.dim(3)?;
     let scale = 1.0 / (d as f64).sqrt();
     let tracked = q.track_op() || k.track_op() || v.track_op();
     if q.device().is_cpu() && !tracked {
@@ -182,6 +182,22 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, max_score_bytes: usize) -> 
     if !tracked {
         return attention_device(q, k, v, scale, max_score_bytes);
     }
+    by_batch_slices(q, k, v, max_score_bytes, |qi, ki, vi| {
+        let s = (qi.matmul(&ki.t()?)? * scale)?.to_dtype(DType::F32)?;
+        softmax_differentiable(&s)?.to_dtype(vi.dtype())?.matmul(vi)
+    })
+}
+
+/// `f` on slices of the batch (dimension 0) of q, k, v (contiguous), each slice small enough that
+/// its (H, Tq, Tk) scores take at most `max_score_bytes` at 4 bytes a score; results concatenated.
+fn by_batch_slices(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    max_score_bytes: usize,
+    f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (n, h, tq, _) = q.dims4()?;
     let tk = k.dim(2)?;
     let per = (h * tq * tk * 4).max(1);
     let chunk = (max_score_bytes / per).clamp(1, n.max(1));
@@ -192,14 +208,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, max_score_bytes: usize) -> 
         let qi = q.narrow(0, i, c)?.contiguous()?;
         let ki = k.narrow(0, i, c)?.contiguous()?;
         let vi = v.narrow(0, i, c)?.contiguous()?;
-        let s = (qi.matmul(&ki.t()?)? * scale)?;
-        let s = s.to_dtype(DType::F32)?;
-        let p = if tracked { softmax_differentiable(&s)? } else { candle_nn::ops::softmax_last_dim(&s)? };
-        let p = p.to_dtype(vi.dtype())?;
-        outs.push(p.matmul(&vi)?);
+        outs.push(f(&qi, &ki, &vi)?);
         i += c;
     }
-    Tensor::cat(&outs, 0)
+    if outs.len() == 1 { Ok(outs.remove(0)) } else { Tensor::cat(&outs, 0) }
 }
 
 /// Inference attention on a GPU (or any non-CPU device): per slice of the batch, `S = (q scale)
@@ -211,23 +223,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, max_score_bytes: usize) -> 
 /// rounded to it, and candle's half-precision softmax sums in f32, so going through f32 would only
 /// add two passes over the largest tensor. In f32 the scores are f32 throughout.
 fn attention_device(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, max_score_bytes: usize) -> Result<Tensor> {
-    let (n, h, tq, _) = q.dims4()?;
-    let tk = k.dim(2)?;
-    let per = (h * tq * tk * 4).max(1);
-    let chunk = (max_score_bytes / per).clamp(1, n.max(1));
-    let q = (q * scale)?;
-    let mut outs = Vec::with_capacity(n.div_ceil(chunk));
-    let mut i = 0;
-    while i < n {
-        let c = chunk.min(n - i);
-        let qi = q.narrow(0, i, c)?.contiguous()?;
-        let ki = k.narrow(0, i, c)?.contiguous()?;
-        let vi = v.narrow(0, i, c)?.contiguous()?;
-        let p = candle_nn::ops::softmax_last_dim(&qi.matmul(&ki.t()?)?)?;
-        outs.push(p.to_dtype(vi.dtype())?.matmul(&vi)?);
-        i += c;
-    }
-    if outs.len() == 1 { Ok(outs.remove(0)) } else { Tensor::cat(&outs, 0) }
+    by_batch_slices(&(q * scale)?, k, v, max_score_bytes, |qi, ki, vi| {
+        candle_nn::ops::softmax_last_dim(&qi.matmul(&ki.t()?)?)?.to_dtype(vi.dtype())?.matmul(vi)
+    })
 }
 
 /// Softmax over the last dimension from differentiable primitives (the row maximum is a constant
