@@ -199,6 +199,7 @@ pub fn heads(
         Some(b) => vec_f32(&b.narrow(0, part * h * d, h * d)?)?,
         None => vec![0f32; h * d],
     };
+    // The norm parameters and RoPE tables as f32 values: (weight, bias, eps, cos, sin, per batch).
     let tables = match nr {
         Some(nr) => {
             let (w, b) = (vec_f32(nr.weight)?, vec_f32(nr.bias)?);
@@ -210,24 +211,21 @@ pub fn heads(
                     w.len()
                 )
             }
-            let cos = nr.cos.to_dtype(DType::F32)?.contiguous()?;
-            let sin = nr.sin.to_dtype(DType::F32)?.contiguous()?;
-            Some((w, b, nr.eps as f32, cos, sin, cn))
+            Some((w, b, nr.eps as f32, vec_f32(nr.cos)?, vec_f32(nr.sin)?, cn == n && n > 1))
         }
         None => None,
     };
+    let nr = tables.as_ref().map(|(w, b, eps, cos, sin, per_batch)| RowNormRope {
+        w,
+        b,
+        eps: *eps,
+        cos,
+        sin,
+        per_batch: *per_batch,
+    });
     let qkv = qkv.contiguous()?;
     let shape = Shape4 { n, t, h, d, part };
-    let out = match (&tables, qkv.dtype()) {
-        (None, _) => dispatch_dtype!(qkv, heads_run(&qkv, shape, &bias, None, out_dtype))?,
-        (Some((w, b, eps, cos, sin, cn)), _) => {
-            let cos_v = cos.flatten_all()?.to_vec1::<f32>()?;
-            let sin_v = sin.flatten_all()?.to_vec1::<f32>()?;
-            let nr = RowNormRope { w, b, eps: *eps, cos: &cos_v, sin: &sin_v, per_batch: *cn == n && n > 1 };
-            dispatch_dtype!(qkv, heads_run(&qkv, shape, &bias, Some(&nr), out_dtype))?
-        }
-    };
-    Ok(out)
+    dispatch_dtype!(qkv, heads_run(&qkv, shape, &bias, nr.as_ref(), out_dtype))
 }
 
 #[derive(Clone, Copy)]
