@@ -155,6 +155,38 @@ fn case_e_sampling() {
     check_sampling("e");
 }
 
+/// The network in bf16 and f16 (on this CPU the bf16 dot-product kernels where it has them): the
+/// network output F at sigma index 10 within a few bf16 roundings of the reference, measured as
+/// max |F - F_ref| / max |F_ref| (printed).
+fn check_reduced_precision(case_name: &str) {
+    let c = case(case_name);
+    let lr = &c["lr"];
+    let (set, _) = set_of(case_name);
+    let png = load_rgb(&shared(set).join(format!("case_{case_name}_lr.png")), 1 << 30).unwrap();
+    let concat_lr = prepare_official(&png, PassScale::X4, 128, Bicubic::Antialias).unwrap().concat_lr.full().unwrap();
+    let sig = sigmas(&c)[10];
+    let x = x_in(&concat_lr, &c["eps"], sig);
+    let expect = f_of(&c["denoised_10"], &x, sig);
+    for (dt, tol) in [(DType::BF16, 3e-2), (DType::F16, 5e-3)] {
+        let m = model_in(case_name, dt);
+        let clip = m.clip_vector(lr, Bicubic::Antialias).unwrap();
+        let mut den = WholeImageDenoiser::new(&m.dit, &clip, lr, &concat_lr).unwrap();
+        let d = den.denoise_traced(&x, sig, None).unwrap();
+        let rel = max_abs(&f_of(&d, &x, sig), &expect) / max_of(&expect);
+        println!("{case_name} {dt:?}: max |F - F_ref| / max |F_ref| = {rel:.2e}");
+        assert!(rel < tol, "{case_name} {dt:?}: {rel:.2e}");
+    }
+}
+
+#[test]
+fn case_a_network_bf16_f16() {
+    check_reduced_precision("a");
+}
+#[test]
+fn case_d_network_bf16_f16() {
+    check_reduced_precision("d");
+}
+
 #[test]
 fn sigma_table_matches_the_reference() {
     let c = case("a");

@@ -5,6 +5,7 @@
 //! per token or per block, so whole-image mode and the block scheduler share this code; they differ
 //! only in the [`blocks::KvSource`] that supplies each block's neighbourhood keys.
 
+pub mod bf16_gemm;
 pub mod blocks;
 pub mod fused;
 pub mod kernels;

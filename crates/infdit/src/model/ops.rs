@@ -37,6 +37,9 @@ impl Linear {
     /// `x W^T` without the bias (for kernels that fuse the bias into what follows).
     pub fn forward_no_bias(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.inner.weight();
+        if super::bf16_gemm::applies(x, w, None) {
+            return super::bf16_gemm::linear(x, w, None);
+        }
         let dims = x.dims();
         // Flatten leading dims: one GEMM with a transposed (strided) rhs, no copy of W.
         let inp = dims[dims.len() - 1];
@@ -50,6 +53,10 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (w, b) = (self.inner.weight(), self.inner.bias());
+        if super::bf16_gemm::applies(x, w, b) {
+            return super::bf16_gemm::linear(x, w, b);
+        }
         let y = self.forward_no_bias(x)?;
         match self.inner.bias() {
             Some(b) => y.broadcast_add(b),

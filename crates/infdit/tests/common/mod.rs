@@ -39,9 +39,14 @@ pub fn config(set: &str) -> ModelConfig {
 
 /// The tiny model of a case's set, f32 on CPU, from the safetensors file.
 pub fn model(case: &str) -> Model {
+    model_in(case, DType::F32)
+}
+
+/// [`model`] with the network in `dtype`.
+pub fn model_in(case: &str, dtype: DType) -> Model {
     let (set, stem) = set_of(case);
     let ck = Checkpoint::open(&shared(set).join(format!("{stem}.safetensors"))).expect("weights open");
-    Model::from_checkpoint(&config(set), ck, DType::F32, &Device::Cpu).expect("model builds")
+    Model::from_checkpoint(&config(set), ck, dtype, &Device::Cpu).expect("model builds")
 }
 
 /// max |a - b| over all elements (f64).

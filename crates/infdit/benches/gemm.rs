@@ -1,0 +1,74 @@
+//! Dense layers `x W^T`: candle's matmul in f32 and bf16 against the bf16 dot-product kernel.
+//!
+//! `cargo bench -p infdit --bench gemm` (a filter such as `-- fc2` picks cases). Throughput is in
+//! elements per second where one element is one flop (2 M N K per call), so "Gelem/s" reads as
+//! GFLOP/s; a summary line per case is printed as well. The kernel needs avx512_bf16 (else its
+//! column is skipped).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use infdit::model::bf16_gemm;
+
+fn rand(seed: u64, shape: (usize, usize), amp: f32) -> Tensor {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let v: Vec<f32> = (0..shape.0 * shape.1)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// (name, M tokens, K in, N out): the small benchmark config's layers on four 1024-token blocks.
+const CASES: [(&str, usize, usize, usize); 4] = [
+    ("qkv_4096x512x1536", 4096, 512, 1536),
+    ("proj_4096x512x512", 4096, 512, 512),
+    ("fc1_4096x512x2048", 4096, 512, 2048),
+    ("fc2_4096x2048x512", 4096, 2048, 512),
+];
+
+fn gflops(flops: f64, f: impl Fn()) -> f64 {
+    f();
+    let t = Instant::now();
+    let mut n = 0;
+    while n < 3 || t.elapsed() < Duration::from_millis(1500) {
+        f();
+        n += 1;
+    }
+    flops * n as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
+fn bench(c: &mut Criterion) {
+    for (name, m, k, n) in CASES {
+        let x = rand(1, (m, k), 1.0);
+        let w = rand(2, (n, k), 0.05);
+        let (xb, wb) = (x.to_dtype(DType::BF16).unwrap(), w.to_dtype(DType::BF16).unwrap());
+        let flops = 2.0 * (m * n * k) as f64;
+        let f32_matmul = || drop(black_box(x.matmul(&w.t().unwrap()).unwrap()));
+        let bf16_matmul = || drop(black_box(xb.matmul(&wb.t().unwrap()).unwrap()));
+        let kernel = || drop(black_box(bf16_gemm::linear(&xb, &wb, None).unwrap()));
+        let dot = bf16_gemm::available();
+        println!(
+            "{name}: candle f32 {:.1} GFLOP/s, candle bf16 {:.1}, bf16 dot kernel {}",
+            gflops(flops, f32_matmul),
+            gflops(flops, bf16_matmul),
+            if dot { format!("{:.1}", gflops(flops, kernel)) } else { "n/a (no avx512_bf16)".into() }
+        );
+        let mut g = c.benchmark_group(name);
+        g.throughput(Throughput::Elements(flops as u64));
+        g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+        g.bench_function("candle_f32", |b| b.iter(f32_matmul));
+        g.bench_function("candle_bf16", |b| b.iter(bf16_matmul));
+        if dot {
+            g.bench_function("bf16_dot", |b| b.iter(kernel));
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,330 @@
+//! bf16 dense layers on the CPU's bf16 dot-product instruction (AVX-512 BF16 `vdpbf16ps`).
+//!
+//! [`linear`] computes `y = x W^T (+ b)` for bf16 `x` (..., K) and `W` (N, K): products of bf16
+//! pairs summed in f32 registers, the bias added in f32 and one rounding (to nearest even) to the
+//! bf16 result. candle's CPU matmul converts bf16 operands to f32 and runs an f32 GEMM, which
+//! leaves half of the hardware's bf16 throughput unused (`vdpbf16ps` does 32 multiply-adds per
+//! instruction, an f32 FMA 16).
+//!
+//! Layout: `W` is packed per call into panels of 64 output columns, where pair `p` of a panel is
+//! four vectors of sixteen `(W[n, 2p], W[n, 2p+1])` bf16 pairs (zero-padded past N and K); the
+//! micro-kernel keeps a 6 x 64 f32 tile of `y` in 24 zmm registers, broadcasts the pair
+//! `(x[i, 2p], x[i, 2p+1])` of each row (read straight from `x`, no packing) and runs the whole K
+//! without spilling. Rayon splits the rows; within a task each weight panel (at most 64 x K x 2
+//! bytes, 256 KiB for K = 2048) stays in L2 while the task's rows stream past it.
+//!
+//! Runs where the CPU has `avx512f`, `avx512bw`, `avx512vl` and `avx512bf16` (detected at run
+//! time) and the tensors are bf16 CPU tensors outside an autograd graph ([`applies`]); everywhere
+//! else the caller keeps candle's matmul. `INFDIT_BF16_DOT=0` in the environment turns the kernel
+//! off (to measure what it brings).
+
+use candle_core::{DType, Result, Storage, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Output columns per packed weight panel (four zmm registers of f32).
+const NR: usize = 64;
+/// Rows per micro-kernel call.
+const MR: usize = 6;
+
+/// Whether this CPU has the instructions (and the kernel is not turned off by `INFDIT_BF16_DOT=0`).
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        let enabled = std::env::var("INFDIT_BF16_DOT").map(|v| v != "0").unwrap_or(true);
+        enabled && cpu_has_bf16_dot()
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_has_bf16_dot() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512bf16")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_has_bf16_dot() -> bool {
+    false
+}
+
+/// Whether [`linear`] runs for `x` and `w` (and `bias`): bf16 CPU tensors outside an autograd
+/// graph, on a CPU with the bf16 dot product.
+pub fn applies(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
+    let plain_cpu = |t: &Tensor| t.device().is_cpu() && !t.track_op();
+    x.dtype() == DType::BF16
+        && w.dtype() == DType::BF16
+        && plain_cpu(x)
+        && plain_cpu(w)
+        && bias.is_none_or(plain_cpu)
+        && available()
+}
+
+/// `x W^T (+ bias)` for bf16 `x` (..., K), `w` (N, K) and `bias` (N) of any float dtype; the
+/// result is bf16 (..., N), contiguous. Errors where [`applies`] is false.
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    if !applies(x, w, bias) {
+        candle_core::bail!("bf16_gemm::linear: needs bf16 CPU tensors and a CPU with avx512_bf16")
+    }
+    let (n, k) = w.dims2()?;
+    let dims = x.dims();
+    if dims.last() != Some(&k) {
+        candle_core::bail!("bf16_gemm::linear: input {:?} against weight ({n}, {k})", dims)
+    }
+    let m = x.elem_count() / k.max(1);
+    let bias = match bias {
+        Some(b) => {
+            let b = b.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            if b.len() != n {
+                candle_core::bail!("bf16_gemm::linear: bias of {} values for {n} outputs", b.len())
+            }
+            b
+        }
+        None => vec![0.0; n],
+    };
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    let out = with_bf16(&x, |xs| with_bf16(&w, |ws| gemm(xs, ws, &bias, m, n, k)))??;
+    let mut shape = dims.to_vec();
+    *shape.last_mut().unwrap() = n;
+    Tensor::from_vec(out, shape, x.device())
+}
+
+/// Runs `f` on the contiguous bf16 slice of a CPU tensor.
+fn with_bf16<R>(t: &Tensor, f: impl FnOnce(&[bf16]) -> R) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cpu(cs) = &*s else { candle_core::bail!("bf16_gemm: expected a CPU tensor") };
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("bf16_gemm: expected a contiguous tensor") };
+    Ok(f(&cs.as_slice::<bf16>()?[a..b]))
+}
+
+/// Packs `w` (N, K) into panels of [`NR`] columns: for panel `j`, pair `p`, column `c`, the two
+/// values `w[64 j + c, 2p]` and `w[64 j + c, 2p + 1]` (zero where out of range).
+fn pack_weight(w: &[bf16], n: usize, k: usize) -> Vec<u16> {
+    let kp = k.div_ceil(2);
+    let panels = n.div_ceil(NR);
+    let mut packed = vec![0u16; panels * kp * NR * 2];
+    packed.par_chunks_mut(kp * NR * 2).enumerate().for_each(|(j, panel)| {
+        for c in 0..NR.min(n - j * NR) {
+            let row = &w[(j * NR + c) * k..(j * NR + c + 1) * k];
+            for (i, v) in row.iter().enumerate() {
+                panel[((i / 2) * NR + c) * 2 + i % 2] = v.to_bits();
+            }
+        }
+    });
+    packed
+}
+
+/// Rows per parallel task: a multiple of [`MR`], enough tasks for the pool, at most 96.
+fn rows_per_task(m: usize) -> usize {
+    let per_thread = m.div_ceil(4 * rayon::current_num_threads().max(1));
+    per_thread.next_multiple_of(MR).clamp(MR, 96)
+}
+
+fn gemm(x: &[bf16], w: &[bf16], bias: &[f32], m: usize, n: usize, k: usize) -> Vec<bf16> {
+    let mut out = vec![bf16::ZERO; m * n];
+    if m == 0 || n == 0 {
+        return out;
+    }
+    let packed = pack_weight(w, n, k);
+    let kp = k.div_ceil(2);
+    // Bias padded to whole panels.
+    let mut bias_padded = bias.to_vec();
+    bias_padded.resize(n.div_ceil(NR) * NR, 0.0);
+    let mc = rows_per_task(m);
+    out.par_chunks_mut(mc * n).enumerate().for_each(|(t, out_rows)| {
+        let r0 = t * mc;
+        let rows = out_rows.len() / n;
+        for (j, panel) in packed.chunks_exact(kp * NR * 2).enumerate() {
+            let cols = NR.min(n - j * NR);
+            let mut r = 0;
+            while r < rows {
+                let mr = MR.min(rows - r);
+                let a = &x[(r0 + r) * k..(r0 + r + mr) * k];
+                let c = &mut out_rows[r * n + j * NR..];
+                let tile = Tile { a, k, panel, bias: &bias_padded[j * NR..(j + 1) * NR], ldc: n, cols };
+                // SAFETY: `applies` checked the CPU features; `tile` covers `mr` rows of `a` and
+                // `c` (the last row of `c` has at least `cols` values past this column).
+                unsafe { micro_dispatch(&tile, mr, c) };
+                r += mr;
+            }
+        }
+    });
+    out
+}
+
+/// One micro-kernel call's operands.
+struct Tile<'a> {
+    /// `mr` rows of x, `k` values each.
+    a: &'a [bf16],
+    k: usize,
+    /// A packed weight panel (`ceil(k/2) * 64` pairs).
+    panel: &'a [u16],
+    /// 64 bias values.
+    bias: &'a [f32],
+    /// Row stride of the output.
+    ldc: usize,
+    /// Valid columns of this panel (<= 64).
+    cols: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe fn micro_dispatch(t: &Tile, mr: usize, c: &mut [bf16]) {
+    // SAFETY (all arms): forwarded from the caller.
+    unsafe {
+        match mr {
+            6 => micro::<6>(t, c),
+            5 => micro::<5>(t, c),
+            4 => micro::<4>(t, c),
+            3 => micro::<3>(t, c),
+            2 => micro::<2>(t, c),
+            _ => micro::<1>(t, c),
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn micro_dispatch(_: &Tile, _: usize, _: &mut [bf16]) {
+    unreachable!("bf16_gemm runs only where `available()` is true")
+}
+
+/// `C[0..R, 0..cols] = A B + bias` for one panel, in bf16 dot products with f32 accumulators.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn micro<const R: usize>(t: &Tile, c: &mut [bf16]) {
+    use std::arch::x86_64::*;
+    let k = t.k;
+    let kp = k / 2;
+    debug_assert!(t.a.len() >= R * k && t.panel.len() >= k.div_ceil(2) * NR * 2);
+    debug_assert!(c.len() >= (R - 1) * t.ldc + t.cols);
+    let a = t.a.as_ptr() as *const u16;
+    let b = t.panel.as_ptr();
+    let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    // SAFETY: every read is within `a` (R rows of k values) and `panel` (ceil(k/2) pairs of 64
+    // columns); the caller guarantees the CPU features.
+    unsafe {
+        for p in 0..kp {
+            let bp = b.add(p * NR * 2) as *const __m512i;
+            let bv: [__m512bh; 4] = [
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp)),
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp.add(1))),
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp.add(2))),
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp.add(3))),
+            ];
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let pair = (a.add(r * k + 2 * p) as *const i32).read_unaligned();
+                let av = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pair));
+                for (acc_rc, bv_c) in acc_r.iter_mut().zip(bv) {
+                    *acc_rc = _mm512_dpbf16_ps(*acc_rc, av, bv_c);
+                }
+            }
+        }
+        if k % 2 == 1 {
+            // The last value pairs with a zero (the panel holds zero there too).
+            let bp = b.add(kp * NR * 2) as *const __m512i;
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_epi32(i32::from(*a.add(r * k + k - 1)));
+                let av = std::mem::transmute::<__m512i, __m512bh>(av);
+                for (ci, acc_rc) in acc_r.iter_mut().enumerate() {
+                    let bv = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp.add(ci)));
+                    *acc_rc = _mm512_dpbf16_ps(*acc_rc, av, bv);
+                }
+            }
+        }
+        let bias = t.bias.as_ptr();
+        let out = c.as_mut_ptr() as *mut u16;
+        for (r, acc_r) in acc.iter().enumerate() {
+            for (ci, acc_rc) in acc_r.iter().enumerate() {
+                let v = _mm512_add_ps(*acc_rc, _mm512_loadu_ps(bias.add(ci * 16)));
+                let h = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
+                let dst = out.add(r * t.ldc + ci * 16);
+                let valid = t.cols.saturating_sub(ci * 16).min(16);
+                if valid == 16 {
+                    _mm256_storeu_si256(dst as *mut __m256i, h);
+                } else if valid > 0 {
+                    _mm256_mask_storeu_epi16(dst as *mut i16, ((1u32 << valid) - 1) as u16, h);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn rand(seed: u64, shape: &[usize], amp: f32) -> Tensor {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Checks `linear` against the f32 product of the same bf16 values: within one bf16 rounding
+    /// of the result plus f32 summation error.
+    fn check(x: &Tensor, w: &Tensor, b: Option<&Tensor>) {
+        let xb = x.to_dtype(DType::BF16).unwrap();
+        let wb = w.to_dtype(DType::BF16).unwrap();
+        let got = linear(&xb, &wb, b).unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        let (n, k) = w.dims2().unwrap();
+        let x32 = xb.to_dtype(DType::F32).unwrap();
+        let w32 = wb.to_dtype(DType::F32).unwrap();
+        let x2 = x32.reshape((x.elem_count() / k, k)).unwrap();
+        let mut want = x2.matmul(&w32.t().unwrap()).unwrap();
+        let mag = x2.abs().unwrap().matmul(&w32.abs().unwrap().t().unwrap()).unwrap();
+        if let Some(b) = b {
+            want = want.broadcast_add(&b.to_dtype(DType::F32).unwrap()).unwrap();
+        }
+        let mut shape = x.dims().to_vec();
+        *shape.last_mut().unwrap() = n;
+        assert_eq!(got.dims(), &shape[..]);
+        let got = got.to_dtype(DType::F32).unwrap().reshape(want.shape()).unwrap();
+        let err = (&got - &want).unwrap().abs().unwrap();
+        // One bf16 rounding (2^-9 relative) plus f32 summation error over k terms.
+        let tol = ((want.abs().unwrap() * (1.0 / 256.0)).unwrap() + (mag * (k as f64 * 1.2e-7)).unwrap()).unwrap();
+        let over = (err - tol).unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(over <= 0.0, "({n}, {k}): error above tolerance by {over}");
+    }
+
+    #[test]
+    fn linear_matches_the_f32_product() {
+        if !available() {
+            eprintln!("no avx512_bf16 on this CPU: kernel not tested");
+            return;
+        }
+        // Rows and columns off the 6 x 64 tile, odd K, one row, the model's shapes.
+        for (m, k, n) in [(1, 96, 48), (7, 33, 70), (13, 1, 5), (130, 512, 200), (64, 2048, 128), (37, 512, 1536)] {
+            let x = rand(m as u64, &[m, k], 2.0);
+            let w = rand(k as u64 + 7, &[n, k], 0.5);
+            let b = rand(3, &[n], 1.0);
+            check(&x, &w, Some(&b));
+            check(&x, &w, None);
+        }
+        // Leading dims, a non-contiguous input and a transposed (strided) weight.
+        let x = rand(5, &[2, 40, 3, 96], 1.0).transpose(1, 2).unwrap();
+        let w = rand(6, &[96, 80], 1.0).t().unwrap();
+        check(&x, &w, Some(&rand(7, &[80], 1.0).to_dtype(DType::BF16).unwrap()));
+    }
+
+    #[test]
+    fn linear_rejects_what_it_cannot_run() {
+        let x = rand(1, &[4, 8], 1.0);
+        let w = rand(2, &[3, 8], 1.0);
+        assert!(!applies(&x, &w, None), "f32 operands");
+        assert!(linear(&x, &w, None).is_err());
+        if available() {
+            let (xb, wb) = (x.to_dtype(DType::BF16).unwrap(), w.to_dtype(DType::BF16).unwrap());
+            assert!(linear(&xb, &wb.t().unwrap(), None).is_err(), "K mismatch");
+            assert!(linear(&xb, &wb, Some(&rand(3, &[4], 1.0))).is_err(), "bias length");
+        }
+    }
+}
