@@ -23,12 +23,14 @@ fn rand(seed: u64, shape: (usize, usize), amp: f32) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-/// (name, M tokens, K in, N out): the small benchmark config's layers on four 1024-token blocks.
-const CASES: [(&str, usize, usize, usize); 4] = [
+/// (name, M tokens, K in, N out): the small benchmark config's layers on four 1024-token blocks
+/// and one.
+const CASES: [(&str, usize, usize, usize); 5] = [
     ("qkv_4096x512x1536", 4096, 512, 1536),
     ("proj_4096x512x512", 4096, 512, 512),
     ("fc1_4096x512x2048", 4096, 512, 2048),
     ("fc2_4096x2048x512", 4096, 2048, 512),
+    ("fc1_1024x512x2048", 1024, 512, 2048),
 ];
 
 fn gflops(flops: f64, f: impl Fn()) -> f64 {
