@@ -250,7 +250,8 @@ pub struct UpscaleArgs {
     pub noise: Option<PathBuf>,
     #[arg(long, default_value = "cpu", value_name = "DEVICE", help = DEVICE_HELP)]
     pub device: DeviceRequest,
-    /// Network precision. Default: bf16 on a GPU, f32 on the CPU.
+    /// Network precision. Default: bf16 on a GPU, f32 on the CPU (exact parity; bf16 is about 1.6x faster on a
+    /// CPU with AVX-512 BF16, whose dot-product instructions it then uses).
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
     /// Upscaling factor (default 4): 4 is the native pass, 2 the official 2x mode; any other factor
@@ -405,7 +406,8 @@ pub struct BenchArgs {
     pub sigma: f32,
     #[arg(long, default_value = "cpu", value_name = "DEVICE", help = DEVICE_HELP)]
     pub device: DeviceRequest,
-    /// Network precision. Default: bf16 on a GPU, f32 on the CPU.
+    /// Network precision. Default: bf16 on a GPU, f32 on the CPU (exact parity; bf16 is about 1.6x faster on a
+    /// CPU with AVX-512 BF16, whose dot-product instructions it then uses).
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
     /// Timed calls (after one warm-up call).
@@ -445,7 +447,8 @@ pub struct EvalArgs {
     pub model: ModelArgs,
     #[arg(long, default_value = "cpu", value_name = "DEVICE", help = DEVICE_HELP)]
     pub device: DeviceRequest,
-    /// Network precision. Default: bf16 on a GPU, f32 on the CPU.
+    /// Network precision. Default: bf16 on a GPU, f32 on the CPU (exact parity; bf16 is about 1.6x faster on a
+    /// CPU with AVX-512 BF16, whose dot-product instructions it then uses).
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
     /// Sampler steps (default: the model's own setting, else 20).

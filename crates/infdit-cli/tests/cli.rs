@@ -1,26 +1,12 @@
 //! End-to-end tests of the `infdit` binary on the parity model.
 
+mod common;
+
+use common::{infdit, real, shared, tmpdir};
 use std::path::PathBuf;
 
 use image::GenericImageView;
 use std::process::Command;
-
-fn shared(set: &str) -> PathBuf {
-    let base = std::env::var("INFDIT_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared")));
-    base.join(set)
-}
-
-fn infdit() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_infdit"))
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("infdit-cli-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// `infdit upscale --noise case.safetensors --rounding truncate` reproduces the official output PNG
 /// (case a: identical).
@@ -155,10 +141,6 @@ fn convert_then_upscale() {
     assert!(out.contains("110 tensors"), "{out}");
     assert!(out.contains("matches the config; 11 dead keys skipped"), "{out}");
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-fn real(name: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../infdit/tests/data/real")).join(name)
 }
 
 /// Runs a one-step upscale with the tiny2 model; returns (status ok, stderr).

@@ -2,25 +2,11 @@
 //! GPU can check them: a GPU request is refused by a CPU-only build (and runs on the CPU with a
 //! warning in a CUDA build), `--kv-offload` gives the same image, and the benchmark commands run.
 
+mod common;
+
+use common::{infdit, shared, tmpdir};
 use std::path::PathBuf;
 use std::process::{Command, Output};
-
-fn shared(set: &str) -> PathBuf {
-    let base = std::env::var("INFDIT_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared")));
-    base.join(set)
-}
-
-fn infdit() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_infdit"))
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("infdit-device-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn stderr_of(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()

@@ -1,20 +1,10 @@
 //! End-to-end tests of `infdit eval` on the tiny parity2 model.
 
+mod common;
+
+use common::{shared, tmpdir};
 use std::path::PathBuf;
 use std::process::{Command, Output};
-
-fn shared(set: &str) -> PathBuf {
-    let base = std::env::var("INFDIT_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared")));
-    base.join(set)
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("infdit-cli-eval-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn eval(hr: &[PathBuf], extra: &[&str]) -> Output {
     let p2 = shared("parity2");

@@ -1,5 +1,8 @@
 //! Stopping a run: the library's cancellation flag (in-process) and Ctrl-C on the binary.
 
+mod common;
+
+use common::{real, shared, tmpdir};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,25 +15,6 @@ use infdit::imageio::load_rgb;
 use infdit::imageio::resize::Bicubic;
 use infdit::pipeline::{Model, PassScale, SampleOptions, prepare_padded, sample};
 use infdit::{InfditError, ModelConfig};
-
-fn shared(set: &str) -> PathBuf {
-    let base = std::env::var("INFDIT_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared")));
-    base.join(set)
-}
-
-/// A 32x32 test image (one 128-px block at x4).
-fn real(name: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../infdit/tests/data/real")).join(name)
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("infdit-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// The flag stops the sampler before the next network evaluation with `Interrupted`, keeps the
 /// state of the last completed step, and a rerun resumes to the uninterrupted result, bit for bit.

@@ -1,19 +1,11 @@
 //! `infdit train` end to end on a tiny model: outputs, resume, and using the trained folder; and the
 //! built-in default model.
 
+mod common;
+
+use common::{infdit, tmpdir};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn infdit() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_infdit"))
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("infdit-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// A smooth picture with edges.
 fn write_picture(path: &Path, w: u32, h: u32, seed: u32) {

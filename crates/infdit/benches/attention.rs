@@ -5,21 +5,14 @@
 //! "Gelem/s" reads as GFLOP/s; a summary line per case is printed as well.
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod common;
 
 use candle_core::{DType, Device, Tensor};
+use common::{gflops, lcg};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use infdit::model::kernels::{Backend, attention_reference, fused_attention, fused_attention_impl};
-
-fn lcg(seed: u64, len: usize, amp: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
-        })
-        .collect()
-}
 
 fn rand(seed: u64, shape: (usize, usize, usize, usize), amp: f32) -> Tensor {
     Tensor::from_vec(lcg(seed, shape.0 * shape.1 * shape.2 * shape.3, amp), shape, &Device::Cpu).unwrap()
@@ -33,17 +26,6 @@ const CASES: [(&str, usize, usize, usize, usize, usize); 5] = [
     ("cross_h8_d48", 1, 8, 1024, 2304, 48),
     ("clip_h16_d64", 1, 16, 257, 257, 64),
 ];
-
-fn gflops(flops: f64, f: impl Fn()) -> f64 {
-    f();
-    let t = Instant::now();
-    let mut n = 0;
-    while n < 3 || t.elapsed() < Duration::from_millis(1500) {
-        f();
-        n += 1;
-    }
-    flops * n as f64 / t.elapsed().as_secs_f64() / 1e9
-}
 
 fn bench(c: &mut Criterion) {
     for (name, n, h, tq, tk, d) in CASES {

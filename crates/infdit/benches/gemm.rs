@@ -6,21 +6,17 @@
 //! column is skipped).
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod common;
 
 use candle_core::{DType, Device, Tensor};
+use common::{gflops, lcg};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use infdit::model::bf16_gemm;
 
 fn rand(seed: u64, shape: (usize, usize), amp: f32) -> Tensor {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    let v: Vec<f32> = (0..shape.0 * shape.1)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    Tensor::from_vec(lcg(seed, shape.0 * shape.1, amp), shape, &Device::Cpu).unwrap()
 }
 
 /// (name, M tokens, K in, N out): the small benchmark config's layers on four 1024-token blocks
@@ -32,17 +28,6 @@ const CASES: [(&str, usize, usize, usize); 5] = [
     ("fc2_4096x2048x512", 4096, 2048, 512),
     ("fc1_1024x512x2048", 1024, 512, 2048),
 ];
-
-fn gflops(flops: f64, f: impl Fn()) -> f64 {
-    f();
-    let t = Instant::now();
-    let mut n = 0;
-    while n < 3 || t.elapsed() < Duration::from_millis(1500) {
-        f();
-        n += 1;
-    }
-    flops * n as f64 / t.elapsed().as_secs_f64() / 1e9
-}
 
 fn bench(c: &mut Criterion) {
     for (name, m, k, n) in CASES {

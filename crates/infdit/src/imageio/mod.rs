@@ -23,6 +23,7 @@
 //! * [`pad_reflect`] and [`crop`] prepare tensors of any size for the network (reflection pad
 //!   to a multiple of the patch grid, crop back afterwards).
 
+pub mod find;
 pub mod resize;
 
 mod fill;

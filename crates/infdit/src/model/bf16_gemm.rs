@@ -254,19 +254,7 @@ unsafe fn micro<const R: usize>(t: &Tile, c: &mut [bf16]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
-
-    fn rand(seed: u64, shape: &[usize], amp: f32) -> Tensor {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
+    use crate::model::test_rand::rand;
 
     /// Checks `linear` against the f32 product of the same bf16 values: within one bf16 rounding
     /// of the result plus f32 summation error.

@@ -418,19 +418,8 @@ mod tests {
     use super::*;
     use crate::model::ops::{LayerNorm, layer_norm, modulate};
     use crate::model::rope::apply_rope;
+    use crate::model::test_rand::rand;
     use candle_core::{D, Device};
-
-    fn rand(seed: u64, shape: &[usize], amp: f32) -> Tensor {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         assert_eq!(a.dims(), b.dims());

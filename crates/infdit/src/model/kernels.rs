@@ -323,17 +323,16 @@ fn fill_output<T: Elem>(
         let bf16_dot = T::DTYPE == DType::BF16 && super::bf16_gemm::available();
         out.par_chunks_mut(tq * d).enumerate().for_each(|(b, ob)| {
             let (ni, hi) = (b / h, b % h);
-            let (kp, vp) = if bf16_dot {
-                (pack_k_panels_bf16(&k, ni, hi, tk, d, dp), pack_v_pairs_bf16(&v, ni, hi, tk, d, dp))
-            } else {
-                (pack_k_panels(&k, ni, hi, tk, d, dp), pack_rows(&v, ni, hi, tk, d, dp))
-            };
+            let (mut kp, mut vp) = (pack_k_panels(&k, ni, hi, tk, d, dp), pack_rows(&v, ni, hi, tk, d, dp));
+            if bf16_dot {
+                (kp, vp) = (bf16_pairs(&kp, 16), bf16_pairs(&vp, dp));
+            }
             ob.par_chunks_mut(rows * d).enumerate().for_each(|(t, o)| {
                 let r0 = t * rows;
                 let nr = o.len() / d;
                 let (kp, vp) = (kp.as_slice(), vp.as_slice());
                 if bf16_dot {
-                    let qb = pack_q_bf16(&q, ni, hi, r0, nr, d, dp, mr);
+                    let qb = bf16_pairs(&pack_q(&q, ni, hi, r0, nr, d, dp, mr, 1.0), 1);
                     // SAFETY: avx512f was detected by `avx512_blocking`, the bf16 dot product by
                     // `bf16_gemm::available`.
                     unsafe { avx512::tile::<T, avx512::Bf16Dot>(qb.as_slice(), kp, vp, nr, tk, d, dp, qscale, o) };
@@ -434,76 +433,21 @@ fn pack_k_panels<T: Elem>(k: &View<T>, ni: usize, hi: usize, tk: usize, d: usize
     buf
 }
 
-/// Two values as bf16 (rounded to nearest even; exact for bf16 inputs) in one 32-bit slot, the
-/// first in the low half: the operand layout of `vdpbf16ps`.
+/// An f32 operand repacked for the bf16 dot product: each run of `2 * width` values becomes
+/// `width` 32-bit slots, slot i holding values i and `width + i` as bf16 (rounded to nearest even,
+/// exact for bf16 inputs; the first in the low half, the operand layout of `vdpbf16ps`); a last
+/// run of only `width` values is paired with zeros. With width 1 a q row becomes pairs along d;
+/// with width 16 a k panel (`[c][l]`) becomes `[c / 2][l]` pairs; with width dp the (t, dp) v rows
+/// become pairs of consecutive keys.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-#[inline(always)]
-fn bf16_pair(lo: f32, hi: f32) -> u32 {
-    u32::from(bf16::from_f32(lo).to_bits()) | (u32::from(bf16::from_f32(hi).to_bits()) << 16)
-}
-
-/// [`pack_q`] for the bf16 dot product, unscaled: row r, slot c holds the pair (q[r][2c],
-/// q[r][2c+1]) (dp / 2 slots a row), zero padded.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-#[allow(clippy::too_many_arguments)]
-fn pack_q_bf16<T: Elem>(
-    q: &View<T>,
-    ni: usize,
-    hi: usize,
-    r0: usize,
-    nr: usize,
-    d: usize,
-    dp: usize,
-    mr: usize,
-) -> AlignedBuf {
-    let mut buf = AlignedBuf::new(round_up(nr, mr) * dp / 2);
-    let mut row = vec![0f32; dp];
-    for (r, dst) in buf.as_mut_u32().chunks_exact_mut(dp / 2).enumerate() {
-        row.fill(0.0);
-        if r < nr {
-            read_row(q, q.row(ni, hi, r0 + r), &mut row[..d], 1.0);
-        }
-        for (y, x) in dst.iter_mut().zip(row.chunks_exact(2)) {
-            *y = bf16_pair(x[0], x[1]);
-        }
-    }
-    buf
-}
-
-/// [`pack_k_panels`] for the bf16 dot product: panel p, slot (c, l) holds the pair
-/// (k[16 p + l][2c], k[16 p + l][2c + 1]), zero padded.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-fn pack_k_panels_bf16<T: Elem>(k: &View<T>, ni: usize, hi: usize, tk: usize, d: usize, dp: usize) -> AlignedBuf {
-    let np = tk.div_ceil(16);
-    let mut buf = AlignedBuf::new(np * dp * 8);
-    let mut row = vec![0f32; dp];
-    for (p, panel) in buf.as_mut_u32().chunks_exact_mut(dp * 8).enumerate() {
-        panel.fill(0);
-        for l in 0..16.min(tk - p * 16) {
-            read_row(k, k.row(ni, hi, p * 16 + l), &mut row[..d], 1.0);
-            for (c, x) in row.chunks_exact(2).enumerate() {
-                panel[c * 16 + l] = bf16_pair(x[0], x[1]);
-            }
-        }
-    }
-    buf
-}
-
-/// v for the bf16 dot product, keys in pairs: slot (j, c) holds (v[2j][c], v[2j + 1][c]) for
-/// j < ceil(tk / 2) and c < dp, zero padded.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-fn pack_v_pairs_bf16<T: Elem>(v: &View<T>, ni: usize, hi: usize, tk: usize, d: usize, dp: usize) -> AlignedBuf {
-    let mut buf = AlignedBuf::new(tk.div_ceil(2) * dp);
-    let (mut even, mut odd) = (vec![0f32; dp], vec![0f32; dp]);
-    for (j, dst) in buf.as_mut_u32().chunks_exact_mut(dp).enumerate() {
-        read_row(v, v.row(ni, hi, 2 * j), &mut even[..d], 1.0);
-        if 2 * j + 1 < tk {
-            read_row(v, v.row(ni, hi, 2 * j + 1), &mut odd[..d], 1.0);
-        } else {
-            odd.fill(0.0);
-        }
-        for ((y, &a), &b) in dst.iter_mut().zip(&even).zip(&odd) {
-            *y = bf16_pair(a, b);
+fn bf16_pairs(src: &AlignedBuf, width: usize) -> AlignedBuf {
+    let src = src.as_slice();
+    let mut buf = AlignedBuf::new(src.len().div_ceil(2 * width) * width);
+    let bits = |x: f32| u32::from(bf16::from_f32(x).to_bits());
+    for (dst, run) in buf.as_mut_u32().chunks_exact_mut(width).zip(src.chunks(2 * width)) {
+        let (lo, hi) = run.split_at(width);
+        for (i, y) in dst.iter_mut().enumerate() {
+            *y = bits(lo[i]) | (bits(hi.get(i).copied().unwrap_or(0.0)) << 16);
         }
     }
     buf

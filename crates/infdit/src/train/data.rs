@@ -14,6 +14,7 @@ use candle_core::{Device, Tensor};
 
 use super::{DegradationConfig, Image, Sampler, SplitMix64, degrade};
 use crate::error::{InfditError, Result};
+use crate::imageio::find::ImageWalker;
 use crate::imageio::resize::{Bicubic, resize_planar, resize_tensor};
 use crate::imageio::{LoadLimits, load_image};
 
@@ -70,28 +71,18 @@ pub struct Dataset {
     pub skipped: Vec<(PathBuf, String)>,
 }
 
-const IMAGE_EXTENSIONS: [&str; 9] = ["png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp", "gif", "ppm"];
-
-/// Image files under `paths` (files as given, folders recursively, by extension), sorted.
+/// Image files under `paths` (files as given, folders searched by [`ImageWalker`]: recursively,
+/// by extension, hidden entries skipped), sorted; an unreadable folder is an error.
 pub fn collect_image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-        let rd = std::fs::read_dir(dir).map_err(|e| InfditError::Input(format!("{}: {e}", dir.display())))?;
-        for entry in rd {
-            let p = entry.map_err(|e| InfditError::Input(format!("{}: {e}", dir.display())))?.path();
-            if p.is_dir() {
-                walk(&p, out)?;
-            } else if let Some(ext) = p.extension().and_then(|e| e.to_str())
-                && IMAGE_EXTENSIONS.contains(&ext.to_ascii_lowercase().as_str())
-            {
-                out.push(p);
-            }
-        }
-        Ok(())
-    }
     let mut out = Vec::new();
     for p in paths {
         if p.is_dir() {
-            walk(p, &mut out)?;
+            let mut walker = ImageWalker::new(None);
+            let found = walker.images_below(p).map_err(|e| InfditError::Input(format!("{}: {e}", p.display())))?;
+            if let Some((dir, e)) = walker.unreadable.first() {
+                return Err(InfditError::Input(format!("{}: {e}", dir.display())));
+            }
+            out.extend(found);
         } else if p.is_file() {
             out.push(p.clone());
         } else {

@@ -5,9 +5,7 @@ use std::collections::HashSet;
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Result, bail};
-
-/// Extensions taken from folders and glob matches (compared case-insensitively).
-pub const IMAGE_EXTENSIONS: [&str; 7] = ["png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp"];
+use infdit::imageio::find::{IMAGE_EXTENSIONS, ImageWalker, is_image};
 
 /// Extensions infdit writes.
 const WRITABLE_EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "webp", "tif", "tiff"];
@@ -31,17 +29,8 @@ pub struct Collected {
     pub errors: Vec<String>,
 }
 
-/// Whether `p` has an image extension.
-pub fn is_image(p: &Path) -> bool {
-    ext_lower(p).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()))
-}
-
 fn ext_lower(p: &Path) -> Option<String> {
     p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase)
-}
-
-fn is_hidden(name: &std::ffi::OsStr) -> bool {
-    name.to_string_lossy().starts_with('.')
 }
 
 /// Whether an argument is a glob pattern (and not an existing path that happens to hold `*`).
@@ -70,18 +59,14 @@ pub fn collect(args: &[PathBuf], skip_dir: Option<&Path>) -> Collected {
     };
     for arg in args {
         if arg.is_dir() {
-            let mut found = Vec::new();
-            let mut visited = HashSet::new();
-            match walk(arg, arg, skip.as_deref(), &mut visited, &mut found) {
+            match walk(&mut ImageWalker::new(skip.as_deref()), arg) {
                 Err(e) => c.errors.push(format!("{}: {e}", arg.display())),
-                Ok(()) if found.is_empty() => c.errors.push(format!(
-                    "{}: no image files (png, jpg, jpeg, webp, tif, tiff, bmp) in this folder",
-                    arg.display()
+                Ok(found) if found.is_empty() => c.errors.push(format!(
+                    "{}: no image files ({}) in this folder",
+                    arg.display(),
+                    IMAGE_EXTENSIONS.join(", ")
                 )),
-                Ok(()) => {}
-            }
-            for s in found {
-                push(&mut c, s);
+                Ok(found) => found.into_iter().for_each(|s| push(&mut c, s)),
             }
         } else if is_pattern(arg) {
             match expand_pattern(arg, skip.as_deref()) {
@@ -101,38 +86,20 @@ pub fn collect(args: &[PathBuf], skip_dir: Option<&Path>) -> Collected {
     c
 }
 
-/// Image files below `dir`, sorted by path, hidden entries skipped, symlink loops cut.
-fn walk(
-    root: &Path,
-    dir: &Path,
-    skip: Option<&Path>,
-    visited: &mut HashSet<PathBuf>,
-    out: &mut Vec<Source>,
-) -> std::io::Result<()> {
-    let canon = dir.canonicalize()?;
-    // The output folder is not searched (a rerun would take earlier outputs as inputs), unless it
-    // is the folder given itself.
-    if (dir != root && skip == Some(canon.as_path())) || !visited.insert(canon) {
-        return Ok(());
+/// Image files below `dir` (the shared walker), each with its path relative to `dir`; unreadable
+/// subfolders are skipped with a warning, not fatal for their siblings.
+fn walk(walker: &mut ImageWalker, dir: &Path) -> std::io::Result<Vec<Source>> {
+    let found = walker.images_below(dir);
+    for (p, e) in walker.unreadable.drain(..) {
+        eprintln!("warning: {}: skipped: {e}", p.display());
     }
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok())
-        .filter(|e| !is_hidden(&e.file_name()))
-        .map(|e| e.path())
-        .collect();
-    entries.sort();
-    for p in entries {
-        if p.is_dir() {
-            // An unreadable subfolder is skipped, not fatal for its siblings.
-            if let Err(e) = walk(root, &p, skip, visited, out) {
-                eprintln!("warning: {}: skipped: {e}", p.display());
-            }
-        } else if p.is_file() && is_image(&p) {
-            let rel = p.strip_prefix(root).map(Path::to_path_buf).unwrap_or_else(|_| p.clone());
-            out.push(Source { path: p, rel });
-        }
-    }
-    Ok(())
+    Ok(found?
+        .into_iter()
+        .map(|path| {
+            let rel = path.strip_prefix(dir).map(Path::to_path_buf).unwrap_or_else(|_| path.clone());
+            Source { path, rel }
+        })
+        .collect())
 }
 
 /// The leading components of a pattern that hold no glob character.
@@ -153,15 +120,13 @@ fn expand_pattern(pattern: &Path, skip: Option<&Path>) -> Result<Vec<Source>> {
     let paths = glob::glob_with(text, opts).map_err(|e| anyhow::anyhow!("bad pattern: {e}"))?;
     let base = pattern_base(pattern);
     let mut out = Vec::new();
-    let mut visited = HashSet::new();
+    let mut walker = ImageWalker::new(skip);
     for p in paths.filter_map(|p| p.ok()) {
         if skip.is_some_and(|d| p.canonicalize().is_ok_and(|c| c.starts_with(d))) {
             continue;
         }
         if p.is_dir() {
-            let mut found = Vec::new();
-            walk(&p, &p, skip, &mut visited, &mut found)?;
-            for s in found {
+            for s in walk(&mut walker, &p)? {
                 let rel = p.strip_prefix(&base).unwrap_or(&p).join(&s.rel);
                 out.push(Source { path: s.path, rel });
             }
@@ -310,7 +275,5 @@ mod tests {
         assert_eq!(output_extension(Path::new("a/b.JPG"), None), "JPG");
         assert_eq!(output_extension(Path::new("a/b.bmp"), None), "png");
         assert_eq!(output_extension(Path::new("a/b.bmp"), Some("webp")), "webp");
-        assert!(is_image(Path::new("x.TIFF")));
-        assert!(!is_image(Path::new(".x.png.1.partial")));
     }
 }

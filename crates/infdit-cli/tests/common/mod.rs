@@ -1,0 +1,31 @@
+//! Helpers shared by the CLI's integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// `../shared/<set>` of the repository (override with INFDIT_SHARED_DIR).
+pub fn shared(set: &str) -> PathBuf {
+    let base = std::env::var("INFDIT_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared")));
+    base.join(set)
+}
+
+/// A real photo of the library's test data.
+pub fn real(name: &str) -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../infdit/tests/data/real")).join(name)
+}
+
+/// The `infdit` binary under test.
+pub fn infdit() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_infdit"))
+}
+
+/// A fresh, empty scratch folder for this test process.
+pub fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("infdit-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
