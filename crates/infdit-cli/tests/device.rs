@@ -5,8 +5,7 @@
 mod common;
 
 use common::{infdit, shared, tmpdir};
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
 fn stderr_of(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()

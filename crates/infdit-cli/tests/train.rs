@@ -4,8 +4,7 @@
 mod common;
 
 use common::{infdit, tmpdir};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 /// A smooth picture with edges.
 fn write_picture(path: &Path, w: u32, h: u32, seed: u32) {
