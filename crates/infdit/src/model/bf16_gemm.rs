@@ -156,6 +156,7 @@ fn gemm(x: &[bf16], w: &[bf16], bias: &[f32], m: usize, n: usize, k: usize) -> V
 }
 
 /// One micro-kernel call's operands.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct Tile<'a> {
     /// `mr` rows of x, `k` values each.
     a: &'a [bf16],

@@ -39,6 +39,7 @@ use std::mem::MaybeUninit;
 
 /// Query rows per parallel task (rounded up to the micro-kernel's row block). Measured flat from
 /// 24 to 96 rows on the hot shapes once the scratch buffers are pooled; 48 gives more tasks.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const QUERY_TILE: usize = 48;
 /// Keys per tile of the online softmax (a multiple of 16). Measured flat from 256 to 1024.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -225,6 +226,7 @@ impl AlignedBuf {
         let start = buf.as_ptr().align_offset(64).min(15);
         Self { buf, start, len }
     }
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn zeros(len: usize) -> Self {
         let mut b = Self::new(len);
         b.as_mut_slice().fill(0.0);
