@@ -345,10 +345,11 @@ pub(crate) fn upscale(a: UpscaleArgs) -> Result<ExitCode> {
             bf(s.budget)
         );
     }
-    if !s.device.is_gpu() && !a.quiet {
-        if let Some(why) = cpu_dtype_note(act, infdit::model::bf16_gemm::available()) {
-            eprintln!("note: {why}; use it to save memory, not time");
-        }
+    if !s.device.is_gpu()
+        && !a.quiet
+        && let Some(why) = cpu_dtype_note(act, infdit::model::bf16_gemm::available())
+    {
+        eprintln!("note: {why}; use it to save memory, not time");
     }
     let flag = s.cancel.clone();
     let quiet = a.quiet;
