@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End to end: a 256x256 -> 1024x1024 upscale with the "small" config (hidden 512, depth 8, 8 heads;
-# random weights) and the released sampler (20 Heun steps = 39 network evaluations), timed with
-# its peak resident memory.
+# random weights) and the released sampler (20 Heun steps = 39 network evaluations), default
+# settings otherwise, timed with its peak resident memory.
 #
 #   bench/e2e.sh            # f32 and bf16
 #   DTYPES=bf16 bench/e2e.sh
@@ -38,8 +38,9 @@ for d in $DTYPES; do
     grep -E "mode|memory plan" "$log" >&2 || true
     wall=$(grep -o "wall_s=[0-9.]*" "$log" | cut -d= -f2)
     rss=$(grep -o "peak_rss_kib=[0-9]*" "$log" | cut -d= -f2)
+    n=$(grep -o "block_batch: [0-9]*" "$log" | head -1 | cut -d' ' -f2)
     evals=$((2 * STEPS - 1))
-    echo "e2e dtype=$d steps=$STEPS evals=$evals wall_s=$wall per_eval_s=$(awk "BEGIN { printf \"%.2f\", $wall / $evals }") peak_rss_mib=$((rss / 1024))"
+    echo "e2e dtype=$d steps=$STEPS evals=$evals wall_s=$wall per_eval_s=$(awk "BEGIN { printf \"%.2f\", $wall / $evals }") peak_rss_mib=$((rss / 1024)) block_batch=$n"
     LAST="$LAST e2e_${d}_s=$wall"
 done
 echo "${LAST# }"

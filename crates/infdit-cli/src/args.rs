@@ -287,7 +287,8 @@ pub struct UpscaleArgs {
     #[arg(long, value_enum, default_value_t = ModeArg::Blocks)]
     pub mode: ModeArg,
     /// Blocks per batch side for the scheduler (n x n blocks per forward). Default: the largest n
-    /// whose memory plan fits --max-memory.
+    /// whose memory plan fits --max-memory, on the CPU at most the n with 4096 tokens per forward
+    /// (2 for 128-px blocks), beyond which it costs memory and gains no speed.
     #[arg(long, value_name = "N")]
     pub block_batch: Option<usize>,
     /// Memory budget in bytes (suffixes K, M, G, T accepted) used to choose --block-batch: of

@@ -13,7 +13,7 @@ use infdit::diffusion::noise::image_noise;
 use infdit::imageio::resize::Bicubic;
 use infdit::model::blocks::{BlockGrid, BlockPos, KvSource, neighbours};
 use infdit::pipeline::{ConcatLr, Mode, Model, Prepared, SampleOptions, sample};
-use infdit::schedule::{BlockDenoiser, CachedKv, MemoryPlan, Placement, batches};
+use infdit::schedule::{BlockDenoiser, CPU_BATCH_TOKENS, CachedKv, MemoryPlan, Placement, batches};
 use infdit::weights::random::random_checkpoint;
 
 fn tiny_random(depth: usize, hidden: usize, heads: usize, seed: u64) -> Model {
@@ -195,4 +195,29 @@ fn gpu_memory_plans() {
     assert_eq!(fit(gpu, 4 << 30), None);
     assert!(fit(off, 4 << 30).is_some());
     assert!(fit(off, 8 << 30) >= fit(gpu, 8 << 30));
+}
+
+/// The default block batch: the largest that fits on a GPU; on the CPU capped at 4096 tokens per
+/// forward (n = 2 for 128-px blocks of patch 4, 4 for 64-px blocks), and never above what fits.
+#[test]
+fn default_block_batch() {
+    let cfg = DitConfig::released();
+    let params = 700_000_000;
+    let g = |rows, cols| BlockGrid { rows, cols, block_px: cfg.block_px };
+    let bf = DType::BF16;
+    let gpu = Placement { gpu: true, ..Placement::default() };
+    let cpu = Placement::default();
+    let big = 1 << 40;
+    let pick = |p, limit| MemoryPlan::default_batch(&cfg, params, &g(16, 16), bf, bf, limit, p);
+    assert_eq!(pick(gpu, big), Some(16));
+    assert_eq!(pick(cpu, big), Some(2));
+    assert_eq!(CPU_BATCH_TOKENS, 4096);
+    // A budget below the cap's plan wins; no fit is None on either device.
+    let one = MemoryPlan::estimate_placed(&cfg, params, &g(16, 16), Some(1), bf, bf, cpu).total();
+    assert_eq!(pick(cpu, one), Some(1));
+    assert_eq!(pick(cpu, one - 1), None);
+    // 64-px blocks of patch 4 (256 tokens): n = 4.
+    let small = DitConfig { block_px: 64, ..cfg.clone() };
+    let gs = BlockGrid { rows: 16, cols: 16, block_px: 64 };
+    assert_eq!(MemoryPlan::default_batch(&small, params, &gs, bf, bf, big, cpu), Some(4));
 }

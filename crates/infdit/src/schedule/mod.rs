@@ -461,6 +461,13 @@ pub struct Placement {
     pub state_dir: bool,
 }
 
+/// Tokens per network forward beyond which [`MemoryPlan::default_batch`] does not grow the block
+/// batch on the CPU. Measured on the 2-core machine, 256 -> 1024 (one evaluation): the small
+/// benchmark config (1024 tokens a block) took 51.2 / 47.0 / 47.8 / 54.1 s at n = 1 / 2 / 4 / 8 with
+/// peak RSS 0.8 / 1.2 / 2.4 / 5.9 GB; the built-in model (256 tokens a block) ran within timing noise
+/// (2.2-3.7 s) from n = 4 to 16 with 0.2 / 0.6 / 1.8 GB at n = 4 / 8 / 16.
+pub const CPU_BATCH_TOKENS: usize = 4096;
+
 /// A memory estimate for one upscale, by component, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryPlan {
@@ -589,6 +596,27 @@ impl MemoryPlan {
     /// Sum of the components.
     pub fn total(&self) -> usize {
         self.weights + self.kv_cache + self.activations + self.image_state
+    }
+
+    /// The batch side a run uses when none is given: the largest n whose plan fits `limit` bytes
+    /// (None if even n = 1 does not); on the CPU at most the n whose n x n blocks hold
+    /// [`CPU_BATCH_TOKENS`] tokens (at least 1), because there a larger batch costs memory and
+    /// does not run faster (the kernels already use every core within a block).
+    pub fn default_batch(
+        cfg: &crate::config::DitConfig,
+        params: usize,
+        grid: &BlockGrid,
+        act: DType,
+        kv: DType,
+        limit: usize,
+        placement: Placement,
+    ) -> Option<usize> {
+        let n = Self::largest_batch_placed(cfg, params, grid, act, kv, limit, placement)?;
+        if placement.gpu {
+            return Some(n);
+        }
+        let tokens = (cfg.block_px / cfg.patch).pow(2).max(1);
+        Some(n.min((CPU_BATCH_TOKENS / tokens).isqrt().max(1)))
     }
 
     /// The largest batch side n whose plan fits in `limit` bytes, or None if even n = 1 does not.

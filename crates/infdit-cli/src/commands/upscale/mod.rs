@@ -124,7 +124,7 @@ fn choose_mode(
         ModeArg::Blocks => {
             let n = match a.block_batch {
                 Some(n) => n,
-                None => MemoryPlan::largest_batch_placed(dit, params, grid, s.act, s.kv_dtype, s.budget, placed)
+                None => MemoryPlan::default_batch(dit, params, grid, s.act, s.kv_dtype, s.budget, placed)
                     .with_context(|| {
                         format!(
                             "even --block-batch 1 needs about {}, above the memory budget of {} bytes",
