@@ -7,7 +7,8 @@
 #   DTYPES=bf16 bench/e2e.sh
 #
 # Environment: THREADS (default 2), DTYPES (default "f32 bf16"), STEPS (default 20),
-# INPUT (default examples/ladybird-256.png), BENCH_OUT (default target/bench).
+# INPUT (default examples/ladybird-256.png), BENCH_OUT (default target/bench), EXTRA (more
+# `infdit upscale` flags, e.g. EXTRA="--block-batch 8").
 # Last line: e2e_f32_s=<s> e2e_bf16_s=<s> (for the dtypes run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,7 @@ THREADS=${THREADS:-2}
 DTYPES=${DTYPES:-"f32 bf16"}
 STEPS=${STEPS:-20}
 INPUT=${INPUT:-examples/ladybird-256.png}
+EXTRA=${EXTRA:-}
 OUT=${BENCH_OUT:-target/bench}
 BIN=target/release/infdit
 CFG=bench/small512-config.json
@@ -34,7 +36,7 @@ for d in $DTYPES; do
     log="$OUT/e2e-$d.log"
     echo "== $INPUT x4, small config, $STEPS steps, $d, $THREADS threads" >&2
     /usr/bin/time -f "wall_s=%e peak_rss_kib=%M" "$BIN" upscale "$INPUT" -o "$OUT/e2e-$d.png" \
-        --model "$W" --config "$CFG" --steps "$STEPS" --dtype "$d" --verbose --quiet 2> "$log"
+        --model "$W" --config "$CFG" --steps "$STEPS" --dtype "$d" --verbose --quiet $EXTRA 2> "$log"
     grep -E "mode|memory plan" "$log" >&2 || true
     wall=$(grep -o "wall_s=[0-9.]*" "$log" | cut -d= -f2)
     rss=$(grep -o "peak_rss_kib=[0-9]*" "$log" | cut -d= -f2)

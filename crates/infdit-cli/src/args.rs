@@ -288,7 +288,7 @@ pub struct UpscaleArgs {
     pub mode: ModeArg,
     /// Blocks per batch side for the scheduler (n x n blocks per forward). Default: the largest n
     /// whose memory plan fits --max-memory, on the CPU at most the n with 4096 tokens per forward
-    /// (2 for 128-px blocks), beyond which it costs memory and gains no speed.
+    /// (2 for 128-px blocks), beyond which a batch costs much memory for little time.
     #[arg(long, value_name = "N")]
     pub block_batch: Option<usize>,
     /// Memory budget in bytes (suffixes K, M, G, T accepted) used to choose --block-batch: of

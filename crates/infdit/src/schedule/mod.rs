@@ -462,10 +462,12 @@ pub struct Placement {
 }
 
 /// Tokens per network forward beyond which [`MemoryPlan::default_batch`] does not grow the block
-/// batch on the CPU. Measured on the 2-core machine, 256 -> 1024 (one evaluation): the small
-/// benchmark config (1024 tokens a block) took 51.2 / 47.0 / 47.8 / 54.1 s at n = 1 / 2 / 4 / 8 with
-/// peak RSS 0.8 / 1.2 / 2.4 / 5.9 GB; the built-in model (256 tokens a block) ran within timing noise
-/// (2.2-3.7 s) from n = 4 to 16 with 0.2 / 0.6 / 1.8 GB at n = 4 / 8 / 16.
+/// batch on the CPU: there the kernels already use every core within a block, so a larger batch
+/// buys little time for a lot of memory. Measured on the 2-core machine, 256 -> 1024 with the
+/// small benchmark config (1024 tokens a block), 20 Heun steps in f32: n = 2 took 1787 s with a
+/// peak RSS of 1287 MiB, n = 8 (the whole 8 x 8 grid) 1685 s with 6090 MiB: 6 % more time for
+/// 4.7x less memory. With the built-in model (256 tokens a block, n = 4) one upscale ran within
+/// timing noise (2.2-3.7 s) from n = 4 to 16, with 0.2 / 0.6 / 1.8 GB at n = 4 / 8 / 16.
 pub const CPU_BATCH_TOKENS: usize = 4096;
 
 /// A memory estimate for one upscale, by component, in bytes.
@@ -600,8 +602,8 @@ impl MemoryPlan {
 
     /// The batch side a run uses when none is given: the largest n whose plan fits `limit` bytes
     /// (None if even n = 1 does not); on the CPU at most the n whose n x n blocks hold
-    /// [`CPU_BATCH_TOKENS`] tokens (at least 1), because there a larger batch costs memory and
-    /// does not run faster (the kernels already use every core within a block).
+    /// [`CPU_BATCH_TOKENS`] tokens (at least 1), where a larger batch costs much memory for little
+    /// time.
     pub fn default_batch(
         cfg: &crate::config::DitConfig,
         params: usize,
