@@ -621,33 +621,8 @@ impl MemoryPlan {
         Some(n.min((CPU_BATCH_TOKENS / tokens).isqrt().max(1)))
     }
 
-    /// The largest batch side n whose plan fits in `limit` bytes, or None if even n = 1 does not.
-    pub fn largest_batch(
-        cfg: &crate::config::DitConfig,
-        params: usize,
-        grid: &BlockGrid,
-        act: DType,
-        kv: DType,
-        limit: usize,
-    ) -> Option<usize> {
-        Self::largest_batch_for(cfg, params, grid, act, kv, limit, false)
-    }
-
-    /// [`MemoryPlan::largest_batch`] with the sampler state in a state folder when `state_dir`.
-    pub fn largest_batch_for(
-        cfg: &crate::config::DitConfig,
-        params: usize,
-        grid: &BlockGrid,
-        act: DType,
-        kv: DType,
-        limit: usize,
-        state_dir: bool,
-    ) -> Option<usize> {
-        Self::largest_batch_placed(cfg, params, grid, act, kv, limit, Placement { state_dir, ..Placement::default() })
-    }
-
-    /// [`MemoryPlan::largest_batch`] for the memory of `placement` (GPU memory for a GPU run; see
-    /// [`MemoryPlan::estimate_placed`]).
+    /// The largest batch side n whose plan for `placement` fits in `limit` bytes (GPU memory for a
+    /// GPU run; see [`MemoryPlan::estimate_placed`]), or None if even n = 1 does not.
     pub fn largest_batch_placed(
         cfg: &crate::config::DitConfig,
         params: usize,
