@@ -18,7 +18,9 @@
 //! else the caller keeps candle's matmul. `INFDIT_BF16_DOT=0` in the environment turns the kernel
 //! off (to measure what it brings).
 
-use candle_core::{DType, Result, Storage, Tensor};
+use candle_core::{DType, Result, Tensor};
+
+use super::fused::{vec_f32, with_slice};
 use half::bf16;
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -76,7 +78,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let m = x.elem_count() / k.max(1);
     let bias = match bias {
         Some(b) => {
-            let b = b.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let b = vec_f32(b)?;
             if b.len() != n {
                 candle_core::bail!("bf16_gemm::linear: bias of {} values for {n} outputs", b.len())
             }
@@ -86,18 +88,10 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     };
     let x = x.contiguous()?;
     let w = w.contiguous()?;
-    let out = with_bf16(&x, |xs| with_bf16(&w, |ws| gemm(xs, ws, &bias, m, n, k)))??;
+    let out = with_slice(&x, |xs| with_slice(&w, |ws| gemm(xs, ws, &bias, m, n, k)))??;
     let mut shape = dims.to_vec();
     *shape.last_mut().unwrap() = n;
     Tensor::from_vec(out, shape, x.device())
-}
-
-/// Runs `f` on the contiguous bf16 slice of a CPU tensor.
-fn with_bf16<R>(t: &Tensor, f: impl FnOnce(&[bf16]) -> R) -> Result<R> {
-    let (s, l) = t.storage_and_layout();
-    let Storage::Cpu(cs) = &*s else { candle_core::bail!("bf16_gemm: expected a CPU tensor") };
-    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("bf16_gemm: expected a contiguous tensor") };
-    Ok(f(&cs.as_slice::<bf16>()?[a..b]))
 }
 
 /// Packs `w` (N, K) into panels of [`NR`] columns: for panel `j`, pair `p`, column `c`, the two

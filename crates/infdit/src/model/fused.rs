@@ -34,12 +34,12 @@ pub fn applies(ts: &[&Tensor]) -> bool {
 }
 
 /// The f32 values of a small parameter vector (weights, biases, modulation vectors).
-fn vec_f32(t: &Tensor) -> Result<Vec<f32>> {
+pub(crate) fn vec_f32(t: &Tensor) -> Result<Vec<f32>> {
     t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
 }
 
 /// Runs `f` on the contiguous slice of a CPU tensor of element type `T`.
-fn with_slice<T: Elem, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+pub(crate) fn with_slice<T: Elem, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
     let (s, l) = t.storage_and_layout();
     let Storage::Cpu(cs) = &*s else { candle_core::bail!("fused kernel: expected a CPU tensor") };
     let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("fused kernel: expected a contiguous tensor") };
