@@ -4,48 +4,17 @@
 //! copied once per layer and batch. On the CPU both devices are the host, so the mechanism is
 //! checked through what the cache reports. Also the GPU memory plans.
 
+mod common;
+
 use std::collections::HashSet;
 
 use candle_core::{DType, Device, Tensor};
-use infdit::config::{DitConfig, ModelConfig};
+use common::{bits, random_inputs, tiny_random};
+use infdit::config::DitConfig;
 use infdit::diffusion::HeunConfig;
-use infdit::diffusion::noise::image_noise;
-use infdit::imageio::resize::Bicubic;
 use infdit::model::blocks::{BlockGrid, BlockPos, KvSource, neighbours};
-use infdit::pipeline::{ConcatLr, Mode, Model, Prepared, SampleOptions, sample};
+use infdit::pipeline::{Mode, SampleOptions, sample};
 use infdit::schedule::{BlockDenoiser, CPU_BATCH_TOKENS, CachedKv, MemoryPlan, Placement, batches};
-use infdit::weights::random::random_checkpoint;
-
-fn tiny_random(depth: usize, hidden: usize, heads: usize, seed: u64) -> Model {
-    let cfg = ModelConfig {
-        dit: DitConfig { hidden, depth, heads, mlp_hidden: 2 * hidden, vector_dim: 8, ..DitConfig::released() },
-        clip: None,
-    };
-    Model::from_checkpoint(&cfg, random_checkpoint(&cfg, seed).unwrap(), DType::F32, &Device::Cpu).unwrap()
-}
-
-fn random_inputs(rows: usize, cols: usize, seed: u64) -> (Prepared, Tensor, Tensor) {
-    let dev = Device::Cpu;
-    let grid = BlockGrid { rows, cols, block_px: 128 };
-    let lr = (image_noise(seed, &BlockGrid { rows, cols, block_px: 32 }, 3, &dev).unwrap() * 0.3).unwrap();
-    let concat_lr =
-        ConcatLr::Upsample { src: lr.clone(), height: rows * 128, width: cols * 128, kind: Bicubic::Antialias };
-    let eps = image_noise(seed + 1, &grid, 3, &dev).unwrap();
-    let clip = Tensor::zeros((1, 8), DType::F32, &dev).unwrap();
-    (Prepared { lr, concat_lr, grid }, eps, clip)
-}
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect()
-}
 
 /// One sweep with and without offload: identical bits, for ragged grids and strips, n = 1, 2, 3,
 /// and a cache in f32 and bf16.

@@ -74,27 +74,6 @@ fn scheduler_matches_whole_image_on_parity_cases() {
     }
 }
 
-fn tiny_random(depth: usize, hidden: usize, heads: usize, seed: u64) -> Model {
-    let cfg = ModelConfig {
-        dit: DitConfig { hidden, depth, heads, mlp_hidden: 2 * hidden, vector_dim: 8, ..DitConfig::released() },
-        clip: None,
-    };
-    let ck = random_checkpoint(&cfg, seed).unwrap();
-    Model::from_checkpoint(&cfg, ck, DType::F32, &Device::Cpu).unwrap()
-}
-
-fn random_inputs(rows: usize, cols: usize, seed: u64) -> (Prepared, Tensor, Tensor) {
-    let dev = Device::Cpu;
-    let grid = BlockGrid { rows, cols, block_px: 128 };
-    // A smooth random LR image: noise at 1/4 resolution, blurred by the upsampling.
-    let lr = (image_noise(seed, &BlockGrid { rows, cols, block_px: 32 }, 3, &dev).unwrap() * 0.3).unwrap();
-    let concat_lr =
-        ConcatLr::Upsample { src: lr.clone(), height: rows * 128, width: cols * 128, kind: Bicubic::Antialias };
-    let eps = image_noise(seed + 1, &grid, 3, &dev).unwrap();
-    let clip = Tensor::zeros((1, 8), DType::F32, &dev).unwrap();
-    (Prepared { lr, concat_lr, grid }, eps, clip)
-}
-
 /// Random weights, grids 1x7, 9x1, 3x4, 2x5: n = 1, 2, 3 (ragged batches) equal whole-image mode.
 #[test]
 fn scheduler_matches_whole_image_on_random_grids() {
@@ -229,10 +208,6 @@ fn entries(dir: &std::path::Path) -> Vec<String> {
         std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     v.sort();
     v
-}
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect()
 }
 
 /// With a state folder (per-block state in a file, upsampled LR and noise made one block row at a

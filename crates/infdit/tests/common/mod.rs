@@ -79,3 +79,44 @@ pub fn x_in(concat_lr: &Tensor, eps: &Tensor, sigma: f32) -> Tensor {
 pub fn sigmas(c: &HashMap<String, Tensor>) -> Vec<f32> {
     c["sigmas"].to_vec1::<f32>().unwrap()
 }
+
+/// A random-weight model of the released architecture, scaled down (no CLIP tower), f32 on CPU.
+pub fn tiny_random(depth: usize, hidden: usize, heads: usize, seed: u64) -> Model {
+    use infdit::config::DitConfig;
+    let cfg = ModelConfig {
+        dit: DitConfig { hidden, depth, heads, mlp_hidden: 2 * hidden, vector_dim: 8, ..DitConfig::released() },
+        clip: None,
+    };
+    let ck = infdit::weights::random::random_checkpoint(&cfg, seed).unwrap();
+    Model::from_checkpoint(&cfg, ck, DType::F32, &Device::Cpu).unwrap()
+}
+
+/// Random inputs for a `rows x cols` grid of 128-px blocks: the prepared LR, the noise eps and a
+/// zero CLIP vector (8 wide, as [`tiny_random`]'s `vector_dim`).
+pub fn random_inputs(rows: usize, cols: usize, seed: u64) -> (infdit::pipeline::Prepared, Tensor, Tensor) {
+    use infdit::diffusion::noise::image_noise;
+    use infdit::model::blocks::BlockGrid;
+    use infdit::pipeline::{ConcatLr, Prepared};
+    let dev = Device::Cpu;
+    let grid = BlockGrid { rows, cols, block_px: 128 };
+    // A smooth random LR image: noise at 1/4 resolution, blurred by the upsampling.
+    let lr = (image_noise(seed, &BlockGrid { rows, cols, block_px: 32 }, 3, &dev).unwrap() * 0.3).unwrap();
+    let kind = infdit::imageio::resize::Bicubic::Antialias;
+    let concat_lr = ConcatLr::Upsample { src: lr.clone(), height: rows * 128, width: cols * 128, kind };
+    let eps = image_noise(seed + 1, &grid, 3, &dev).unwrap();
+    let clip = Tensor::zeros((1, 8), DType::F32, &dev).unwrap();
+    (Prepared { lr, concat_lr, grid }, eps, clip)
+}
+
+/// The bit patterns of a tensor's values as f32 (for bit-identity checks).
+pub fn bits(t: &Tensor) -> Vec<u32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
+}
