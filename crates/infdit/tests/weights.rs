@@ -11,17 +11,6 @@ use infdit::weights::{Checkpoint, HF_CLIP_BLOCK_NAMES, WeightError, convert::con
 use infdit::{InfditError, ModelConfig};
 
 fn same_bits(a: &Tensor, b: &Tensor) -> bool {
-    let bits = |t: &Tensor| -> Vec<u32> {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
-    };
     a.dtype() == b.dtype() && a.dims() == b.dims() && bits(a) == bits(b)
 }
 
