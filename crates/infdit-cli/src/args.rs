@@ -172,6 +172,8 @@ pub enum AlphaArg {
     Bicubic,
     /// The same model passes as the colour, on the alpha plane as a gray image (doubles the work).
     Model,
+    /// No alpha in the output: the image is flattened on the --background colour first.
+    Drop,
 }
 
 /// How 8-bit output samples are made from the model's values.
@@ -282,6 +284,9 @@ pub struct UpscaleArgs {
     /// model time, and a model trained on photos may add texture to flat areas of the mask.
     #[arg(long, value_enum, default_value_t = AlphaArg::Bicubic)]
     pub alpha: AlphaArg,
+    /// The colour that `--alpha drop` flattens transparent images on, as RRGGBB hex (default: white).
+    #[arg(long, value_name = "RRGGBB", value_parser = parse_colour, default_value = "ffffff")]
+    pub background: [u8; 3],
     /// How each network evaluation runs: the block scheduler (memory grows with the width), or
     /// the whole image at once (the official "full" mode, memory grows with the area; for checks).
     #[arg(long, value_enum, default_value_t = ModeArg::Blocks)]
@@ -554,4 +559,15 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(short, long)]
     pub quiet: bool,
+}
+
+/// An RRGGBB hex colour (a leading `#` is accepted).
+fn parse_colour(s: &str) -> Result<[u8; 3], String> {
+    let h = s.strip_prefix('#').unwrap_or(s);
+    let bad = || format!("'{s}' is not an RRGGBB hex colour (e.g. ffffff for white)");
+    if h.len() != 6 || !h.is_ascii() {
+        return Err(bad());
+    }
+    let c = |i: usize| u8::from_str_radix(&h[i..i + 2], 16).map_err(|_| bad());
+    Ok([c(0)?, c(2)?, c(4)?])
 }

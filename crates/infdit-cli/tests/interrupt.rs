@@ -13,7 +13,9 @@ use infdit::diffusion::HeunConfig;
 use infdit::diffusion::noise::image_noise;
 use infdit::imageio::load_rgb;
 use infdit::imageio::resize::Bicubic;
-use infdit::pipeline::{Model, PassScale, SampleOptions, prepare_padded, sample};
+use infdit::loaded::Model;
+use infdit::prepare::{PassScale, prepare_padded};
+use infdit::sampling::{SampleOptions, sample};
 use infdit::{InfditError, ModelConfig};
 
 /// The flag stops the sampler before the next network evaluation with `Interrupted`, keeps the

@@ -23,8 +23,10 @@ use infdit::diffusion::HeunConfig;
 use infdit::diffusion::noise::{Noise, image_noise};
 use infdit::imageio::resize::Bicubic;
 use infdit::imageio::{LoadLimits, SaveOptions, crop, load_image, save_image_atomic};
-use infdit::pipeline::{Mode, Model, PassScale, SampleOptions, prepare_padded, sample, sample_with_noise};
-use infdit::weights::random::random_checkpoint;
+use infdit::loaded::Model;
+use infdit::loaded::random::random_checkpoint;
+use infdit::prepare::{PassScale, prepare_padded};
+use infdit::sampling::{Mode, SampleOptions, sample, sample_with_noise};
 
 struct Args {
     config: PathBuf,

@@ -4,8 +4,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use infdit::ModelConfig;
+use infdit::loaded::random::random_checkpoint;
 use infdit::train::{Dataset, SampleConfig, Sampler, SplitMix64, TrainConfig, Trainer, edm_loss};
-use infdit::weights::random::random_checkpoint;
 
 fn main() -> infdit::Result<()> {
     let args: Vec<String> = std::env::args().collect();

@@ -1,5 +1,6 @@
 //! The library's error type. Every variant says whose fault it is and names the file where one is involved.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 /// Result alias used across the library.
@@ -23,14 +24,48 @@ pub enum InfditError {
     /// A checkpoint does not fit the configured model (missing, unexpected or mis-shaped tensors),
     /// or cannot be parsed.
     #[error("{0}")]
-    Weights(#[from] crate::weights::WeightError),
+    Weights(#[from] WeightError),
+    /// The configuration needs a CLIP tower and the checkpoint has none: the CLIP weights must be
+    /// given as a separate file.
+    #[error(
+        "{checkpoint}: the checkpoint has no CLIP tower (image_encoder.model.visual.*); give the CLIP weights \
+         as a separate file (open_clip_pytorch_model.bin, open_clip_model.safetensors or Hugging Face CLIP weights)"
+    )]
+    MissingClip {
+        /// The checkpoint file(s).
+        checkpoint: String,
+    },
+    /// An option of a run is out of range or contradicts another; `option` is its field name in
+    /// [`crate::upscale::UpscaleOptions`] (front ends name their own flag for it).
+    #[error("{option}: {reason}")]
+    InvalidOption {
+        /// The option.
+        option: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The work does not fit a limit: the output side, the memory budget.
+    #[error("{0}")]
+    TooLarge(String),
+    /// An output cannot be written where or how it was asked for (format, folder, permissions),
+    /// found before any work is done.
+    #[error("{}: {reason}", path.display())]
+    Output {
+        /// The output file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// An image file could not be read or written (it names the file and the problem).
+    #[error("{0}")]
+    Image(#[from] crate::imageio::ImageIoError),
     /// An input (image, noise file, size) is unusable.
     #[error("{0}")]
     Input(String),
     /// The computation produced a non-finite value.
     #[error("numerical failure: {0}")]
     NonFinite(String),
-    /// The run was stopped through [`crate::pipeline::SampleOptions::cancel`] (Ctrl-C).
+    /// The run was stopped through [`crate::sampling::SampleOptions::cancel`] (Ctrl-C).
     #[error("interrupted after {steps_done} completed sampler steps")]
     Interrupted {
         /// Steps completed (and saved, with a checkpoint folder) before the stop.
@@ -45,5 +80,66 @@ impl InfditError {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         Self::Io { path: path.to_path_buf(), source }
+    }
+}
+
+/// A problem with a checkpoint.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WeightError {
+    /// The file could not be opened or parsed as a checkpoint.
+    #[error("{}: cannot read checkpoint: {msg}", path.display())]
+    Parse {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What went wrong.
+        msg: String,
+    },
+    /// The checkpoint does not match the model.
+    #[error("{}", Mismatch(.0))]
+    Mismatch(Box<MismatchReport>),
+}
+
+/// Every difference between a checkpoint and the model, by key.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct MismatchReport {
+    /// The checkpoint file(s).
+    pub origin: String,
+    /// Keys the model needs that the checkpoint lacks, with the expected shape.
+    pub missing: Vec<(String, Vec<usize>)>,
+    /// Keys in the checkpoint that the model does not use and that are not documented dead keys.
+    pub unexpected: Vec<String>,
+    /// Keys whose shape differs: (key, expected, found).
+    pub shape: Vec<(String, Vec<usize>, Vec<usize>)>,
+    /// Keys whose data could not be read or converted.
+    pub unreadable: Vec<(String, String)>,
+}
+
+struct Mismatch<'a>(&'a MismatchReport);
+impl fmt::Display for Mismatch<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = self.0;
+        write!(
+            f,
+            "{}: checkpoint does not match the model ({} missing, {} unexpected, {} wrong shape, {} unreadable)",
+            r.origin,
+            r.missing.len(),
+            r.unexpected.len(),
+            r.shape.len(),
+            r.unreadable.len()
+        )?;
+        for (k, s) in &r.missing {
+            write!(f, "\n  missing key: {k} (expected shape {s:?})")?;
+        }
+        for k in &r.unexpected {
+            write!(f, "\n  unexpected key: {k}")?;
+        }
+        for (k, e, g) in &r.shape {
+            write!(f, "\n  shape mismatch: {k}: model expects {e:?}, checkpoint has {g:?}")?;
+        }
+        for (k, m) in &r.unreadable {
+            write!(f, "\n  unreadable: {k}: {m}")?;
+        }
+        Ok(())
     }
 }

@@ -13,7 +13,7 @@ use common::{bits, random_inputs, tiny_random};
 use infdit::config::DitConfig;
 use infdit::diffusion::HeunConfig;
 use infdit::model::blocks::{BlockGrid, BlockPos, KvSource, neighbours};
-use infdit::pipeline::{Mode, SampleOptions, sample};
+use infdit::sampling::{Mode, SampleOptions, sample};
 use infdit::schedule::{BlockDenoiser, CPU_BATCH_TOKENS, CachedKv, MemoryPlan, Placement, batches};
 
 /// One sweep with and without offload: identical bits, for ragged grids and strips, n = 1, 2, 3,

@@ -12,7 +12,8 @@ use common::*;
 use infdit::diffusion::{EdmScalings, HeunConfig, heun_sample, initial_state};
 use infdit::imageio::resize::Bicubic;
 use infdit::imageio::{load_rgb, tensor_to_rgb8};
-use infdit::pipeline::{PassScale, WholeImageDenoiser, prepare_official};
+use infdit::prepare::{PassScale, prepare_official};
+use infdit::schedule::WholeImageDenoiser;
 
 fn f_of(d: &Tensor, x: &Tensor, sigma: f32) -> Tensor {
     // F = (D - c_skip x) / c_out in f64 from the f32 values.

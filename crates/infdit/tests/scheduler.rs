@@ -10,13 +10,14 @@ use infdit::diffusion::noise::Noise;
 use infdit::diffusion::noise::image_noise;
 use infdit::diffusion::{HeunConfig, heun_sample, initial_state};
 use infdit::imageio::resize::Bicubic;
+use infdit::loaded::Model;
+use infdit::loaded::random::{random_checkpoint, training_init};
 use infdit::model::blocks::BlockGrid;
-use infdit::pipeline::{
-    ConcatLr, Mode, Model, PassScale, Prepared, SampleOptions, WholeImageDenoiser, sample, sample_with_noise,
-};
+use infdit::prepare::{ConcatLr, PassScale, Prepared};
+use infdit::sampling::{Mode, SampleOptions, sample, sample_with_noise};
+use infdit::schedule::WholeImageDenoiser;
 use infdit::schedule::state::STATE_FILE;
 use infdit::schedule::{BlockDenoiser, MemoryPlan, batches};
-use infdit::weights::random::{random_checkpoint, training_init};
 
 /// Relative bound: max |a - b| / max |b|.
 fn rel(a: &Tensor, b: &Tensor) -> f64 {
@@ -51,7 +52,7 @@ fn scheduler_matches_whole_image_on_parity_cases() {
                 let (set, _) = set_of(case_name);
                 let png =
                     infdit::imageio::load_rgb(&shared(set).join(format!("case_{case_name}_lr.png")), 1 << 30).unwrap();
-                infdit::pipeline::prepare_official(&png, PassScale::X4, 128, Bicubic::Antialias)
+                infdit::prepare::prepare_official(&png, PassScale::X4, 128, Bicubic::Antialias)
                     .unwrap()
                     .concat_lr
                     .full()
@@ -283,7 +284,7 @@ fn state_dir_sample_matches_parity_case() {
     let c = case("b");
     let m = model("b");
     let png = infdit::imageio::load_rgb(&shared("parity").join("case_b_lr.png"), 1 << 30).unwrap();
-    let prep = infdit::pipeline::prepare_official(&png, PassScale::X4, 128, Bicubic::Antialias).unwrap();
+    let prep = infdit::prepare::prepare_official(&png, PassScale::X4, 128, Bicubic::Antialias).unwrap();
     assert!(matches!(prep.concat_lr, ConcatLr::Upsample { .. }));
     assert_eq!(max_abs(&prep.lr, &c["lr"]), 0.0);
     let dir = temp_dir("state-dir-parity");
@@ -313,7 +314,7 @@ fn concat_lr_bands_equal_full_resize() {
             .unwrap();
         for scale in [PassScale::X4, PassScale::X2] {
             for kind in [Bicubic::Antialias, Bicubic::Classic] {
-                let (prep, _, _) = infdit::pipeline::prepare_padded(&img, scale, 128, kind).unwrap();
+                let (prep, _, _) = infdit::prepare::prepare_padded(&img, scale, 128, kind).unwrap();
                 let ConcatLr::Upsample { src, height, width, .. } = &prep.concat_lr else {
                     panic!("prepare_padded describes the upsample")
                 };

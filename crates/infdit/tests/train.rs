@@ -5,12 +5,13 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
 use infdit::config::{DitConfig, ModelConfig, Precond};
-use infdit::pipeline::{Model, WholeImageDenoiser};
+use infdit::loaded::Model;
+use infdit::loaded::random::{random_checkpoint, training_init};
+use infdit::schedule::WholeImageDenoiser;
 use infdit::train::{
     Dataset, Image, SampleConfig, Sampler, SplitMix64, TrainConfig, TrainSample, Trainer, edm_loss, edm_weight,
 };
 use infdit::weights::Checkpoint;
-use infdit::weights::random::{random_checkpoint, training_init};
 
 fn tiny() -> ModelConfig {
     ModelConfig {

@@ -6,7 +6,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use infdit::imageio::resize::Bicubic;
-use infdit::pipeline::Model;
+use infdit::loaded::Model;
 use infdit::weights::{Checkpoint, HF_CLIP_BLOCK_NAMES, WeightError, convert::convert, dead_key_shapes, is_dead_key};
 use infdit::{InfditError, ModelConfig};
 

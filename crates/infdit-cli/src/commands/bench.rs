@@ -15,8 +15,9 @@ use candle_core::{DType, Device, Tensor};
 
 use infdit::config::DitConfig;
 use infdit::device::OpenedDevice;
+use infdit::loaded::Model;
 use infdit::model::blocks::{BlockGrid, blocks_to_image, take_blocks};
-use infdit::pipeline::{Model, WholeImageDenoiser};
+use infdit::schedule::WholeImageDenoiser;
 use infdit::schedule::{BlockDenoiser, MemoryPlan, Placement};
 
 use super::load_model;

@@ -6,15 +6,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
 
-use infdit::diffusion::HeunConfig;
-use infdit::diffusion::noise::image_noise;
+use infdit::imageio::LoadedImage;
 use infdit::imageio::resize::{Bicubic, center_crop_offsets, resize_shorter_side, resize_tensor};
 use infdit::imageio::{Rounding, crop, load_rgb, rgb8_to_tensor, save_rgb8_atomic, tensor_to_rgb8_with};
 use infdit::metrics::{EvalRow, bicubic_baseline, evaluate, format_table};
-use infdit::pipeline::{Mode, Model, PassScale, SampleOptions, prepare_padded, sample};
 use infdit::train::collect_image_files;
+use infdit::upscale::{Evaluation, UpscaleOptions, Upscaler};
 
-use super::{load_model, sampler_defaults};
+use super::model_spec;
 use crate::args::EvalArgs;
 
 const SCALE: usize = 4;
@@ -36,21 +35,15 @@ fn collect_inputs(paths: &[PathBuf]) -> Vec<Result<PathBuf>> {
     out
 }
 
-/// The model's 4x of `lr` (1, 3, h, w) in [-1, 1]: padded preparation, seeded noise, the exact crop
-/// back to 4h x 4w.
-pub(crate) fn upscale_x4(model: &Model, lr: &Tensor, heun: HeunConfig, mode: Mode, seed: u64) -> Result<Tensor> {
-    let kind = Bicubic::Antialias;
-    let (prep, out_crop, clip_input) = prepare_padded(lr, PassScale::X4, model.cfg.dit.block_px, kind)?;
-    let eps = image_noise(seed, &prep.grid, 3, lr.device())?;
-    let clip = model.clip_vector(&clip_input, kind)?;
-    let opts = SampleOptions { heun, mode, ..Default::default() };
-    let out = sample(model, &prep, &clip, &eps, &opts, &mut |_| {})?;
-    let sr = out.sample.context("sampling stopped before the last step")?;
-    Ok(crop(&sr, out_crop.top, out_crop.left, out_crop.height, out_crop.width)?)
+/// The model's 4x of `lr` (1, 3, h, w) in [-1, 1], as `infdit upscale` makes it (padded
+/// preparation, seeded noise, the exact size).
+pub(crate) fn upscale_x4(up: &Upscaler, lr: &Tensor, opts: &UpscaleOptions) -> Result<Tensor> {
+    let out = up.upscale(&LoadedImage::from_rgb(lr.clone()), opts, &mut |_| {}, None)?;
+    Ok(out.rgb)
 }
 
 /// The model output and the bicubic baseline rows for one HR image.
-fn eval_one(model: &Model, path: &Path, a: &EvalArgs, heun: HeunConfig) -> Result<(EvalRow, EvalRow)> {
+fn eval_one(up: &Upscaler, path: &Path, a: &EvalArgs, opts: &UpscaleOptions) -> Result<(EvalRow, EvalRow)> {
     let mut hr = load_rgb(path, MAX_PIXELS)?;
     if let Some(n) = a.hr_size {
         // Shorter side to n (antialiased bicubic), then the centre n x n.
@@ -63,7 +56,7 @@ fn eval_one(model: &Model, path: &Path, a: &EvalArgs, heun: HeunConfig) -> Resul
     let (_, _, h0, w0) = hr.dims4()?;
     let (h, w) = (h0 / SCALE * SCALE, w0 / SCALE * SCALE);
     if h == 0 || w == 0 {
-        bail!("image of {w0}x{h0} is smaller than {SCALE}x{SCALE}");
+        bail!("image of {w0}x{h0}: a side is below {SCALE} px, too small to downscale {SCALE}x");
     }
     let hr = crop(&hr, 0, 0, h, w)?;
     // Rounded to nearest throughout (an 8-bit HR file maps back to exactly its own samples), as
@@ -74,8 +67,7 @@ fn eval_one(model: &Model, path: &Path, a: &EvalArgs, heun: HeunConfig) -> Resul
     // sampler moves block batches to the model's device).
     let lr = rgb8_to_tensor(&lr8)?;
 
-    let mode = Mode::Blocks { block_batch: a.block_batch, kv_dtype: model.dit.dtype() };
-    let sr = upscale_x4(model, &lr, heun, mode, a.seed)?;
+    let sr = upscale_x4(up, &lr, opts)?;
     let sr8 = tensor_to_rgb8_with(&sr, Rounding::Nearest)?;
     if sr8.dimensions() != hr8.dimensions() {
         bail!("model output is {:?}, the HR image {:?}", sr8.dimensions(), hr8.dimensions());
@@ -92,7 +84,7 @@ fn eval_one(model: &Model, path: &Path, a: &EvalArgs, heun: HeunConfig) -> Resul
         save_rgb8_atomic(&hr8, &dir.join(format!("{stem}_hr.png")), &[path])?;
     }
     // Seams are measured at the model's own block borders (128 px for the released model).
-    let block = model.cfg.dit.block_px;
+    let block = up.model().cfg.dit.block_px;
     let model_row = evaluate(name.clone(), &sr8, &hr8, CROP_BORDER, block)?;
     let bic_row = evaluate(name, &bic8, &hr8, CROP_BORDER, block)?;
     Ok((model_row, bic_row))
@@ -120,15 +112,24 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         bail!("no HR images found");
     }
     let dev = super::open_device(a.device)?;
-    let model = load_model(&a.model, super::run_dtype(a.dtype, &dev), &dev.device)?;
-    let heun = super::heun_config(sampler_defaults(&a.model)?, a.steps, a.sigma_max)?;
+    let spec = model_spec(&a.model)?;
+    let heun = super::heun_config(&spec, a.steps, a.sigma_max)?;
+    let act = super::run_dtype(a.dtype, &dev);
+    let up = Upscaler::load(&spec, dev, act)?;
+    let opts = UpscaleOptions {
+        seed: a.seed,
+        steps: Some(heun.steps),
+        sigma_max: Some(heun.sigma_max),
+        evaluation: Evaluation::Blocks { block_batch: Some(a.block_batch) },
+        ..Default::default()
+    };
     eprintln!("sampler: {} Heun steps from sigma {}", heun.steps, heun.sigma_max);
     let (mut model_rows, mut bic_rows) = (Vec::new(), Vec::new());
     let mut failed = 0usize;
     for input in &inputs {
         let res = input.as_ref().map_err(|e| anyhow::anyhow!("{e:#}")).and_then(|p| {
             eprintln!("evaluating {}", p.display());
-            eval_one(&model, p, &a, heun).map_err(|e| {
+            eval_one(&up, p, &a, &opts).map_err(|e| {
                 // Name the file, unless the error already starts with it.
                 let name = p.display().to_string();
                 if format!("{e:#}").starts_with(&name) { e } else { e.context(name) }

@@ -7,17 +7,14 @@ mod upscale;
 
 use std::process::ExitCode;
 
-use std::path::PathBuf;
-
 use anyhow::{Result, bail};
 use candle_core::{DType, Device};
 
-use infdit::ModelConfig;
-use infdit::config::SamplerDefaults;
 use infdit::device::{DeviceRequest, OpenedDevice};
 use infdit::diffusion::HeunConfig;
-use infdit::pipeline::Model;
+use infdit::loaded::Model;
 use infdit::weights::{Checkpoint, convert::convert};
+use infdit::{ModelConfig, ModelSpec};
 
 use crate::args::{Cli, Command, ConvertArgs, DTypeArg, InspectArgs, ModelArgs, RandomModelArgs};
 
@@ -60,99 +57,22 @@ pub(crate) fn run_dtype(d: Option<DTypeArg>, dev: &OpenedDevice) -> DType {
     d.map(dtype).unwrap_or(if dev.is_gpu() { DType::BF16 } else { DType::F32 })
 }
 
-/// The model shipped inside the binary (see models/default/MODEL_CARD.md): used when no
-/// `--model` is given.
-const DEFAULT_MODEL_WEIGHTS: &[u8] = include_bytes!("../../../../models/default/model.safetensors");
-/// Its config, with its sampler defaults.
-const DEFAULT_MODEL_CONFIG: &str = include_str!("../../../../models/default/config.json");
-
-/// Where the weights and the config of a `--model` come from.
-enum ModelSource {
-    BuiltIn,
-    /// A weights file; its config is [`config_file`]'s, else the released one.
-    Files {
-        weights: PathBuf,
-    },
+/// The model named by `--model`, `--config` and `--clip` (no `--model`: the built-in one).
+pub(crate) fn model_spec(a: &ModelArgs) -> Result<ModelSpec> {
+    ModelSpec::from_paths(a.model.as_deref(), a.config.as_deref(), a.clip.as_deref())
+        .map_err(|e| anyhow::anyhow!(e.to_string().replace("a config file needs", "--config needs")))
 }
 
-fn model_source(a: &ModelArgs) -> Result<ModelSource> {
-    match &a.model {
-        None if a.config.is_some() => bail!("--config needs --model (the built-in model has its own config)"),
-        None => Ok(ModelSource::BuiltIn),
-        // A model folder, as `infdit train` writes it: model.safetensors + config.json.
-        Some(dir) if dir.is_dir() => {
-            let weights = dir.join("model.safetensors");
-            if !weights.is_file() {
-                bail!("{}: a model folder must hold model.safetensors (and config.json)", dir.display());
-            }
-            Ok(ModelSource::Files { weights })
-        }
-        Some(file) => Ok(ModelSource::Files { weights: file.clone() }),
-    }
-}
-
-/// The model as named in messages and run fingerprints.
-pub(crate) fn model_label(a: &ModelArgs) -> String {
-    a.model.as_ref().map_or_else(|| "built-in default model".into(), |p| p.display().to_string())
-}
-
-/// The config file to read: --config, else the config.json of a model folder given to --model.
-fn config_file(a: &ModelArgs) -> Option<PathBuf> {
-    match (&a.model, &a.config) {
-        (_, Some(c)) => Some(c.clone()),
-        (Some(dir), None) if dir.is_dir() => Some(dir.join("config.json")),
-        _ => None,
-    }
-}
-
-pub(crate) fn model_config(a: &ModelArgs) -> Result<ModelConfig> {
-    Ok(match (model_source(a)?, config_file(a)) {
-        (ModelSource::BuiltIn, _) => ModelConfig::from_json_str(DEFAULT_MODEL_CONFIG)?,
-        (_, Some(p)) => ModelConfig::from_file(&p)?,
-        (_, None) => ModelConfig::released(),
-    })
-}
-
-/// The sampler settings the model's config recommends (steps, starting sigma), if it names any.
-pub(crate) fn sampler_defaults(a: &ModelArgs) -> Result<Option<SamplerDefaults>> {
-    Ok(match (model_source(a)?, config_file(a)) {
-        (ModelSource::BuiltIn, _) => SamplerDefaults::from_json_str(DEFAULT_MODEL_CONFIG)?,
-        (_, Some(p)) => SamplerDefaults::from_file(&p)?,
-        _ => None,
-    })
-}
-
-/// The sampler: `--steps` / `--sigma-max` when given, else the model's own defaults, else the
-/// released settings (20 steps from sigma 40).
-pub(crate) fn heun_config(
-    defaults: Option<SamplerDefaults>,
-    steps: Option<usize>,
-    sigma_max: Option<f32>,
-) -> Result<HeunConfig> {
-    let base = HeunConfig::default();
-    let heun = HeunConfig {
-        steps: steps.or(defaults.map(|d| d.steps)).unwrap_or(base.steps),
-        sigma_max: sigma_max.or(defaults.map(|d| d.sigma_max)).unwrap_or(base.sigma_max),
-        ..base
-    };
-    if heun.steps == 0 {
-        bail!("--steps must be at least 1");
-    }
-    if !(heun.sigma_max > heun.sigma_min && heun.sigma_max.is_finite()) {
-        bail!("--sigma-max {} must be finite and above sigma_min {}", heun.sigma_max, heun.sigma_min);
-    }
-    Ok(heun)
+/// The sampler of `--steps` / `--sigma-max`, else the model's own defaults, else the released
+/// settings.
+pub(crate) fn heun_config(spec: &ModelSpec, steps: Option<usize>, sigma_max: Option<f32>) -> Result<HeunConfig> {
+    let opts = infdit::UpscaleOptions { steps, sigma_max, ..Default::default() };
+    opts.validate().map_err(|e| anyhow::anyhow!(upscale::flag_message(&e)))?;
+    opts.heun(spec.sampler_defaults()?).map_err(|e| anyhow::anyhow!(upscale::flag_message(&e)))
 }
 
 pub(crate) fn load_model(a: &ModelArgs, dt: DType, dev: &Device) -> Result<Model> {
-    let cfg = model_config(a)?;
-    Ok(match model_source(a)? {
-        ModelSource::BuiltIn => {
-            let tensors = candle_core::safetensors::load_buffer(DEFAULT_MODEL_WEIGHTS, &Device::Cpu)?;
-            Model::from_checkpoint(&cfg, Checkpoint::from_tensors("built-in default model", tensors), dt, dev)?
-        }
-        ModelSource::Files { weights } => Model::load(&cfg, &weights, a.clip.as_deref(), dt, dev)?,
-    })
+    Ok(model_spec(a)?.load(dt, dev)?)
 }
 
 fn convert_cmd(a: ConvertArgs) -> Result<()> {
@@ -162,7 +82,7 @@ fn convert_cmd(a: ConvertArgs) -> Result<()> {
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
-    let ModelSource::Files { weights } = model_source(&a.model)? else {
+    let ModelSpec::Files { weights, .. } = model_spec(&a.model)? else {
         bail!("give the checkpoint to inspect with --model");
     };
     let ck = Checkpoint::open(&weights)?;
@@ -183,7 +103,7 @@ fn random_model(a: RandomModelArgs) -> Result<()> {
         Some(p) => ModelConfig::from_file(p)?,
         None => ModelConfig::released(),
     };
-    let ck = infdit::weights::random::random_checkpoint(&cfg, a.seed)?;
+    let ck = infdit::loaded::random::random_checkpoint(&cfg, a.seed)?;
     let dt = dtype(a.dtype);
     let mut tensors = std::collections::HashMap::new();
     for k in ck.keys() {

@@ -14,11 +14,12 @@ use infdit::config::SamplerDefaults;
 use infdit::diffusion::HeunConfig;
 use infdit::imageio::resize::{Bicubic, resize_tensor};
 use infdit::imageio::{LoadLimits, Rounding, load_image, rgb8_to_tensor, save_rgb8_atomic, tensor_to_rgb8_with};
-use infdit::pipeline::{Mode, Model};
+use infdit::loaded::Model;
+use infdit::loaded::random::training_init;
 use infdit::train::trainer::write_atomic;
 use infdit::train::{Dataset, SampleConfig, TrainConfig, Trainer};
+use infdit::upscale::{Evaluation, UpscaleOptions, Upscaler};
 use infdit::weights::Checkpoint;
-use infdit::weights::random::training_init;
 use infdit::{ModelConfig, metrics};
 
 use crate::args::TrainArgs;
@@ -41,7 +42,15 @@ pub(crate) fn side_by_side(model: &Model, hr: &Tensor, heun: HeunConfig, seed: u
     let (_, _, h, w) = hr.dims4()?;
     let lr8 = tensor_to_rgb8_with(&resize_tensor(hr, h / 4, w / 4, Bicubic::Antialias)?, Rounding::Nearest)?;
     let lr = rgb8_to_tensor(&lr8)?;
-    let out = super::eval::upscale_x4(model, &lr, heun, Mode::WholeImage, seed)?;
+    let up = Upscaler::from_model(model.clone(), "training snapshot", None);
+    let opts = UpscaleOptions {
+        seed,
+        steps: Some(heun.steps),
+        sigma_max: Some(heun.sigma_max),
+        evaluation: Evaluation::WholeImage,
+        ..Default::default()
+    };
+    let out = super::eval::upscale_x4(&up, &lr, &opts)?;
     let got = tensor_to_rgb8_with(&out, Rounding::Nearest)?;
     let bic = metrics::bicubic_baseline(&lr8, 4);
     let reference = tensor_to_rgb8_with(hr, Rounding::Nearest)?;

@@ -168,20 +168,68 @@ pub fn heun_correct(x: &Tensor, d: &Tensor, euler: &Tensor, d2: &Tensor, s: f32,
     x + (d_prime * dt)?
 }
 
-/// Runs the sampler from state `x` at step `start` (0 for a fresh run) to the end, calling
-/// `after_step(k, &x)` after each step k.
+/// A sampler state that the Heun sampler can advance by one step: the whole image
+/// ([`WholeImageHeun`]), or the block scheduler's per-block state, which applies
+/// [`heun_euler`] and [`heun_correct`] to each block batch inside its sweeps
+/// ([`crate::sampling`]). Both compute the same values.
+pub trait HeunStep {
+    /// The error of a step.
+    type Error;
+    /// One step from `sigmas[i]` to `sigmas[i + 1]` (Euler when the next sigma is 0).
+    fn step(&mut self, sigmas: &[f32], i: usize) -> std::result::Result<(), Self::Error>;
+}
+
+/// The Heun sampler, the one loop over the steps that every mode shares: advances `state` from
+/// step `start` (0 for a fresh run) to the end of `sigmas`, or until `stop_after` steps are done,
+/// calling `after_step(&state, steps_done)` after each step. Returns the steps done.
+pub fn run_heun<S: HeunStep>(
+    state: &mut S,
+    sigmas: &[f32],
+    start: usize,
+    stop_after: Option<usize>,
+    after_step: &mut dyn FnMut(&S, usize) -> std::result::Result<(), S::Error>,
+) -> std::result::Result<usize, S::Error> {
+    let mut steps_done = start;
+    for i in start..sigmas.len().saturating_sub(1) {
+        if stop_after.is_some_and(|s| steps_done >= s) {
+            break;
+        }
+        state.step(sigmas, i)?;
+        steps_done = i + 1;
+        after_step(state, steps_done)?;
+    }
+    Ok(steps_done)
+}
+
+/// The whole image as the sampler state, denoised by `den`.
+pub struct WholeImageHeun<'a> {
+    /// The denoiser.
+    pub den: &'a mut dyn Denoise,
+    /// The state.
+    pub x: Tensor,
+}
+
+impl HeunStep for WholeImageHeun<'_> {
+    type Error = candle_core::Error;
+
+    fn step(&mut self, sigmas: &[f32], i: usize) -> Result<()> {
+        self.x = heun_step(self.den, &self.x, sigmas, i)?;
+        Ok(())
+    }
+}
+
+/// Runs the sampler on the whole image from state `x` at step `start` (0 for a fresh run) to the
+/// end, calling `after_step(k, &x)` after each step k.
 pub fn heun_sample(
     den: &mut dyn Denoise,
-    mut x: Tensor,
+    x: Tensor,
     sigmas: &[f32],
     start: usize,
     after_step: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
 ) -> Result<Tensor> {
-    for i in start..sigmas.len().saturating_sub(1) {
-        x = heun_step(den, &x, sigmas, i)?;
-        after_step(i, &x)?;
-    }
-    Ok(x)
+    let mut state = WholeImageHeun { den, x };
+    run_heun(&mut state, sigmas, start, None, &mut |s, done| after_step(done - 1, &s.x))?;
+    Ok(state.x)
 }
 
 /// The initial state `concat_lr + sigma_0 * eps`, elementwise in f32 (product rounded, then sum).

@@ -83,6 +83,22 @@ pub struct LoadedImage {
     pub source_format: ImageFormat,
 }
 
+impl LoadedImage {
+    /// An 8-bit RGB image without alpha or metadata from its colour, `(1, 3, H, W)` f32 in
+    /// `[-1, 1]` (an image made in memory rather than read from a file).
+    pub fn from_rgb(rgb: Tensor) -> Self {
+        Self {
+            rgb,
+            alpha: None,
+            bit_depth: 8,
+            grayscale: false,
+            icc: None,
+            exif: None,
+            source_format: ImageFormat::Png,
+        }
+    }
+}
+
 /// The formats [`load_image`] reads (those this crate's `image` build decodes).
 const SUPPORTED: [ImageFormat; 5] =
     [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::WebP, ImageFormat::Tiff, ImageFormat::Bmp];

@@ -30,11 +30,13 @@ mod fill;
 mod load;
 mod meta;
 mod pad;
+mod probe;
 mod save;
 
 pub use fill::fill_transparent;
 pub use load::{LoadLimits, LoadedImage, load_image};
 pub use pad::{crop, pad_reflect};
+pub use probe::{ImageInfo, probe};
 pub use save::{RgbBands, SaveOptions, save_image_atomic, writes_exif, writes_icc};
 
 use std::fs::{self, File, OpenOptions};
@@ -337,7 +339,7 @@ pub fn tensor_to_rgb8_with(t: &Tensor, rounding: Rounding) -> Result<RgbImage, I
 
 /// The output format implied by the extension of `out` (png, jpg/jpeg, webp, tif/tiff; case
 /// insensitive).
-pub(crate) fn output_format(out: &Path) -> Result<ImageFormat, ImageIoError> {
+pub fn output_format(out: &Path) -> Result<ImageFormat, ImageIoError> {
     let ext = out.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
     match ext.as_deref() {
         Some("png") => Ok(ImageFormat::Png),

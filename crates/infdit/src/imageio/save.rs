@@ -113,7 +113,7 @@ const JPEG_MAX_EXIF: usize = 65_535 - 2 - 6;
 /// failures.
 ///
 /// `rgb` may also be any other [`RgbBands`], such as a window of the sampler's final state kept in
-/// a state folder ([`crate::pipeline::FinalSample::window`]): it is then read and quantised one
+/// a state folder ([`crate::sampling::FinalSample::window`]): it is then read and quantised one
 /// band of rows at a time, so only the 8- or 16-bit samples are ever held for the whole image.
 pub fn save_image_atomic(
     out: &Path,

@@ -2,7 +2,7 @@
 //!
 //! The Heun sampler needs, per block, the state `x`, and between the two evaluations of a step the
 //! derivative `d` and the Euler point. The scheduler updates them block by block inside its sweeps
-//! (see [`crate::pipeline::sample`]), so they can live anywhere a block can be read and written:
+//! (see [`crate::sampling::sample`]), so they can live anywhere a block can be read and written:
 //!
 //! * [`StateStore::Ram`]: per-block tensors in memory (the default; 36 bytes per output pixel);
 //! * [`StateStore::File`]: one file in a state folder, read and written block by block with

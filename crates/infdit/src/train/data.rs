@@ -5,7 +5,7 @@
 //! horizontal flip of probability `flip_prob` (0.3); the LR is the Real-ESRGAN second-order
 //! degradation of the crop ([`super::degrade()`]) with probability `degrade_prob` (1.0 in the
 //! paper), else a clean antialiased-bicubic downscale rounded to 8 bits; the upsampled LR is made
-//! exactly as at inference ([`crate::pipeline::prepare_padded`]'s antialiased bicubic, clipped);
+//! exactly as at inference ([`crate::prepare::prepare_padded`]'s antialiased bicubic, clipped);
 //! with probability `lr_dropout` (0.07) both LR inputs are replaced by clamped Gaussian noise.
 
 use std::path::{Path, PathBuf};

@@ -5,7 +5,7 @@
 use std::f64::consts::PI;
 
 use super::Sampler;
-use super::degrade::StageConfig;
+use super::stages::StageConfig;
 
 /// A square `size x size` kernel, row-major; `size` is odd and the centre is `size / 2`.
 #[derive(Debug, Clone, PartialEq)]

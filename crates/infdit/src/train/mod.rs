@@ -12,14 +12,13 @@
 pub mod data;
 pub mod degrade;
 pub mod kernels;
+pub mod stages;
 pub mod trainer;
 
 pub use data::{Dataset, SampleConfig, TrainSample, collect_image_files};
-pub use degrade::{
-    DegradationConfig, ResizeMode, StageConfig, add_gaussian_noise, add_poisson_noise, degrade, filter2d,
-    jpeg_roundtrip, resize,
-};
+pub use degrade::{ResizeMode, add_gaussian_noise, add_poisson_noise, degrade, filter2d, jpeg_roundtrip, resize};
 pub use kernels::{Kernel, KernelKind, Profile, bessel_j1, bivariate_kernel, random_blur_kernel, sinc_kernel};
+pub use stages::{DegradationConfig, StageConfig};
 
 pub use crate::diffusion::noise::SplitMix64;
 pub use trainer::{StepStats, TrainConfig, Trainer, edm_loss, edm_weight};

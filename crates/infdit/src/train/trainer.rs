@@ -4,7 +4,7 @@
 //!   `loss = lambda(sigma) mean((D(x_noisy; sigma) - x)^2)` with the EDM weight
 //!   `lambda = (sigma^2 + sd^2) / (sigma sd)^2` (`sd` = the config's `precond.sigma_data`, 0.5 in
 //!   the reference), averaged over the batch. The denoiser is the
-//!   whole-image UniBA network ([`crate::pipeline::WholeImageDenoiser`]), the path the reference
+//!   whole-image UniBA network ([`crate::schedule::WholeImageDenoiser`]), the path the reference
 //!   trains with, with one random RoPE start per batch.
 //! * The network runs in f32 through differentiable candle ops only: [`crate::model::ops::attention`]
 //!   switches from the fused kernel (no backward) to matmul + a hand-written softmax as soon as an
@@ -27,7 +27,8 @@ use super::{Sampler, SplitMix64};
 use crate::config::ModelConfig;
 use crate::error::{InfditError, Result};
 use crate::imageio::ImageIoError;
-use crate::pipeline::{Model, WholeImageDenoiser};
+use crate::loaded::Model;
+use crate::schedule::WholeImageDenoiser;
 use crate::weights::{CLIP_PREFIX, Checkpoint, convert::save_atomic};
 
 /// Optimisation settings. [`Default`] is the paper's recipe (spec §10) with a 16-image batch.

@@ -8,7 +8,8 @@
 //! listed in [`is_dead_key`] may be left unused.
 
 pub mod convert;
-pub mod random;
+
+pub use crate::error::{MismatchReport, WeightError};
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -32,67 +33,6 @@ pub const HF_CLIP_BLOCK_NAMES: [(&str, &str); 5] = [
     ("mlp.c_fc", "mlp.fc1"),
     ("mlp.c_proj", "mlp.fc2"),
 ];
-
-/// A problem with a checkpoint.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum WeightError {
-    /// The file could not be opened or parsed as a checkpoint.
-    #[error("{}: cannot read checkpoint: {msg}", path.display())]
-    Parse {
-        /// The checkpoint file.
-        path: PathBuf,
-        /// What went wrong.
-        msg: String,
-    },
-    /// The checkpoint does not match the model.
-    #[error("{}", Mismatch(.0))]
-    Mismatch(Box<MismatchReport>),
-}
-
-/// Every difference between a checkpoint and the model, by key.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct MismatchReport {
-    /// The checkpoint file(s).
-    pub origin: String,
-    /// Keys the model needs that the checkpoint lacks, with the expected shape.
-    pub missing: Vec<(String, Vec<usize>)>,
-    /// Keys in the checkpoint that the model does not use and that are not documented dead keys.
-    pub unexpected: Vec<String>,
-    /// Keys whose shape differs: (key, expected, found).
-    pub shape: Vec<(String, Vec<usize>, Vec<usize>)>,
-    /// Keys whose data could not be read or converted.
-    pub unreadable: Vec<(String, String)>,
-}
-
-struct Mismatch<'a>(&'a MismatchReport);
-impl fmt::Display for Mismatch<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let r = self.0;
-        write!(
-            f,
-            "{}: checkpoint does not match the model ({} missing, {} unexpected, {} wrong shape, {} unreadable)",
-            r.origin,
-            r.missing.len(),
-            r.unexpected.len(),
-            r.shape.len(),
-            r.unreadable.len()
-        )?;
-        for (k, s) in &r.missing {
-            write!(f, "\n  missing key: {k} (expected shape {s:?})")?;
-        }
-        for k in &r.unexpected {
-            write!(f, "\n  unexpected key: {k}")?;
-        }
-        for (k, e, g) in &r.shape {
-            write!(f, "\n  shape mismatch: {k}: model expects {e:?}, checkpoint has {g:?}")?;
-        }
-        for (k, m) in &r.unreadable {
-            write!(f, "\n  unreadable: {k}: {m}")?;
-        }
-        Ok(())
-    }
-}
 
 /// Keys present in official checkpoints that have no effect on any output (spec §9.2, parity README).
 /// They may be absent, and are ignored when present.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use infdit::ModelConfig;
-use infdit::pipeline::Model;
+use infdit::loaded::Model;
 use infdit::weights::Checkpoint;
 
 /// `../shared/<set>` of the repository (override with INFDIT_SHARED_DIR).
@@ -87,16 +87,16 @@ pub fn tiny_random(depth: usize, hidden: usize, heads: usize, seed: u64) -> Mode
         dit: DitConfig { hidden, depth, heads, mlp_hidden: 2 * hidden, vector_dim: 8, ..DitConfig::released() },
         clip: None,
     };
-    let ck = infdit::weights::random::random_checkpoint(&cfg, seed).unwrap();
+    let ck = infdit::loaded::random::random_checkpoint(&cfg, seed).unwrap();
     Model::from_checkpoint(&cfg, ck, DType::F32, &Device::Cpu).unwrap()
 }
 
 /// Random inputs for a `rows x cols` grid of 128-px blocks: the prepared LR, the noise eps and a
 /// zero CLIP vector (8 wide, as [`tiny_random`]'s `vector_dim`).
-pub fn random_inputs(rows: usize, cols: usize, seed: u64) -> (infdit::pipeline::Prepared, Tensor, Tensor) {
+pub fn random_inputs(rows: usize, cols: usize, seed: u64) -> (infdit::prepare::Prepared, Tensor, Tensor) {
     use infdit::diffusion::noise::image_noise;
     use infdit::model::blocks::BlockGrid;
-    use infdit::pipeline::{ConcatLr, Prepared};
+    use infdit::prepare::{ConcatLr, Prepared};
     let dev = Device::Cpu;
     let grid = BlockGrid { rows, cols, block_px: 128 };
     // A smooth random LR image: noise at 1/4 resolution, blurred by the upsampling.

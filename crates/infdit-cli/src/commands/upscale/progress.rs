@@ -7,7 +7,7 @@ use std::time::Instant;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Value, json};
 
-use infdit::pipeline::Progress;
+use infdit::sampling::Progress;
 
 /// Where the progress of a run goes.
 pub struct Reporter {

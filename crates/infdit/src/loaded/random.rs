@@ -3,11 +3,11 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::Checkpoint;
+use super::Model;
 use crate::config::ModelConfig;
 use crate::diffusion::noise::SplitMix64;
 use crate::error::Result;
-use crate::pipeline::Model;
+use crate::weights::Checkpoint;
 
 /// A checkpoint with deterministic random values for every key `cfg` needs: LayerNorm weights
 /// `1 + N(0, 0.1)`, biases `N(0, 0.05)`, other tensors `N(0, fan_in^-1/2)` (fan-in = product of all
