@@ -698,3 +698,36 @@ fn rounding_nearest_by_default_truncate_on_request() {
     assert!((0.35..0.65).contains(&mean), "mean difference {mean}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `infdit upscale --help` is one line a flag, in groups (it was 170 lines of paragraphs); the
+/// flags whose help was wrong say what they do: `--kv-dtype` is about the K/V cache (its help was
+/// `--dtype`'s, "weights and activations"), and `--crop` names no block size (the built-in model's
+/// blocks are 64 px, the released model's 128).
+#[test]
+fn upscale_help_is_grouped_and_short() {
+    for flag in ["--help", "-h"] {
+        let r = infdit().args(["upscale", flag]).output().unwrap();
+        assert!(r.status.success());
+        let help = String::from_utf8(r.stdout).unwrap();
+        let lines: Vec<&str> = help.lines().collect();
+        assert!(lines.len() <= 70, "{flag}: {} lines", lines.len());
+        for heading in [
+            "Input and output:",
+            "Model:",
+            "Size:",
+            "Sampling:",
+            "Performance and memory:",
+            "Resume:",
+            "Output format and metadata:",
+            "Progress and reporting:",
+        ] {
+            assert!(lines.contains(&heading), "{flag}: no heading {heading:?}");
+        }
+        let line = |name: &str| *lines.iter().find(|l| l.trim_start().starts_with(name)).unwrap();
+        let kv = line("--kv-dtype");
+        assert!(kv.contains("cache") && !kv.contains("activations"), "{kv}");
+        let crop = line("--crop");
+        assert!(!crop.contains("128") && crop.contains("block grid"), "{crop}");
+        assert!(help.contains("docs/cli.md"));
+    }
+}
