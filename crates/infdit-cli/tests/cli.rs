@@ -731,3 +731,44 @@ fn upscale_help_is_grouped_and_short() {
         assert!(help.contains("docs/cli.md"));
     }
 }
+
+/// The `--json` progress of a run ends at the full count, in block mode and in whole-image mode:
+/// the last `progress` event has every evaluation and every block done (`blocks_done` was 0 in
+/// block mode), and `work_done` climbs to the `start` event's `work` (whole-image mode's bar ran
+/// one evaluation ahead). The built-in model (64-px blocks, no --model) on a 32 x 48 crop of the
+/// quick-start photo: a 128 x 192 output, 2 x 3 blocks; two steps, three evaluations.
+#[test]
+fn json_progress_ends_at_the_full_count() {
+    let dir = tmpdir("json-full");
+    let input = dir.join("in.png");
+    let photo = image::open(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/ladybird-256.png")).unwrap();
+    photo.crop_imm(100, 100, 32, 48).to_rgb8().save(&input).unwrap();
+    for mode in [&["--mode", "blocks", "--block-batch", "1"][..], &["--mode", "whole"]] {
+        let r = infdit()
+            .arg("upscale")
+            .arg(&input)
+            .arg("-o")
+            .arg(dir.join("out.png"))
+            .args(["--steps", "2", "--json"])
+            .args(mode)
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{mode:?}: {}", stderr_of(&r));
+        let events = json_events(&r);
+        let start = events.iter().find(|e| e["event"] == "start").unwrap();
+        let work = start["work"].as_u64().unwrap();
+        assert_eq!((start["blocks"].as_u64(), work), (Some(6), 18), "{mode:?}");
+        let progress: Vec<_> = events.iter().filter(|e| e["event"] == "progress").collect();
+        let done: Vec<u64> = progress.iter().map(|e| e["work_done"].as_u64().unwrap()).collect();
+        assert!(done.windows(2).all(|w| w[0] <= w[1]) && done.iter().all(|&d| d <= work), "{mode:?}: {done:?}");
+        let last = progress.last().unwrap();
+        let count = |k: &str| last[k].as_u64().unwrap();
+        assert_eq!(
+            [count("steps_done"), count("evals_done"), count("blocks_done"), count("work_done")],
+            [count("steps_total"), count("evals_total"), count("blocks_total"), work],
+            "{mode:?}: {last}"
+        );
+        assert_eq!((count("evals_total"), count("blocks_total")), (3, 6));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
