@@ -23,8 +23,8 @@ const VERSION: &str = if cfg!(feature = "cuda") {
 };
 
 /// Help of `--device`.
-pub const DEVICE_HELP: &str = "Where the network runs: cpu, cuda (the first NVIDIA GPU) or cuda:N. A GPU needs a \
-     binary built with CUDA (bench/build-cuda.sh) and falls back to the CPU, with a warning, when none is usable.";
+pub const DEVICE_HELP: &str =
+    "Where the network runs: cpu, cuda or cuda:N (needs a CUDA build; no usable GPU: the CPU, with a warning)";
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
@@ -126,9 +126,9 @@ pub enum CropArg {
 /// How a network evaluation is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ModeArg {
-    /// UniBA block scheduler with a K/V cache (default).
+    /// UniBA block scheduler with a K/V cache; memory grows with the width (default).
     Blocks,
-    /// The whole image in one forward (the official "full" mode).
+    /// The whole image in one forward (the official "full" mode); memory grows with the area.
     Whole,
 }
 
@@ -194,160 +194,150 @@ impl From<RoundingArg> for infdit::imageio::Rounding {
     }
 }
 
-/// Model selection shared by the subcommands that build a model.
+/// Model selection shared by the subcommands that build a model (docs/cli.md, "Model selection").
 #[derive(Debug, clap::Args)]
 pub struct ModelArgs {
-    /// Checkpoint: the official mp_rank_00_model_states.pt, a safetensors file in its key layout, or
-    /// a model folder written by `infdit train` (model.safetensors + config.json). Default: the small
-    /// model built into the binary (models/default/MODEL_CARD.md).
+    /// Checkpoint (official .pt, or safetensors in its layout) or `infdit train` folder [default: the
+    /// built-in model]
     #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
-    /// Model config: infdit JSON, or the parity/official JSON (official flag names). Default: the
-    /// folder's config.json for a model folder, else the released Inf-DiT (hidden 1280, depth 28,
-    /// 16 heads, ViT-L/14 CLIP).
+    /// Model config, infdit or official JSON [default: the model folder's, else the released model's]
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// CLIP tower weights when the checkpoint lacks them: open_clip_pytorch_model.bin,
-    /// open_clip_model.safetensors, or Hugging Face CLIP weights (model.safetensors / pytorch_model.bin).
+    /// CLIP tower weights (open_clip or Hugging Face), when the checkpoint lacks them
     #[arg(long, value_name = "PATH")]
     pub clip: Option<PathBuf>,
 }
 
-/// `infdit upscale`.
+/// Help headings of `infdit upscale --help` (docs/cli.md lists the flags in the same groups).
+mod heading {
+    pub const IO: &str = "Input and output";
+    pub const MODEL: &str = "Model";
+    pub const SIZE: &str = "Size";
+    pub const SAMPLING: &str = "Sampling";
+    pub const PERF: &str = "Performance and memory";
+    pub const RESUME: &str = "Resume";
+    pub const FORMAT: &str = "Output format and metadata";
+    pub const PROGRESS: &str = "Progress and reporting";
+}
+
+/// `infdit upscale`. One line of help per flag, so that `--help` stays short (long help, or the
+/// descriptions of enum values, would switch clap to its multi-line layout); the details are in
+/// docs/cli.md. Enum flags show their values in the value name and hide clap's list.
 #[derive(Debug, clap::Args)]
+#[command(after_help = "Every flag in detail, the JSON events and the exit codes: docs/cli.md")]
 pub struct UpscaleArgs {
-    /// Input images (PNG, JPEG, WebP, TIFF, BMP), folders (searched recursively for files with
-    /// those extensions, hidden entries skipped) and glob patterns (`'photos/**/*.jpg'`, expanded
-    /// by infdit, so they work quoted).
+    /// Input images (PNG, JPEG, WebP, TIFF, BMP), folders (searched recursively) and quoted globs
     #[arg(required = true, num_args = 1.., value_name = "INPUT")]
     pub inputs: Vec<PathBuf>,
-    /// Output. With one input file: the output image (PNG, JPEG, WebP, TIFF by extension). With
-    /// several inputs, a folder or a glob (or when it is an existing folder): the output folder,
-    /// which mirrors the input tree. Written atomically; an input is never overwritten.
-    #[arg(short, long, value_name = "PATH")]
+    /// Output image; with several inputs, a folder or a glob: the output folder (mirrors the inputs)
+    #[arg(short, long, value_name = "PATH", help_heading = heading::IO)]
     pub output: PathBuf,
-    /// Output file name in a batch: `{stem}` (input name without extension), `{ext}` (--format's
-    /// extension, else the input's, else png), `{scale}` (x4, x1.5, w1024, h768 or 1024x768);
-    /// `{{`/`}}` for braces. Default: `{stem}_{scale}.{ext}`.
-    #[arg(long, value_name = "TEMPLATE")]
+    /// Output file names in a batch, from {stem}, {ext} and {scale} [default: {stem}_{scale}.{ext}]
+    #[arg(long, value_name = "TEMPLATE", help_heading = heading::IO)]
     pub name: Option<String>,
-    /// Output format in a batch (default: the input's when writable, else PNG).
-    #[arg(long, value_enum)]
-    pub format: Option<FormatArg>,
-    /// Skip inputs whose output file already exists.
-    #[arg(long)]
+    /// Skip inputs whose output file already exists
+    #[arg(long, help_heading = heading::IO)]
     pub skip_existing: bool,
-    /// Print what would be done (input -> output, sizes, model passes, block grid, estimated
-    /// memory) without loading the model or writing anything.
-    #[arg(long)]
+    /// Print the plan (outputs, sizes, passes, block grids, memory); load no model, write nothing
+    #[arg(long, help_heading = heading::IO)]
     pub dry_run: bool,
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// Seed of the initial noise.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Initial noise eps from a safetensors file (key `eps`, shape (1,3,H,W) of the output) instead
-    /// of the seeded generator, e.g. to compare with the official code on the same noise.
-    #[arg(long, value_name = "FILE")]
-    pub noise: Option<PathBuf>,
-    #[arg(long, default_value = "cpu", value_name = "DEVICE", help = DEVICE_HELP)]
-    pub device: DeviceRequest,
-    /// Network precision. Default: bf16 on a GPU, f32 on the CPU (exact parity; bf16 is about 1.6x faster on a
-    /// CPU with AVX-512 BF16, whose dot-product instructions it then uses).
-    #[arg(long, value_enum)]
-    pub dtype: Option<DTypeArg>,
-    /// Upscaling factor (default 4): 4 is the native pass, 2 the official 2x mode; any other factor
-    /// S > 0 (8, 16, 3, 1.5, ...) runs the fewest passes (x4, or x2 where that suffices) reaching at
-    /// least S, then an antialiased bicubic downscale to round(W*S) x round(H*S). `x4` also accepted.
-    #[arg(long, value_parser = parse_scale, conflicts_with_all = ["width", "height"])]
-    pub scale: Option<f64>,
-    /// Output width in pixels (alone: the height keeps the aspect ratio). Passes as for --scale.
-    #[arg(long, value_name = "PX", value_parser = clap::value_parser!(u32).range(1..))]
-    pub width: Option<u32>,
-    /// Output height in pixels (alone: the width keeps the aspect ratio).
-    #[arg(long, value_name = "PX", value_parser = clap::value_parser!(u32).range(1..))]
-    pub height: Option<u32>,
-    /// Sampler steps (default: the model's own setting — the built-in model's is in its config —
-    /// else the released 20, i.e. 39 network evaluations).
-    #[arg(long)]
-    pub steps: Option<usize>,
-    /// Starting sigma of the sampler (default: the model's own setting, else the released 40).
-    #[arg(long)]
-    pub sigma_max: Option<f32>,
-    /// Bicubic kernel of the input preparation.
-    #[arg(long, value_enum, default_value_t = ResizeArg::Antialias)]
-    pub resize: ResizeArg,
-    /// How the alpha plane (transparency) is upscaled. `bicubic` (default): straight from the
-    /// input to the output size; flat areas stay exactly opaque or transparent, no extra time.
-    /// `model`: through the same model passes as the colour, as a gray image with its own noise
-    /// (from --seed), then the same resize; edges follow the model's sharpening, at twice the
-    /// model time, and a model trained on photos may add texture to flat areas of the mask.
-    #[arg(long, value_enum, default_value_t = AlphaArg::Bicubic)]
-    pub alpha: AlphaArg,
-    /// The colour that `--alpha drop` flattens transparent images on, as RRGGBB hex (default: white).
-    #[arg(long, value_name = "RRGGBB", value_parser = parse_colour, default_value = "ffffff")]
-    pub background: [u8; 3],
-    /// How each network evaluation runs: the block scheduler (memory grows with the width), or
-    /// the whole image at once (the official "full" mode, memory grows with the area; for checks).
-    #[arg(long, value_enum, default_value_t = ModeArg::Blocks)]
-    pub mode: ModeArg,
-    /// Blocks per batch side for the scheduler (n x n blocks per forward). Default: the largest n
-    /// whose memory plan fits --max-memory, on the CPU at most the n with 4096 tokens per forward
-    /// (2 for 128-px blocks), beyond which a batch costs much memory for little time.
-    #[arg(long, value_name = "N")]
-    pub block_batch: Option<usize>,
-    /// Memory budget in bytes (suffixes K, M, G, T accepted) used to choose --block-batch: of
-    /// host memory on the CPU, of GPU memory on a GPU. Default: half of the available memory, at
-    /// most 8G; on a GPU 90% of its free memory less 512M.
-    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
-    pub max_memory: Option<u64>,
-    /// Storage precision of the scheduler's K/V cache. Default: the network's --dtype.
-    #[arg(long, value_enum)]
-    pub kv_dtype: Option<DTypeArg>,
-    /// Keep the block scheduler's K/V cache in host memory and copy what each block batch needs
-    /// to the GPU, so that GPU memory does not grow with the output size (block mode; same
-    /// results bit for bit; some time for the copies). Nothing changes on the CPU.
-    #[arg(long)]
-    pub kv_offload: bool,
-    /// Save the sampler state here after each step, and resume from it when rerun with the same
-    /// command (the result is bit-identical to an uninterrupted run). In a batch, each file uses
-    /// `DIR/<output path below -o>.state`; runs of several passes also keep each finished pass.
-    /// With --alpha model, the alpha plane's passes keep theirs in an `alpha` folder below.
-    #[arg(long, value_name = "DIR")]
-    pub checkpoint_dir: Option<PathBuf>,
-    /// Keep the sampler's image-size state (about 36 bytes per output pixel) in files in this folder
-    /// instead of in memory, and make the upsampled LR and the initial noise block row by block row
-    /// (block mode only): the sampling's memory then grows with the width only. Bit-identical
-    /// results. Use a folder on a disk, not a tmpfs.
-    #[arg(long, value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
-    /// Print the memory plan and the chosen settings.
-    #[arg(long, short)]
-    pub verbose: bool,
-    /// How inputs of any size meet the 128-px block grid: reflect-pad and crop the result back
-    /// (every input pixel is kept), or the official center crop to a multiple of 32 (for parity).
-    #[arg(long, value_enum, default_value_t = CropArg::Pad)]
-    pub crop: CropArg,
-    /// Drop the input's ICC profile and EXIF instead of carrying them over.
-    #[arg(long)]
-    pub strip_metadata: bool,
-    /// JPEG output quality (1-100).
-    #[arg(long, default_value_t = 95, value_parser = clap::value_parser!(u8).range(1..=100))]
-    pub jpeg_quality: u8,
-    /// How 8-bit output samples are made: round to nearest, or truncate as the official script
-    /// does (its images are half a level darker on average; use it to compare bit for bit).
-    #[arg(long, value_enum, default_value_t = RoundingArg::Nearest)]
-    pub rounding: RoundingArg,
-    /// Largest input accepted, in pixels (guards against decompression bombs).
-    #[arg(long, default_value_t = 64 << 20)]
+    /// Largest input accepted, in pixels (a guard against decompression bombs)
+    #[arg(long, value_name = "N", default_value_t = 64 << 20, help_heading = heading::IO)]
     pub max_pixels: u64,
-    /// No progress bars, no "wrote" lines, no summary (errors are still printed).
-    #[arg(long, short)]
+    #[command(flatten, next_help_heading = heading::MODEL)]
+    pub model: ModelArgs,
+    /// Any factor > 0: 4 native, 2 the official 2x mode, others by x4/x2 passes and a resize [default: 4]
+    #[arg(long, value_name = "S", value_parser = parse_scale, conflicts_with_all = ["width", "height"],
+          help_heading = heading::SIZE)]
+    pub scale: Option<f64>,
+    /// Output width in pixels (alone: the height keeps the aspect ratio)
+    #[arg(long, value_name = "PX", value_parser = clap::value_parser!(u32).range(1..), help_heading = heading::SIZE)]
+    pub width: Option<u32>,
+    /// Output height in pixels (alone: the width keeps the aspect ratio)
+    #[arg(long, value_name = "PX", value_parser = clap::value_parser!(u32).range(1..), help_heading = heading::SIZE)]
+    pub height: Option<u32>,
+    /// Fit the model's block grid by reflect padding (all pixels kept) or the official centre crop to a
+    /// multiple of 32
+    #[arg(long, value_enum, value_name = "pad|official", hide_possible_values = true,
+          default_value_t = CropArg::Pad, help_heading = heading::SIZE)]
+    pub crop: CropArg,
+    /// Seed of the initial noise
+    #[arg(long, default_value_t = 0, help_heading = heading::SAMPLING)]
+    pub seed: u64,
+    /// Initial noise from a safetensors file (key `eps`, the output's shape) instead of the seed
+    #[arg(long, value_name = "FILE", help_heading = heading::SAMPLING)]
+    pub noise: Option<PathBuf>,
+    /// Sampler steps [default: the model's own, else 20 (39 network evaluations)]
+    #[arg(long, value_name = "N", help_heading = heading::SAMPLING)]
+    pub steps: Option<usize>,
+    /// Starting sigma of the sampler [default: the model's own, else 40]
+    #[arg(long, value_name = "S", help_heading = heading::SAMPLING)]
+    pub sigma_max: Option<f32>,
+    /// Bicubic kernel of the input preparation: antialiased (torchvision >= 0.17) or classic
+    #[arg(long, value_enum, value_name = "antialias|classic", hide_possible_values = true,
+          default_value_t = ResizeArg::Antialias, help_heading = heading::SAMPLING)]
+    pub resize: ResizeArg,
+    /// Alpha plane: bicubic to the output size, through the model's passes (twice the model time), or
+    /// dropped (flattened on --background; needed for JPEG output)
+    #[arg(long, value_enum, value_name = "bicubic|model|drop", hide_possible_values = true,
+          default_value_t = AlphaArg::Bicubic, help_heading = heading::SAMPLING)]
+    pub alpha: AlphaArg,
+    /// Background colour for --alpha drop, as RRGGBB hex
+    #[arg(long, value_name = "RRGGBB", value_parser = parse_colour, default_value = "ffffff",
+          help_heading = heading::SAMPLING)]
+    pub background: [u8; 3],
+    #[arg(long, default_value = "cpu", value_name = "DEVICE", help = DEVICE_HELP, help_heading = heading::PERF)]
+    pub device: DeviceRequest,
+    /// Network precision [default: f32 on the CPU, bf16 on a GPU]
+    #[arg(long, value_enum, value_name = "f32|bf16|f16", hide_possible_values = true, help_heading = heading::PERF)]
+    pub dtype: Option<DTypeArg>,
+    /// Block scheduler (memory grows with the width) or whole image (the official "full" mode)
+    #[arg(long, value_enum, value_name = "blocks|whole", hide_possible_values = true,
+          default_value_t = ModeArg::Blocks, help_heading = heading::PERF)]
+    pub mode: ModeArg,
+    /// Blocks per batch side [default: the largest n that fits --max-memory; CPU: at most 4096 tokens
+    /// a forward]
+    #[arg(long, value_name = "N", help_heading = heading::PERF)]
+    pub block_batch: Option<usize>,
+    /// Memory budget that picks --block-batch (K/M/G/T) [default: half the available memory, at most
+    /// 8G; GPU: 90% of the free memory - 512M]
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, help_heading = heading::PERF)]
+    pub max_memory: Option<u64>,
+    /// Precision of the keys/values the block scheduler caches between batches [default: --dtype's]
+    #[arg(long, value_enum, value_name = "f32|bf16|f16", hide_possible_values = true, help_heading = heading::PERF)]
+    pub kv_dtype: Option<DTypeArg>,
+    /// GPU: keep the scheduler's K/V cache in host memory, so GPU memory does not grow with the output
+    #[arg(long, help_heading = heading::PERF)]
+    pub kv_offload: bool,
+    /// Keep the sampler's image-size state (36 bytes a pixel) in files in DIR, not in memory (block mode)
+    #[arg(long, value_name = "DIR", help_heading = heading::PERF)]
+    pub state_dir: Option<PathBuf>,
+    /// Save the sampler state in DIR after each step; rerun the same command to resume
+    #[arg(long, value_name = "DIR", help_heading = heading::RESUME)]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Output format in a batch [default: the input's when writable, else png]
+    #[arg(long, value_enum, value_name = "png|jpeg|webp|tiff", hide_possible_values = true, help_heading = heading::FORMAT)]
+    pub format: Option<FormatArg>,
+    /// 8-bit samples: round to nearest, or truncate like the official script (bit-exact comparisons)
+    #[arg(long, value_enum, value_name = "nearest|truncate", hide_possible_values = true,
+          default_value_t = RoundingArg::Nearest, help_heading = heading::FORMAT)]
+    pub rounding: RoundingArg,
+    /// JPEG output quality (1-100)
+    #[arg(long, value_name = "Q", default_value_t = 95, value_parser = clap::value_parser!(u8).range(1..=100),
+          help_heading = heading::FORMAT)]
+    pub jpeg_quality: u8,
+    /// Drop the input's ICC profile and EXIF instead of carrying them over
+    #[arg(long, help_heading = heading::FORMAT)]
+    pub strip_metadata: bool,
+    /// Print the memory plan and the chosen settings
+    #[arg(long, short, help_heading = heading::PROGRESS)]
+    pub verbose: bool,
+    /// No progress bars, no "wrote" lines, no summary (errors are still printed)
+    #[arg(long, short, help_heading = heading::PROGRESS)]
     pub quiet: bool,
-    /// Progress as JSON lines on standard output (one object per event: `start`, `progress`,
-    /// `done`, and in batches `skipped`, `failed`, `summary`; each with `file_index` (from 0) and
-    /// `file_count`) instead of the progress bars, for scripts.
-    #[arg(long)]
+    /// Progress as JSON lines on standard output instead of bars (events: docs/cli.md)
+    #[arg(long, help_heading = heading::PROGRESS)]
     pub json: bool,
 }
 

@@ -699,3 +699,77 @@ fn rounding_nearest_by_default_truncate_on_request() {
     assert!((0.35..0.65).contains(&mean), "mean difference {mean}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `infdit upscale --help` is one line a flag, in groups (it was 170 lines of paragraphs); the
+/// flags whose help was wrong say what they do: `--kv-dtype` is about the K/V cache (its help was
+/// `--dtype`'s, "weights and activations"), and `--crop` names no block size (the built-in model's
+/// blocks are 64 px, the released model's 128).
+#[test]
+fn upscale_help_is_grouped_and_short() {
+    for flag in ["--help", "-h"] {
+        let r = infdit().args(["upscale", flag]).output().unwrap();
+        assert!(r.status.success());
+        let help = String::from_utf8(r.stdout).unwrap();
+        let lines: Vec<&str> = help.lines().collect();
+        assert!(lines.len() <= 70, "{flag}: {} lines", lines.len());
+        for heading in [
+            "Input and output:",
+            "Model:",
+            "Size:",
+            "Sampling:",
+            "Performance and memory:",
+            "Resume:",
+            "Output format and metadata:",
+            "Progress and reporting:",
+        ] {
+            assert!(lines.contains(&heading), "{flag}: no heading {heading:?}");
+        }
+        let line = |name: &str| *lines.iter().find(|l| l.trim_start().starts_with(name)).unwrap();
+        let kv = line("--kv-dtype");
+        assert!(kv.contains("cache") && !kv.contains("activations"), "{kv}");
+        let crop = line("--crop");
+        assert!(!crop.contains("128") && crop.contains("block grid"), "{crop}");
+        assert!(help.contains("docs/cli.md"));
+    }
+}
+
+/// The `--json` progress of a run ends at the full count, in block mode and in whole-image mode:
+/// the last `progress` event has every evaluation and every block done (`blocks_done` was 0 in
+/// block mode), and `work_done` climbs to the `start` event's `work` (whole-image mode's bar ran
+/// one evaluation ahead). The built-in model (64-px blocks, no --model) on a 32 x 48 crop of the
+/// quick-start photo: a 128 x 192 output, 2 x 3 blocks; two steps, three evaluations.
+#[test]
+fn json_progress_ends_at_the_full_count() {
+    let dir = tmpdir("json-full");
+    let input = dir.join("in.png");
+    let photo = image::open(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/ladybird-256.png")).unwrap();
+    photo.crop_imm(100, 100, 32, 48).to_rgb8().save(&input).unwrap();
+    for mode in [&["--mode", "blocks", "--block-batch", "1"][..], &["--mode", "whole"]] {
+        let r = infdit()
+            .arg("upscale")
+            .arg(&input)
+            .arg("-o")
+            .arg(dir.join("out.png"))
+            .args(["--steps", "2", "--json"])
+            .args(mode)
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{mode:?}: {}", stderr_of(&r));
+        let events = json_events(&r);
+        let start = events.iter().find(|e| e["event"] == "start").unwrap();
+        let work = start["work"].as_u64().unwrap();
+        assert_eq!((start["blocks"].as_u64(), work), (Some(6), 18), "{mode:?}");
+        let progress: Vec<_> = events.iter().filter(|e| e["event"] == "progress").collect();
+        let done: Vec<u64> = progress.iter().map(|e| e["work_done"].as_u64().unwrap()).collect();
+        assert!(done.windows(2).all(|w| w[0] <= w[1]) && done.iter().all(|&d| d <= work), "{mode:?}: {done:?}");
+        let last = progress.last().unwrap();
+        let count = |k: &str| last[k].as_u64().unwrap();
+        assert_eq!(
+            [count("steps_done"), count("evals_done"), count("blocks_done"), count("work_done")],
+            [count("steps_total"), count("evals_total"), count("blocks_total"), work],
+            "{mode:?}: {last}"
+        );
+        assert_eq!((count("evals_total"), count("blocks_total")), (3, 6));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,6 +1,7 @@
 //! Peak resident memory of one block-mode upscale, with the sampler state in memory or in a state
-//! folder (`SampleOptions::state_dir`), through the library as `infdit upscale` would call it.
-//! A benchmark, not a test: see `bench/memory.sh` for the command-line tool's figures.
+//! folder (`UpscaleOptions::state_dir`), through the library's `Upscaler::upscale_file`, the call
+//! `infdit upscale` makes. A benchmark, not a test: see `bench/memory.sh` for the command-line
+//! tool's figures.
 //!
 //! ```text
 //! cargo run --release -p infdit --example state_dir_memory -- \
@@ -9,24 +10,17 @@
 //! ```
 //!
 //! The model has random weights (seed 1) built from the config; the input is any RGB image (the
-//! output is 4x its size, reflect-padded to the block grid and cropped back). Without a state
-//! folder it does what `infdit upscale --mode blocks` does: whole-image noise tensor, sample
-//! tensor, `save_image_atomic`. With one: seeded per-block noise, the state in the folder, the
-//! output quantised band by band from the state file by `save_image_atomic`. Prints the output
-//! size and the peak resident set size (VmHWM of /proc/self/status, Linux).
+//! output is 4x its size, reflect-padded to the block grid and cropped back). With a state folder
+//! the output is written band by band from the sampler's state file. Prints the output size and
+//! the peak resident set size (VmHWM of /proc/self/status, Linux) after sampling and after writing.
 
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
+use infdit::Model;
 use infdit::ModelConfig;
-use infdit::diffusion::HeunConfig;
-use infdit::diffusion::noise::{Noise, image_noise};
-use infdit::imageio::resize::Bicubic;
-use infdit::imageio::{LoadLimits, SaveOptions, crop, load_image, save_image_atomic};
-use infdit::loaded::Model;
 use infdit::loaded::random::random_checkpoint;
-use infdit::prepare::{PassScale, prepare_padded};
-use infdit::sampling::{Mode, SampleOptions, sample, sample_with_noise};
+use infdit::upscale::{Evaluation, Event, UpscaleOptions, Upscaler};
 
 struct Args {
     config: PathBuf,
@@ -77,46 +71,37 @@ fn peak_rss() -> Option<u64> {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = parse()?;
-    let dev = Device::Cpu;
     let cfg = ModelConfig::from_file(&a.config)?;
-    let model = Model::from_checkpoint(&cfg, random_checkpoint(&cfg, 1)?, DType::F32, &dev)?;
-    let loaded = load_image(&a.input, &LoadLimits::for_pixels(1 << 32))?;
-    let kind = Bicubic::Antialias;
-    let (prep, c, clip_input) = prepare_padded(&loaded.rgb, PassScale::X4, cfg.dit.block_px, kind)?;
-    let clip = model.clip_vector(&clip_input, kind)?;
-    let opts = SampleOptions {
-        heun: HeunConfig { steps: a.steps, ..HeunConfig::default() },
-        mode: Mode::Blocks { block_batch: a.block_batch, kv_dtype: DType::F32 },
+    let model = Model::from_checkpoint(&cfg, random_checkpoint(&cfg, 1)?, DType::F32, &Device::Cpu)?;
+    let up = Upscaler::from_model(model, "random weights, seed 1", None);
+    let opts = UpscaleOptions {
+        seed: a.seed,
+        steps: Some(a.steps),
+        evaluation: Evaluation::Blocks { block_batch: Some(a.block_batch) },
         state_dir: a.state_dir.clone(),
-        ..SampleOptions::default()
+        max_pixels: 1 << 32,
+        ..UpscaleOptions::default()
     };
-    let save = SaveOptions::default();
-    let sampled_peak = match &a.state_dir {
-        None => {
-            let eps = image_noise(a.seed, &prep.grid, 3, &dev)?;
-            let out = sample(&model, &prep, &clip, &eps, &opts, &mut |_| {})?;
-            let peak = peak_rss();
-            let x = out.sample.ok_or("no sample")?;
-            let x = crop(&x, c.top, c.left, c.height, c.width)?;
-            save_image_atomic(&a.output, &x, None, false, &save, &[a.input.as_path()])?;
-            peak
-        }
-        Some(_) => {
-            let out = sample_with_noise(&model, &prep, &clip, &Noise::Seeded(a.seed), &opts, &mut |_| {})?;
-            let peak = peak_rss();
-            let fin = out.final_sample.ok_or("no sample")?;
-            let window = fin.window(c.top, c.left, c.height, c.width)?;
-            save_image_atomic(&a.output, &window, None, false, &save, &[a.input.as_path()])?;
-            peak
-        }
-    };
+    // The peak while sampling: the last progress report comes after the last evaluation.
+    let mut sampled_peak = None;
+    let mut blocks = 0;
+    let done = up.upscale_file(
+        &a.input,
+        &a.output,
+        &opts,
+        &mut |ev| match ev {
+            Event::Start(plan) => blocks = plan.passes.iter().map(|p| p.geometry.blocks()).sum(),
+            Event::Progress(_) => sampled_peak = peak_rss(),
+            _ => {}
+        },
+        None,
+    )?;
     let mib = |b: Option<u64>| b.map_or(f64::NAN, |b| b as f64 / (1u64 << 20) as f64);
     println!(
-        "output {}x{} ({} blocks), block batch {}, {} steps, state {}: peak RSS {:.0} MiB after sampling, {:.0} MiB \
+        "output {}x{} ({blocks} blocks), block batch {}, {} steps, state {}: peak RSS {:.0} MiB after sampling, {:.0} MiB \
          after writing the PNG",
-        c.width,
-        c.height,
-        prep.grid.len(),
+        done.width,
+        done.height,
         a.block_batch,
         a.steps,
         a.state_dir.as_ref().map_or("in memory".to_string(), |d| format!("in {}", d.display())),

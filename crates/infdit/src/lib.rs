@@ -53,6 +53,11 @@ pub mod train;
 pub mod upscale;
 pub mod weights;
 
+/// The README's example, compiled as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
+
 pub use config::{ClipConfig, DitConfig, ModelConfig};
 pub use error::{InfditError, Result};
 pub use loaded::{Model, ModelSpec};

@@ -13,10 +13,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use candle_core::DType;
 use serde_json::json;
 
+use infdit::device::OpenedDevice;
 use infdit::upscale::{Event, FilePlan, ImagePlan, Planner, UpscaleOptions, Upscaler, plan_file, planner};
 use infdit::{InfditError, ModelSpec};
 
@@ -126,64 +127,58 @@ fn check_jobs(
         .collect()
 }
 
-pub(crate) fn upscale(a: UpscaleArgs) -> Result<ExitCode> {
-    let batch = is_batch(&a.inputs) || a.output.is_dir();
-    if !batch && a.name.is_some() {
-        bail!("--name applies when -o is a folder (several inputs, a folder or a pattern); here -o names the file");
-    }
-    if !batch && a.format.is_some() {
-        bail!("--format applies when -o is a folder; for one file the extension of -o picks the format");
-    }
-    let opts = UpscaleOptions::from(&a);
-    opts.validate().map_err(|e| anyhow::anyhow!(options::message(&e)))?;
+/// What every file of a run shares, set up (and checked) once.
+struct Setup {
+    opts: UpscaleOptions,
+    spec: ModelSpec,
+    device: OpenedDevice,
+    act: DType,
+    planner: Planner,
+}
+
+fn setup(a: &UpscaleArgs) -> Result<Setup> {
+    let opts = UpscaleOptions::from(a);
+    opts.validate().map_err(|e| anyhow!(options::message(&e)))?;
     let m = &a.model;
-    let spec = ModelSpec::from_paths(m.model.as_deref(), m.config.as_deref(), m.clip.as_deref())
-        .map_err(|e| anyhow::anyhow!(e.to_string().replace("a config file needs", "--config needs")))?;
+    let spec = super::model_spec(m)?;
     let device = open_device(a.device)?;
     let act = run_dtype(a.dtype, &device);
     let planner = planner(&spec.config()?, spec.sampler_defaults()?, &opts, &device, act)
-        .map_err(|e| anyhow::anyhow!(options::message(&e)))?;
-    let (jobs, errors) = plan_jobs(&a, batch, &opts.target.token())?;
-    if batch && jobs.is_empty() && !errors.is_empty() {
-        for e in &errors {
-            eprintln!("error: {e}");
-        }
-        bail!("no input images");
-    }
-    let checked = check_jobs(&jobs, &opts, &a, &planner);
-    if a.dry_run {
-        if let ModelSpec::Files { weights, .. } = &spec
-            && !weights.exists()
-        {
-            bail!("{}: no such checkpoint file or model folder", weights.display());
-        }
-        return dry_run(&a, &planner, &jobs, &checked, &errors);
-    }
+        .map_err(|e| anyhow!(options::message(&e)))?;
+    Ok(Setup { opts, spec, device, act, planner })
+}
+
+/// `--verbose`'s settings line and the CPU precision note.
+fn print_settings(a: &UpscaleArgs, s: &Setup) {
     if a.verbose {
         let bf = |b: usize| b as f64 / (1u64 << 30) as f64;
-        let mem = match infdit::device::gpu_memory(&device.device) {
+        let mem = match infdit::device::gpu_memory(&s.device.device) {
             Some((free, total)) => {
                 format!(", {:.1} of {:.1} GiB GPU memory free", bf(free as usize), bf(total as usize))
             }
             None => String::new(),
         };
         eprintln!(
-            "device: {}, network dtype {act:?}, K/V cache {:?}{}{mem}; memory budget {:.1} GiB",
-            device.describe(),
-            planner.kv_dtype,
+            "device: {}, network dtype {:?}, K/V cache {:?}{}{mem}; memory budget {:.1} GiB",
+            s.device.describe(),
+            s.act,
+            s.planner.kv_dtype,
             if a.kv_offload { " in host memory (--kv-offload)" } else { "" },
-            bf(planner.budget)
+            bf(s.planner.budget)
         );
     }
-    if !device.is_gpu()
+    if !s.device.is_gpu()
         && !a.quiet
-        && let Some(why) = cpu_dtype_note(act, infdit::model::bf16_gemm::available())
+        && let Some(why) = cpu_dtype_note(s.act, infdit::model::bf16_gemm::available())
     {
         eprintln!("note: {why}; use it to save memory, not time");
     }
+}
+
+/// The Ctrl-C handler: the first press stops the run at the next block batch, the second at once.
+fn install_ctrlc(quiet: bool) -> Result<Arc<AtomicBool>> {
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
-    let quiet = a.quiet;
     ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
             // Second Ctrl-C: quit at once. An output is still never partial (it appears by a
@@ -195,124 +190,194 @@ pub(crate) fn upscale(a: UpscaleArgs) -> Result<ExitCode> {
         }
     })
     .context("cannot install the Ctrl-C handler")?;
+    Ok(cancel)
+}
 
-    let works: Vec<u64> = checked.iter().map(|c| c.as_ref().map_or(0, |p| p.plan.work)).collect();
-    let mut rep = Reporter::new(a.quiet, a.json, batch, jobs.len(), works.iter().sum());
-    for e in &errors {
-        rep.line(&format!("error: {e}"));
+pub(crate) fn upscale(a: UpscaleArgs) -> Result<ExitCode> {
+    let batch = is_batch(&a.inputs) || a.output.is_dir();
+    if !batch && a.name.is_some() {
+        bail!("--name applies when -o is a folder (several inputs, a folder or a pattern); here -o names the file");
     }
-    // Loaded at the first file that runs (a batch whose files all fail loads nothing).
-    let mut up: Option<Upscaler> = None;
-    let mut device = Some(device);
-    let (mut done, mut skipped, mut failed) = (0usize, 0usize, errors.len());
-    let mut interrupted = false;
-    let mut not_done = 0;
+    if !batch && a.format.is_some() {
+        bail!("--format applies when -o is a folder; for one file the extension of -o picks the format");
+    }
+    let s = setup(&a)?;
+    let (jobs, errors) = plan_jobs(&a, batch, &s.opts.target.token())?;
+    if batch && jobs.is_empty() && !errors.is_empty() {
+        for e in &errors {
+            eprintln!("error: {e}");
+        }
+        bail!("no input images");
+    }
+    // Every file is checked before any work: its header, its whole pass plan, its output.
+    let checked = check_jobs(&jobs, &s.opts, &a, &s.planner);
+    if a.dry_run {
+        if let ModelSpec::Files { weights, .. } = &s.spec
+            && !weights.exists()
+        {
+            bail!("{}: no such checkpoint file or model folder", weights.display());
+        }
+        return dry_run(&a, &s.planner, &jobs, &checked, &errors);
+    }
+    print_settings(&a, &s);
+    let cancel = install_ctrlc(a.quiet)?;
+    let works: Vec<u64> = checked.iter().map(|c| c.as_ref().map_or(0, |p| p.plan.work)).collect();
+    let mut run = BatchRun {
+        rep: Reporter::new(a.quiet, a.json, batch, jobs.len(), works.iter().sum()),
+        tally: Tally { failed: errors.len(), ..Tally::default() },
+        up: None,
+        opts: s.opts.clone(),
+        a: &a,
+        batch,
+        cancel,
+    };
+    for e in &errors {
+        run.rep.line(&format!("error: {e}"));
+    }
+    let mut setup = Some(s);
     for (i, (job, check)) in jobs.iter().zip(&checked).enumerate() {
-        if cancel.load(Ordering::SeqCst) {
-            interrupted = true;
-            not_done = jobs.len() - i;
+        if run.cancel.load(Ordering::SeqCst) {
+            run.tally.interrupt(jobs.len() - i);
             break;
         }
-        rep.begin_file(i, job.input.display().to_string(), works[i]);
-        let input = job.input.display().to_string();
+        run.rep.begin_file(i, job.input.display().to_string(), works[i]);
+        if !run.job(job, check, &mut setup)? {
+            run.tally.interrupt(jobs.len() - i);
+            break;
+        }
+        run.rep.end_file();
+    }
+    Ok(run.finish())
+}
+
+/// The counts of a batch, and how it ends.
+#[derive(Debug, Default)]
+struct Tally {
+    done: usize,
+    skipped: usize,
+    failed: usize,
+    interrupted: bool,
+    not_done: usize,
+}
+
+impl Tally {
+    fn interrupt(&mut self, not_done: usize) {
+        self.interrupted = true;
+        self.not_done = not_done;
+    }
+}
+
+/// A batch under way: the bars, the counts, the model once loaded.
+struct BatchRun<'a> {
+    rep: Reporter,
+    tally: Tally,
+    up: Option<Upscaler>,
+    opts: UpscaleOptions,
+    a: &'a UpscaleArgs,
+    batch: bool,
+    cancel: Arc<AtomicBool>,
+}
+
+impl BatchRun<'_> {
+    /// Runs one job; `false` when Ctrl-C stopped it (the batch stops). A model that cannot be
+    /// loaded stops the whole run with an error.
+    fn job(&mut self, job: &Job, check: &Result<FilePlan, String>, setup: &mut Option<Setup>) -> Result<bool> {
+        let (a, input) = (self.a, job.input.display().to_string());
         if a.skip_existing && job.output.exists() {
-            rep.emit(json!({
-                "event": "skipped",
-                "input": input,
-                "output": job.output.display().to_string(),
-                "reason": "output exists",
-            }));
-            if rep.chatty() && (!batch || a.verbose) {
-                rep.line(&format!("skipped {}: {} exists", job.input.display(), job.output.display()));
+            let output = job.output.display().to_string();
+            self.rep.emit(json!({"event": "skipped", "input": input, "output": output, "reason": "output exists"}));
+            if self.rep.chatty() && (!self.batch || a.verbose) {
+                self.rep.line(&format!("skipped {}: {} exists", job.input.display(), job.output.display()));
             }
-            skipped += 1;
-            rep.end_file();
-            continue;
+            self.tally.skipped += 1;
+            return Ok(true);
         }
         if let Err(msg) = check {
-            rep.emit(json!({"event": "failed", "input": input, "error": msg}));
-            rep.line(&format!("error: {msg}"));
-            failed += 1;
-            rep.end_file();
-            continue;
+            self.fail(&input, msg.clone());
+            return Ok(true);
         }
-        if up.is_none() {
-            if spec.is_builtin() && !a.quiet {
-                rep.line(
+        // The model is loaded at the first file that runs (a batch whose files all fail loads nothing).
+        if let Some(s) = setup.take() {
+            if s.spec.is_builtin() && !a.quiet {
+                self.rep.line(
                     "note: using the small model built into infdit (1.3M parameters, trained for 78 minutes on a \
                      2-core CPU; a little better than bicubic, see models/default/MODEL_CARD.md); give the released \
                      checkpoint with --model for the paper's quality",
                 );
             }
-            let dev = device.take().context("the device is opened once")?;
-            up = Some(Upscaler::load(&spec, dev, act).map_err(|e| anyhow::anyhow!(options::message(&e)))?);
+            self.up = Some(Upscaler::load(&s.spec, s.device, s.act).map_err(|e| anyhow!(options::message(&e)))?);
         }
-        let up = up.as_ref().context("loaded above")?;
-        let jopts = job_options(&opts, &a, job);
+        let up = self.up.as_ref().context("the model is loaded before the first file runs")?;
+        let jopts = job_options(&self.opts, a, job);
         let result = {
-            let mut on_event = |ev: &Event| report(&mut rep, &a, job, ev);
-            up.upscale_file(&job.input, &job.output, &jopts, &mut on_event, Some(&cancel))
+            let rep = &mut self.rep;
+            let mut on_event = |ev: &Event| report(rep, a, job, ev);
+            up.upscale_file(&job.input, &job.output, &jopts, &mut on_event, Some(&self.cancel))
         };
         match result {
             Ok(r) => {
-                done += 1;
-                rep.emit(json!({
-                    "event": "done",
-                    "output": job.output.display().to_string(),
-                    "width": r.width,
-                    "height": r.height,
-                    "elapsed_s": rep.elapsed_s(),
-                }));
-                if rep.chatty() {
-                    if !batch {
-                        rep.finish();
+                self.tally.done += 1;
+                let (output, elapsed_s) = (job.output.display().to_string(), self.rep.elapsed_s());
+                let (width, height) = (r.width, r.height);
+                self.rep.emit(json!({"event": "done", "output": output, "width": width, "height": height, "elapsed_s": elapsed_s}));
+                if self.rep.chatty() {
+                    if !self.batch {
+                        self.rep.finish();
                     }
-                    rep.line(&format!("wrote {} ({}x{})", job.output.display(), r.width, r.height));
+                    self.rep.line(&format!("wrote {output} ({width}x{height})"));
                 }
-                clean_checkpoint_folders(&a, &jopts, batch);
+                clean_checkpoint_folders(a, &jopts, self.batch);
+                Ok(true)
             }
             Err(e) if is_interrupted(&e) => {
-                interrupted = true;
-                not_done = jobs.len() - i;
-                rep.emit(json!({"event": "interrupted", "input": input}));
+                self.rep.emit(json!({"event": "interrupted", "input": input}));
                 let resume = match &a.checkpoint_dir {
                     Some(d) => format!("; its last completed step is kept in {}: rerun to resume", d.display()),
                     None => "; its output was not written".into(),
                 };
-                rep.line(&format!("interrupted while upscaling {}{resume}", job.input.display()));
-                break;
+                self.rep.line(&format!("interrupted while upscaling {input}{resume}"));
+                Ok(false)
             }
             Err(e) => {
-                let msg = file_error(&job.input, &options::message(&e));
-                rep.emit(json!({"event": "failed", "input": input, "error": msg}));
-                rep.line(&format!("error: {msg}"));
-                failed += 1;
+                self.fail(&input, file_error(&job.input, &options::message(&e)));
+                Ok(true)
             }
         }
-        rep.end_file();
     }
-    rep.finish();
-    if batch {
-        rep.emit_run(json!({
-            "event": "summary",
-            "done": done,
-            "skipped": skipped,
-            "failed": failed,
-            "interrupted": interrupted,
-            "not_done": not_done,
-        }));
-        if rep.chatty() {
-            let stop = if interrupted { format!(", interrupted ({not_done} not done)") } else { String::new() };
-            eprintln!("{done} done, {skipped} skipped, {failed} failed{stop}");
+
+    fn fail(&mut self, input: &str, msg: String) {
+        self.rep.emit(json!({"event": "failed", "input": input, "error": msg}));
+        self.rep.line(&format!("error: {msg}"));
+        self.tally.failed += 1;
+    }
+
+    /// The summary and the exit code.
+    fn finish(self) -> ExitCode {
+        let t = &self.tally;
+        self.rep.finish();
+        if self.batch {
+            self.rep.emit_run(json!({
+                "event": "summary",
+                "done": t.done,
+                "skipped": t.skipped,
+                "failed": t.failed,
+                "interrupted": t.interrupted,
+                "not_done": t.not_done,
+            }));
+            if self.rep.chatty() {
+                let stop =
+                    if t.interrupted { format!(", interrupted ({} not done)", t.not_done) } else { String::new() };
+                eprintln!("{} done, {} skipped, {} failed{stop}", t.done, t.skipped, t.failed);
+            }
+        }
+        if t.interrupted {
+            ExitCode::from(EXIT_INTERRUPTED)
+        } else if t.failed > 0 {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
         }
     }
-    Ok(if interrupted {
-        ExitCode::from(EXIT_INTERRUPTED)
-    } else if failed > 0 {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
 }
 
 /// In a batch, the emptied per-file checkpoint folders below `--checkpoint-dir` are removed.
