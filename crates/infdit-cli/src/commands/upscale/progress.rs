@@ -181,10 +181,6 @@ impl Reporter {
             "work_done": pos,
             "elapsed_s": self.elapsed_s(),
         }));
-        self.image.set_position(pos);
-        if let Some(b) = &self.batch {
-            b.set_position(self.batch_done + pos);
-        }
         let plane = if alpha { "alpha, " } else { "" };
         let pass_text = if passes > 1 { format!("{plane}pass {}/{passes}, ", pass + 1) } else { String::new() };
         self.image.set_message(format!(
@@ -196,6 +192,11 @@ impl Reporter {
             c.blocks,
             p.blocks_total
         ));
+        // After the message, so that no frame shows the new position with the old counts.
+        self.image.set_position(pos);
+        if let Some(b) = &self.batch {
+            b.set_position(self.batch_done + pos);
+        }
     }
 
     /// The current file is over (done, skipped or failed): the batch bar moves past its work.
