@@ -69,7 +69,7 @@ pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
 
 /// How to get a build with the CUDA backend, for messages.
 pub const CUDA_BUILD_HINT: &str = "build it with bench/build-cuda.sh (cargo build --release --features cuda with the \
-     CUDA compiler from PyPI; see the README's GPU section)";
+     CUDA compiler from PyPI; see docs/gpu.md)";
 
 /// The device a request got.
 #[derive(Debug, Clone)]
@@ -116,7 +116,7 @@ pub fn open(req: DeviceRequest) -> Result<OpenedDevice> {
 #[cfg(not(feature = "cuda"))]
 fn open_cuda(_n: usize, req: DeviceRequest) -> Result<OpenedDevice> {
     Err(InfditError::Config(format!(
-        "--device {req}: this infdit binary was built without CUDA support (CPU only); {CUDA_BUILD_HINT}"
+        "device {req}: this infdit binary was built without CUDA support (CPU only); {CUDA_BUILD_HINT}"
     )))
 }
 
@@ -127,7 +127,7 @@ fn open_cuda(n: usize, req: DeviceRequest) -> Result<OpenedDevice> {
         Ok(OpenedDevice {
             device: Device::Cpu,
             requested: req,
-            fallback: Some(format!("no usable NVIDIA GPU for --device {req}: {why}; running on the CPU instead")),
+            fallback: Some(format!("no usable NVIDIA GPU for device {req}: {why}; running on the CPU instead")),
         })
     };
     // The driver first: without it there is no GPU to talk to.
@@ -144,7 +144,7 @@ fn open_cuda(n: usize, req: DeviceRequest) -> Result<OpenedDevice> {
     }
     if n >= count {
         return Err(InfditError::Config(format!(
-            "--device {req}: there {} only {count} GPU{} (cuda:0{})",
+            "device {req}: there {} only {count} GPU{} (cuda:0{})",
             if count == 1 { "is" } else { "are" },
             if count == 1 { "" } else { "s" },
             if count > 1 { format!(" to cuda:{}", count - 1) } else { String::new() }

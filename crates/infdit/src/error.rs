@@ -59,9 +59,44 @@ pub enum InfditError {
     /// An image file could not be read or written (it names the file and the problem).
     #[error("{0}")]
     Image(#[from] crate::imageio::ImageIoError),
-    /// An input (image, noise file, size) is unusable.
-    #[error("{0}")]
-    Input(String),
+    /// An image has a size the requested work cannot use.
+    #[error("image {width}x{height}: {reason}")]
+    ImageSize {
+        /// Width in pixels.
+        width: usize,
+        /// Height in pixels.
+        height: usize,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// A noise file (the official initial noise) cannot be used.
+    #[error("{}: {reason}", path.display())]
+    Noise {
+        /// The noise file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Training images, or a training run's saved state, cannot be used.
+    #[error("{}: {reason}", path.display())]
+    Training {
+        /// The file or folder concerned.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A saved sampler state cannot be resumed: damaged, from another run, or incomplete. It is
+    /// never used then.
+    #[error("{}: {reason}", path.display())]
+    Resume {
+        /// The state file or folder.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// An internal invariant does not hold: a bug in infdit, to be reported.
+    #[error("internal error (a bug in infdit; please report it): {0}")]
+    Internal(String),
     /// The computation produced a non-finite value.
     #[error("numerical failure: {0}")]
     NonFinite(String),

@@ -124,17 +124,25 @@ pub fn prepare_official(input: &Tensor, scale: PassScale, block_px: usize, kind:
     let (_, _, h0, w0) = input.dims4()?;
     let (h, w) = (h0 / CROP_MULTIPLE * CROP_MULTIPLE, w0 / CROP_MULTIPLE * CROP_MULTIPLE);
     if h == 0 || w == 0 {
-        return Err(InfditError::Input(format!("image {w0}x{h0} is smaller than {CROP_MULTIPLE} px on a side")));
+        return Err(InfditError::ImageSize {
+            width: w0,
+            height: h0,
+            reason: format!("smaller than {CROP_MULTIPLE} px on a side, which the official crop needs"),
+        });
     }
     let (top, left) = center_crop_offsets(h0, w0, h, w);
     let lr = input.narrow(2, top, h)?.narrow(3, left, w)?;
     let f = scale.factor();
     let (oh, ow) = (h * f, w * f);
     if oh % block_px != 0 || ow % block_px != 0 {
-        return Err(InfditError::Input(format!(
-            "with the official crop, a {w}x{h} input gives a {ow}x{oh} output that is not a multiple of the \
-             {block_px}-px block (the official 2x mode needs sides that are multiples of 64)"
-        )));
+        return Err(InfditError::ImageSize {
+            width: w,
+            height: h,
+            reason: format!(
+                "with the official crop, the {ow}x{oh} output is not a multiple of the {block_px}-px block (the \
+                 official 2x mode needs sides that are multiples of 64)"
+            ),
+        });
     }
     let concat_lr = ConcatLr::Upsample { src: lr.clone(), height: oh, width: ow, kind };
     let lr = match scale {
@@ -174,7 +182,7 @@ pub fn prepare_padded(
 ) -> Result<(Prepared, OutputCrop, Tensor)> {
     let (_, _, h0, w0) = input.dims4()?;
     if h0 == 0 || w0 == 0 {
-        return Err(InfditError::Input(format!("image {w0}x{h0} is empty")));
+        return Err(InfditError::ImageSize { width: w0, height: h0, reason: "the image is empty".into() });
     }
     let f = scale.factor();
     // LR multiple that makes the output whole blocks (32 for 4x, 64 for 2x with 128-px blocks).

@@ -188,7 +188,7 @@ pub fn sample_with_noise(
     let grid = prep.grid;
     noise.check(&grid)?;
     if prep.concat_lr.dims()? != (grid.height(), grid.width()) {
-        return Err(InfditError::Input(format!(
+        return Err(InfditError::Internal(format!(
             "the upsampled LR is {:?}, the output grid {}x{}",
             prep.concat_lr.dims()?,
             grid.height(),
@@ -197,7 +197,7 @@ pub fn sample_with_noise(
     }
     if opts.state_dir.is_some() && opts.mode == Mode::WholeImage {
         return Err(InfditError::Config(
-            "a state folder (--state-dir) needs block mode: whole-image mode holds the whole image anyway".into(),
+            "a state folder needs block mode: whole-image mode holds the whole image anyway".into(),
         ));
     }
     let record = opts.checkpoint_dir.as_ref().map(|d| d.join("infdit-state.safetensors"));
@@ -440,11 +440,13 @@ fn heun_step_blocks(
 
 /// The error for a checkpoint whose state is in a state folder this run does not have.
 fn state_dir_needed(record: Option<&Path>) -> InfditError {
-    InfditError::Input(format!(
-        "{}: this checkpoint's state is in a state folder ({}); resume with the same --state-dir, in block mode",
-        record.map_or_else(String::new, |p| p.display().to_string()),
-        crate::schedule::state::STATE_FILE
-    ))
+    InfditError::Resume {
+        path: record.map(Path::to_path_buf).unwrap_or_default(),
+        reason: format!(
+            "this checkpoint's state is in a state folder ({}); resume with the same state folder, in block mode",
+            crate::schedule::state::STATE_FILE
+        ),
+    }
 }
 
 /// A hash of everything that determines a run's trajectory, so a saved state is only resumed by

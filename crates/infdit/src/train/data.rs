@@ -78,15 +78,15 @@ pub fn collect_image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     for p in paths {
         if p.is_dir() {
             let mut walker = ImageWalker::new(None);
-            let found = walker.images_below(p).map_err(|e| InfditError::Input(format!("{}: {e}", p.display())))?;
+            let found = walker.images_below(p).map_err(|e| InfditError::io(p, e))?;
             if let Some((dir, e)) = walker.unreadable.first() {
-                return Err(InfditError::Input(format!("{}: {e}", dir.display())));
+                return Err(InfditError::Training { path: dir.clone(), reason: format!("cannot read the folder: {e}") });
             }
             out.extend(found);
         } else if p.is_file() {
             out.push(p.clone());
         } else {
-            return Err(InfditError::Input(format!("{}: no such file or folder", p.display())));
+            return Err(InfditError::Training { path: p.clone(), reason: "no such file or folder".into() });
         }
     }
     out.sort();
@@ -134,11 +134,10 @@ impl Dataset {
             ds.images.push((path, img));
         }
         if ds.images.is_empty() {
-            return Err(InfditError::Input(format!(
-                "no usable training image under {} ({} skipped)",
-                paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
-                ds.skipped.len()
-            )));
+            return Err(InfditError::Training {
+                path: paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ").into(),
+                reason: format!("no usable training image ({} skipped)", ds.skipped.len()),
+            });
         }
         Ok(ds)
     }
@@ -205,7 +204,11 @@ pub fn random_crop(img: &Image, cfg: &SampleConfig, rng: &mut SplitMix64) -> Ima
 pub fn make_sample(hr: &Image, cfg: &SampleConfig, rng: &mut SplitMix64) -> Result<TrainSample> {
     let (h, w, sc) = (hr.h, hr.w, cfg.scale);
     if h % sc != 0 || w % sc != 0 {
-        return Err(InfditError::Input(format!("crop {w}x{h} is not a multiple of the scale {sc}")));
+        return Err(InfditError::ImageSize {
+            width: w,
+            height: h,
+            reason: format!("a training crop must be a multiple of the scale {sc}"),
+        });
     }
     let lr_img = if rng.unit() < cfg.degrade_prob {
         degrade(hr, sc, &cfg.degradation, rng)

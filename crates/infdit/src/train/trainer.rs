@@ -332,7 +332,7 @@ impl Trainer {
     /// Saves everything a resumed run needs into `dir` (atomically, file by file; the metadata,
     /// which names the step, is written last).
     pub fn save_state(&self, dir: &Path, sample_cfg: &SampleConfig) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| InfditError::Input(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| InfditError::io(dir, e))?;
         let mut map = HashMap::new();
         for (i, n) in self.names.iter().enumerate() {
             map.insert(format!("param/{n}"), self.params[i].as_tensor().clone());
@@ -343,7 +343,7 @@ impl Trainer {
         save_atomic(&map, &dir.join(STATE_FILE))?;
         let meta =
             Meta { step: self.step, model: self.model_cfg.clone(), train: self.cfg.clone(), sample: sample_cfg.into() };
-        let text = serde_json::to_string_pretty(&meta).map_err(|e| InfditError::Input(e.to_string()))?;
+        let text = serde_json::to_string_pretty(&meta).map_err(|e| InfditError::Internal(e.to_string()))?;
         write_atomic(&dir.join(META_FILE), text.as_bytes())
     }
 
@@ -356,9 +356,9 @@ impl Trainer {
             return Ok(false);
         }
         let text = std::fs::read_to_string(&meta_path)
-            .map_err(|e| InfditError::Input(format!("{}: {e}", meta_path.display())))?;
+            .map_err(|e| InfditError::io(&meta_path, e))?;
         let meta: Meta = serde_json::from_str(&text)
-            .map_err(|e| InfditError::Input(format!("{}: not a training state: {e}", meta_path.display())))?;
+            .map_err(|e| InfditError::Training { path: meta_path.clone(), reason: format!("not a training state: {e}") })?;
         let mut want = self.cfg.clone();
         want.steps = meta.train.steps;
         if meta.model != self.model_cfg || meta.train != want || meta.sample != SampleConfigMeta::from(sample_cfg) {
@@ -370,14 +370,16 @@ impl Trainer {
         }
         let path = dir.join(STATE_FILE);
         let st = candle_core::safetensors::load(&path, &Device::Cpu)
-            .map_err(|e| InfditError::Input(format!("{}: {e}", path.display())))?;
+            .map_err(|e| InfditError::Training { path: path.clone(), reason: format!("unreadable training state: {e}") })?;
         let get = |k: String| {
-            st.get(&k).cloned().ok_or_else(|| InfditError::Input(format!("{}: no tensor {k}", path.display())))
+            st.get(&k)
+                .cloned()
+                .ok_or_else(|| InfditError::Training { path: path.clone(), reason: format!("no tensor {k}") })
         };
         for (i, n) in self.names.clone().iter().enumerate() {
             let p = get(format!("param/{n}"))?;
             if p.dims() != self.params[i].dims() {
-                return Err(InfditError::Input(format!("{}: {n} has shape {:?}", path.display(), p.dims())));
+                return Err(InfditError::Training { path: path.clone(), reason: format!("{n} has shape {:?}", p.dims()) });
             }
             self.params[i].set(&p)?;
             self.m[i] = get(format!("adam_m/{n}"))?;
@@ -393,5 +395,5 @@ impl Trainer {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     crate::imageio::write_atomic(path, &[], |w| w.write_all(bytes).map_err(|e| ImageIoError::io(path, e)))
-        .map_err(|e| InfditError::Input(e.to_string()))
+        .map_err(InfditError::Image)
 }

@@ -265,7 +265,7 @@ fn passes_fingerprint(
 }
 
 fn load_noise(path: &Path, h: usize, w: usize) -> Result<Tensor> {
-    let bad = |reason: String| InfditError::Input(format!("{}: {reason}", path.display()));
+    let bad = |reason: String| InfditError::Noise { path: path.to_path_buf(), reason };
     let mut t = candle_core::safetensors::load(path, &Device::Cpu)
         .map_err(|e| bad(format!("cannot read the noise file: {e}")))?;
     let eps = t.remove("eps").ok_or_else(|| bad("no tensor named 'eps'".into()))?;

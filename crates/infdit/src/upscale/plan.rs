@@ -244,9 +244,11 @@ impl Planner {
             };
             let g = geometry(w, h, &[pass], bp, true);
             if g[0].grid.0 == 0 || g[0].grid.1 == 0 {
-                return Err(InfditError::Input(format!(
-                    "image {w}x{h} is smaller than {CROP_MULTIPLE} px on a side (needed by the official crop)"
-                )));
+                return Err(InfditError::ImageSize {
+                    width: w,
+                    height: h,
+                    reason: format!("smaller than {CROP_MULTIPLE} px on a side, which the official crop needs"),
+                });
             }
             let out = g[0].output;
             return Ok((g, out));
