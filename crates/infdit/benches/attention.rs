@@ -12,7 +12,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{gflops, lcg};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use infdit::model::kernels::{Backend, attention_reference, fused_attention, fused_attention_impl};
+use infdit::kernels::attention::{Backend, attention_reference, fused_attention, fused_attention_impl};
 
 fn rand(seed: u64, shape: (usize, usize, usize, usize), amp: f32) -> Tensor {
     Tensor::from_vec(lcg(seed, shape.0 * shape.1 * shape.2 * shape.3, amp), shape, &Device::Cpu).unwrap()

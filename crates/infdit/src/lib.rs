@@ -20,6 +20,7 @@ pub mod device;
 pub mod diffusion;
 pub mod error;
 pub mod imageio;
+pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

@@ -347,7 +347,7 @@ pub(crate) fn upscale(a: UpscaleArgs) -> Result<ExitCode> {
     }
     if !s.device.is_gpu()
         && !a.quiet
-        && let Some(why) = cpu_dtype_note(act, infdit::model::bf16_gemm::available())
+        && let Some(why) = cpu_dtype_note(act, infdit::kernels::bf16_gemm::available())
     {
         eprintln!("note: {why}; use it to save memory, not time");
     }

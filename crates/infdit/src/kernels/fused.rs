@@ -13,39 +13,20 @@
 //! * [`add_bias_residual`]: `x + (y + b)`, the residual add of a projection with its bias.
 //!
 //! They take contiguous CPU tensors (f32, bf16 or f16; statistics and arithmetic in f32, one
-//! rounding to the output dtype) and have no backward pass: [`super::ops`] calls them only for
+//! rounding to the output dtype) and have no backward pass: `model::ops` calls them only for
 //! CPU tensors outside an autograd graph and uses the plain candle ops otherwise (training, other
 //! devices). The tests compare each with that plain path. Loops are written so that the compiler
 //! vectorises them; on x86-64 the row functions are compiled twice, once for AVX-512 and once for
 //! the baseline, and picked at run time.
 
-use candle_core::{DType, Result, Storage, Tensor};
+use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
-use super::kernels::{Elem, exp2_portable, sum_f32};
+use super::{Elem, exp2_portable, sum_f32, vec_f32, with_slice};
 use half::{bf16, f16};
 
 /// Rows per parallel task of the row-wise kernels.
 const ROWS_PER_TASK: usize = 64;
-
-/// Whether the fused kernels apply to these tensors: all on the CPU, none in an autograd graph.
-pub fn applies(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.device().is_cpu() && !t.track_op())
-}
-
-/// The f32 values of a small parameter vector (weights, biases, modulation vectors).
-pub(crate) fn vec_f32(t: &Tensor) -> Result<Vec<f32>> {
-    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
-}
-
-/// Runs `f` on the contiguous slice of a CPU tensor of element type `T`.
-pub(crate) fn with_slice<T: Elem, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
-    let (s, l) = t.storage_and_layout();
-    let Storage::Cpu(cs) = &*s else { candle_core::bail!("fused kernel: expected a CPU tensor") };
-    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("fused kernel: expected a contiguous tensor") };
-    let data = T::cpu_storage_as_slice(cs)?;
-    Ok(f(&data[a..b]))
-}
 
 macro_rules! dispatch_dtype {
     ($t:expr, $f:ident ( $($arg:expr),* )) => {
@@ -416,9 +397,9 @@ multiversion! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_rand::rand;
     use crate::model::ops::{LayerNorm, layer_norm, modulate};
     use crate::model::rope::apply_rope;
-    use crate::model::test_rand::rand;
     use candle_core::{D, Device};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {

@@ -13,7 +13,7 @@
 //!   and a lazy running max: after the first key tile a row's exponentials are taken against its
 //!   stored max unless a new score exceeds it by a factor over 2^32 (then that row's scores are
 //!   recomputed and the accumulator rescaled), which takes the max out of the hot loop.
-//!   With bf16 inputs on a CPU that has AVX-512 BF16 (see [`super::bf16_gemm::available`]) both
+//!   With bf16 inputs on a CPU that has AVX-512 BF16 (see [`super::cpu_has_bf16_dot`]) both
 //!   products run on `vdpbf16ps` instead (32 multiply-adds an instruction, sums in f32): q, k and
 //!   v are packed as bf16 pairs, the scale is applied to the f32 scores, and P is rounded to bf16
 //!   for the second product (as PyTorch's CPU flash attention does); the softmax stays in f32.
@@ -31,8 +31,10 @@
 //! the reference; both cores: ~189 GFLOP/s at d = 32, and with bf16 inputs on the dot product
 //! ~290 at d = 32 and ~350 at d = 64..80. `cargo bench -p infdit --bench attention` measures them.
 
-use candle_core::{DType, Layout, Result, Storage, Tensor, WithDType};
+use candle_core::{DType, Layout, Result, Storage, Tensor};
 use half::{bf16, f16};
+
+use super::{EXP2_POLY, Elem, cpu_has_bf16_dot, exp2_portable, sum_f32};
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
@@ -113,47 +115,6 @@ struct Dims {
     tq: usize,
     tk: usize,
     d: usize,
-}
-
-/// An element type read and written by the kernel.
-pub(crate) trait Elem: WithDType + Copy + Send + Sync + 'static {
-    /// To f32 (exact).
-    fn to_f32(self) -> f32;
-    /// From f32 (rounded to nearest even).
-    fn from_f32(x: f32) -> Self;
-}
-
-impl Elem for f32 {
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        self
-    }
-    #[inline(always)]
-    fn from_f32(x: f32) -> Self {
-        x
-    }
-}
-
-impl Elem for bf16 {
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-    #[inline(always)]
-    fn from_f32(x: f32) -> Self {
-        bf16::from_f32(x)
-    }
-}
-
-impl Elem for f16 {
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-    #[inline(always)]
-    fn from_f32(x: f32) -> Self {
-        f16::from_f32(x)
-    }
 }
 
 /// A strided 4-D view into CPU storage.
@@ -322,7 +283,7 @@ fn fill_output<T: Elem>(
     {
         let rows = round_up(QUERY_TILE, mr);
         // bf16 inputs on a CPU with the bf16 dot product: the products on bf16 pairs.
-        let bf16_dot = T::DTYPE == DType::BF16 && super::bf16_gemm::available();
+        let bf16_dot = T::DTYPE == DType::BF16 && cpu_has_bf16_dot();
         out.par_chunks_mut(tq * d).enumerate().for_each(|(b, ob)| {
             let (ni, hi) = (b / h, b % h);
             let (mut kp, mut vp) = (pack_k_panels(&k, ni, hi, tk, d, dp), pack_rows(&v, ni, hi, tk, d, dp));
@@ -462,38 +423,6 @@ fn write_out<T: Elem>(o: &mut [MaybeUninit<T>], acc: &[f32], l: f32, d: usize) {
     for (y, x) in o[..d].iter_mut().zip(acc) {
         y.write(T::from_f32(x * inv));
     }
-}
-
-/// 2^f on [-0.5, 0.5]: degree-6 minimax fit of the relative error (1.9e-9 before rounding; 0.66
-/// ulp worst case evaluated in f32 with FMA). The linear coefficient rounds to ln 2 in f32.
-const EXP2_POLY: [f32; 7] =
-    [1.0, std::f32::consts::LN_2, 0.240_226_46, 0.055_503_286, 0.009_618_489, 0.001_339_993_1, 0.000_153_458_12];
-
-/// 2^x for x <= 0 without a libm call, so that loops over it vectorise: the degree-6 polynomial
-/// of the AVX-512 path (without FMA), x clamped to -126 (so the result stays normal; below that
-/// it is ~1e-38 instead of 0); NaN stays NaN.
-#[inline(always)]
-pub(crate) fn exp2_portable(x: f32) -> f32 {
-    let x = if x < -126.0 { -126.0 } else { x };
-    // Round to nearest through the 1.5 * 2^23 trick (|x| < 2^22).
-    let n = (x + 12_582_912.0) - 12_582_912.0;
-    let f = x - n;
-    let c = EXP2_POLY;
-    let p = ((((((c[6] * f + c[5]) * f + c[4]) * f + c[3]) * f + c[2]) * f + c[1]) * f) + c[0];
-    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
-}
-
-/// A sum with 16 independent partial sums (vectorisable, and more accurate than a serial sum).
-#[inline(always)]
-pub(crate) fn sum_f32(x: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let mut chunks = x.chunks_exact(16);
-    for c in &mut chunks {
-        for (a, y) in acc.iter_mut().zip(c) {
-            *a += y;
-        }
-    }
-    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
 /// Portable tile: `nr` query rows (qb is (nr, dp), log2-domain scaled) against all keys.
@@ -1037,7 +966,6 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::bf16_gemm;
     use candle_core::{Device, IndexOp};
 
     /// Deterministic uniform values in [-amp, amp].
@@ -1197,11 +1125,8 @@ mod tests {
                 // Values are below 1 in magnitude: half an ulp at 1 for the output rounding, plus
                 // slack; the bf16 dot product also rounds P to bf16 (relative 2^-9 a weight, so at
                 // most 2^-9 max |v| = another half ulp at 1).
-                let p_rounding = if dt == DType::BF16 && backend == Backend::Auto && bf16_gemm::available() {
-                    ulp * 0.5
-                } else {
-                    0.0
-                };
+                let p_rounding =
+                    if dt == DType::BF16 && backend == Backend::Auto && cpu_has_bf16_dot() { ulp * 0.5 } else { 0.0 };
                 assert!(diff <= ulp * 0.5 + p_rounding + 1e-5, "{dt:?} {backend:?}: {diff:e}");
             }
         }

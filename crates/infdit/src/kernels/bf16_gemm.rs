@@ -20,10 +20,9 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::fused::{vec_f32, with_slice};
+use super::{cpu_has_bf16_dot, vec_f32, with_slice};
 use half::bf16;
 use rayon::prelude::*;
-use std::sync::OnceLock;
 
 /// Output columns per packed weight panel (four zmm registers of f32).
 const NR: usize = 64;
@@ -32,24 +31,7 @@ const MR: usize = 6;
 
 /// Whether this CPU has the instructions (and the kernel is not turned off by `INFDIT_BF16_DOT=0`).
 pub fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        let enabled = std::env::var("INFDIT_BF16_DOT").map(|v| v != "0").unwrap_or(true);
-        enabled && cpu_has_bf16_dot()
-    })
-}
-
-#[cfg(target_arch = "x86_64")]
-fn cpu_has_bf16_dot() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512vl")
-        && std::arch::is_x86_feature_detected!("avx512bf16")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn cpu_has_bf16_dot() -> bool {
-    false
+    cpu_has_bf16_dot()
 }
 
 /// Whether [`linear`] runs for `x` and `w` (and `bias`): bf16 CPU tensors outside an autograd
@@ -249,7 +231,7 @@ unsafe fn micro<const R: usize>(t: &Tile, c: &mut [bf16]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::test_rand::rand;
+    use crate::kernels::test_rand::rand;
 
     /// Checks `linear` against the f32 product of the same bf16 values: within one bf16 rounding
     /// of the result plus f32 summation error.
