@@ -20,7 +20,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::{cpu_has_bf16_dot, vec_f32, with_slice};
+use super::{bf16_dot, vec_f32, with_slice};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -29,9 +29,10 @@ const NR: usize = 64;
 /// Rows per micro-kernel call.
 const MR: usize = 6;
 
-/// Whether this CPU has the instructions (and the kernel is not turned off by `INFDIT_BF16_DOT=0`).
+/// Whether the kernel runs for calls from this thread: the CPU has the instructions, the kernel
+/// is not turned off by `INFDIT_BF16_DOT=0`, and the kernel path is `avx512` ([`super::path`]).
 pub fn available() -> bool {
-    cpu_has_bf16_dot()
+    bf16_dot()
 }
 
 /// Whether [`linear`] runs for `x` and `w` (and `bias`): bf16 CPU tensors outside an autograd
@@ -262,10 +263,25 @@ mod tests {
 
     #[test]
     fn linear_matches_the_f32_product() {
-        if !available() {
-            eprintln!("no avx512_bf16 on this CPU: kernel not tested");
-            return;
+        for path in crate::kernels::supported_paths() {
+            crate::kernels::with_path(path, || {
+                if available() {
+                    linear_cases();
+                    println!("{path}: bf16 dot-product kernel checked");
+                } else {
+                    // No bf16 dot product on this path: callers keep candle's matmul and the
+                    // kernel refuses to run.
+                    let x = rand(1, &[4, 8], 1.0).to_dtype(DType::BF16).unwrap();
+                    let w = rand(2, &[3, 8], 1.0).to_dtype(DType::BF16).unwrap();
+                    assert!(!applies(&x, &w, None) && linear(&x, &w, None).is_err(), "{path}");
+                    println!("{path}: no bf16 dot product, kernel off (callers use candle's matmul)");
+                }
+            })
+            .unwrap();
         }
+    }
+
+    fn linear_cases() {
         // Rows and columns off the 6 x 64 tile, odd K, one row, the model's shapes.
         for (m, k, n) in [(1, 96, 48), (7, 33, 70), (13, 1, 5), (130, 512, 200), (64, 2048, 128), (37, 512, 1536)] {
             let x = rand(m as u64, &[m, k], 2.0);
