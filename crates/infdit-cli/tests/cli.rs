@@ -601,7 +601,7 @@ fn rgba_alpha_by_bicubic_or_by_the_model() {
     let line = plan(&["--alpha", "model"]);
     assert!(
         line.contains(
-            "x4 pass to 64x48 (1 x 1 blocks of 128 px, block batch 1); alpha: the same 1 model pass again; about "
+            "x4 pass to 64x48 (1x1 blocks of 128 px, block batch 1); alpha: the same 1 model pass again; about "
         ),
         "{line}"
     );

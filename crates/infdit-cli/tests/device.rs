@@ -130,7 +130,8 @@ fn kv_offload_and_cpu_device_give_the_same_image() {
     assert!(plain == run("offload-bf16kv.png", &["--kv-offload", "--kv-dtype", "f32"]));
     let o = upscale(&dir.join("whole.png"), &["--kv-offload", "--mode", "whole"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr_of(&o).contains("--kv-offload is for the block scheduler"), "{}", stderr_of(&o));
+    let err = stderr_of(&o);
+    assert!(err.contains("--kv-offload") && err.contains("is for the block scheduler"), "{err}");
     // --verbose names the device and the cache's place.
     let o = upscale(&dir.join("v.png"), &["--kv-offload", "--verbose"]);
     assert!(o.status.success());

@@ -12,7 +12,8 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{gflops, lcg};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use infdit::model::kernels::{Backend, attention_reference, fused_attention, fused_attention_impl};
+use infdit::kernels::attention::{Backend, attention_reference, fused_attention, fused_attention_impl};
+use infdit::kernels::{supported_paths, with_path};
 
 fn rand(seed: u64, shape: (usize, usize, usize, usize), amp: f32) -> Tensor {
     Tensor::from_vec(lcg(seed, shape.0 * shape.1 * shape.2 * shape.3, amp), shape, &Device::Cpu).unwrap()
@@ -41,6 +42,14 @@ fn bench(c: &mut Criterion) {
         let portable = || drop(black_box(fused_attention_impl(&q, &k, &v, scale, Backend::Portable).unwrap()));
         let fused_bf16 = || drop(black_box(fused_attention(&qb, &kb, &vb, scale).unwrap()));
         let reference = || drop(black_box(attention_reference(&q, &k, &v, scale).unwrap()));
+        let per_path: Vec<String> = supported_paths()
+            .into_iter()
+            .map(|p| format!("{p} {:.1}", with_path(p, || gflops(flops, fused)).unwrap()))
+            .collect();
+        println!(
+            "{name} (N={n} H={h} Tq={tq} Tk={tk} d={d}): fused f32 per kernel path: {} GFLOP/s",
+            per_path.join(", ")
+        );
         println!(
             "{name} (N={n} H={h} Tq={tq} Tk={tk} d={d}): fused {:.1} GFLOP/s, fused bf16 {:.1}, portable {:.1}, reference {:.1}",
             gflops(flops, fused),

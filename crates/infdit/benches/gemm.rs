@@ -13,7 +13,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{gflops, lcg};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use infdit::model::bf16_gemm;
+use infdit::kernels::bf16_gemm;
 
 fn rand(seed: u64, shape: (usize, usize), amp: f32) -> Tensor {
     Tensor::from_vec(lcg(seed, shape.0 * shape.1, amp), shape, &Device::Cpu).unwrap()

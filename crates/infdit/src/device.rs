@@ -55,7 +55,7 @@ impl std::fmt::Display for DeviceRequest {
 impl DeviceRequest {
     /// The network's dtype when none is asked for: bf16 on a GPU, f32 on the CPU (exact parity with
     /// the official fp32 code; bf16 is an opt-in there, faster only where the CPU has the bf16 dot
-    /// product, see [`crate::model::bf16_gemm`]).
+    /// product, see [`crate::kernels::bf16_gemm`]).
     pub fn default_dtype(self) -> DType {
         match self {
             Self::Cpu => DType::F32,

@@ -41,6 +41,7 @@ pub mod device;
 pub mod diffusion;
 pub mod error;
 pub mod imageio;
+pub mod kernels;
 pub mod loaded;
 pub mod metrics;
 pub mod model;

@@ -86,13 +86,15 @@ pub fn load_state(path: &Path, fingerprint: &str) -> Result<Option<SavedState>> 
     if !path.exists() {
         return Ok(None);
     }
-    let mut t = candle_core::safetensors::load(path, &Device::Cpu)
-        .map_err(|e| InfditError::Input(format!("{}: unreadable saved state: {e}", path.display())))?;
-    let bad = |what: &str| InfditError::Input(format!("{}: saved state {what}", path.display()));
+    let mut t = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| InfditError::Resume {
+        path: path.to_path_buf(),
+        reason: format!("unreadable saved state: {e}"),
+    })?;
+    let bad = |what: &str| InfditError::Resume { path: path.to_path_buf(), reason: format!("saved state {what}") };
     let fp = t.remove("fingerprint").ok_or_else(|| bad("has no fingerprint"))?.to_vec1::<u8>()?;
     if fp != fingerprint.as_bytes() {
         return Err(bad(
-            "belongs to a different run (other input, noise, model or sampler settings); remove it or use another --checkpoint-dir",
+            "belongs to a different run (other input, noise, model or sampler settings); remove it or use another checkpoint folder",
         ));
     }
     let steps = t.remove("steps_done").ok_or_else(|| bad("has no step count"))?.to_vec1::<u32>()?;

@@ -3,9 +3,9 @@
 use candle_core::{D, DType, Module, Result, Tensor};
 
 use super::blocks::KvSource;
-use super::fused;
 use super::ops::{LayerNorm, Linear, attention, layer_norm, modulate, norm_modulate};
 use crate::config::DitConfig;
+use crate::kernels::{self, fused};
 use crate::weights::WeightLoader;
 
 /// Bytes allowed for one slice of attention scores.
@@ -180,12 +180,12 @@ impl Layer {
 
     /// Q, K (per-head QK LayerNorm and RoPE applied) and V as (n, H, T, d) from the normalised
     /// input `a` (n, T, D). For CPU inference the bias, split, norm, rotation and transpose are
-    /// one fused pass per part ([`super::fused::heads`]); otherwise plain candle ops.
+    /// one fused pass per part ([`fused::heads`]); otherwise plain candle ops.
     fn qkv_heads(&self, a: &Tensor, rope: (&Tensor, &Tensor)) -> Result<(Tensor, Tensor, Tensor)> {
         let (n, t, dm) = a.dims3()?;
         let (h, d) = (self.heads, self.head_dim);
         let (cos, sin) = rope;
-        if fused::applies(&[a, self.qkv.weight()]) {
+        if kernels::applies(&[a, self.qkv.weight()]) {
             let qkv = self.qkv.forward_no_bias(a)?;
             let (w, b, eps) = self.qk_ln.parts();
             let nr = fused::NormRope { weight: w, bias: b, eps, cos, sin };
@@ -208,7 +208,7 @@ impl Layer {
     /// `x + proj(z)`: fused with the projection's bias for CPU inference.
     fn residual(x: &Tensor, proj: &Linear, z: &Tensor) -> Result<Tensor> {
         match proj.bias() {
-            Some(b) if fused::applies(&[x, z, proj.weight(), b]) => {
+            Some(b) if kernels::applies(&[x, z, proj.weight(), b]) => {
                 fused::add_bias_residual(x, &proj.forward_no_bias(z)?, b)
             }
             _ => x + proj.forward(z)?,
@@ -218,7 +218,7 @@ impl Layer {
     /// The MLP `down(gelu(up(z)))`, with the up projection's bias fused into the GELU for CPU
     /// inference.
     fn mlp_hidden(&self, z: &Tensor) -> Result<Tensor> {
-        if fused::applies(&[z, self.up.weight()]) {
+        if kernels::applies(&[z, self.up.weight()]) {
             return fused::bias_gelu(&self.up.forward_no_bias(z)?, self.up.bias());
         }
         self.up.forward(z)?.gelu()

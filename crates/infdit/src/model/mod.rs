@@ -5,32 +5,10 @@
 //! per token or per block, so whole-image mode and the block scheduler share this code; they differ
 //! only in the [`blocks::KvSource`] that supplies each block's neighbourhood keys.
 
-pub mod bf16_gemm;
 pub mod blocks;
-pub mod fused;
-pub mod kernels;
 pub mod layer;
 pub mod ops;
 pub mod rope;
-
-/// Deterministic random tensors for the kernels' unit tests.
-#[cfg(test)]
-pub(crate) mod test_rand {
-    use candle_core::{Device, Tensor};
-
-    /// Uniform values in [-amp, amp] from a 64-bit LCG, f32 on the CPU.
-    pub fn rand(seed: u64, shape: &[usize], amp: f32) -> Tensor {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-}
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 

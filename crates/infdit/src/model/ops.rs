@@ -37,8 +37,8 @@ impl Linear {
     /// `x W^T` without the bias (for kernels that fuse the bias into what follows).
     pub fn forward_no_bias(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.inner.weight();
-        if super::bf16_gemm::applies(x, w, None) {
-            return super::bf16_gemm::linear(x, w, None);
+        if crate::kernels::bf16_gemm::applies(x, w, None) {
+            return crate::kernels::bf16_gemm::linear(x, w, None);
         }
         let dims = x.dims();
         // Flatten leading dims: one GEMM with a transposed (strided) rhs, no copy of W.
@@ -54,8 +54,8 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (w, b) = (self.inner.weight(), self.inner.bias());
-        if super::bf16_gemm::applies(x, w, b) {
-            return super::bf16_gemm::linear(x, w, b);
+        if crate::kernels::bf16_gemm::applies(x, w, b) {
+            return crate::kernels::bf16_gemm::linear(x, w, b);
         }
         let y = self.forward_no_bias(x)?;
         match self.inner.bias() {
@@ -66,11 +66,11 @@ impl Module for Linear {
 }
 
 /// LayerNorm over the last dimension without affine parameters, statistics in f32 (two passes):
-/// the fused kernel ([`super::fused::layer_norm_affine`]) for CPU inference, else
+/// the fused kernel ([`crate::kernels::fused::layer_norm_affine`]) for CPU inference, else
 /// [`layer_norm_plain`].
 pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
-    if super::fused::applies(&[x]) {
-        return super::fused::layer_norm_affine(x, None, None, eps);
+    if crate::kernels::applies(&[x]) {
+        return crate::kernels::fused::layer_norm_affine(x, None, None, eps);
     }
     layer_norm_plain(x, eps)
 }
@@ -116,8 +116,8 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if super::fused::applies(&[x, &self.weight, &self.bias]) {
-            return super::fused::layer_norm_affine(x, Some(&self.weight), Some(&self.bias), self.eps);
+        if crate::kernels::applies(&[x, &self.weight, &self.bias]) {
+            return crate::kernels::fused::layer_norm_affine(x, Some(&self.weight), Some(&self.bias), self.eps);
         }
         self.forward_plain(x)
     }
@@ -130,8 +130,8 @@ pub fn modulate(z: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
 
 /// `modulate(layer_norm(x), shift, scale)`, fused into one pass for CPU inference.
 pub fn norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
-    if super::fused::applies(&[x, shift, scale]) {
-        return super::fused::layer_norm_affine(x, Some(&(scale + 1.0)?), Some(shift), eps);
+    if crate::kernels::applies(&[x, shift, scale]) {
+        return crate::kernels::fused::layer_norm_affine(x, Some(&(scale + 1.0)?), Some(shift), eps);
     }
     modulate(&layer_norm_plain(x, eps)?, shift, scale)
 }
@@ -173,7 +173,7 @@ impl PatchConv {
 
 /// Scaled dot-product attention `softmax(q k^T / sqrt(d)) v` for (N, H, Tq, d) x (N, H, Tk, d).
 ///
-/// On the CPU this is the fused kernel of [`super::kernels`] (online softmax, no score matrix in
+/// On the CPU this is the fused kernel of [`crate::kernels::attention`] (online softmax, no score matrix in
 /// memory). On a GPU it is cuBLAS products around candle's fused softmax (`attention_device`).
 /// Whenever an operand is part of an autograd graph (training: the fused kernel and candle's fused
 /// softmax have no backward pass), it is the plain matmul/softmax/matmul from differentiable
@@ -184,7 +184,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, max_score_bytes: usize) -> 
     let scale = 1.0 / (d as f64).sqrt();
     let tracked = q.track_op() || k.track_op() || v.track_op();
     if q.device().is_cpu() && !tracked {
-        return super::kernels::fused_attention(q, k, v, scale);
+        return crate::kernels::attention::fused_attention(q, k, v, scale);
     }
     if !tracked {
         return attention_device(q, k, v, scale, max_score_bytes);
@@ -279,7 +279,7 @@ mod tests {
         let (q, k, v) = (rand(1, (3, 2, 16, 8)), rand(2, (3, 2, 64, 8)), rand(3, (3, 2, 64, 8)));
         let q = q.transpose(2, 3).unwrap().contiguous().unwrap().transpose(2, 3).unwrap(); // strided q
         let scale = 1.0 / 8f64.sqrt();
-        let want = super::super::kernels::attention_reference(&q, &k, &v, scale).unwrap();
+        let want = crate::kernels::attention::attention_reference(&q, &k, &v, scale).unwrap();
         // One slice, and slices of one batch entry (budget below one entry's scores).
         for budget in [1 << 30, 1] {
             let got = attention_device(&q, &k, &v, scale, budget).unwrap();

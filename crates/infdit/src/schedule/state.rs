@@ -123,11 +123,12 @@ impl FileStore {
         let mut header = vec![0u8; store.header(fingerprint)?.len()];
         read_exact_at(&store.file, &mut header, 0).map_err(|e| store.io_err(e))?;
         if header != store.header(fingerprint)? {
-            return Err(InfditError::Input(format!(
-                "{}: the state file belongs to a different run (or grid); give the --state-dir the run was \
-                 started with, or remove the checkpoint",
-                store.path.display()
-            )));
+            return Err(InfditError::Resume {
+                path: store.path.clone(),
+                reason: "the state file belongs to a different run (or grid); give the state folder the run was \
+                 started with, or remove the checkpoint"
+                    .into(),
+            });
         }
         Ok(store)
     }
@@ -135,7 +136,7 @@ impl FileStore {
     fn header(&self, fingerprint: &str) -> Result<Vec<u8>> {
         let fp = fingerprint.as_bytes();
         if fp.len() > 64 {
-            return Err(InfditError::Input("state fingerprint longer than 64 bytes (bug)".into()));
+            return Err(InfditError::Internal("state fingerprint longer than 64 bytes (bug)".into()));
         }
         let mut h = MAGIC.to_vec();
         for v in [VERSION as usize, CHANNELS, self.grid.block_px, self.grid.rows, self.grid.cols, self.x_slots] {
@@ -193,7 +194,11 @@ impl FileStore {
         let v = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let per = self.block_bytes() / 4;
         if v.len() != pos.len() * per {
-            return Err(InfditError::Input(format!("state store: {} values for {} blocks (bug)", v.len(), pos.len())));
+            return Err(InfditError::Internal(format!(
+                "state store: {} values for {} blocks (bug)",
+                v.len(),
+                pos.len()
+            )));
         }
         let mut bytes = Vec::with_capacity(self.block_bytes());
         for (p, block) in pos.iter().zip(v.chunks_exact(per)) {
@@ -223,7 +228,7 @@ impl StateStore {
                     .iter()
                     .map(|p| {
                         s.slots[i][p.row * s.grid.cols + p.col].clone().ok_or_else(|| {
-                            InfditError::Input(format!("state store: block {p:?} of {slot:?} never written (bug)"))
+                            InfditError::Internal(format!("state store: block {p:?} of {slot:?} never written (bug)"))
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
@@ -274,7 +279,7 @@ impl StateStore {
                 drop(s);
                 let blocks = blocks
                     .into_iter()
-                    .map(|b| b.ok_or_else(|| InfditError::Input(format!("state store: {slot:?} incomplete (bug)"))))
+                    .map(|b| b.ok_or_else(|| InfditError::Internal(format!("state store: {slot:?} incomplete (bug)"))))
                     .collect::<Result<Vec<_>>>()?;
                 let stacked = Tensor::stack(&blocks, 0)?;
                 drop(blocks);
@@ -336,7 +341,7 @@ impl FinalSample {
     pub fn rows(&self, y0: usize, y1: usize) -> Result<Tensor> {
         let (h, _) = self.dims()?;
         if y0 > y1 || y1 > h {
-            return Err(InfditError::Input(format!("rows {y0}..{y1} outside a {h}-row sample")));
+            return Err(InfditError::Internal(format!("rows {y0}..{y1} outside a {h}-row sample")));
         }
         match &self.0 {
             FinalInner::Tensor(t) => Ok(t.narrow(2, y0, y1 - y0)?),
@@ -372,7 +377,7 @@ impl FinalSample {
     pub fn window(&self, top: usize, left: usize, height: usize, width: usize) -> Result<SampleWindow<'_>> {
         let (h, w) = self.dims()?;
         if top + height > h || left + width > w || height == 0 || width == 0 {
-            return Err(InfditError::Input(format!(
+            return Err(InfditError::Internal(format!(
                 "window {width}x{height} at ({left}, {top}) is empty or outside the {w}x{h} sample"
             )));
         }
@@ -385,12 +390,12 @@ impl FinalSample {
         let win = self.window(top, left, height, width)?;
         let mut out = Vec::with_capacity(3 * height * width);
         win.bands(&mut |band| {
-            let img = crate::imageio::tensor_to_rgb8(band).map_err(|e| InfditError::Input(e.to_string()))?;
+            let img = crate::imageio::tensor_to_rgb8(band).map_err(InfditError::Image)?;
             out.extend_from_slice(img.as_raw());
             Ok(())
         })?;
         image::RgbImage::from_raw(width as u32, height as u32, out)
-            .ok_or_else(|| InfditError::Input(format!("cannot make a {width}x{height} image")))
+            .ok_or_else(|| InfditError::Internal(format!("cannot make a {width}x{height} image")))
     }
 }
 
@@ -439,7 +444,7 @@ impl crate::imageio::RgbBands for SampleWindow<'_> {
             f(band).map_err(|e| {
                 let msg = e.to_string();
                 inner = Some(e);
-                InfditError::Input(msg)
+                InfditError::Internal(msg)
             })
         });
         match (r, inner) {

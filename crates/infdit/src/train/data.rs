@@ -80,7 +80,10 @@ pub fn collect_image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
             let mut walker = ImageWalker::new(None);
             let found = walker.images_below(p).map_err(|e| InfditError::io(p, e))?;
             if let Some((dir, e)) = walker.unreadable.first() {
-                return Err(InfditError::Training { path: dir.clone(), reason: format!("cannot read the folder: {e}") });
+                return Err(InfditError::Training {
+                    path: dir.clone(),
+                    reason: format!("cannot read the folder: {e}"),
+                });
             }
             out.extend(found);
         } else if p.is_file() {

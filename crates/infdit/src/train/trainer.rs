@@ -355,10 +355,11 @@ impl Trainer {
         if !meta_path.exists() {
             return Ok(false);
         }
-        let text = std::fs::read_to_string(&meta_path)
-            .map_err(|e| InfditError::io(&meta_path, e))?;
-        let meta: Meta = serde_json::from_str(&text)
-            .map_err(|e| InfditError::Training { path: meta_path.clone(), reason: format!("not a training state: {e}") })?;
+        let text = std::fs::read_to_string(&meta_path).map_err(|e| InfditError::io(&meta_path, e))?;
+        let meta: Meta = serde_json::from_str(&text).map_err(|e| InfditError::Training {
+            path: meta_path.clone(),
+            reason: format!("not a training state: {e}"),
+        })?;
         let mut want = self.cfg.clone();
         want.steps = meta.train.steps;
         if meta.model != self.model_cfg || meta.train != want || meta.sample != SampleConfigMeta::from(sample_cfg) {
@@ -369,8 +370,10 @@ impl Trainer {
             )));
         }
         let path = dir.join(STATE_FILE);
-        let st = candle_core::safetensors::load(&path, &Device::Cpu)
-            .map_err(|e| InfditError::Training { path: path.clone(), reason: format!("unreadable training state: {e}") })?;
+        let st = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| InfditError::Training {
+            path: path.clone(),
+            reason: format!("unreadable training state: {e}"),
+        })?;
         let get = |k: String| {
             st.get(&k)
                 .cloned()
@@ -379,7 +382,10 @@ impl Trainer {
         for (i, n) in self.names.clone().iter().enumerate() {
             let p = get(format!("param/{n}"))?;
             if p.dims() != self.params[i].dims() {
-                return Err(InfditError::Training { path: path.clone(), reason: format!("{n} has shape {:?}", p.dims()) });
+                return Err(InfditError::Training {
+                    path: path.clone(),
+                    reason: format!("{n} has shape {:?}", p.dims()),
+                });
             }
             self.params[i].set(&p)?;
             self.m[i] = get(format!("adam_m/{n}"))?;

@@ -67,6 +67,10 @@ pub struct PassStart<'a> {
     pub passes: usize,
     /// Whether this is a pass of the alpha plane.
     pub alpha: bool,
+    /// The pass among its plane's passes (the colour's, or the alpha plane's).
+    pub plane_pass: usize,
+    /// Its plane's passes.
+    pub plane_passes: usize,
     /// What the pass does and needs.
     pub plan: &'a PassPlan,
 }
@@ -414,7 +418,14 @@ impl Run<'_> {
             };
             let clip = model.clip_vector(&clip_input, opts.resize)?;
             let index = p.first_pass + k;
-            events(&Event::Pass(PassStart { pass: index, passes: self.total_passes, alpha: p.alpha, plan: pass }));
+            events(&Event::Pass(PassStart {
+                pass: index,
+                passes: self.total_passes,
+                alpha: p.alpha,
+                plane_pass: k,
+                plane_passes: passes.len(),
+                plan: pass,
+            }));
             let sopts = SampleOptions {
                 heun: planner.heun,
                 mode: pass.mode,

@@ -169,7 +169,7 @@ fn print_settings(a: &UpscaleArgs, s: &Setup) {
     }
     if !s.device.is_gpu()
         && !a.quiet
-        && let Some(why) = cpu_dtype_note(s.act, infdit::model::bf16_gemm::available())
+        && let Some(why) = cpu_dtype_note(s.act, infdit::kernels::bf16_gemm::available())
     {
         eprintln!("note: {why}; use it to save memory, not time");
     }
@@ -439,11 +439,11 @@ fn report(rep: &mut Reporter, a: &UpscaleArgs, job: &Job, ev: &Event) {
         Event::Pass(p) if a.verbose => {
             let g = &p.plan.geometry;
             rep.line(&format!(
-                "{} {}pass {}/{} (x{}): {}x{} -> {}x{} ({} x {} blocks), {:?}; memory plan: {}",
+                "{} {}pass {}/{} (x{}): {}x{} -> {}x{} ({}x{} blocks), {:?}; memory plan: {}",
                 job.input.display(),
                 if p.alpha { "alpha " } else { "" },
-                p.pass + 1,
-                p.passes,
+                p.plane_pass + 1,
+                p.plane_passes,
                 g.scale.factor(),
                 g.input.0,
                 g.input.1,
@@ -507,7 +507,6 @@ fn dry_run(
         run += 1;
         let plan = &fp.plan;
         let ((w, h), (tw, th)) = (plan.input, plan.output);
-        let mib = plan.memory as f64 / (1u64 << 20) as f64;
         emit(
             i,
             json!({
@@ -527,43 +526,7 @@ fn dry_run(
             }),
         );
         if !a.json {
-            let desc: Vec<String> = plan
-                .passes
-                .iter()
-                .map(|p| {
-                    let g = &p.geometry;
-                    let how = match p.mode {
-                        infdit::sampling::Mode::Blocks { block_batch, .. } => format!("block batch {block_batch}"),
-                        infdit::sampling::Mode::WholeImage => "whole image".into(),
-                    };
-                    // Width x height, as every size here.
-                    format!(
-                        "x{} pass to {}x{} ({}x{} blocks of {bp} px, {how})",
-                        g.scale.factor(),
-                        g.output.0,
-                        g.output.1,
-                        g.grid.1,
-                        g.grid.0
-                    )
-                })
-                .collect();
-            let resize = if plan.resize { ", then a bicubic resize" } else { "" };
-            let alpha = match plan.alpha {
-                Some(infdit::upscale::AlphaMode::Model) => {
-                    let s = if plan.alpha_passes > 1 { "es" } else { "" };
-                    format!("; alpha: the same {} model pass{s} again", plan.alpha_passes)
-                }
-                Some(m) => format!("; alpha: {}", m.name()),
-                None => String::new(),
-            };
-            let folder = match &fp.output.creates {
-                Some(d) => format!("; creates the folder {}", d.display()),
-                None => String::new(),
-            };
-            println!(
-                "{inp} -> {out}: {w}x{h} -> {tw}x{th}: {}{resize}{alpha}; about {mib:.1} MiB{folder}",
-                desc.join(", then ")
-            );
+            println!("{inp} -> {out}: {}", describe(fp, bp));
         }
     }
     if a.json {
@@ -572,6 +535,41 @@ fn dry_run(
         println!("dry run: {run} to upscale, {skip} skipped, {fail} failed; nothing written");
     }
     Ok(if fail > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// The dry run's line for one file, after `input -> output: `.
+fn describe(fp: &FilePlan, bp: usize) -> String {
+    let plan = &fp.plan;
+    let ((w, h), (tw, th)) = (plan.input, plan.output);
+    let mib = plan.memory as f64 / (1u64 << 20) as f64;
+    let desc: Vec<String> = plan
+        .passes
+        .iter()
+        .map(|p| {
+            let g = &p.geometry;
+            let how = match p.mode {
+                infdit::sampling::Mode::Blocks { block_batch, .. } => format!("block batch {block_batch}"),
+                infdit::sampling::Mode::WholeImage => "whole image".into(),
+            };
+            // Width x height, as every size here.
+            let (x, ow, oh, cols, rows) = (g.scale.factor(), g.output.0, g.output.1, g.grid.1, g.grid.0);
+            format!("x{x} pass to {ow}x{oh} ({cols}x{rows} blocks of {bp} px, {how})")
+        })
+        .collect();
+    let resize = if plan.resize { ", then a bicubic resize" } else { "" };
+    let alpha = match plan.alpha {
+        Some(infdit::upscale::AlphaMode::Model) => {
+            let s = if plan.alpha_passes > 1 { "es" } else { "" };
+            format!("; alpha: the same {} model pass{s} again", plan.alpha_passes)
+        }
+        Some(m) => format!("; alpha: {}", m.name()),
+        None => String::new(),
+    };
+    let folder = match &fp.output.creates {
+        Some(d) => format!("; creates the folder {}", d.display()),
+        None => String::new(),
+    };
+    format!("{w}x{h} -> {tw}x{th}: {}{resize}{alpha}; about {mib:.1} MiB{folder}", desc.join(", then "))
 }
 
 /// Why a half-precision network dtype does not pay on this CPU, if it does not: f16 products are

@@ -13,39 +13,21 @@
 //! * [`add_bias_residual`]: `x + (y + b)`, the residual add of a projection with its bias.
 //!
 //! They take contiguous CPU tensors (f32, bf16 or f16; statistics and arithmetic in f32, one
-//! rounding to the output dtype) and have no backward pass: [`super::ops`] calls them only for
+//! rounding to the output dtype) and have no backward pass: `model::ops` calls them only for
 //! CPU tensors outside an autograd graph and uses the plain candle ops otherwise (training, other
-//! devices). The tests compare each with that plain path. Loops are written so that the compiler
-//! vectorises them; on x86-64 the row functions are compiled twice, once for AVX-512 and once for
-//! the baseline, and picked at run time.
+//! devices). The tests compare each with that plain path on every kernel path the machine runs.
+//! Loops are written so that the compiler vectorises them; on x86-64 the row functions are
+//! compiled three times (AVX-512, AVX2 + FMA, baseline) and picked by [`super::path`]; on aarch64
+//! the baseline is NEON.
 
-use candle_core::{DType, Result, Storage, Tensor};
+use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
-use super::kernels::{Elem, exp2_portable, sum_f32};
+use super::{Elem, Path, exp2_portable, sum_f32, vec_f32, with_slice};
 use half::{bf16, f16};
 
 /// Rows per parallel task of the row-wise kernels.
 const ROWS_PER_TASK: usize = 64;
-
-/// Whether the fused kernels apply to these tensors: all on the CPU, none in an autograd graph.
-pub fn applies(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.device().is_cpu() && !t.track_op())
-}
-
-/// The f32 values of a small parameter vector (weights, biases, modulation vectors).
-pub(crate) fn vec_f32(t: &Tensor) -> Result<Vec<f32>> {
-    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
-}
-
-/// Runs `f` on the contiguous slice of a CPU tensor of element type `T`.
-pub(crate) fn with_slice<T: Elem, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
-    let (s, l) = t.storage_and_layout();
-    let Storage::Cpu(cs) = &*s else { candle_core::bail!("fused kernel: expected a CPU tensor") };
-    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("fused kernel: expected a contiguous tensor") };
-    let data = T::cpu_storage_as_slice(cs)?;
-    Ok(f(&data[a..b]))
-}
 
 macro_rules! dispatch_dtype {
     ($t:expr, $f:ident ( $($arg:expr),* )) => {
@@ -58,23 +40,32 @@ macro_rules! dispatch_dtype {
     };
 }
 
-/// Calls `$body` (a closure-free block using the row function `$row`) compiled for AVX-512 when
-/// the CPU has it, else for the baseline target.
+/// Defines row function `$name(path, ...)` whose `$body` is compiled three times on x86-64: for
+/// AVX-512F, for AVX2 + FMA and for the baseline target (which is NEON on aarch64); `path`
+/// picks one (the compiler vectorises the loops for each).
 macro_rules! multiversion {
     (fn $name:ident <$T:ident> ($($p:ident : $ty:ty),*) $body:block) => {
         #[inline(always)]
         #[allow(clippy::too_many_arguments)]
-        fn $name<$T: Elem>($($p: $ty),*) {
+        fn $name<$T: Elem>(path: Path, $($p: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
                 #[allow(clippy::too_many_arguments)]
-                unsafe fn wide<$T: Elem>($($p: $ty),*) $body
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU supports AVX-512F (checked above).
-                    return unsafe { wide::<$T>($($p),*) };
+                fn wide<$T: Elem>($($p: $ty),*) $body
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx2<$T: Elem>($($p: $ty),*) $body
+                match path {
+                    // SAFETY: a path is only chosen where the CPU supports it
+                    // (`Path::supported`, checked by `kernels::path`).
+                    Path::Avx512 => return unsafe { wide::<$T>($($p),*) },
+                    // SAFETY: as above.
+                    Path::Avx2 => return unsafe { avx2::<$T>($($p),*) },
+                    _ => {}
                 }
             }
+            let _ = path;
             #[allow(clippy::too_many_arguments)]
             fn narrow<$T: Elem>($($p: $ty),*) $body
             narrow::<$T>($($p),*)
@@ -104,12 +95,13 @@ pub fn layer_norm_affine(x: &Tensor, w: Option<&Tensor>, b: Option<&Tensor>, eps
 }
 
 fn ln_run<T: Elem>(x: &Tensor, dm: usize, w: Option<&[f32]>, b: Option<&[f32]>, eps: f32) -> Result<Tensor> {
+    let path = super::path();
     let out = with_slice::<T, _>(x, |src| {
         let mut out = vec![T::from_f32(0.0); src.len()];
         out.par_chunks_mut(dm * ROWS_PER_TASK).zip(src.par_chunks(dm * ROWS_PER_TASK)).for_each(|(o, s)| {
             let mut row = vec![0f32; dm];
             for (orow, srow) in o.chunks_exact_mut(dm).zip(s.chunks_exact(dm)) {
-                ln_row::<T>(srow, orow, &mut row, w, b, eps);
+                ln_row::<T>(path, srow, orow, &mut row, w, b, eps);
             }
         });
         out
@@ -255,6 +247,7 @@ fn heads_run<T: Elem>(
 ) -> Result<Tensor> {
     let Shape4 { n, t, h, d, part } = s;
     let dm = h * d;
+    let path = super::path();
     let out: Vec<f32> = with_slice::<T, _>(qkv, |src| {
         let mut out = vec![0f32; n * h * t * d];
         out.par_chunks_mut(t * d).enumerate().for_each(|(nh, o)| {
@@ -265,11 +258,22 @@ fn heads_run<T: Elem>(
                 let base = (ni * t + ti) * 3 * dm + part * dm + hi * d;
                 let orow = &mut o[ti * d..(ti + 1) * d];
                 match nr {
-                    None => plain_head_row::<T>(&src[base..base + d], b, orow),
+                    None => plain_head_row::<T>(path, &src[base..base + d], b, orow),
                     Some(nr) => {
                         let tb = if nr.per_batch { ni * t + ti } else { ti } * d;
                         let tabs = (&nr.cos[tb..tb + d], &nr.sin[tb..tb + d]);
-                        norm_rope_row::<T>(&src[base..base + d], b, nr.w, nr.b, nr.eps, tabs.0, tabs.1, &mut tmp, orow);
+                        norm_rope_row::<T>(
+                            path,
+                            &src[base..base + d],
+                            b,
+                            nr.w,
+                            nr.b,
+                            nr.eps,
+                            tabs.0,
+                            tabs.1,
+                            &mut tmp,
+                            orow,
+                        );
                     }
                 }
             }
@@ -342,11 +346,12 @@ pub fn bias_gelu(y: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 
 fn gelu_run<T: Elem>(y: &Tensor, b: &[f32]) -> Result<Tensor> {
     let f = b.len();
+    let path = super::path();
     let out = with_slice::<T, _>(y, |src| {
         let mut out = vec![T::from_f32(0.0); src.len()];
         out.par_chunks_mut(f * 16).zip(src.par_chunks(f * 16)).for_each(|(o, s)| {
             for (orow, srow) in o.chunks_exact_mut(f).zip(s.chunks_exact(f)) {
-                gelu_row::<T>(srow, b, orow);
+                gelu_row::<T>(path, srow, b, orow);
             }
         });
         out
@@ -387,6 +392,7 @@ pub fn add_bias_residual(x: &Tensor, y: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 fn residual_run<T: Elem>(x: &Tensor, y: &Tensor, b: &[f32]) -> Result<Tensor> {
     let f = b.len();
+    let path = super::path();
     let out = with_slice::<T, _>(x, |xs| {
         with_slice::<T, _>(y, |ys| {
             let mut out = vec![T::from_f32(0.0); ys.len()];
@@ -394,7 +400,7 @@ fn residual_run<T: Elem>(x: &Tensor, y: &Tensor, b: &[f32]) -> Result<Tensor> {
                 .zip(xs.par_chunks(f * ROWS_PER_TASK).zip(ys.par_chunks(f * ROWS_PER_TASK)))
                 .for_each(|(o, (xs, ys))| {
                     for ((orow, xrow), yrow) in o.chunks_exact_mut(f).zip(xs.chunks_exact(f)).zip(ys.chunks_exact(f)) {
-                        residual_row::<T>(xrow, yrow, b, orow);
+                        residual_row::<T>(path, xrow, yrow, b, orow);
                     }
                 });
             out
@@ -416,10 +422,18 @@ multiversion! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ops::{LayerNorm, layer_norm, modulate};
+    use crate::kernels::test_rand::rand;
+    use crate::model::ops::{LayerNorm, layer_norm_plain, modulate};
     use crate::model::rope::apply_rope;
-    use crate::model::test_rand::rand;
     use candle_core::{D, Device};
+
+    /// Runs `case` once on every kernel path this CPU runs.
+    fn on_every_path(case: fn()) {
+        for path in crate::kernels::supported_paths() {
+            println!("path {path}");
+            crate::kernels::with_path(path, case).unwrap();
+        }
+    }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         assert_eq!(a.dims(), b.dims());
@@ -430,16 +444,20 @@ mod tests {
 
     #[test]
     fn layer_norm_affine_matches_the_plain_ops() {
+        on_every_path(layer_norm_affine_matches_the_plain_ops_on);
+    }
+
+    fn layer_norm_affine_matches_the_plain_ops_on() {
         for (dm, rows) in [(48, 7), (64, 130), (80, 3), (512, 65), (17, 5)] {
             let x = (rand(dm as u64, &[2, rows, dm], 3.0) + 0.7).unwrap();
             let shift = rand(1, &[1, 1, dm], 0.5);
             let scale = rand(2, &[1, 1, dm], 0.5);
-            let plain = modulate(&layer_norm(&x, 1e-6).unwrap(), &shift, &scale).unwrap();
+            let plain = modulate(&layer_norm_plain(&x, 1e-6).unwrap(), &shift, &scale).unwrap();
             let w = (&scale + 1.0).unwrap();
             let fused = layer_norm_affine(&x, Some(&w), Some(&shift), 1e-6).unwrap();
             assert!(max_diff(&fused, &plain) < 2e-6, "{dm}: {}", max_diff(&fused, &plain));
             let bare = layer_norm_affine(&x, None, None, 1e-6).unwrap();
-            assert!(max_diff(&bare, &layer_norm(&x, 1e-6).unwrap()) < 2e-6);
+            assert!(max_diff(&bare, &layer_norm_plain(&x, 1e-6).unwrap()) < 2e-6);
             // bf16 in and out: one rounding of the f32 result.
             let xb = x.to_dtype(DType::BF16).unwrap();
             let fb = layer_norm_affine(&xb, Some(&w), Some(&shift), 1e-6).unwrap();
@@ -450,11 +468,15 @@ mod tests {
         // Non-contiguous input.
         let x = rand(9, &[3, 64, 40], 1.0).transpose(1, 2).unwrap();
         let fused = layer_norm_affine(&x, None, None, 1e-5).unwrap();
-        assert!(max_diff(&fused, &layer_norm(&x, 1e-5).unwrap()) < 2e-6);
+        assert!(max_diff(&fused, &layer_norm_plain(&x, 1e-5).unwrap()) < 2e-6);
     }
 
     #[test]
     fn heads_match_split_norm_rope_and_transpose() {
+        on_every_path(heads_match_split_norm_rope_and_transpose_on);
+    }
+
+    fn heads_match_split_norm_rope_and_transpose_on() {
         for (n, t, h, d) in [(2, 16, 2, 64), (1, 64, 4, 48), (3, 9, 2, 80)] {
             let dm = h * d;
             let qkv = rand(t as u64, &[n, t, 3 * dm], 2.0);
@@ -487,6 +509,10 @@ mod tests {
 
     #[test]
     fn bias_gelu_matches_candle_gelu() {
+        on_every_path(bias_gelu_matches_candle_gelu_on);
+    }
+
+    fn bias_gelu_matches_candle_gelu_on() {
         let y = rand(3, &[5, 3, 96], 6.0);
         let b = rand(4, &[96], 1.0);
         let plain = y.broadcast_add(&b).unwrap().gelu().unwrap();
@@ -502,6 +528,10 @@ mod tests {
 
     #[test]
     fn add_bias_residual_equals_two_adds() {
+        on_every_path(add_bias_residual_equals_two_adds_on);
+    }
+
+    fn add_bias_residual_equals_two_adds_on() {
         let x = rand(1, &[2, 33, 80], 2.0);
         let y = rand(2, &[2, 33, 80], 2.0);
         let b = rand(3, &[80], 1.0);

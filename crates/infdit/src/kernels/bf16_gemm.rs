@@ -20,36 +20,19 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::fused::{vec_f32, with_slice};
+use super::{bf16_dot, vec_f32, with_slice};
 use half::bf16;
 use rayon::prelude::*;
-use std::sync::OnceLock;
 
 /// Output columns per packed weight panel (four zmm registers of f32).
 const NR: usize = 64;
 /// Rows per micro-kernel call.
 const MR: usize = 6;
 
-/// Whether this CPU has the instructions (and the kernel is not turned off by `INFDIT_BF16_DOT=0`).
+/// Whether the kernel runs for calls from this thread: the CPU has the instructions, the kernel
+/// is not turned off by `INFDIT_BF16_DOT=0`, and the kernel path is `avx512` ([`super::path`]).
 pub fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        let enabled = std::env::var("INFDIT_BF16_DOT").map(|v| v != "0").unwrap_or(true);
-        enabled && cpu_has_bf16_dot()
-    })
-}
-
-#[cfg(target_arch = "x86_64")]
-fn cpu_has_bf16_dot() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512vl")
-        && std::arch::is_x86_feature_detected!("avx512bf16")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn cpu_has_bf16_dot() -> bool {
-    false
+    bf16_dot()
 }
 
 /// Whether [`linear`] runs for `x` and `w` (and `bias`): bf16 CPU tensors outside an autograd
@@ -249,7 +232,7 @@ unsafe fn micro<const R: usize>(t: &Tile, c: &mut [bf16]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::test_rand::rand;
+    use crate::kernels::test_rand::rand;
 
     /// Checks `linear` against the f32 product of the same bf16 values: within one bf16 rounding
     /// of the result plus f32 summation error.
@@ -280,10 +263,25 @@ mod tests {
 
     #[test]
     fn linear_matches_the_f32_product() {
-        if !available() {
-            eprintln!("no avx512_bf16 on this CPU: kernel not tested");
-            return;
+        for path in crate::kernels::supported_paths() {
+            crate::kernels::with_path(path, || {
+                if available() {
+                    linear_cases();
+                    println!("{path}: bf16 dot-product kernel checked");
+                } else {
+                    // No bf16 dot product on this path: callers keep candle's matmul and the
+                    // kernel refuses to run.
+                    let x = rand(1, &[4, 8], 1.0).to_dtype(DType::BF16).unwrap();
+                    let w = rand(2, &[3, 8], 1.0).to_dtype(DType::BF16).unwrap();
+                    assert!(!applies(&x, &w, None) && linear(&x, &w, None).is_err(), "{path}");
+                    println!("{path}: no bf16 dot product, kernel off (callers use candle's matmul)");
+                }
+            })
+            .unwrap();
         }
+    }
+
+    fn linear_cases() {
         // Rows and columns off the 6 x 64 tile, odd K, one row, the model's shapes.
         for (m, k, n) in [(1, 96, 48), (7, 33, 70), (13, 1, 5), (130, 512, 200), (64, 2048, 128), (37, 512, 1536)] {
             let x = rand(m as u64, &[m, k], 2.0);

@@ -1,0 +1,304 @@
+//! Hand-written CPU kernels for inference, and the choice of instruction set they run on.
+//!
+//! * [`attention`]: fused attention with an online softmax (no score matrix in memory);
+//! * [`fused`]: the element-wise chains of the DiT layer (LayerNorm + adaLN modulation, QKV
+//!   split + QK-norm + RoPE, bias + GELU, bias + residual) in one pass each;
+//! * [`bf16_gemm`]: bf16 dense layers on AVX-512 BF16 dot products.
+//!
+//! Every kernel has a plain reference (candle ops) that its tests compare it with.
+//!
+//! **Paths.** Each kernel has versions for several instruction sets ([`Path`]): `avx512`
+//! (AVX-512F), `avx2` (AVX2 + FMA), `neon` (aarch64 Advanced SIMD) and `portable` (plain Rust the
+//! compiler vectorises for the baseline target, and the `gemm` crate inside the attention). The
+//! best path the CPU supports is picked at run time; `INFDIT_KERNELS=avx512|avx2|neon|portable` in
+//! the environment asks for another one (clamped to what the CPU supports, with a note on stderr
+//! when it is not), and [`with_path`] forces one on the calling thread (the tests run each path the
+//! machine can run). Each public kernel reads the path once, on the thread that calls it.
+
+use candle_core::{DType, Result, Storage, Tensor, WithDType};
+use half::{bf16, f16};
+use std::cell::Cell;
+use std::sync::OnceLock;
+
+pub mod attention;
+pub mod bf16_gemm;
+pub mod fused;
+pub(crate) mod simd;
+
+/// An instruction set the kernels are written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Path {
+    /// Plain Rust, vectorised by the compiler for the baseline target (SSE2 on x86-64, NEON on
+    /// aarch64); the attention's products on the `gemm` crate.
+    Portable,
+    /// x86-64 AVX2 + FMA.
+    Avx2,
+    /// x86-64 AVX-512F (and AVX-512 BF16 where the CPU has it, for bf16 operands).
+    Avx512,
+    /// aarch64 Advanced SIMD.
+    Neon,
+}
+
+impl Path {
+    /// Every path, fastest first.
+    pub const ALL: [Path; 4] = [Path::Avx512, Path::Avx2, Path::Neon, Path::Portable];
+
+    /// The name used by `INFDIT_KERNELS` and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Portable => "portable",
+            Path::Avx2 => "avx2",
+            Path::Avx512 => "avx512",
+            Path::Neon => "neon",
+        }
+    }
+
+    /// The path of that name.
+    pub fn from_name(s: &str) -> Option<Path> {
+        Path::ALL.into_iter().find(|p| p.name() == s.trim().to_ascii_lowercase())
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn supported(self) -> bool {
+        match self {
+            Path::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "aarch64")]
+            Path::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The paths this CPU can run, fastest first (always ends with [`Path::Portable`]).
+pub fn supported_paths() -> Vec<Path> {
+    Path::ALL.into_iter().filter(|p| p.supported()).collect()
+}
+
+/// The path of `INFDIT_KERNELS` (when set) clamped to this CPU, else the fastest it supports.
+pub fn default_path() -> Path {
+    static DEFAULT: OnceLock<Path> = OnceLock::new();
+    *DEFAULT.get_or_init(|| {
+        let best = supported_paths()[0];
+        let Ok(want) = std::env::var("INFDIT_KERNELS") else { return best };
+        match Path::from_name(&want) {
+            Some(p) if p.supported() => p,
+            Some(p) => {
+                let fallback = if p == Path::Avx512 && Path::Avx2.supported() { Path::Avx2 } else { Path::Portable };
+                eprintln!("INFDIT_KERNELS={want}: this CPU cannot run the {p} kernels; using {fallback}");
+                fallback
+            }
+            None => {
+                eprintln!("INFDIT_KERNELS={want}: unknown kernel path (avx512, avx2, neon or portable); using {best}");
+                best
+            }
+        }
+    })
+}
+
+thread_local! {
+    /// The path forced on this thread by [`with_path`].
+    static FORCED: Cell<Option<Path>> = const { Cell::new(None) };
+}
+
+/// The path the kernels called from this thread run: the one [`with_path`] forces, else
+/// [`default_path`].
+pub fn path() -> Path {
+    FORCED.with(Cell::get).unwrap_or_else(default_path)
+}
+
+/// Runs `f` with the kernels called from this thread on path `p` (for tests and benchmarks).
+/// Errors where the CPU cannot run `p`.
+pub fn with_path<R>(p: Path, f: impl FnOnce() -> R) -> Result<R> {
+    if !p.supported() {
+        candle_core::bail!("kernel path {p} is not supported by this CPU")
+    }
+    struct Restore(Option<Path>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCED.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(FORCED.with(|c| c.replace(Some(p))));
+    Ok(f())
+}
+
+/// Whether the CPU has the AVX-512 BF16 dot product (`vdpbf16ps`) and `INFDIT_BF16_DOT=0` does
+/// not turn it off; the bf16 kernels use it on the [`Path::Avx512`] path only.
+pub fn cpu_has_bf16_dot() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        let enabled = std::env::var("INFDIT_BF16_DOT").map(|v| v != "0").unwrap_or(true);
+        #[cfg(target_arch = "x86_64")]
+        let has = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512bf16");
+        #[cfg(not(target_arch = "x86_64"))]
+        let has = false;
+        enabled && has
+    })
+}
+
+/// Whether the bf16 dot-product kernels run for calls from this thread: the path is
+/// [`Path::Avx512`] and [`cpu_has_bf16_dot`].
+pub fn bf16_dot() -> bool {
+    path() == Path::Avx512 && cpu_has_bf16_dot()
+}
+
+/// Whether the fused kernels apply to these tensors: all on the CPU, none in an autograd graph.
+pub fn applies(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.device().is_cpu() && !t.track_op())
+}
+
+/// An element type read and written by the kernels.
+pub(crate) trait Elem: WithDType + Copy + Send + Sync + 'static {
+    /// To f32 (exact).
+    fn to_f32(self) -> f32;
+    /// From f32 (rounded to nearest even).
+    fn from_f32(x: f32) -> Self;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+impl Elem for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+}
+
+/// The f32 values of a small parameter vector (weights, biases, modulation vectors).
+pub(crate) fn vec_f32(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
+}
+
+/// Runs `f` on the contiguous slice of a CPU tensor of element type `T`.
+pub(crate) fn with_slice<T: Elem, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cpu(cs) = &*s else { candle_core::bail!("fused kernel: expected a CPU tensor") };
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("fused kernel: expected a contiguous tensor") };
+    let data = T::cpu_storage_as_slice(cs)?;
+    Ok(f(&data[a..b]))
+}
+
+/// 2^f on [-0.5, 0.5]: degree-6 minimax fit of the relative error (1.9e-9 before rounding; 0.66
+/// ulp worst case evaluated in f32 with FMA). The linear coefficient rounds to ln 2 in f32.
+pub(crate) const EXP2_POLY: [f32; 7] =
+    [1.0, std::f32::consts::LN_2, 0.240_226_46, 0.055_503_286, 0.009_618_489, 0.001_339_993_1, 0.000_153_458_12];
+
+/// 2^x for x <= 0 without a libm call, so that loops over it vectorise: the degree-6 polynomial
+/// of the SIMD paths (without FMA), x clamped to -126 (so the result stays normal; below that
+/// it is ~1e-38 instead of 0); NaN stays NaN.
+#[inline(always)]
+pub(crate) fn exp2_portable(x: f32) -> f32 {
+    let x = if x < -126.0 { -126.0 } else { x };
+    // Round to nearest through the 1.5 * 2^23 trick (|x| < 2^22).
+    let n = (x + 12_582_912.0) - 12_582_912.0;
+    let f = x - n;
+    let c = EXP2_POLY;
+    let p = ((((((c[6] * f + c[5]) * f + c[4]) * f + c[3]) * f + c[2]) * f + c[1]) * f) + c[0];
+    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+/// A sum with 16 independent partial sums (vectorisable, and more accurate than a serial sum).
+#[inline(always)]
+pub(crate) fn sum_f32(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, y) in acc.iter_mut().zip(c) {
+            *a += y;
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// Deterministic random tensors for the kernels' unit tests.
+#[cfg(test)]
+pub(crate) mod test_rand {
+    use candle_core::{Device, Tensor};
+
+    /// Uniform values in [-amp, amp] from a 64-bit LCG, f32 on the CPU.
+    pub fn rand(seed: u64, shape: &[usize], amp: f32) -> Tensor {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_parse_and_portable_is_always_there() {
+        for p in Path::ALL {
+            assert_eq!(Path::from_name(p.name()), Some(p));
+        }
+        assert_eq!(Path::from_name(" AVX2 "), Some(Path::Avx2));
+        assert_eq!(Path::from_name("sse"), None);
+        let s = supported_paths();
+        assert_eq!(s.last(), Some(&Path::Portable));
+        assert!(s.contains(&default_path()));
+        println!("paths this CPU runs: {s:?}");
+    }
+
+    #[test]
+    fn with_path_forces_and_restores() {
+        let before = path();
+        for p in supported_paths() {
+            assert_eq!(with_path(p, path).unwrap(), p);
+            // Nested: the inner one wins, the outer one comes back.
+            with_path(p, || {
+                with_path(Path::Portable, || assert_eq!(path(), Path::Portable)).unwrap();
+                assert_eq!(path(), p);
+            })
+            .unwrap();
+        }
+        assert_eq!(path(), before);
+        for p in Path::ALL.into_iter().filter(|p| !p.supported()) {
+            assert!(with_path(p, || ()).is_err(), "{p}");
+        }
+    }
+}
