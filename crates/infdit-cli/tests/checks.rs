@@ -1,5 +1,6 @@
 //! Everything that can be known before the model runs is checked before it runs, and `--dry-run`
 //! gives the same verdicts (issue 13, point 2; issue 14, F04 and F06).
+#![allow(clippy::unwrap_used)] // tests, benchmarks and examples stop at the first failure
 
 mod common;
 

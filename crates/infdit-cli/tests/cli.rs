@@ -1,4 +1,5 @@
 //! End-to-end tests of the `infdit` binary on the parity model.
+#![allow(clippy::unwrap_used)] // tests, benchmarks and examples stop at the first failure
 
 mod common;
 

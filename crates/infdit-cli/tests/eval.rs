@@ -1,4 +1,5 @@
 //! End-to-end tests of `infdit eval` on the tiny parity2 model.
+#![allow(clippy::unwrap_used)] // tests, benchmarks and examples stop at the first failure
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! Stopping a run: the library's cancellation flag (in-process) and Ctrl-C on the binary.
+#![allow(clippy::unwrap_used)] // tests, benchmarks and examples stop at the first failure
 
 mod common;
 

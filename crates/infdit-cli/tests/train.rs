@@ -1,5 +1,6 @@
 //! `infdit train` end to end on a tiny model: outputs, resume, and using the trained folder; and the
 //! built-in default model.
+#![allow(clippy::unwrap_used)] // tests, benchmarks and examples stop at the first failure
 
 mod common;
 

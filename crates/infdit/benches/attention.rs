@@ -3,6 +3,7 @@
 //! `cargo bench -p infdit --bench attention` (a filter such as `-- h16` picks cases). Throughput is
 //! reported in elements per second where one element is one flop (4 N H Tq Tk d per call), so
 //! "Gelem/s" reads as GFLOP/s; a summary line per case is printed as well.
+#![allow(clippy::unwrap_used)] // tests, benchmarks and examples stop at the first failure
 
 use std::hint::black_box;
 use std::time::Duration;

@@ -4,6 +4,7 @@
 //! elements per second where one element is one flop (2 M N K per call), so "Gelem/s" reads as
 //! GFLOP/s; a summary line per case is printed as well. The kernel needs avx512_bf16 (else its
 //! column is skipped).
+#![allow(clippy::unwrap_used)] // tests, benchmarks and examples stop at the first failure
 
 use std::hint::black_box;
 use std::time::Duration;

@@ -13,6 +13,7 @@
 //! output is 4x its size, reflect-padded to the block grid and cropped back). With a state folder
 //! the output is written band by band from the sampler's state file. Prints the output size and
 //! the peak resident set size (VmHWM of /proc/self/status, Linux) after sampling and after writing.
+#![allow(clippy::unwrap_used)] // tests, benchmarks and examples stop at the first failure
 
 use std::path::PathBuf;
 

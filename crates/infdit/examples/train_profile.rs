@@ -1,5 +1,6 @@
 //! Times the parts of one training example (data, forward, backward) for a config:
 //! `cargo run --release -p infdit --example train_profile -- CONFIG.json IMAGE_DIR CROP`.
+#![allow(clippy::unwrap_used)] // tests, benchmarks and examples stop at the first failure
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};

@@ -9,6 +9,7 @@
 //! * `tests/data/real/`: small real files from Debian's `libjxl-testdata` and the PngSuite
 //!   (see the README there): bit depth, alpha, ICC and EXIF are read, and survive a round trip
 //!   through `save_image_atomic`.
+#![allow(clippy::unwrap_used)] // tests, benchmarks and examples stop at the first failure
 
 use std::fs;
 use std::path::{Path, PathBuf};

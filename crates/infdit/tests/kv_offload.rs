@@ -3,6 +3,7 @@
 //! device, the neighbourhoods are built on the model's device, and each outside neighbour is
 //! copied once per layer and batch. On the CPU both devices are the host, so the mechanism is
 //! checked through what the cache reports. Also the GPU memory plans.
+#![allow(clippy::unwrap_used)] // tests, benchmarks and examples stop at the first failure
 
 mod common;
 

@@ -10,6 +10,7 @@
 //!
 //! (numpy 2.4.6; the `--check-cv2` run with opencv-python-headless 5.0.0 agrees with the numpy
 //! SSIM to 3e-14).
+#![allow(clippy::unwrap_used)] // tests, benchmarks and examples stop at the first failure
 
 use std::path::PathBuf;
 

@@ -3,6 +3,7 @@
 //! Tolerances (the `TOL_*` constants below) are about 5-10x the fp32-vs-fp64 noise floor of the
 //! parity READMEs; output PNGs are identical except at most 0.1% of values off by one. Every golden
 //! tensor a case holds is checked, and a missing one fails the test (see [`golden`]).
+#![allow(clippy::unwrap_used)] // tests, benchmarks and examples stop at the first failure
 
 mod common;
 

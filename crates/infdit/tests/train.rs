@@ -1,5 +1,6 @@
 //! Training: the autograd path equals inference, every parameter gets the right gradient, the loss
 //! goes down, and a resumed run continues bit for bit.
+#![allow(clippy::unwrap_used)] // tests, benchmarks and examples stop at the first failure
 
 use std::path::PathBuf;
 

@@ -168,6 +168,9 @@ pub fn heun_correct(x: &Tensor, d: &Tensor, euler: &Tensor, d2: &Tensor, s: f32,
     x + (d_prime * dt)?
 }
 
+/// What [`run_heun`] calls after each step: the state and the steps done.
+pub type AfterStep<'a, S> = dyn FnMut(&S, usize) -> std::result::Result<(), <S as HeunStep>::Error> + 'a;
+
 /// A sampler state that the Heun sampler can advance by one step: the whole image
 /// ([`WholeImageHeun`]), or the block scheduler's per-block state, which applies
 /// [`heun_euler`] and [`heun_correct`] to each block batch inside its sweeps
@@ -187,7 +190,7 @@ pub fn run_heun<S: HeunStep>(
     sigmas: &[f32],
     start: usize,
     stop_after: Option<usize>,
-    after_step: &mut dyn FnMut(&S, usize) -> std::result::Result<(), S::Error>,
+    after_step: &mut AfterStep<'_, S>,
 ) -> std::result::Result<usize, S::Error> {
     let mut steps_done = start;
     for i in start..sigmas.len().saturating_sub(1) {

@@ -46,7 +46,7 @@ impl Linear {
         let rows = x.elem_count() / inp;
         let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
         let mut out = dims.to_vec();
-        *out.last_mut().unwrap() = w.dim(0)?;
+        *out.last_mut().expect("a linear input has a last dimension") = w.dim(0)?;
         y.reshape(out)
     }
 }

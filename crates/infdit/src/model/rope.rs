@@ -89,7 +89,7 @@ pub fn apply_rope(t: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let dims = t.dims().to_vec();
     let d = dims[dims.len() - 1];
     let mut pair = dims.clone();
-    *pair.last_mut().unwrap() = d / 2;
+    *pair.last_mut().expect("a tensor with a last dimension") = d / 2;
     pair.push(2);
     let tp = t.reshape(pair)?;
     let x0 = tp.narrow(D::Minus1, 0, 1)?;

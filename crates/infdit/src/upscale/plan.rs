@@ -238,8 +238,8 @@ impl Planner {
         let bp = self.cfg.dit.block_px;
         if self.official {
             let pass = match self.target {
-                Target::Factor(f) if f == 4.0 => PassScale::X4,
-                Target::Factor(f) if f == 2.0 => PassScale::X2,
+                Target::Factor(4.0) => PassScale::X4,
+                Target::Factor(2.0) => PassScale::X2,
                 _ => return Err(InfditError::Config("the official crop works with a scale of 4 or 2 only".into())),
             };
             let g = geometry(w, h, &[pass], bp, true);
