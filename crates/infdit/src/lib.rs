@@ -14,7 +14,8 @@
 //!    ([`model::blocks`]), 2-D RoPE, the layer-0 LR cross-attention, the final layer; its hot
 //!    CPU kernels live in [`kernels`];
 //! 6. [`sampling`] runs the EDM Heun sampler ([`diffusion`]) over the whole image or through the
-//!    UniBA block scheduler ([`schedule`]), saving a resumable state after every step;
+//!    UniBA block scheduler ([`schedule`]), saving a resumable state after every step
+//!    ([`checkpoint`]);
 //! 7. [`loaded`] and [`weights`] load official `.pt` and safetensors checkpoints strictly (or the
 //!    model built into the library), and convert them.
 //!
@@ -35,6 +36,7 @@
 //! # }
 //! ```
 
+pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod device;
@@ -47,7 +49,6 @@ pub mod metrics;
 pub mod model;
 pub mod official;
 pub mod prepare;
-pub mod resume;
 pub mod sampling;
 pub mod schedule;
 pub mod train;

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 
+pub use crate::checkpoint::state::FinalSample;
+use crate::checkpoint::state::{FileStore, RamStore, STATE_FILE, Slot, StateStore};
 use crate::diffusion::noise::Noise;
 use crate::diffusion::{Denoise, HeunConfig, HeunStep, WholeImageHeun, initial_state, run_heun};
 use crate::error::{InfditError, Result};
@@ -15,8 +17,6 @@ use crate::model::blocks::{BlockGrid, BlockPos, image_to_blocks, take_blocks};
 use crate::prepare::{ConcatLr, Prepared};
 use crate::schedule::BlockDenoiser;
 use crate::schedule::WholeImageDenoiser;
-pub use crate::schedule::state::FinalSample;
-use crate::schedule::state::{FileStore, RamStore, STATE_FILE, Slot, StateStore};
 /// Progress of a sampling run (all counters at once, so a front end can show any of them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
@@ -203,7 +203,7 @@ pub fn sample_with_noise(
     let record = opts.checkpoint_dir.as_ref().map(|d| d.join("infdit-state.safetensors"));
     let fingerprint = run_fingerprint(&prep.concat_lr, noise, &grid, clip_vec, heun, model)?;
     let saved = match record.as_deref() {
-        Some(f) => crate::resume::load_state(f, &fingerprint)?,
+        Some(f) => crate::checkpoint::load_state(f, &fingerprint)?,
         None => None,
     };
     let start = saved.as_ref().map_or(0, |s| s.steps_done);
@@ -236,7 +236,7 @@ pub fn sample_with_noise(
         Mode::WholeImage => {
             let concat_lr = prep.concat_lr.full()?.to_device(dev)?;
             let x = match saved {
-                Some(crate::resume::SavedState { x: Some(x), .. }) => x.to_device(dev)?,
+                Some(crate::checkpoint::SavedState { x: Some(x), .. }) => x.to_device(dev)?,
                 Some(_) => return Err(state_dir_needed(record.as_deref())),
                 None => initial_state(&concat_lr, &noise.image(&grid, dev)?, sigmas[0])?,
             };
@@ -249,7 +249,7 @@ pub fn sample_with_noise(
             let mut st = WholeImageStep { inner: WholeImageHeun { den: &mut den, x }, flag };
             let steps_done = run_heun(&mut st, &sigmas, start, opts.stop_after_steps, &mut |s, done| {
                 if let Some(f) = &record {
-                    crate::resume::save_state(f, Some(&s.inner.x), done, &fingerprint)?;
+                    crate::checkpoint::save_state(f, Some(&s.inner.x), done, &fingerprint)?;
                 }
                 step_done(done);
                 Ok(())
@@ -267,7 +267,7 @@ pub fn sample_with_noise(
             };
             let mut store = match (&opts.state_dir, &saved) {
                 (None, _) => StateStore::Ram(RamStore::new(grid)),
-                (Some(dir), Some(crate::resume::SavedState { x: None, .. })) => {
+                (Some(dir), Some(crate::checkpoint::SavedState { x: None, .. })) => {
                     if !dir.join(STATE_FILE).exists() {
                         return Err(state_dir_needed(record.as_deref()));
                     }
@@ -288,10 +288,10 @@ pub fn sample_with_noise(
                         store.write(Slot::X(0), &pos, &x0)?;
                     }
                 }
-                Some(crate::resume::SavedState { x: Some(x), steps_done }) => {
+                Some(crate::checkpoint::SavedState { x: Some(x), steps_done }) => {
                     store.write(Slot::X(steps_done), &grid.raster(), &image_to_blocks(&x, grid.block_px)?)?;
                 }
-                Some(crate::resume::SavedState { x: None, .. }) if opts.state_dir.is_none() => {
+                Some(crate::checkpoint::SavedState { x: None, .. }) if opts.state_dir.is_none() => {
                     return Err(state_dir_needed(record.as_deref()));
                 }
                 Some(_) => {}
@@ -310,11 +310,11 @@ pub fn sample_with_noise(
                     match &*s.store {
                         StateStore::Ram(_) => {
                             let x = s.store.image(Slot::X(done))?;
-                            crate::resume::save_state(f, Some(&x), done, &fingerprint)?;
+                            crate::checkpoint::save_state(f, Some(&x), done, &fingerprint)?;
                         }
                         StateStore::File(_) => {
                             s.store.sync()?;
-                            crate::resume::save_state(f, None, done, &fingerprint)?;
+                            crate::checkpoint::save_state(f, None, done, &fingerprint)?;
                         }
                     }
                 }
@@ -444,7 +444,7 @@ fn state_dir_needed(record: Option<&Path>) -> InfditError {
         path: record.map(Path::to_path_buf).unwrap_or_default(),
         reason: format!(
             "this checkpoint's state is in a state folder ({}); resume with the same state folder, in block mode",
-            crate::schedule::state::STATE_FILE
+            crate::checkpoint::state::STATE_FILE
         ),
     }
 }
@@ -459,7 +459,7 @@ fn run_fingerprint(
     heun: &HeunConfig,
     model: &Model,
 ) -> Result<String> {
-    let mut h = crate::resume::Fnv::default();
+    let mut h = crate::checkpoint::Fnv::default();
     concat_lr.fingerprint(&mut h)?;
     match noise {
         Noise::Image(t) => h.tensor(t)?,

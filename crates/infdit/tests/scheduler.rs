@@ -6,6 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
+use infdit::checkpoint::state::STATE_FILE;
 use infdit::config::{DitConfig, ModelConfig, Precond};
 use infdit::diffusion::noise::Noise;
 use infdit::diffusion::noise::image_noise;
@@ -17,7 +18,6 @@ use infdit::model::blocks::BlockGrid;
 use infdit::prepare::{ConcatLr, PassScale, Prepared};
 use infdit::sampling::{Mode, SampleOptions, sample, sample_with_noise};
 use infdit::schedule::WholeImageDenoiser;
-use infdit::schedule::state::STATE_FILE;
 use infdit::schedule::{BlockDenoiser, MemoryPlan, batches};
 
 /// Relative bound: max |a - b| / max |b|.

@@ -23,7 +23,6 @@
 mod cache;
 mod driver;
 mod plan;
-pub mod state;
 mod whole;
 
 pub use cache::CachedKv;

@@ -252,20 +252,12 @@ fn passes_fingerprint(
     input: &Tensor,
     passes: &[PassPlan],
 ) -> Result<String> {
-    let mut h = crate::resume::Fnv::default();
-    h.tensor(input)?;
-    if let Some(n) = noise {
-        h.bytes(&std::fs::read(n).map_err(|e| InfditError::io(n, e))?);
-    }
     let scales: Vec<usize> = passes.iter().map(|p| p.geometry.scale.factor()).collect();
-    h.bytes(
-        format!(
-            "{scales:?}/{seed}/{:?}/{:?}/{:?}/{:?}/{:?}/{model_label}",
-            planner.heun, planner.act, planner.kv_dtype, opts.resize, planner.cfg
-        )
-        .as_bytes(),
+    let settings = format!(
+        "{scales:?}/{seed}/{:?}/{:?}/{:?}/{:?}/{:?}/{model_label}",
+        planner.heun, planner.act, planner.kv_dtype, opts.resize, planner.cfg
     );
-    Ok(format!("{:016x}", h.finish()))
+    crate::checkpoint::passes_fingerprint(input, noise, &settings)
 }
 
 fn load_noise(path: &Path, h: usize, w: usize) -> Result<Tensor> {
@@ -356,7 +348,7 @@ impl Run<'_> {
         let dir = self.opts.state_dir.as_ref()?;
         let key = match &self.opts.checkpoint_dir {
             Some(ck) => {
-                let mut h = crate::resume::Fnv::default();
+                let mut h = crate::checkpoint::Fnv::default();
                 h.bytes(output::canonical_target(ck).as_os_str().as_encoded_bytes());
                 format!("{:016x}", h.finish())
             }
@@ -389,7 +381,7 @@ impl Run<'_> {
         if let Some(fp) = &fingerprint {
             for k in (0..saved).rev() {
                 let Some(file) = p.pass_output(k) else { continue };
-                if let Some(crate::resume::SavedState { x: Some(t), .. }) = crate::resume::load_state(&file, fp)? {
+                if let Some(t) = crate::checkpoint::load_pass(&file, fp)? {
                     x = t;
                     first = k + 1;
                     break;
@@ -463,7 +455,7 @@ impl Run<'_> {
             if k < saved
                 && let (Some(file), Some(fp)) = (p.pass_output(k), &fingerprint)
             {
-                crate::resume::save_state(&file, Some(&x), k + 1, fp)?;
+                crate::checkpoint::save_pass(&file, &x, k + 1, fp)?;
             }
             offset += plan.pass_work[k];
         }

@@ -8,7 +8,7 @@
 //!
 //! With a state folder (`SampleOptions::state_dir`) the state already lives in a file there; the
 //! record in the checkpoint folder then holds no tensor, only the step count and fingerprint, and
-//! is written once that file is synced (see [`crate::schedule::state`]).
+//! is written once that file is synced (see [`crate::checkpoint::state`]).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -50,7 +50,7 @@ impl Fnv {
 }
 
 /// A saved state: the step count, and `x` unless the state lives in a state folder's file
-/// ([`crate::schedule::state::FileStore`]), which the record then stands for.
+/// ([`crate::checkpoint::state::FileStore`]), which the record then stands for.
 #[derive(Debug, Clone)]
 pub struct SavedState {
     /// The state (1, 3, H, W), or `None` when it is in the state folder.
