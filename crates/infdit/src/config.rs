@@ -350,41 +350,43 @@ impl ModelConfig {
     }
 
     fn from_official(v: &serde_json::Value) -> Result<Self> {
-        let flags = &v["official_cli_flags"];
+        use crate::official::flags;
+        let given = &v["official_cli_flags"];
         let released = DitConfig::released();
         let int = |name: &str, default: usize| -> Result<usize> {
-            match flags.get(name) {
+            match given.get(name) {
                 None => Ok(default),
                 Some(x) => x.as_u64().map(|x| x as usize).ok_or_else(|| {
                     InfditError::Config(format!("official flag {name} must be an unsigned integer, got {x}"))
                 }),
             }
         };
-        let hidden = int("--hidden-size", released.hidden)?;
-        let patch = int("--patch-size", released.patch)?;
+        let hidden = int(flags::HIDDEN_SIZE, released.hidden)?;
+        let patch = int(flags::PATCH_SIZE, released.patch)?;
         let mut dit = DitConfig {
             hidden,
-            depth: int("--num-layers", released.depth)?,
-            heads: int("--num-attention-heads", released.heads)?,
+            depth: int(flags::NUM_LAYERS, released.depth)?,
+            heads: int(flags::NUM_ATTENTION_HEADS, released.heads)?,
             mlp_hidden: 4 * hidden,
             patch,
-            in_channels: int("--in-channels", released.in_channels)?,
-            out_channels: int("--out-channels", released.out_channels)?,
-            block_px: int("--image-block-size", released.block_px)?,
-            vector_dim: int("--vector-dim", released.vector_dim)?,
+            in_channels: int(flags::IN_CHANNELS, released.in_channels)?,
+            out_channels: int(flags::OUT_CHANNELS, released.out_channels)?,
+            block_px: int(flags::IMAGE_BLOCK_SIZE, released.block_px)?,
+            vector_dim: int(flags::VECTOR_DIM, released.vector_dim)?,
             time_channels: released.time_channels,
-            image_size: int("--image-size", released.image_size)?,
-            sr_scale: int("--sr-scale", released.sr_scale)?,
+            image_size: int(flags::IMAGE_SIZE, released.image_size)?,
+            sr_scale: int(flags::SR_SCALE, released.sr_scale)?,
             lr_patch: released.lr_patch,
-            ln_eps: flags.get("--layernorm-epsilon").and_then(|x| x.as_f64()).unwrap_or(released.ln_eps),
+            ln_eps: given.get(flags::LAYERNORM_EPSILON).and_then(|x| x.as_f64()).unwrap_or(released.ln_eps),
             precond: Precond::default(),
         };
         if let Some(m) = v.pointer("/derived/mlp_hidden").and_then(|x| x.as_u64()) {
             dit.mlp_hidden = m as usize;
         }
         // Flags that change the architecture away from what this implementation provides.
-        for (flag, expected) in [("--nogate", true), ("--qk-ln", true), ("--re-position", true), ("--cross-lr", true)] {
-            if let Some(b) = flags.get(flag).and_then(|x| x.as_bool())
+        for flag in flags::RELEASED_SWITCHES {
+            let expected = true;
+            if let Some(b) = given.get(flag).and_then(|x| x.as_bool())
                 && b != expected
             {
                 return Err(InfditError::Config(format!(
