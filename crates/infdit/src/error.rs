@@ -36,6 +36,23 @@ pub enum InfditError {
         /// Steps completed (and saved, with a checkpoint folder) before the stop.
         steps_done: usize,
     },
+    /// A resume state (checkpoint record or state file) fails its integrity checks: it is refused,
+    /// never used.
+    #[error("{}: damaged resume state: {reason}; remove it (and the run's --checkpoint-dir record) to start over", path.display())]
+    DamagedState {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A checkpoint or state folder is in use by another process.
+    #[error("{}: another infdit process is using this {what}; wait for it to finish or give this run its own folder", path.display())]
+    Locked {
+        /// The folder or file that is locked.
+        path: PathBuf,
+        /// What it is ("checkpoint folder", "state file").
+        what: &'static str,
+    },
     /// A failure inside the tensor library.
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),

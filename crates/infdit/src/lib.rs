@@ -14,11 +14,13 @@
 //!
 //! Configuration lives in [`config`]; errors in [`error`]; the choice of CPU or GPU in [`device`].
 
+pub mod atomic;
 pub mod clip;
 pub mod config;
 pub mod device;
 pub mod diffusion;
 pub mod error;
+pub mod files;
 pub mod imageio;
 pub mod metrics;
 pub mod model;

@@ -31,6 +31,9 @@ pub struct Model {
     pub clip: Option<ClipVision>,
     /// Dead keys that were present in the checkpoint and skipped.
     pub skipped_dead_keys: Vec<String>,
+    /// A digest of every weight read (DiT and CLIP; see [`WeightLoader::digest`]), part of the
+    /// resume fingerprint so that a checkpoint of another model is never resumed.
+    pub weights_digest: u64,
 }
 
 impl Model {
@@ -62,8 +65,9 @@ impl Model {
             Some(c) => Some(ClipVision::load(c, &loader.pp(CLIP_PREFIX.trim_end_matches('.')))?),
             None => None,
         };
+        let weights_digest = loader.digest();
         let skipped_dead_keys = loader.finish()?;
-        Ok(Self { cfg: cfg.clone(), dit, clip, skipped_dead_keys })
+        Ok(Self { cfg: cfg.clone(), dit, clip, skipped_dead_keys, weights_digest })
     }
 
     /// Every tensor the model reads from a checkpoint, with its shape, in the official key layout
@@ -581,11 +585,9 @@ pub fn sample_with_noise(
         ));
     }
     let record = opts.checkpoint_dir.as_ref().map(|d| d.join("infdit-state.safetensors"));
+    let _checkpoint_lock = lock_checkpoint_dir(opts)?;
     let fingerprint = run_fingerprint(&prep.concat_lr, noise, &grid, clip_vec, heun, model)?;
-    let saved = match record.as_deref() {
-        Some(f) => crate::resume::load_state(f, &fingerprint)?,
-        None => None,
-    };
+    let saved = load_checked(record.as_deref(), &fingerprint, sigmas.len() - 1, &grid)?;
     let start = saved.as_ref().map_or(0, |s| s.steps_done);
     let evals_before = |k: usize| if k == 0 { 0 } else { (2 * k).min(heun.evaluations()) };
     let blocks_total = grid.len();
@@ -656,11 +658,12 @@ pub fn sample_with_noise(
             };
             let mut store = match (&opts.state_dir, &saved) {
                 (None, _) => StateStore::Ram(RamStore::new(grid)),
-                (Some(dir), Some(crate::resume::SavedState { x: None, .. })) => {
+                (Some(dir), Some(s @ crate::resume::SavedState { x: None, .. })) => {
                     if !dir.join(STATE_FILE).exists() {
                         return Err(state_dir_needed(record.as_deref()));
                     }
-                    StateStore::File(FileStore::open(dir, grid, &fingerprint)?)
+                    let sums = s.block_checksums.as_deref().unwrap_or(&[]);
+                    StateStore::File(FileStore::open(dir, grid, &fingerprint, s.steps_done, sums)?)
                 }
                 (Some(dir), _) => StateStore::File(FileStore::create(dir, grid, &fingerprint, record.is_some())?),
             };
@@ -677,7 +680,7 @@ pub fn sample_with_noise(
                         store.write(Slot::X(0), &pos, &x0)?;
                     }
                 }
-                Some(crate::resume::SavedState { x: Some(x), steps_done }) => {
+                Some(crate::resume::SavedState { x: Some(x), steps_done, .. }) => {
                     store.write(Slot::X(steps_done), &grid.raster(), &image_to_blocks(&x, grid.block_px)?)?;
                 }
                 Some(crate::resume::SavedState { x: None, .. }) if opts.state_dir.is_none() => {
@@ -706,9 +709,10 @@ pub fn sample_with_noise(
                             let x = store.image(Slot::X(steps_done))?;
                             crate::resume::save_state(f, Some(&x), steps_done, &fingerprint)?;
                         }
-                        StateStore::File(_) => {
+                        StateStore::File(fs) => {
                             store.sync()?;
-                            crate::resume::save_state(f, None, steps_done, &fingerprint)?;
+                            let sums = fs.checksums(Slot::X(steps_done))?;
+                            crate::resume::save_block_record(f, &sums, steps_done, &fingerprint)?;
                         }
                     }
                 }
@@ -794,6 +798,27 @@ fn heun_step_blocks(
     )
 }
 
+/// Locks the checkpoint folder, if any, against a second process for as long as the lock lives.
+fn lock_checkpoint_dir(opts: &SampleOptions) -> Result<Option<crate::resume::FolderLock>> {
+    let Some(d) = &opts.checkpoint_dir else { return Ok(None) };
+    Ok(Some(crate::resume::lock_folder(d, "checkpoint folder (--checkpoint-dir)")?))
+}
+
+/// The saved state in `record`, if any, checked against this run (at most `last` steps, the grid's size).
+fn load_checked(
+    record: Option<&Path>,
+    fingerprint: &str,
+    last: usize,
+    grid: &BlockGrid,
+) -> Result<Option<crate::resume::SavedState>> {
+    let Some(f) = record else { return Ok(None) };
+    let saved = crate::resume::load_state(f, fingerprint)?;
+    if let Some(s) = &saved {
+        s.check(f, last, grid.height(), grid.width())?;
+    }
+    Ok(saved)
+}
+
 /// The error for a checkpoint whose state is in a state folder this run does not have.
 fn state_dir_needed(record: Option<&Path>) -> InfditError {
     InfditError::Input(format!(
@@ -820,7 +845,7 @@ fn run_fingerprint(
         Noise::Seeded(seed) => h.bytes(format!("seeded noise {seed} on {grid:?}").as_bytes()),
     }
     h.tensor(clip)?;
-    h.bytes(format!("{heun:?}/{:?}/{:?}", model.dit.dtype(), model.cfg).as_bytes());
+    h.bytes(format!("{heun:?}/{:?}/{:?}/{:016x}", model.dit.dtype(), model.cfg, model.weights_digest).as_bytes());
     Ok(format!("{:016x}", h.finish()))
 }
 
