@@ -169,7 +169,8 @@ mod tests {
     fn partial_names_are_recognised_strictly() {
         assert_eq!(partial_owner(".img.png.infdit-12-3.partial"), Some(12));
         assert_eq!(partial_owner(".img.png.12.3.partial"), Some(12));
-        for other in ["img.png.12.3.partial", ".img.png.partial", ".img.png.x.3.partial", ".a.infdit-1-.partial", "x.png"]
+        for other in
+            ["img.png.12.3.partial", ".img.png.partial", ".img.png.x.3.partial", ".a.infdit-1-.partial", "x.png"]
         {
             assert_eq!(partial_owner(other), None, "{other}");
         }

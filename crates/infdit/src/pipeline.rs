@@ -85,13 +85,11 @@ impl Model {
         }
     }
 
-    /// Parameters of the DiT part (CLIP excluded, dead keys excluded), from the config alone.
+    /// Parameters of the DiT part (CLIP excluded, dead keys excluded), from the config alone
+    /// ([`ModelConfig::parameter_count`]: arithmetic, nothing is built or allocated).
     pub fn parameter_count(cfg: &ModelConfig) -> Result<usize> {
-        Ok(Self::expected_keys(cfg)?
-            .iter()
-            .filter(|(k, _)| !k.starts_with(CLIP_PREFIX))
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum())
+        cfg.validate()?;
+        Ok(cfg.parameter_count() as usize)
     }
 
     /// The conditioning vector of an LR image (1, 3, h, w) in [-1, 1]: the CLIP embedding, or zeros
@@ -567,6 +565,7 @@ pub fn sample_with_noise(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<SampleOutcome> {
     let heun = &opts.heun;
+    heun.validate()?;
     let sigmas = heun.sigmas();
     let dev = model.dit.device();
     let grid = prep.grid;
@@ -855,6 +854,9 @@ pub fn check_finite(x: &Tensor, step: usize) -> candle_core::Result<()> {
     if s.is_finite() {
         Ok(())
     } else {
-        candle_core::bail!("the sampler state is not finite after step {step}: check the model weights and input")
+        candle_core::bail!(
+            "the sampler state is not finite after step {step}: check the model weights, the input image and noise, \
+             and the sampler settings (--sigma-max)"
+        )
     }
 }

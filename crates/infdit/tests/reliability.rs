@@ -176,3 +176,56 @@ fn f13_shared_state_folder_keeps_the_other_runs_state() {
     assert_eq!(done.resumed_from, 2);
     assert!(done.final_sample.is_some());
 }
+
+/// F05: a step count that cannot be allocated is refused, by the sampler and in a config's
+/// `"sampler"` settings, instead of panicking ("capacity overflow") or aborting.
+#[test]
+fn f05_huge_step_counts_are_refused() {
+    let m = tiny_random(1, 32, 2, 8);
+    for steps in [usize::MAX, 1 << 32, 10_001] {
+        let opts = SampleOptions { heun: HeunConfig { steps, ..HeunConfig::default() }, ..Default::default() };
+        let err = run_err(&m, &Noise::Seeded(1), &opts);
+        assert!(err.contains("steps") && err.contains("10000"), "{err}");
+        let json = format!(r#"{{"sampler": {{"steps": {steps}, "sigma_max": 40.0}}}}"#);
+        let err = infdit::config::SamplerDefaults::from_json_str(&json).unwrap_err().to_string();
+        assert!(err.contains("steps"), "{err}");
+    }
+}
+
+/// The released config as JSON with `field` of the DiT set to `value`.
+fn dit_with(field: &str, value: u64) -> String {
+    let mut v: serde_json::Value = serde_json::from_str(&infdit::ModelConfig::released().to_json()).unwrap();
+    v["dit"][field] = value.into();
+    v.to_string()
+}
+
+/// F07: config values that divided by zero or overflowed inside infdit (patch 0, block size 0,
+/// image size 0 or 2^62) are refused by the config reader with a message naming the field.
+#[test]
+fn f07_zero_and_huge_config_values_are_refused() {
+    for (field, value) in [("patch", 0), ("block_px", 0), ("image_size", 0), ("image_size", 1 << 62), ("sr_scale", 0)] {
+        let r = std::panic::catch_unwind(|| infdit::ModelConfig::from_json_str(&dit_with(field, value)));
+        let err = r.unwrap_or_else(|_| panic!("{field} {value}: the config reader panicked")).unwrap_err().to_string();
+        assert!(err.contains(field), "{field} {value}: {err}");
+    }
+}
+
+/// F08: sizes that would allocate without limit (hidden 1e9, 1e6 layers, huge heads) are refused
+/// by the config reader, and counting parameters builds nothing (it used to abort or run for
+/// minutes).
+#[test]
+fn f08_huge_dimensions_are_refused_and_counting_builds_nothing() {
+    for (field, value) in [("hidden", 1_000_000_000), ("depth", 1_000_000), ("heads", 1 << 40), ("mlp_hidden", 1 << 40)]
+    {
+        let err = infdit::ModelConfig::from_json_str(&dit_with(field, value)).unwrap_err().to_string();
+        assert!(err.contains(field), "{field} {value}: {err}");
+    }
+    // A config built in code, past the reader: the count is refused, not attempted.
+    let mut cfg = infdit::ModelConfig::released();
+    cfg.dit.hidden = 1_000_000_000;
+    cfg.dit.heads = 16;
+    cfg.dit.mlp_hidden = 4;
+    assert!(Model::parameter_count(&cfg).is_err());
+    cfg.dit = infdit::config::DitConfig { depth: 100_000, ..infdit::config::DitConfig::released() };
+    assert!(Model::parameter_count(&cfg).is_err());
+}

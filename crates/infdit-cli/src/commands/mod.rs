@@ -135,12 +135,18 @@ pub(crate) fn heun_config(
         sigma_max: sigma_max.or(defaults.map(|d| d.sigma_max)).unwrap_or(base.sigma_max),
         ..base
     };
-    if heun.steps == 0 {
-        bail!("--steps must be at least 1");
+    if heun.steps == 0 || heun.steps > HeunConfig::MAX_STEPS {
+        bail!("--steps {} must be between 1 and {}", heun.steps, HeunConfig::MAX_STEPS);
     }
-    if !(heun.sigma_max > heun.sigma_min && heun.sigma_max.is_finite()) {
-        bail!("--sigma-max {} must be finite and above sigma_min {}", heun.sigma_max, heun.sigma_min);
+    if !(heun.sigma_max > heun.sigma_min && heun.sigma_max <= HeunConfig::MAX_SIGMA) {
+        bail!(
+            "--sigma-max {} must be above sigma_min {} and at most {}",
+            heun.sigma_max,
+            heun.sigma_min,
+            HeunConfig::MAX_SIGMA
+        );
     }
+    heun.validate()?;
     Ok(heun)
 }
 

@@ -200,9 +200,7 @@ impl FileStore {
     pub fn checksums(&self, slot: Slot) -> Result<Vec<u32>> {
         self.sums[self.slot_index(slot)]
             .iter()
-            .map(|c| {
-                c.ok_or_else(|| InfditError::Input(format!("state store: {slot:?} not completely written (bug)")))
-            })
+            .map(|c| c.ok_or_else(|| InfditError::Input(format!("state store: {slot:?} not completely written (bug)"))))
             .collect()
     }
 
