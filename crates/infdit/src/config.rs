@@ -402,7 +402,7 @@ impl SamplerDefaults {
     }
     /// The same from a file.
     pub fn from_file(path: &Path) -> Result<Option<Self>> {
-        let text = std::fs::read_to_string(path).map_err(|e| InfditError::io(path, e))?;
+        let text = crate::files::read_small_text(path, 16 << 20).map_err(|e| InfditError::io(path, e))?;
         Self::from_json_str(&text).map_err(|e| match e {
             InfditError::Config(m) => InfditError::Config(format!("{}: {m}", path.display())),
             e => e,
@@ -457,7 +457,7 @@ impl ModelConfig {
 
     /// Reads a config file in either accepted format (see the module docs).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| InfditError::io(path, e))?;
+        let text = crate::files::read_small_text(path, 16 << 20).map_err(|e| InfditError::io(path, e))?;
         Self::from_json_str(&text).map_err(|e| match e {
             InfditError::Config(m) => InfditError::Config(format!("{}: {m}", path.display())),
             e => e,

@@ -9,20 +9,21 @@ pub type Result<T, E = InfditError> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum InfditError {
-    /// The environment: a file could not be read or written.
-    #[error("{}: {source}", path.display())]
+    /// The environment: a file could not be read or written. (The I/O error is part of the
+    /// message, not a separate source, so that an error chain does not print it twice.)
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file concerned.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The user's configuration is invalid or not supported.
     #[error("config: {0}")]
     Config(String),
     /// A checkpoint does not fit the configured model (missing, unexpected or mis-shaped tensors),
     /// or cannot be parsed.
-    #[error("{0}")]
+    #[error(transparent)]
     Weights(#[from] crate::weights::WeightError),
     /// An input (image, noise file, size) is unusable.
     #[error("{0}")]
@@ -55,12 +56,19 @@ pub enum InfditError {
     },
     /// A failure inside the tensor library.
     #[error("tensor error: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+// By hand rather than `#[from]`, which would also make the error a source that a chain repeats.
+impl From<candle_core::Error> for InfditError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Candle(e)
+    }
 }
 
 impl InfditError {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        Self::Io { path: path.to_path_buf(), source }
+        Self::Io { path: path.to_path_buf(), error: source }
     }
 }

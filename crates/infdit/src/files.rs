@@ -45,3 +45,17 @@ pub fn kind_of(t: &std::fs::FileType) -> &'static str {
         "a special file"
     }
 }
+
+/// The text of a small regular file (a config): refused when not a regular file or larger than
+/// `max_bytes`, so a mistaken path to a device or a huge file cannot exhaust memory.
+pub fn read_small_text(path: &Path, max_bytes: u64) -> std::io::Result<String> {
+    check_regular(path)?;
+    let len = std::fs::metadata(path)?.len();
+    if len > max_bytes {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("is {len} bytes, more than the {max_bytes} a config file may have"),
+        ));
+    }
+    std::fs::read_to_string(path)
+}

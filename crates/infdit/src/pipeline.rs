@@ -52,6 +52,7 @@ impl Model {
     /// Builds a model from an opened checkpoint, strictly: every problem is reported by key.
     pub fn from_checkpoint(cfg: &ModelConfig, ck: Checkpoint, dtype: DType, dev: &Device) -> Result<Self> {
         cfg.validate()?;
+        check_has_network(&ck)?;
         if cfg.clip.is_some() && !ck.has_clip() {
             return Err(InfditError::Config(format!(
                 "{}: the checkpoint has no CLIP tower (image_encoder.model.visual.*); give it with --clip PATH \
@@ -100,6 +101,22 @@ impl Model {
             None => Ok(Tensor::zeros((1, self.cfg.dit.vector_dim), DType::F32, lr.device())?),
         }
     }
+}
+
+/// Refuses a checkpoint that holds none of the DiT's tensors (another model's file, a CLIP
+/// tower alone) with that message, rather than with a list of every missing key or a hint about
+/// the CLIP tower.
+fn check_has_network(ck: &Checkpoint) -> Result<()> {
+    if ck.keys().any(|k| k.starts_with("transformer.layers.") || k.starts_with("mixins.")) {
+        return Ok(());
+    }
+    Err(InfditError::Config(format!(
+        "{}: holds none of the Inf-DiT network's tensors (transformer.layers.*, mixins.*): not an Inf-DiT \
+         checkpoint ({} tensors, e.g. {})",
+        ck.origin(),
+        ck.len(),
+        ck.keys().take(3).collect::<Vec<_>>().join(", ")
+    )))
 }
 
 /// The upscaling factor of one model pass, as the official script offers them.

@@ -229,3 +229,222 @@ fn f08_huge_dimensions_are_refused_and_counting_builds_nothing() {
     cfg.dit = infdit::config::DitConfig { depth: 100_000, ..infdit::config::DitConfig::released() };
     assert!(Model::parameter_count(&cfg).is_err());
 }
+
+/// Runs `f` on another thread; fails the test when it takes more than 20 s (a hang).
+fn within_20s<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20)).unwrap_or_else(|_| panic!("{what}: hung"))
+}
+
+/// F01: a PNG whose ICC profile inflates far past any real profile (32 MiB of zeros, 32 KiB in
+/// the file) is refused before it is inflated, naming the limit.
+#[test]
+fn f01_icc_bomb_is_refused() {
+    use image::ImageEncoder;
+    let d = temp_dir("f01");
+    let p = d.join("bomb.png");
+    let mut buf = Vec::new();
+    let mut enc = image::codecs::png::PngEncoder::new(&mut buf);
+    enc.set_icc_profile(vec![0u8; 32 << 20]).unwrap();
+    enc.write_image(&[128u8; 32 * 32 * 3], 32, 32, image::ExtendedColorType::Rgb8).unwrap();
+    assert!(buf.len() < 1 << 20, "{} bytes", buf.len());
+    std::fs::write(&p, &buf).unwrap();
+    let err = infdit::imageio::load_image(&p, &infdit::imageio::LoadLimits::default())
+        .map(|_| ())
+        .expect_err("the ICC bomb was loaded")
+        .to_string();
+    assert!(err.contains("bomb.png") && err.contains("ICC") && err.contains("limit"), "{err}");
+}
+
+/// A minimal uncompressed 2x1 RGB TIFF with 32 bits per sample and no SampleFormat tag
+/// (so unsigned integers), values 25 % and 75 % of full scale.
+fn tiff_u32_rgb() -> Vec<u8> {
+    let mut t = b"II*\0".to_vec();
+    t.extend(8u32.to_le_bytes());
+    let entries: [(u16, u16, u32, u32); 9] = [
+        (256, 3, 1, 2),  // width
+        (257, 3, 1, 1),  // height
+        (258, 3, 3, 0),  // bits per sample -> offset patched below
+        (259, 3, 1, 1),  // no compression
+        (262, 3, 1, 2),  // RGB
+        (273, 4, 1, 0),  // strip offset -> patched
+        (277, 3, 1, 3),  // samples per pixel
+        (278, 3, 1, 1),  // rows per strip
+        (279, 4, 1, 24), // strip bytes
+    ];
+    let ifd_len = 2 + entries.len() * 12 + 4;
+    let bits_at = 8 + ifd_len as u32;
+    let data_at = bits_at + 6;
+    t.extend((entries.len() as u16).to_le_bytes());
+    for (tag, typ, count, value) in entries {
+        let value = match tag {
+            258 => bits_at,
+            273 => data_at,
+            _ => value,
+        };
+        t.extend(tag.to_le_bytes());
+        t.extend(typ.to_le_bytes());
+        t.extend(count.to_le_bytes());
+        t.extend(value.to_le_bytes());
+    }
+    t.extend(0u32.to_le_bytes());
+    for _ in 0..3 {
+        t.extend(32u16.to_le_bytes());
+    }
+    for v in [0x4000_0000u32, 0xC000_0000] {
+        for _ in 0..3 {
+            t.extend(v.to_le_bytes());
+        }
+    }
+    t
+}
+
+/// F02: a 32-bit unsigned-integer TIFF is not read as float bits (25 % gray came out 128, 75 %
+/// black): it is refused with a message that says why.
+#[test]
+fn f02_tiff_u32_is_not_read_as_float() {
+    let d = temp_dir("f02");
+    let p = d.join("u32.tif");
+    std::fs::write(&p, tiff_u32_rgb()).unwrap();
+    match infdit::imageio::load_image(&p, &infdit::imageio::LoadLimits::default()) {
+        Ok(img) => panic!("loaded as {:?}", img.rgb.flatten_all().unwrap().to_vec1::<f32>().unwrap()),
+        Err(e) => {
+            let e = e.to_string();
+            assert!(e.contains("u32.tif") && e.contains("32-bit unsigned-integer"), "{e}");
+        }
+    }
+}
+
+/// F03: a FIFO given as an image, a checkpoint or a config is refused at once, and one in a
+/// searched folder is reported (it was silently skipped; opening it hung forever).
+#[test]
+fn f03_fifos_are_refused_not_waited_on() {
+    let d = temp_dir("f03");
+    for name in ["in.png", "model.safetensors", "config.json"] {
+        let ok = std::process::Command::new("mkfifo").arg(d.join(name)).status().unwrap().success();
+        assert!(ok, "mkfifo");
+    }
+    let p = d.join("in.png");
+    let err = within_20s("load_image", move || {
+        infdit::imageio::load_image(&p, &infdit::imageio::LoadLimits::default())
+            .map(|_| ())
+            .expect_err("loaded")
+            .to_string()
+    });
+    assert!(err.contains("in.png") && err.contains("FIFO"), "{err}");
+    let p = d.join("model.safetensors");
+    let err = within_20s("Checkpoint::open", move || {
+        infdit::weights::Checkpoint::open(&p).map(|_| ()).expect_err("a FIFO is no checkpoint").to_string()
+    });
+    assert!(err.contains("model.safetensors") && err.contains("FIFO"), "{err}");
+    let p = d.join("config.json");
+    let err = within_20s("ModelConfig::from_file", move || infdit::ModelConfig::from_file(&p).unwrap_err().to_string());
+    assert!(err.contains("config.json") && err.contains("FIFO"), "{err}");
+    // /dev/zero is no empty file but a device.
+    let err = infdit::imageio::load_image(Path::new("/dev/zero"), &infdit::imageio::LoadLimits::default())
+        .map(|_| ())
+        .expect_err("/dev/zero loaded")
+        .to_string();
+    assert!(err.contains("character device"), "{err}");
+    let mut walker = infdit::imageio::find::ImageWalker::new(None);
+    let found = walker.images_below(&d).unwrap();
+    assert!(found.is_empty());
+    let listed = format!("{:?}", walker.not_regular);
+    assert!(listed.contains("in.png") && listed.contains("FIFO"), "{listed}");
+}
+
+/// A PNG of `w` x `h` whose `eXIf` chunk (orientation `o`) follows the image data.
+fn png_with_late_exif(w: u32, h: u32, o: u16) -> Vec<u8> {
+    let mut png = Vec::new();
+    image::RgbImage::from_pixel(w, h, image::Rgb([1, 2, 3]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let mut exif = b"II*\0".to_vec();
+    exif.extend(8u32.to_le_bytes());
+    exif.extend(1u16.to_le_bytes());
+    exif.extend(0x0112u16.to_le_bytes());
+    exif.extend(3u16.to_le_bytes());
+    exif.extend(1u32.to_le_bytes());
+    exif.extend((o as u32).to_le_bytes());
+    exif.extend(0u32.to_le_bytes());
+    let mut chunk = (exif.len() as u32).to_be_bytes().to_vec();
+    let mut body = b"eXIf".to_vec();
+    body.extend(&exif);
+    chunk.extend(&body);
+    chunk.extend(crc32fast::hash(&body).to_be_bytes());
+    let iend = png.len() - 12;
+    png.splice(iend..iend, chunk);
+    png
+}
+
+/// F15: the header probe gives the size the load gives, with an EXIF orientation stored after
+/// the PNG image data (the plans said 64x32 where the run made 32x64); it reads no pixels and
+/// refuses a FIFO.
+#[test]
+fn f15_probe_applies_a_late_png_orientation() {
+    let d = temp_dir("f15");
+    let p = d.join("late.png");
+    std::fs::write(&p, png_with_late_exif(64, 32, 6)).unwrap();
+    let lim = infdit::imageio::LoadLimits::default();
+    let info = infdit::imageio::probe(&p, &lim).unwrap();
+    let img = infdit::imageio::load_image(&p, &lim).unwrap();
+    assert_eq!(img.rgb.dims(), &[1, 3, 64, 32]);
+    assert_eq!((info.width, info.height, info.has_alpha), (32, 64, false));
+    let fifo = d.join("f.png");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let err = within_20s("probe", move || infdit::imageio::probe(&fifo, &lim).unwrap_err().to_string());
+    assert!(err.contains("FIFO"), "{err}");
+}
+
+/// F10: a legal 250-byte output name is written (the temporary name `.NAME.PID.N.partial` was
+/// longer than 255 bytes: "File name too long" after all the work), and no temporary is left.
+#[test]
+fn f10_longest_output_names_are_written() {
+    let d = temp_dir("f10");
+    let img = image::RgbImage::from_pixel(4, 4, image::Rgb([5, 6, 7]));
+    let out = d.join(format!("{}.png", "n".repeat(246)));
+    assert_eq!(out.file_name().unwrap().len(), 250);
+    infdit::imageio::save_rgb8_atomic(&img, &out, &[]).unwrap();
+    assert_eq!(image::open(&out).unwrap().to_rgb8(), img);
+    assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1);
+}
+
+/// F14: temporary files of killed runs (this program's naming, older than the run, writer gone)
+/// are removed when an output is written into their folder; anything else is left alone.
+#[test]
+fn f14_stale_partial_files_are_cleaned() {
+    let d = temp_dir("f14partial");
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    // Process ids above the kernel's limit (4194304 at most) belong to no process.
+    let stale = [".a.png.4194305.0.partial", ".b.png.infdit-4194306-3.partial"];
+    let kept = [".c.png.partial", "d.png.4194305.0.partial", ".e.png.x.1.partial", "notes.txt"];
+    for n in stale.iter().chain(&kept) {
+        let f = std::fs::File::create(d.join(n)).unwrap();
+        f.set_modified(old).unwrap();
+    }
+    let img = image::RgbImage::from_pixel(4, 4, image::Rgb([5, 6, 7]));
+    infdit::imageio::save_rgb8_atomic(&img, &d.join("out.png"), &[]).unwrap();
+    for n in stale {
+        assert!(!d.join(n).exists(), "{n} left");
+    }
+    for n in kept {
+        assert!(d.join(n).exists(), "{n} removed");
+    }
+}
+
+/// F14: a checkpoint with none of the model's tensors says so (it said "give --clip").
+#[test]
+fn f14_foreign_checkpoint_is_named_as_such() {
+    let cfg = infdit::ModelConfig::from_file(&shared("parity").join("config.json")).unwrap();
+    assert!(cfg.clip.is_some());
+    let t = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap();
+    let ck = infdit::weights::Checkpoint::from_tensors("other.safetensors", [("encoder.weight".to_string(), t)]);
+    let err = Model::from_checkpoint(&cfg, ck, DType::F32, &Device::Cpu).map(|_| ()).expect_err("built").to_string();
+    assert!(
+        err.contains("other.safetensors") && err.contains("none of the Inf-DiT") && !err.contains("--clip"),
+        "{err}"
+    );
+}

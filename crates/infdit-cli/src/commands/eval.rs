@@ -63,7 +63,7 @@ fn eval_one(model: &Model, path: &Path, a: &EvalArgs, heun: HeunConfig) -> Resul
     let (_, _, h0, w0) = hr.dims4()?;
     let (h, w) = (h0 / SCALE * SCALE, w0 / SCALE * SCALE);
     if h == 0 || w == 0 {
-        bail!("image of {w0}x{h0} is smaller than {SCALE}x{SCALE}");
+        bail!("image of {w0}x{h0} has a side shorter than {SCALE} px (the downscale factor of the evaluation)");
     }
     let hr = crop(&hr, 0, 0, h, w)?;
     // Rounded to nearest throughout (an 8-bit HR file maps back to exactly its own samples), as

@@ -82,9 +82,15 @@ pub fn collect_image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
             if let Some((dir, e)) = walker.unreadable.first() {
                 return Err(InfditError::Input(format!("{}: {e}", dir.display())));
             }
+            if let Some((f, kind)) = walker.not_regular.first() {
+                return Err(InfditError::Input(format!("{}: is {kind}, not a regular file", f.display())));
+            }
             out.extend(found);
         } else if p.is_file() {
             out.push(p.clone());
+        } else if let Ok(m) = std::fs::metadata(p) {
+            let kind = crate::files::kind_of(&m.file_type());
+            return Err(InfditError::Input(format!("{}: is {kind}, not a regular file", p.display())));
         } else {
             return Err(InfditError::Input(format!("{}: no such file or folder", p.display())));
         }

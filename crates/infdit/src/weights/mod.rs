@@ -45,6 +45,14 @@ pub enum WeightError {
         /// What went wrong.
         msg: String,
     },
+    /// A checkpoint could not be written (full disk, no permission, ...).
+    #[error("{}: cannot write checkpoint: {msg}", path.display())]
+    Write {
+        /// The file being written.
+        path: PathBuf,
+        /// What went wrong.
+        msg: String,
+    },
     /// The checkpoint does not match the model.
     #[error("{}", Mismatch(.0))]
     Mismatch(Box<MismatchReport>),
@@ -167,6 +175,8 @@ impl Checkpoint {
         if !path.exists() {
             return Err(parse_err(path, "no such file"));
         }
+        // A FIFO would block the reader forever, a device never end.
+        crate::files::check_regular(path).map_err(|e| parse_err(path, e))?;
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
         let mut ck = Checkpoint { origin: vec![path.to_path_buf()], ..Default::default() };
         if ext == "safetensors" {
