@@ -503,7 +503,7 @@ impl ModelConfig {
             hidden,
             depth: int("--num-layers", released.depth)?,
             heads: int("--num-attention-heads", released.heads)?,
-            mlp_hidden: 4 * hidden,
+            mlp_hidden: hidden.saturating_mul(4),
             patch,
             in_channels: int("--in-channels", released.in_channels)?,
             out_channels: int("--out-channels", released.out_channels)?,

@@ -49,6 +49,11 @@ impl Fnv {
     }
 }
 
+/// The first line of an error's message (candle appends a backtrace when `RUST_BACKTRACE` is set).
+fn first_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
 /// CRC-32 of f32 values as little-endian bytes (the checksums of saved states).
 pub fn crc_f32(values: &[f32]) -> u32 {
     let mut h = crc32fast::Hasher::new();
@@ -141,7 +146,9 @@ fn write_record(
         |tmp| {
             candle_core::safetensors::save(&t, tmp).map_err(|e| match e {
                 candle_core::Error::Io(e) => InfditError::io(tmp, e),
-                e => InfditError::Input(format!("{}: cannot write the resume state: {e}", tmp.display())),
+                e => {
+                    InfditError::Input(format!("{}: cannot write the resume state: {}", tmp.display(), first_line(&e)))
+                }
             })
         },
         InfditError::io,
@@ -157,10 +164,12 @@ pub fn load_state(path: &Path, fingerprint: &str) -> Result<Option<SavedState>> 
     crate::files::check_regular(path).map_err(|e| InfditError::io(path, e))?;
     let damaged = |reason: String| InfditError::DamagedState { path: path.to_path_buf(), reason };
     let mut t = candle_core::safetensors::load(path, &Device::Cpu)
-        .map_err(|e| damaged(format!("not a readable safetensors file ({e})")))?;
+        .map_err(|e| damaged(format!("not a readable safetensors file ({})", first_line(&e))))?;
     let mut take = |name: &str| t.remove(name).ok_or_else(|| damaged(format!("no `{name}` entry")));
-    let vec_u8 = |t: Tensor, name: &str| t.to_vec1::<u8>().map_err(|e| damaged(format!("`{name}`: {e}")));
-    let vec_u32 = |t: Tensor, name: &str| t.to_vec1::<u32>().map_err(|e| damaged(format!("`{name}`: {e}")));
+    let vec_u8 =
+        |t: Tensor, name: &str| t.to_vec1::<u8>().map_err(|e| damaged(format!("`{name}`: {}", first_line(&e))));
+    let vec_u32 =
+        |t: Tensor, name: &str| t.to_vec1::<u32>().map_err(|e| damaged(format!("`{name}`: {}", first_line(&e))));
     let fp = vec_u8(take("fingerprint")?, "fingerprint")?;
     let steps = vec_u32(take("steps_done")?, "steps_done")?;
     let sum = vec_u32(take("checksum")?, "checksum")?;
@@ -178,7 +187,7 @@ pub fn load_state(path: &Path, fingerprint: &str) -> Result<Option<SavedState>> 
             x.to_dtype(DType::F32)
                 .and_then(|x| x.flatten_all())
                 .and_then(|x| x.to_vec1::<f32>())
-                .map_err(|e| damaged(format!("`x`: {e}")))?,
+                .map_err(|e| damaged(format!("`x`: {}", first_line(&e))))?,
         ),
         None if blocks.is_some() => None,
         None => return Err(damaged("no state tensor".into())),

@@ -448,3 +448,15 @@ fn f14_foreign_checkpoint_is_named_as_such() {
         "{err}"
     );
 }
+
+/// Found by the `config` fuzz harness: an official-format config with a huge `--hidden-size`
+/// overflowed computing the MLP width (a panic); it is refused.
+#[test]
+fn fuzz_official_config_with_huge_hidden_size_is_refused() {
+    let text = std::fs::read_to_string(shared("parity").join("config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["official_cli_flags"]["--hidden-size"] = (1u64 << 62).into();
+    let r = std::panic::catch_unwind(|| infdit::ModelConfig::from_json_str(&v.to_string()));
+    let err = r.expect("the config reader panicked").unwrap_err().to_string();
+    assert!(err.contains("hidden"), "{err}");
+}

@@ -236,17 +236,24 @@ impl Template {
         Ok(t)
     }
 
-    /// The file name for one input.
+    /// The file name for one input, keeping the stem's bytes as they are (a file name need not be
+    /// UTF-8: `x\xff.png` and `x\xfe.png` must not both become `x\u{FFFD}_x4.png`).
+    pub fn render_os(&self, stem: &std::ffi::OsStr, ext: &str, scale: &str) -> std::ffi::OsString {
+        let mut out = std::ffi::OsString::new();
+        for p in &self.0 {
+            match p {
+                Piece::Text(t) => out.push(t),
+                Piece::Stem => out.push(stem),
+                Piece::Ext => out.push(ext),
+                Piece::Scale => out.push(scale),
+            }
+        }
+        out
+    }
+
+    /// The file name for one input ([`Template::render_os`] of a UTF-8 stem).
     pub fn render(&self, stem: &str, ext: &str, scale: &str) -> String {
-        self.0
-            .iter()
-            .map(|p| match p {
-                Piece::Text(t) => t.as_str(),
-                Piece::Stem => stem,
-                Piece::Ext => ext,
-                Piece::Scale => scale,
-            })
-            .collect()
+        self.render_os(stem.as_ref(), ext, scale).to_string_lossy().into_owned()
     }
 }
 
@@ -280,6 +287,29 @@ mod tests {
         assert!(Template::parse("{size}.png").unwrap_err().to_string().contains("unknown placeholder {size}"));
         assert!(Template::parse("a}.png").is_err());
         assert!(Template::parse("").is_err());
+    }
+
+    /// F09: names that are not UTF-8 keep their bytes, so two of them never collide.
+    #[cfg(unix)]
+    #[test]
+    fn f09_non_utf8_stems_keep_their_bytes() {
+        use std::os::unix::ffi::{OsStrExt, OsStringExt};
+        let t = Template::default_template();
+        let a = t.render_os(std::ffi::OsStr::from_bytes(b"x\xff"), "png", "x4");
+        let b = t.render_os(std::ffi::OsStr::from_bytes(b"x\xfe"), "png", "x4");
+        assert_ne!(a, b);
+        assert_eq!(a.into_vec(), b"x\xff_x4.png".to_vec());
+        // Found in a folder, the relative path keeps them apart too.
+        let d = std::env::temp_dir().join(format!("infdit-f09-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        for n in [&b"x\xff.png"[..], b"x\xfe.png"] {
+            std::fs::write(d.join(std::ffi::OsStr::from_bytes(n)), b"").unwrap();
+        }
+        let c = collect(std::slice::from_ref(&d), None);
+        let rels: HashSet<_> = c.sources.iter().map(|s| s.rel.clone()).collect();
+        assert_eq!(rels.len(), 2, "{:?}", c.sources);
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
