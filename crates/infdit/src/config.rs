@@ -119,6 +119,25 @@ pub struct ModelConfig {
     pub clip: Option<ClipConfig>,
 }
 
+/// Upper bounds of the config values, so that no config can make infdit allocate or loop without
+/// limit (the released model is far inside every one of them).
+pub mod limits {
+    /// Largest hidden width, MLP width, CLIP width, vector and embedding widths.
+    pub const MAX_WIDTH: usize = 1 << 16;
+    /// Most transformer layers (DiT or CLIP).
+    pub const MAX_DEPTH: usize = 512;
+    /// Most attention heads.
+    pub const MAX_HEADS: usize = 1024;
+    /// Largest patch, block, image or CLIP input side in pixels.
+    pub const MAX_SIDE: usize = 1 << 14;
+    /// Most channels in or out of the network.
+    pub const MAX_CHANNELS: usize = 64;
+    /// Most values in the computed RoPE table (`rope_positions()^2 * head_dim`; released: 84 M).
+    pub const MAX_ROPE_VALUES: u128 = 1 << 30;
+    /// Most parameters of the DiT plus the CLIP tower (released: 754 M).
+    pub const MAX_PARAMETERS: u128 = 8_000_000_000;
+}
+
 /// OpenAI CLIP normalisation constants (used by open_clip and by Inf-DiT's preprocessing).
 pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
 /// See [`CLIP_MEAN`]. Written as published (more digits than f32 holds; the f32 values are the same).
@@ -172,9 +191,76 @@ impl DitConfig {
         3 * self.lr_block()
     }
 
-    /// Checks the relations between the fields that the network relies on.
+    /// Parameters the network reads from a checkpoint (dead keys and the optional stored RoPE
+    /// tables excluded), computed from the config alone. Saturates instead of overflowing.
+    pub fn parameter_count(&self) -> u64 {
+        let c = |v: usize| v as u128;
+        let (dm, l, mlp, p) = (c(self.hidden), c(self.depth), c(self.mlp_hidden), c(self.patch));
+        let d = c(self.hidden.checked_div(self.heads).unwrap_or(0));
+        let lin = |i: u128, o: u128| i * o + o;
+        let per_layer = lin(dm, 3 * dm) + lin(dm, dm) + lin(dm, mlp) + lin(mlp, dm) + 2 * d + lin(dm, 4 * dm);
+        let win = c(self.lr_window()) * c(self.lr_window());
+        let tokens = c(self.block_px.checked_div(self.patch).unwrap_or(0)).pow(2);
+        let cross = lin(dm, dm) + lin(dm, 2 * dm) + lin(dm, dm) + 4 * d + tokens * dm + win * dm + 2 * dm;
+        let out = p * p * c(self.out_channels);
+        let total = 4 * l * dm
+            + l * per_layer
+            + if l > 0 { cross } else { 0 }
+            + lin(c(self.in_channels) * p * p, dm)
+            + lin(c(self.time_channels), dm)
+            + lin(dm, dm)
+            + lin(c(self.vector_dim), dm)
+            + lin(dm, dm)
+            + lin(3 * c(self.lr_patch) * c(self.lr_patch), dm)
+            + lin(dm, 2 * dm)
+            + lin(dm, out);
+        total.min(u64::MAX as u128) as u64
+    }
+
+    /// Checks the relations between the fields that the network relies on, and that every size
+    /// is within [`limits`].
     pub fn validate(&self) -> Result<()> {
+        use limits::*;
         let mut errs = Vec::new();
+        for (name, v, max) in [
+            ("hidden", self.hidden, MAX_WIDTH),
+            ("depth", self.depth, MAX_DEPTH),
+            ("heads", self.heads, MAX_HEADS),
+            ("mlp_hidden", self.mlp_hidden, MAX_WIDTH),
+            ("patch", self.patch, MAX_SIDE),
+            ("in_channels", self.in_channels, MAX_CHANNELS),
+            ("out_channels", self.out_channels, MAX_CHANNELS),
+            ("block_px", self.block_px, MAX_SIDE),
+            ("vector_dim", self.vector_dim, MAX_WIDTH),
+            ("time_channels", self.time_channels, MAX_WIDTH),
+            ("image_size", self.image_size, MAX_SIDE),
+            ("sr_scale", self.sr_scale, MAX_SIDE),
+            ("lr_patch", self.lr_patch, MAX_SIDE),
+        ] {
+            if v == 0 || v > max {
+                errs.push(format!("{name} {v} must be between 1 and {max}"));
+            }
+        }
+        if !(self.ln_eps.is_finite() && self.ln_eps > 0.0) {
+            errs.push(format!("ln_eps {} must be a positive number", self.ln_eps));
+        }
+        if !errs.is_empty() {
+            // The relations below divide by these values.
+            return Err(InfditError::Config(errs.join("; ")));
+        }
+        let rope = (self.rope_positions() as u128).pow(2) * (self.head_dim() as u128);
+        if rope > MAX_ROPE_VALUES {
+            errs.push(format!(
+                "image_size {} with patch {} makes a RoPE table of {rope} values (at most {MAX_ROPE_VALUES})",
+                self.image_size, self.patch
+            ));
+        }
+        if self.rope_positions() == 0 {
+            errs.push(format!("image_size {} must be at least patch / 8 ({})", self.image_size, self.patch / 8));
+        }
+        if u128::from(self.parameter_count()) > MAX_PARAMETERS {
+            errs.push(format!("{} parameters (at most {MAX_PARAMETERS})", self.parameter_count()));
+        }
         if self.heads == 0 || !self.hidden.is_multiple_of(self.heads) {
             errs.push(format!("hidden {} is not divisible by heads {}", self.hidden, self.heads));
         } else if !self.head_dim().is_multiple_of(4) {
@@ -234,8 +320,38 @@ impl ClipConfig {
         let g = self.image_size / self.patch;
         g * g + 1
     }
-    /// Checks the relations between the fields.
+    /// Parameters of the vision tower, computed from the config alone. Saturates.
+    pub fn parameter_count(&self) -> u64 {
+        let c = |v: usize| v as u128;
+        let (w, mlp, p) = (c(self.width), c(self.mlp_hidden), c(self.patch));
+        let tokens = c(self.image_size.checked_div(self.patch).unwrap_or(0)).pow(2) + 1;
+        let block = 2 * w + 3 * w * w + 3 * w + w * w + w + 2 * w + mlp * w + mlp + w * mlp + w;
+        let total = c(self.layers) * block + 3 * p * p * w + w + tokens * w + 4 * w + w * c(self.output_dim);
+        total.min(u64::MAX as u128) as u64
+    }
+
+    /// Checks the relations between the fields and that every size is within [`limits`].
     pub fn validate(&self) -> Result<()> {
+        use limits::*;
+        for (name, v, max) in [
+            ("image_size", self.image_size, MAX_SIDE),
+            ("patch", self.patch, MAX_SIDE),
+            ("width", self.width, MAX_WIDTH),
+            ("layers", self.layers, MAX_DEPTH),
+            ("heads", self.heads, MAX_HEADS),
+            ("mlp_hidden", self.mlp_hidden, MAX_WIDTH),
+            ("output_dim", self.output_dim, MAX_WIDTH),
+        ] {
+            if v == 0 || v > max {
+                return Err(InfditError::Config(format!("CLIP {name} {v} must be between 1 and {max}")));
+            }
+        }
+        if !(self.ln_eps.is_finite() && self.ln_eps > 0.0) {
+            return Err(InfditError::Config(format!("CLIP ln_eps {} must be a positive number", self.ln_eps)));
+        }
+        if !(self.std.iter().all(|s| s.is_finite() && *s > 0.0) && self.mean.iter().all(|m| m.is_finite())) {
+            return Err(InfditError::Config("CLIP mean and std must be finite, std positive".into()));
+        }
         if self.heads == 0 || !self.width.is_multiple_of(self.heads) {
             return Err(InfditError::Config(format!(
                 "CLIP width {} is not divisible by heads {}",
@@ -274,16 +390,19 @@ impl SamplerDefaults {
             Some(v) => {
                 let d: Self = serde_json::from_value(v.clone())
                     .map_err(|e| InfditError::Config(format!("invalid sampler settings: {e}")))?;
-                if d.steps == 0 || d.sigma_max.is_nan() || d.sigma_max <= 0.0 {
-                    return Err(InfditError::Config(format!("sampler settings out of range: {d:?}")));
-                }
+                let heun =
+                    crate::diffusion::HeunConfig { steps: d.steps, sigma_max: d.sigma_max, ..Default::default() };
+                heun.validate().map_err(|e| match e {
+                    InfditError::Config(m) => InfditError::Config(format!("sampler settings out of range: {m}")),
+                    e => e,
+                })?;
                 Ok(Some(d))
             }
         }
     }
     /// The same from a file.
     pub fn from_file(path: &Path) -> Result<Option<Self>> {
-        let text = std::fs::read_to_string(path).map_err(|e| InfditError::io(path, e))?;
+        let text = crate::files::read_small_text(path, 16 << 20).map_err(|e| InfditError::io(path, e))?;
         Self::from_json_str(&text).map_err(|e| match e {
             InfditError::Config(m) => InfditError::Config(format!("{}: {m}", path.display())),
             e => e,
@@ -303,11 +422,29 @@ impl ModelConfig {
         Self { dit: DitConfig::released(), clip: Some(ClipConfig::vit_l_14()) }
     }
 
+    /// Parameters of the DiT part (CLIP excluded, dead keys excluded), computed from the config
+    /// alone (equal to [`crate::pipeline::Model::parameter_count`]; nothing is built).
+    pub fn parameter_count(&self) -> u64 {
+        self.dit.parameter_count()
+    }
+
+    /// Parameters of the CLIP tower (0 without one), from the config alone.
+    pub fn clip_parameter_count(&self) -> u64 {
+        self.clip.as_ref().map_or(0, ClipConfig::parameter_count)
+    }
+
     /// Validates both parts.
     pub fn validate(&self) -> Result<()> {
         self.dit.validate()?;
         if let Some(c) = &self.clip {
             c.validate()?;
+            let total = u128::from(self.parameter_count()) + u128::from(c.parameter_count());
+            if total > limits::MAX_PARAMETERS {
+                return Err(InfditError::Config(format!(
+                    "{total} parameters with the CLIP tower (at most {})",
+                    limits::MAX_PARAMETERS
+                )));
+            }
             if c.output_dim != self.dit.vector_dim {
                 return Err(InfditError::Config(format!(
                     "CLIP output_dim {} differs from the DiT vector_dim {}",
@@ -320,7 +457,7 @@ impl ModelConfig {
 
     /// Reads a config file in either accepted format (see the module docs).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| InfditError::io(path, e))?;
+        let text = crate::files::read_small_text(path, 16 << 20).map_err(|e| InfditError::io(path, e))?;
         Self::from_json_str(&text).map_err(|e| match e {
             InfditError::Config(m) => InfditError::Config(format!("{}: {m}", path.display())),
             e => e,
@@ -367,7 +504,7 @@ impl ModelConfig {
             hidden,
             depth: int(flags::NUM_LAYERS, released.depth)?,
             heads: int(flags::NUM_ATTENTION_HEADS, released.heads)?,
-            mlp_hidden: 4 * hidden,
+            mlp_hidden: hidden.saturating_mul(4),
             patch,
             in_channels: int(flags::IN_CHANNELS, released.in_channels)?,
             out_channels: int(flags::OUT_CHANNELS, released.out_channels)?,

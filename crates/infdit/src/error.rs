@@ -10,20 +10,21 @@ pub type Result<T, E = InfditError> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum InfditError {
-    /// The environment: a file could not be read or written.
-    #[error("{}: {source}", path.display())]
+    /// The environment: a file could not be read or written. (The I/O error is part of the
+    /// message, not a separate source, so that an error chain does not print it twice.)
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file concerned.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The user's configuration is invalid or not supported.
     #[error("config: {0}")]
     Config(String),
     /// A checkpoint does not fit the configured model (missing, unexpected or mis-shaped tensors),
     /// or cannot be parsed.
-    #[error("{0}")]
+    #[error(transparent)]
     Weights(#[from] WeightError),
     /// The configuration needs a CLIP tower and the checkpoint has none: the CLIP weights must be
     /// given as a separate file.
@@ -106,15 +107,39 @@ pub enum InfditError {
         /// Steps completed (and saved, with a checkpoint folder) before the stop.
         steps_done: usize,
     },
+    /// A resume state (checkpoint record or state file) fails its integrity checks: it is refused,
+    /// never used.
+    #[error("{}: damaged resume state: {reason}; remove it (and the run's checkpoint record) to start over", path.display())]
+    DamagedState {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A checkpoint or state folder is in use by another process.
+    #[error("{}: another infdit process is using this {what}; wait for it to finish or give this run its own folder", path.display())]
+    Locked {
+        /// The folder or file that is locked.
+        path: PathBuf,
+        /// What it is ("checkpoint folder", "state file").
+        what: &'static str,
+    },
     /// A failure inside the tensor library.
     #[error("tensor error: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+// By hand rather than `#[from]`, which would also make the error a source that a chain repeats.
+impl From<candle_core::Error> for InfditError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Candle(e)
+    }
 }
 
 impl InfditError {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        Self::Io { path: path.to_path_buf(), source }
+        Self::Io { path: path.to_path_buf(), error: source }
     }
 }
 
@@ -126,6 +151,14 @@ pub enum WeightError {
     #[error("{}: cannot read checkpoint: {msg}", path.display())]
     Parse {
         /// The checkpoint file.
+        path: PathBuf,
+        /// What went wrong.
+        msg: String,
+    },
+    /// A checkpoint could not be written (full disk, no permission, ...).
+    #[error("{}: cannot write checkpoint: {msg}", path.display())]
+    Write {
+        /// The file being written.
         path: PathBuf,
         /// What went wrong.
         msg: String,

@@ -36,12 +36,14 @@
 //! # }
 //! ```
 
+pub mod atomic;
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod device;
 pub mod diffusion;
 pub mod error;
+pub mod files;
 pub mod imageio;
 pub mod kernels;
 pub mod loaded;

@@ -183,6 +183,7 @@ pub fn sample_with_noise(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<SampleOutcome> {
     let heun = &opts.heun;
+    heun.validate()?;
     let sigmas = heun.sigmas();
     let dev = model.dit.device();
     let grid = prep.grid;
@@ -201,11 +202,9 @@ pub fn sample_with_noise(
         ));
     }
     let record = opts.checkpoint_dir.as_ref().map(|d| d.join("infdit-state.safetensors"));
+    let _checkpoint_lock = lock_checkpoint_dir(opts)?;
     let fingerprint = run_fingerprint(&prep.concat_lr, noise, &grid, clip_vec, heun, model)?;
-    let saved = match record.as_deref() {
-        Some(f) => crate::checkpoint::load_state(f, &fingerprint)?,
-        None => None,
-    };
+    let saved = load_checked(record.as_deref(), &fingerprint, sigmas.len() - 1, &grid)?;
     let start = saved.as_ref().map_or(0, |s| s.steps_done);
     let evals_before = |k: usize| if k == 0 { 0 } else { (2 * k).min(heun.evaluations()) };
     let blocks_total = grid.len();
@@ -267,11 +266,12 @@ pub fn sample_with_noise(
             };
             let mut store = match (&opts.state_dir, &saved) {
                 (None, _) => StateStore::Ram(RamStore::new(grid)),
-                (Some(dir), Some(crate::checkpoint::SavedState { x: None, .. })) => {
+                (Some(dir), Some(s @ crate::checkpoint::SavedState { x: None, .. })) => {
                     if !dir.join(STATE_FILE).exists() {
                         return Err(state_dir_needed(record.as_deref()));
                     }
-                    StateStore::File(FileStore::open(dir, grid, &fingerprint)?)
+                    let sums = s.block_checksums.as_deref().unwrap_or(&[]);
+                    StateStore::File(FileStore::open(dir, grid, &fingerprint, s.steps_done, sums)?)
                 }
                 (Some(dir), _) => StateStore::File(FileStore::create(dir, grid, &fingerprint, record.is_some())?),
             };
@@ -288,7 +288,7 @@ pub fn sample_with_noise(
                         store.write(Slot::X(0), &pos, &x0)?;
                     }
                 }
-                Some(crate::checkpoint::SavedState { x: Some(x), steps_done }) => {
+                Some(crate::checkpoint::SavedState { x: Some(x), steps_done, .. }) => {
                     store.write(Slot::X(steps_done), &grid.raster(), &image_to_blocks(&x, grid.block_px)?)?;
                 }
                 Some(crate::checkpoint::SavedState { x: None, .. }) if opts.state_dir.is_none() => {
@@ -312,9 +312,10 @@ pub fn sample_with_noise(
                             let x = s.store.image(Slot::X(done))?;
                             crate::checkpoint::save_state(f, Some(&x), done, &fingerprint)?;
                         }
-                        StateStore::File(_) => {
+                        StateStore::File(fs) => {
                             s.store.sync()?;
-                            crate::checkpoint::save_state(f, None, done, &fingerprint)?;
+                            let sums = fs.checksums(Slot::X(done))?;
+                            crate::checkpoint::save_block_record(f, &sums, done, &fingerprint)?;
                         }
                     }
                 }
@@ -438,6 +439,27 @@ fn heun_step_blocks(
     )
 }
 
+/// Locks the checkpoint folder, if any, against a second process for as long as the lock lives.
+fn lock_checkpoint_dir(opts: &SampleOptions) -> Result<Option<crate::checkpoint::FolderLock>> {
+    let Some(d) = &opts.checkpoint_dir else { return Ok(None) };
+    Ok(Some(crate::checkpoint::lock_folder(d, "checkpoint folder")?))
+}
+
+/// The saved state in `record`, if any, checked against this run (at most `last` steps, the grid's size).
+fn load_checked(
+    record: Option<&Path>,
+    fingerprint: &str,
+    last: usize,
+    grid: &BlockGrid,
+) -> Result<Option<crate::checkpoint::SavedState>> {
+    let Some(f) = record else { return Ok(None) };
+    let saved = crate::checkpoint::load_state(f, fingerprint)?;
+    if let Some(s) = &saved {
+        s.check(f, last, grid.height(), grid.width())?;
+    }
+    Ok(saved)
+}
+
 /// The error for a checkpoint whose state is in a state folder this run does not have.
 fn state_dir_needed(record: Option<&Path>) -> InfditError {
     InfditError::Resume {
@@ -466,7 +488,7 @@ fn run_fingerprint(
         Noise::Seeded(seed) => h.bytes(format!("seeded noise {seed} on {grid:?}").as_bytes()),
     }
     h.tensor(clip)?;
-    h.bytes(format!("{heun:?}/{:?}/{:?}", model.dit.dtype(), model.cfg).as_bytes());
+    h.bytes(format!("{heun:?}/{:?}/{:?}/{:016x}", model.dit.dtype(), model.cfg, model.weights_digest).as_bytes());
     Ok(format!("{:016x}", h.finish()))
 }
 
@@ -476,6 +498,9 @@ pub fn check_finite(x: &Tensor, step: usize) -> candle_core::Result<()> {
     if s.is_finite() {
         Ok(())
     } else {
-        candle_core::bail!("the sampler state is not finite after step {step}: check the model weights and input")
+        candle_core::bail!(
+            "the sampler state is not finite after step {step}: check the model weights, the input image and noise, \
+             and the sampler settings (the starting sigma)"
+        )
     }
 }

@@ -74,6 +74,19 @@ fn missing_dead_keys_and_rope_tables_are_fine() {
     assert!(m.skipped_dead_keys.is_empty());
 }
 
+/// [`ModelConfig::parameter_count`] equals the number of values of a really built random model.
+#[test]
+fn f08_parameter_count_equals_a_built_model() {
+    for (depth, hidden, heads) in [(1, 32, 2), (2, 64, 4), (3, 48, 3)] {
+        let m = common::tiny_random(depth, hidden, heads, 1);
+        let ck = infdit::weights::random::random_checkpoint(&m.cfg, 1).unwrap();
+        let built: usize =
+            ck.keys().filter(|k| !is_dead_key(k)).map(|k| ck.shape(k).unwrap().iter().product::<usize>()).sum();
+        assert_eq!(m.cfg.parameter_count() as usize, built, "depth {depth} hidden {hidden}");
+        assert_eq!(Model::parameter_count(&m.cfg).unwrap(), built);
+    }
+}
+
 #[test]
 fn released_config_parameter_counts() {
     let cfg = ModelConfig::released();
@@ -87,6 +100,9 @@ fn released_config_parameter_counts() {
     assert_eq!(dit, 753_762_928);
     assert_eq!(clip, 303_966_208);
     assert_eq!(dead, 327_680 + 4_480);
+    // The arithmetic counts agree with the walk (F08: `--dry-run` counts without building).
+    assert_eq!(cfg.parameter_count() as usize, dit - dead);
+    assert_eq!(cfg.clip_parameter_count() as usize, clip);
     // The same walk on the parity configs agrees with their checkpoints, key for key.
     for (set, stem) in [("parity", "tiny"), ("parity2", "tiny2")] {
         let cfg = config(set);
@@ -96,6 +112,13 @@ fn released_config_parameter_counts() {
         let have: Vec<(String, Vec<usize>)> =
             ck.keys().filter(|k| !is_dead_key(k)).map(|k| (k.to_string(), ck.shape(k).unwrap().to_vec())).collect();
         assert_eq!(want, have, "{set}");
+        let dit: usize = want
+            .iter()
+            .filter(|(k, _)| !k.starts_with("image_encoder."))
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        let clip: usize = want.iter().map(|(_, s)| s.iter().product::<usize>()).sum::<usize>() - dit;
+        assert_eq!((cfg.parameter_count() as usize, cfg.clip_parameter_count() as usize), (dit, clip), "{set}");
     }
 }
 

@@ -56,7 +56,7 @@ fn eval_one(up: &Upscaler, path: &Path, a: &EvalArgs, opts: &UpscaleOptions) -> 
     let (_, _, h0, w0) = hr.dims4()?;
     let (h, w) = (h0 / SCALE * SCALE, w0 / SCALE * SCALE);
     if h == 0 || w == 0 {
-        bail!("image of {w0}x{h0}: a side is below {SCALE} px, too small to downscale {SCALE}x");
+        bail!("image of {w0}x{h0} has a side shorter than {SCALE} px (the downscale factor of the evaluation)");
     }
     let hr = crop(&hr, 0, 0, h, w)?;
     // Rounded to nearest throughout (an 8-bit HR file maps back to exactly its own samples), as

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
-pub use record::{Fnv, SavedState, load_state, save_state};
+pub use record::{Fnv, FolderLock, SavedState, crc_f32, load_state, lock_folder, save_block_record, save_state};
 
 use crate::error::{InfditError, Result};
 

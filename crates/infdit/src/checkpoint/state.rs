@@ -12,6 +12,11 @@
 //! The file keeps two copies of `x` when it also serves as the resume checkpoint: step `k` reads
 //! copy `k % 2` and writes copy `(k + 1) % 2`, so the state a checkpoint record points at is
 //! never overwritten by the step that follows it.
+//!
+//! Every block carries a CRC-32, kept in memory and checked on each read; the checkpoint record
+//! stores those of the `x` it points at, so that a resume refuses a damaged state file. A state
+//! file that serves as a checkpoint is locked (`flock`) while a run uses it, and is never
+//! truncated when it holds another run's state.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -55,6 +60,10 @@ pub struct FileStore {
     x_slots: usize,
     /// Whether the file is still linked under `path` (a checkpoint) or was unlinked at creation.
     linked: bool,
+    /// The CRC-32 of each block written, per slot (`x` copies, then `d`, then the Euler point), in
+    /// raster order: every read is checked against it, and the checkpoint record carries those of
+    /// the `x` it points at, so a damaged file is refused on resume.
+    sums: Vec<Vec<Option<u32>>>,
 }
 
 /// The sampler state of a block-mode run.
@@ -95,18 +104,32 @@ impl FileStore {
             let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             dir.join(format!("infdit-scratch-{}-{n}.blocks", std::process::id()))
         };
+        // Not truncated before it is locked and known to be no other run's state.
+        #[allow(clippy::suspicious_open_options)]
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
             .open(&path)
             .map_err(|e| InfditError::io(&path, e))?;
         let x_slots = if checkpoint { 2 } else { 1 };
-        let mut store = Self { file, path, grid, x_slots, linked: true };
-        if !checkpoint {
+        let mut store = Self::new(file, path, grid, x_slots);
+        if checkpoint {
+            store.lock()?;
+            let ours = store.header(fingerprint)?;
+            let mut theirs = vec![0u8; ours.len()];
+            if read_exact_at(&store.file, &mut theirs, 0).is_ok() && theirs.starts_with(MAGIC) && theirs != ours {
+                return Err(InfditError::Resume {
+                    path: store.path.clone(),
+                    reason: "holds the resume state of another run (another input or other settings); give each \
+                             input its own state folder, or remove the file if that run's checkpoint is gone"
+                        .into(),
+                });
+            }
+        } else {
             store.unlink()?;
         }
+        store.file.set_len(0).map_err(|e| store.io_err(e))?;
         let len = HEADER_BYTES + ((x_slots + 2) * grid.len() * store.block_bytes()) as u64;
         store.file.set_len(len).map_err(|e| store.io_err(e))?;
         let header = store.header(fingerprint)?;
@@ -114,12 +137,48 @@ impl FileStore {
         Ok(store)
     }
 
-    /// Opens the checkpoint store of `dir` written by a run with the same `fingerprint` and grid.
-    pub fn open(dir: &Path, grid: BlockGrid, fingerprint: &str) -> Result<Self> {
+    fn new(file: File, path: PathBuf, grid: BlockGrid, x_slots: usize) -> Self {
+        let sums = vec![vec![None; grid.len()]; x_slots + 2];
+        Self { file, path, grid, x_slots, linked: true, sums }
+    }
+
+    /// Locks the file against a second process ([`InfditError::Locked`] when another holds it).
+    fn lock(&self) -> Result<()> {
+        match self.file.try_lock() {
+            Ok(()) => Ok(()),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                Err(InfditError::Locked { path: self.path.clone(), what: "state file (--state-dir)" })
+            }
+            Err(std::fs::TryLockError::Error(e)) => Err(self.io_err(e)),
+        }
+    }
+
+    /// Opens the checkpoint store of `dir` written by a run with the same `fingerprint` and grid,
+    /// whose `x` after `steps_done` steps has the block checksums `block_checksums` (from the
+    /// checkpoint record). Every block of that `x` is read and checked: a damaged file is refused
+    /// with [`InfditError::DamagedState`].
+    pub fn open(
+        dir: &Path,
+        grid: BlockGrid,
+        fingerprint: &str,
+        steps_done: usize,
+        block_checksums: &[u32],
+    ) -> Result<Self> {
         let path = dir.join(STATE_FILE);
+        crate::files::check_regular(&path).map_err(|e| InfditError::io(&path, e))?;
         let file =
             std::fs::OpenOptions::new().read(true).write(true).open(&path).map_err(|e| InfditError::io(&path, e))?;
-        let store = Self { file, path, grid, x_slots: 2, linked: true };
+        let mut store = Self::new(file, path, grid, 2);
+        store.lock()?;
+        let damaged = |reason: String| InfditError::DamagedState { path: store.path.clone(), reason };
+        let len = store.file.metadata().map_err(|e| store.io_err(e))?.len();
+        let want = HEADER_BYTES + (4 * grid.len() * store.block_bytes()) as u64;
+        if len != want {
+            return Err(damaged(format!("{len} bytes, the grid needs {want}")));
+        }
+        if block_checksums.len() != grid.len() {
+            return Err(damaged(format!("{} block checksums for {} blocks", block_checksums.len(), grid.len())));
+        }
         let mut header = vec![0u8; store.header(fingerprint)?.len()];
         read_exact_at(&store.file, &mut header, 0).map_err(|e| store.io_err(e))?;
         if header != store.header(fingerprint)? {
@@ -130,7 +189,29 @@ impl FileStore {
                     .into(),
             });
         }
+        let slot = Slot::X(steps_done);
+        let i = store.slot_index(slot);
+        store.sums[i] = block_checksums.iter().map(|&c| Some(c)).collect();
+        for p in grid.raster() {
+            store.read(slot, &[p])?;
+        }
         Ok(store)
+    }
+
+    /// The CRC-32s of the blocks of `slot` in raster order (all must have been written).
+    pub fn checksums(&self, slot: Slot) -> Result<Vec<u32>> {
+        self.sums[self.slot_index(slot)]
+            .iter()
+            .map(|c| c.ok_or_else(|| InfditError::Internal(format!("state store: {slot:?} not completely written"))))
+            .collect()
+    }
+
+    fn slot_index(&self, slot: Slot) -> usize {
+        match slot {
+            Slot::X(k) => k % self.x_slots,
+            Slot::D => self.x_slots,
+            Slot::Euler => self.x_slots + 1,
+        }
     }
 
     fn header(&self, fingerprint: &str) -> Result<Vec<u8>> {
@@ -152,11 +233,7 @@ impl FileStore {
     }
 
     fn offset(&self, slot: Slot, p: BlockPos) -> u64 {
-        let s = match slot {
-            Slot::X(k) => k % self.x_slots,
-            Slot::D => self.x_slots,
-            Slot::Euler => self.x_slots + 1,
-        };
+        let s = self.slot_index(slot);
         HEADER_BYTES + ((s * self.grid.len() + p.row * self.grid.cols + p.col) * self.block_bytes()) as u64
     }
 
@@ -184,13 +261,23 @@ impl FileStore {
         let mut v = Vec::with_capacity(pos.len() * bb / 4);
         for p in pos {
             read_exact_at(&self.file, &mut bytes, self.offset(slot, *p)).map_err(|e| self.io_err(e))?;
+            let want = self.sums[self.slot_index(slot)][p.row * self.grid.cols + p.col];
+            if want != Some(crc32fast::hash(&bytes)) {
+                return Err(InfditError::DamagedState {
+                    path: self.path.clone(),
+                    reason: match want {
+                        Some(_) => format!("block {p:?} of {slot:?} fails its checksum"),
+                        None => format!("block {p:?} of {slot:?} read before it was written (bug)"),
+                    },
+                });
+            }
             v.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
         }
         let bp = self.grid.block_px;
         Ok(Tensor::from_vec(v, (pos.len(), CHANNELS, bp, bp), &Device::Cpu)?)
     }
 
-    fn write(&self, slot: Slot, pos: &[BlockPos], t: &Tensor) -> Result<()> {
+    fn write(&mut self, slot: Slot, pos: &[BlockPos], t: &Tensor) -> Result<()> {
         let v = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let per = self.block_bytes() / 4;
         if v.len() != pos.len() * per {
@@ -205,6 +292,8 @@ impl FileStore {
             bytes.clear();
             bytes.extend(block.iter().flat_map(|x| x.to_le_bytes()));
             write_all_at(&self.file, &bytes, self.offset(slot, *p)).map_err(|e| self.io_err(e))?;
+            let i = self.slot_index(slot);
+            self.sums[i][p.row * self.grid.cols + p.col] = Some(crc32fast::hash(&bytes));
         }
         Ok(())
     }

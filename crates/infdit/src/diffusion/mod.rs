@@ -96,6 +96,36 @@ impl Default for HeunConfig {
 }
 
 impl HeunConfig {
+    /// Most sampler steps accepted (the reference uses 20; the schedule is allocated up front).
+    pub const MAX_STEPS: usize = 10_000;
+    /// Largest starting sigma accepted (the released model uses 40, EDM 80; far larger values
+    /// only overflow f32 in the preconditioning).
+    pub const MAX_SIGMA: f32 = 1000.0;
+
+    /// Checks the settings: 1..=[`Self::MAX_STEPS`] steps, `0 < sigma_min < sigma_max <=`
+    /// [`Self::MAX_SIGMA`], a finite positive rho.
+    pub fn validate(&self) -> std::result::Result<(), crate::error::InfditError> {
+        let bad = |m: String| Err(crate::error::InfditError::Config(m));
+        if self.steps == 0 || self.steps > Self::MAX_STEPS {
+            return bad(format!("sampler steps {} must be between 1 and {}", self.steps, Self::MAX_STEPS));
+        }
+        if !(self.sigma_min.is_finite() && self.sigma_min > 0.0) {
+            return bad(format!("sigma_min {} must be a positive number", self.sigma_min));
+        }
+        if !(self.sigma_max > self.sigma_min && self.sigma_max <= Self::MAX_SIGMA) {
+            return bad(format!(
+                "sigma_max {} must be above sigma_min {} and at most {}",
+                self.sigma_max,
+                self.sigma_min,
+                Self::MAX_SIGMA
+            ));
+        }
+        if !(self.rho.is_finite() && self.rho > 0.0) {
+            return bad(format!("rho {} must be a positive number", self.rho));
+        }
+        Ok(())
+    }
+
     /// The Karras schedule `(max^(1/rho) + ramp (min^(1/rho) - max^(1/rho)))^rho` in f32, as the
     /// reference evaluates it (f32 `linspace` ramp, scalars rounded to f32, f32 power), with a final 0
     /// appended: `steps + 1` values.
@@ -126,7 +156,7 @@ impl HeunConfig {
 
     /// Number of network evaluations for a full run.
     pub fn evaluations(&self) -> usize {
-        2 * self.steps - 1
+        (2 * self.steps).saturating_sub(1)
     }
 }
 

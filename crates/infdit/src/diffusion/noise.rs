@@ -107,6 +107,11 @@ impl Noise {
                 grid.height(),
                 grid.width()
             ),
+            Noise::Image(t)
+                if !t.abs()?.max_all()?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?.is_finite() =>
+            {
+                candle_core::bail!("the noise holds NaN or infinite values")
+            }
             _ => Ok(()),
         }
     }

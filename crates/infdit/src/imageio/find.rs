@@ -25,6 +25,9 @@ pub struct ImageWalker {
     visited: HashSet<PathBuf>,
     /// Subfolders that could not be read, with the error (the search goes on without them).
     pub unreadable: Vec<(PathBuf, std::io::Error)>,
+    /// Entries with an image extension that are not regular files (a FIFO, a device, a socket),
+    /// with what they are: never read (a FIFO would block forever), reported by the caller.
+    pub not_regular: Vec<(PathBuf, &'static str)>,
 }
 
 impl ImageWalker {
@@ -57,8 +60,13 @@ impl ImageWalker {
                 if let Err(e) = self.walk(root, &p, out) {
                     self.unreadable.push((p, e));
                 }
-            } else if p.is_file() && is_image(&p) {
-                out.push(p);
+            } else if is_image(&p) {
+                match std::fs::metadata(&p) {
+                    Ok(m) if m.is_file() => out.push(p),
+                    Ok(m) => self.not_regular.push((p, crate::files::kind_of(&m.file_type()))),
+                    // A dangling symlink: not an image file.
+                    Err(_) => {}
+                }
             }
         }
         Ok(())

@@ -31,6 +31,14 @@ impl LoadLimits {
     /// working memory (metadata chunks, ICC profiles, compressed strips, row buffers): 256 MiB,
     /// the same slack [`super::load_rgb`] has always given.
     pub const ALLOC_SLACK_BYTES: u64 = 256 << 20;
+    /// Largest ICC profile accepted (real profiles are kilobytes to a few megabytes); a larger
+    /// one, or a compressed one that inflates past it, is refused before it is inflated.
+    pub const MAX_ICC_BYTES: u64 = 16 << 20;
+    /// Largest EXIF block accepted.
+    pub const MAX_EXIF_BYTES: u64 = 16 << 20;
+    /// Most bytes of metadata chunks in a PNG (everything but the image data: text, ICC, EXIF,
+    /// private chunks), counted from the chunk lengths before decoding.
+    pub const MAX_METADATA_BYTES: u64 = 64 << 20;
 
     /// Limits for images of up to `max_pixels` pixels: the allocation cap is what the largest
     /// decoded pixel format needs for that many pixels (RGBA 32-bit float, 16 bytes per pixel)
@@ -127,6 +135,122 @@ const EXIF_PREFIX: &[u8] = b"Exif\0\0";
 ///   memory limit exceeded. A panic inside a decoder is caught and reported as
 ///   [`ImageIoError::DecoderPanic`] (the default panic hook still prints it to stderr).
 pub fn load_image(path: &Path, limits: &LoadLimits) -> Result<LoadedImage, ImageIoError> {
+    let (mut reader, format) = open_reader(path)?;
+    let mut decoder_limits = Limits::default();
+    decoder_limits.max_alloc = Some(limits.max_alloc_bytes);
+    reader.limits(decoder_limits);
+
+    let decoded = catch_unwind(AssertUnwindSafe(|| decode(path, format, reader, limits)))
+        .map_err(|panic| decoder_panic(path, panic))??;
+    let Decoded { mut img, icc, exif, orientation } = decoded;
+    img.apply_orientation(orientation);
+    let planes = to_planes(&img).map_err(|reason| ImageIoError::BadTensor { path: path.to_path_buf(), reason })?;
+    let Planes { mut rgb, alpha, bit_depth, grayscale } = planes;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    drop(img);
+    if let Some(a) = &alpha {
+        fill_planes(&mut rgb, 3, a, w, h);
+    }
+    let tensor_err = |e: candle_core::Error| ImageIoError::BadTensor {
+        path: path.to_path_buf(),
+        reason: format!("cannot build tensor: {e}"),
+    };
+    let rgb = Tensor::from_vec(rgb, (1, 3, h, w), &Device::Cpu).map_err(tensor_err)?;
+    let alpha = alpha.map(|a| Tensor::from_vec(a, (1, 1, h, w), &Device::Cpu)).transpose().map_err(tensor_err)?;
+    Ok(LoadedImage { rgb, alpha, bit_depth, grayscale, icc, exif, source_format: format })
+}
+
+/// What [`probe`] reads from an image file's header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Width as [`load_image`] returns the image (EXIF orientation applied).
+    pub width: u32,
+    /// Height as [`load_image`] returns the image (EXIF orientation applied).
+    pub height: u32,
+    /// Whether the pixels carry an alpha channel.
+    pub has_alpha: bool,
+    /// Whether the pixels are gray.
+    pub grayscale: bool,
+    /// 8 or 16 (32-bit float samples count as 16, as [`LoadedImage::bit_depth`]).
+    pub bit_depth: u8,
+    /// The file's format.
+    pub format: ImageFormat,
+    /// The EXIF (or TIFF) orientation that [`load_image`] applies.
+    pub orientation: Orientation,
+}
+
+/// The size, alpha and orientation of an image file from its header and metadata, without
+/// decoding pixels: the same size [`load_image`] gives, including an EXIF orientation that a
+/// PNG stores after its image data. Refuses what [`load_image`] refuses from the header (not a
+/// regular file, unknown format, zero size, more than `limits.max_pixels` pixels).
+pub fn probe(path: &Path, limits: &LoadLimits) -> Result<ImageInfo, ImageIoError> {
+    let (mut reader, format) = open_reader(path)?;
+    let mut decoder_limits = Limits::default();
+    decoder_limits.max_alloc = Some(limits.max_alloc_bytes);
+    reader.limits(decoder_limits);
+    catch_unwind(AssertUnwindSafe(|| -> Result<ImageInfo, ImageIoError> {
+        if format == ImageFormat::Png
+            && let Some((width, height)) = meta::png_ihdr_size(path)
+        {
+            check_size(path, width, height, limits)?;
+        }
+        let mut decoder = reader.into_decoder().map_err(|e| decode_error(path, e))?;
+        let (w, h) = decoder.dimensions();
+        check_size(path, w, h, limits)?;
+        let color = decoder.color_type();
+        let mut exif = decoder.exif_metadata().map_err(|e| decode_error(path, e))?;
+        if exif.is_none() && format == ImageFormat::Png {
+            exif = meta::png_exif(path, LoadLimits::MAX_EXIF_BYTES.min(limits.max_alloc_bytes));
+        }
+        let orientation = match exif_block(exif) {
+            Some(e) => Orientation::from_exif_chunk(&e).unwrap_or(Orientation::NoTransforms),
+            None => decoder.orientation().map_err(|e| decode_error(path, e))?,
+        };
+        use image::metadata::Orientation as O;
+        let swap = matches!(orientation, O::Rotate90 | O::Rotate270 | O::Rotate90FlipH | O::Rotate270FlipH);
+        let (width, height) = if swap { (h, w) } else { (w, h) };
+        use image::ColorType as C;
+        Ok(ImageInfo {
+            width,
+            height,
+            has_alpha: color.has_alpha(),
+            grayscale: matches!(color, C::L8 | C::La8 | C::L16 | C::La16),
+            bit_depth: if matches!(color, C::L8 | C::La8 | C::Rgb8 | C::Rgba8) { 8 } else { 16 },
+            format,
+            orientation,
+        })
+    }))
+    .map_err(|panic| decoder_panic(path, panic))?
+}
+
+/// A decoder panic as [`ImageIoError::DecoderPanic`].
+fn decoder_panic(path: &Path, panic: Box<dyn std::any::Any + Send>) -> ImageIoError {
+    ImageIoError::DecoderPanic {
+        path: path.to_path_buf(),
+        message: panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into()),
+    }
+}
+
+/// An EXIF block as found in a file, `Exif\0\0` prefix removed; `None` unless TIFF-structured
+/// (anything else is not EXIF any program could read back).
+fn exif_block(exif: Option<Vec<u8>>) -> Option<Vec<u8>> {
+    exif.map(|mut e| {
+        if e.starts_with(EXIF_PREFIX) {
+            e.drain(..EXIF_PREFIX.len());
+        }
+        e
+    })
+    .filter(|e| e.starts_with(b"II*\0") || e.starts_with(b"MM\0*"))
+}
+
+/// Opens an image file for decoding: a regular, non-empty file of a supported format.
+fn open_reader(path: &Path) -> Result<(ImageReader<BufReader<File>>, ImageFormat), ImageIoError> {
+    // Before opening: opening a FIFO blocks until a writer comes, a device never ends.
+    crate::files::check_regular(path).map_err(|e| ImageIoError::io(path, e))?;
     let file = File::open(path).map_err(|e| ImageIoError::io(path, e))?;
     let len = file.metadata().map_err(|e| ImageIoError::io(path, e))?.len();
     if len == 0 {
@@ -136,7 +260,7 @@ pub fn load_image(path: &Path, limits: &LoadLimits) -> Result<LoadedImage, Image
     if let Ok(fmt) = ImageFormat::from_path(path) {
         reader.set_format(fmt);
     }
-    let mut reader = reader.with_guessed_format().map_err(|e| ImageIoError::io(path, e))?;
+    let reader = reader.with_guessed_format().map_err(|e| ImageIoError::io(path, e))?;
     let format = match reader.format() {
         Some(f) if SUPPORTED.contains(&f) => f,
         Some(f) => {
@@ -157,36 +281,7 @@ pub fn load_image(path: &Path, limits: &LoadLimits) -> Result<LoadedImage, Image
             });
         }
     };
-    let mut decoder_limits = Limits::default();
-    decoder_limits.max_alloc = Some(limits.max_alloc_bytes);
-    reader.limits(decoder_limits);
-
-    let decoded = catch_unwind(AssertUnwindSafe(|| decode(path, format, reader, limits))).map_err(|panic| {
-        ImageIoError::DecoderPanic {
-            path: path.to_path_buf(),
-            message: panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "(no message)".into()),
-        }
-    })??;
-    let Decoded { mut img, icc, exif, orientation } = decoded;
-    img.apply_orientation(orientation);
-    let planes = to_planes(&img).map_err(|reason| ImageIoError::BadTensor { path: path.to_path_buf(), reason })?;
-    let Planes { mut rgb, alpha, bit_depth, grayscale } = planes;
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    drop(img);
-    if let Some(a) = &alpha {
-        fill_planes(&mut rgb, 3, a, w, h);
-    }
-    let tensor_err = |e: candle_core::Error| ImageIoError::BadTensor {
-        path: path.to_path_buf(),
-        reason: format!("cannot build tensor: {e}"),
-    };
-    let rgb = Tensor::from_vec(rgb, (1, 3, h, w), &Device::Cpu).map_err(tensor_err)?;
-    let alpha = alpha.map(|a| Tensor::from_vec(a, (1, 1, h, w), &Device::Cpu)).transpose().map_err(tensor_err)?;
-    Ok(LoadedImage { rgb, alpha, bit_depth, grayscale, icc, exif, source_format: format })
+    Ok((reader, format))
 }
 
 /// What [`decode`] gets out of a file.
@@ -209,8 +304,23 @@ fn decode(
         && let Some((width, height)) = meta::png_ihdr_size(path)
     {
         check_size(path, width, height, limits)?;
+        meta::png_check_metadata(path)
+            .map_err(|reason| ImageIoError::LimitExceeded { path: path.to_path_buf(), reason })?;
     }
     let mut decoder = reader.into_decoder().map_err(|e| decode_error(path, e))?;
+    if format == ImageFormat::Tiff
+        && matches!(decoder.color_type(), image::ColorType::Rgb32F | image::ColorType::Rgba32F)
+        && !meta::tiff_has_tag(path, meta::TIFF_SAMPLE_FORMAT)
+    {
+        // Without a SampleFormat tag the samples are unsigned integers, which `image` would
+        // read as float bits.
+        return Err(ImageIoError::UnsupportedFormat {
+            path: path.to_path_buf(),
+            reason: "32-bit unsigned-integer TIFF samples are not supported (8- or 16-bit integer and 32-bit \
+                     float samples are)"
+                .into(),
+        });
+    }
     let (width, height) = decoder.dimensions();
     check_size(path, width, height, limits)?;
     let bytes = decoder.total_bytes();
@@ -227,22 +337,28 @@ fn decode(
     if icc.is_none() && format == ImageFormat::Tiff {
         // `image` 0.25 caps the size of any TIFF tag value at the size of the decoded image
         // (its `decoding_buffer_size`), so the profile of a small TIFF reads as absent.
-        icc = meta::tiff_icc(path, limits.max_alloc_bytes);
+        icc = meta::tiff_icc(path, LoadLimits::MAX_ICC_BYTES.min(limits.max_alloc_bytes));
+    }
+    let too_big = |what: &str, n: usize, max: u64| ImageIoError::LimitExceeded {
+        path: path.to_path_buf(),
+        reason: format!("the {what} is {n} bytes, above the limit of {max} bytes"),
+    };
+    if let Some(p) = &icc
+        && p.len() as u64 > LoadLimits::MAX_ICC_BYTES
+    {
+        return Err(too_big("ICC profile", p.len(), LoadLimits::MAX_ICC_BYTES));
     }
     let mut exif = decoder.exif_metadata().map_err(|e| decode_error(path, e))?;
     if exif.is_none() && format == ImageFormat::Png {
         // `image` only sees an `eXIf` chunk placed before the image data.
-        exif = meta::png_exif(path, limits.max_alloc_bytes);
+        exif = meta::png_exif(path, LoadLimits::MAX_EXIF_BYTES.min(limits.max_alloc_bytes));
     }
-    let mut exif = exif
-        .map(|mut e| {
-            if e.starts_with(EXIF_PREFIX) {
-                e.drain(..EXIF_PREFIX.len());
-            }
-            e
-        })
-        // Anything but a TIFF-structured block is not EXIF any program could read back.
-        .filter(|e| e.starts_with(b"II*\0") || e.starts_with(b"MM\0*"));
+    if let Some(e) = &exif
+        && e.len() as u64 > LoadLimits::MAX_EXIF_BYTES
+    {
+        return Err(too_big("EXIF block", e.len(), LoadLimits::MAX_EXIF_BYTES));
+    }
+    let mut exif = exif_block(exif);
     let orientation = match &mut exif {
         // Parsed here rather than with `decoder.orientation()` so that a block that had the
         // `Exif\0\0` prefix is read too; the tag is reset to 1 in the same pass.

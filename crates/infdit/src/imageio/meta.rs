@@ -7,10 +7,36 @@ use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
-/// The ICC profile (tag 34675, type BYTE or UNDEFINED) of the first image of a TIFF or
-/// BigTIFF file, read directly; `None` when absent, malformed, or larger than `max_bytes`.
-pub(crate) fn tiff_icc(path: &Path, max_bytes: u64) -> Option<Vec<u8>> {
-    const ICC_TAG: u16 = 34675;
+/// The TIFF tag SampleFormat (1 unsigned integer, the default; 3 IEEE float).
+pub(crate) const TIFF_SAMPLE_FORMAT: u16 = 339;
+
+/// An entry of the first IFD of a TIFF or BigTIFF file: the open file, its length, byte order,
+/// BigTIFF flag and the raw entry (12 or 20 bytes in the first 20).
+struct TiffEntry {
+    f: File,
+    file_len: u64,
+    le: bool,
+    big: bool,
+    e: [u8; 20],
+}
+
+impl TiffEntry {
+    fn u16_at(&self, b: &[u8]) -> u16 {
+        let a = [b[0], b[1]];
+        if self.le { u16::from_le_bytes(a) } else { u16::from_be_bytes(a) }
+    }
+    fn u32_at(&self, b: &[u8]) -> u32 {
+        let a = [b[0], b[1], b[2], b[3]];
+        if self.le { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) }
+    }
+    fn u64_at(&self, b: &[u8]) -> u64 {
+        let a: [u8; 8] = b[..8].try_into().unwrap_or([0; 8]);
+        if self.le { u64::from_le_bytes(a) } else { u64::from_be_bytes(a) }
+    }
+}
+
+/// The entry of `tag` in the first IFD of a TIFF or BigTIFF file; `None` when absent or malformed.
+fn tiff_entry(path: &Path, tag: u16) -> Option<TiffEntry> {
     let mut f = File::open(path).ok()?;
     let file_len = f.metadata().ok()?.len();
     let mut head = [0u8; 16];
@@ -20,66 +46,132 @@ pub(crate) fn tiff_icc(path: &Path, max_bytes: u64) -> Option<Vec<u8>> {
         b"MM" => false,
         _ => return None,
     };
-    let u16_at = |b: &[u8]| {
-        let a = [b[0], b[1]];
-        if le { u16::from_le_bytes(a) } else { u16::from_be_bytes(a) }
-    };
-    let u32_at = |b: &[u8]| {
-        let a = [b[0], b[1], b[2], b[3]];
-        if le { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) }
-    };
-    let u64_at = |b: &[u8]| {
-        let a: [u8; 8] = b[..8].try_into().unwrap_or([0; 8]);
-        if le { u64::from_le_bytes(a) } else { u64::from_be_bytes(a) }
-    };
+    let mut t = TiffEntry { f, file_len, le, big: false, e: [0; 20] };
     // Classic TIFF: 2-byte entry count, 12-byte entries with 4-byte count and offset.
     // BigTIFF (version 43): 8-byte entry count, 20-byte entries with 8-byte count and offset.
-    let big = match u16_at(&head[2..4]) {
+    t.big = match t.u16_at(&head[2..4]) {
         42 => false,
         43 => true,
         _ => return None,
     };
-    let ifd = if big {
-        f.read_exact(&mut head[8..16]).ok()?;
-        u64_at(&head[8..16])
+    let ifd = if t.big {
+        t.f.read_exact(&mut head[8..16]).ok()?;
+        t.u64_at(&head[8..16])
     } else {
-        u32_at(&head[4..8]) as u64
+        t.u32_at(&head[4..8]) as u64
     };
-    f.seek(SeekFrom::Start(ifd)).ok()?;
-    let (count_len, entry_len) = if big { (8, 20) } else { (2, 12) };
+    t.f.seek(SeekFrom::Start(ifd)).ok()?;
+    let (count_len, entry_len) = if t.big { (8, 20) } else { (2, 12) };
     let mut nbuf = [0u8; 8];
-    f.read_exact(&mut nbuf[..count_len]).ok()?;
-    let entries = if big { u64_at(&nbuf) } else { u16_at(&nbuf) as u64 };
+    t.f.read_exact(&mut nbuf[..count_len]).ok()?;
+    let entries = if t.big { t.u64_at(&nbuf) } else { t.u16_at(&nbuf) as u64 };
     // Every entry must lie inside the file: bounds the loop on a lying count.
     if entries.checked_mul(entry_len as u64)? > file_len {
         return None;
     }
-    let mut e = [0u8; 20];
     for _ in 0..entries {
-        f.read_exact(&mut e[..entry_len]).ok()?;
-        if u16_at(&e[0..2]) != ICC_TAG {
-            continue;
+        let mut e = [0u8; 20];
+        t.f.read_exact(&mut e[..entry_len]).ok()?;
+        if t.u16_at(&e[0..2]) == tag {
+            t.e = e;
+            return Some(t);
         }
-        if !matches!(u16_at(&e[2..4]), 1 | 7) {
-            return None;
-        }
-        let (count, value) = if big { (u64_at(&e[4..12]), &e[12..20]) } else { (u32_at(&e[4..8]) as u64, &e[8..12]) };
-        if count == 0 || count > max_bytes || count > file_len {
-            return None;
-        }
-        if count <= value.len() as u64 {
-            return Some(value[..count as usize].to_vec());
-        }
-        let offset = if big { u64_at(value) } else { u32_at(value) as u64 };
-        if offset.checked_add(count)? > file_len {
-            return None;
-        }
-        f.seek(SeekFrom::Start(offset)).ok()?;
-        let mut icc = vec![0u8; count as usize];
-        f.read_exact(&mut icc).ok()?;
-        return Some(icc);
     }
     None
+}
+
+/// Whether the first IFD of a TIFF file has `tag` (false when the file is not a readable TIFF).
+pub(crate) fn tiff_has_tag(path: &Path, tag: u16) -> bool {
+    tiff_entry(path, tag).is_some()
+}
+
+/// The ICC profile (tag 34675, type BYTE or UNDEFINED) of the first image of a TIFF or
+/// BigTIFF file, read directly; `None` when absent, malformed, or larger than `max_bytes`.
+pub(crate) fn tiff_icc(path: &Path, max_bytes: u64) -> Option<Vec<u8>> {
+    const ICC_TAG: u16 = 34675;
+    let mut t = tiff_entry(path, ICC_TAG)?;
+    let e = t.e;
+    if !matches!(t.u16_at(&e[2..4]), 1 | 7) {
+        return None;
+    }
+    let (count, value) = if t.big { (t.u64_at(&e[4..12]), &e[12..20]) } else { (t.u32_at(&e[4..8]) as u64, &e[8..12]) };
+    if count == 0 || count > max_bytes || count > t.file_len {
+        return None;
+    }
+    if count <= value.len() as u64 {
+        return Some(value[..count as usize].to_vec());
+    }
+    let offset = if t.big { t.u64_at(value) } else { t.u32_at(value) as u64 };
+    if offset.checked_add(count)? > t.file_len {
+        return None;
+    }
+    t.f.seek(SeekFrom::Start(offset)).ok()?;
+    let mut icc = vec![0u8; count as usize];
+    t.f.read_exact(&mut icc).ok()?;
+    Some(icc)
+}
+
+/// Checks a PNG's metadata against the limits of [`super::LoadLimits`] before the decoder sees it:
+/// at most `MAX_METADATA_BYTES` in chunks other than the image data, and an `iCCP` profile that
+/// inflates to at most `MAX_ICC_BYTES` (inflated here with that bound, so a compressed bomb costs
+/// no more). Malformed chunk structure is left to the decoder. The error says which limit.
+pub(crate) fn png_check_metadata(path: &Path) -> Result<(), String> {
+    use super::LoadLimits as L;
+    let Ok(file) = File::open(path) else { return Ok(()) };
+    let Ok(file_len) = file.metadata().map(|m| m.len()) else { return Ok(()) };
+    let mut f = BufReader::new(file);
+    let mut sig = [0u8; 8];
+    if f.read_exact(&mut sig).is_err() || &sig != b"\x89PNG\r\n\x1a\n" {
+        return Ok(());
+    }
+    let (mut pos, mut meta) = (8u64, 0u64);
+    // Every chunk is at least 12 bytes, so this ends within file_len / 12 steps.
+    loop {
+        let mut head = [0u8; 8];
+        if f.read_exact(&mut head).is_err() {
+            return Ok(());
+        }
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as u64;
+        let end = pos + 12 + len;
+        if end > file_len {
+            return Ok(());
+        }
+        match &head[4..8] {
+            b"IDAT" | b"IEND" | b"IHDR" => {}
+            kind => {
+                meta += len;
+                if meta > L::MAX_METADATA_BYTES {
+                    return Err(format!("more than {} bytes of metadata chunks (the limit)", L::MAX_METADATA_BYTES));
+                }
+                if kind == b"iCCP" {
+                    let mut data = vec![0u8; len as usize];
+                    if f.read_exact(&mut data).is_err() {
+                        return Ok(());
+                    }
+                    // Name (1-79 bytes), NUL, compression method, zlib stream.
+                    let Some(nul) = data.iter().position(|&b| b == 0) else { return Ok(()) };
+                    let z = data.get(nul + 2..).unwrap_or(&[]);
+                    if let Err(fdeflate::BoundedDecompressionError::OutputTooLarge { .. }) =
+                        fdeflate::decompress_to_vec_bounded(z, L::MAX_ICC_BYTES as usize)
+                    {
+                        return Err(format!(
+                            "the ICC profile inflates to more than {} bytes (the limit)",
+                            L::MAX_ICC_BYTES
+                        ));
+                    }
+                    if f.seek_relative(4).is_err() {
+                        return Ok(());
+                    }
+                    pos = end;
+                    continue;
+                }
+            }
+        }
+        if head[4..8] == *b"IEND" || f.seek_relative(len as i64 + 4).is_err() {
+            return Ok(());
+        }
+        pos = end;
+    }
 }
 
 /// Width and height from a PNG's `IHDR` (always the first chunk, bytes 16 to 24), read before

@@ -30,19 +30,16 @@ mod fill;
 mod load;
 mod meta;
 mod pad;
-mod probe;
 mod save;
 
 pub use fill::fill_transparent;
-pub use load::{LoadLimits, LoadedImage, load_image};
+pub use load::{ImageInfo, LoadLimits, LoadedImage, load_image, probe};
 pub use pad::{crop, pad_reflect};
-pub use probe::{ImageInfo, probe};
 pub use save::{RgbBands, SaveOptions, save_image_atomic, writes_exif, writes_icc};
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits, RgbImage};
@@ -205,6 +202,7 @@ impl ImageIoError {
 /// * Images with more than `max_pixels` pixels are rejected from the header, before the pixel
 ///   data is decoded; so are images with a zero dimension.
 pub fn load_rgb(path: &Path, max_pixels: u64) -> Result<Tensor, ImageIoError> {
+    crate::files::check_regular(path).map_err(|e| ImageIoError::io(path, e))?;
     let file = File::open(path).map_err(|e| ImageIoError::io(path, e))?;
     let mut reader = ImageReader::new(BufReader::new(file));
     if let Ok(fmt) = ImageFormat::from_path(path) {
@@ -375,7 +373,7 @@ fn canonical_target(p: &Path) -> PathBuf {
 /// Write `img` to `out` atomically.
 ///
 /// The image is encoded (format from the extension: png, jpg/jpeg, webp, tif/tiff) into a
-/// temporary file `.<name>.<pid>.<n>.partial` in the same directory, fsynced, then renamed
+/// short hidden temporary file ([`crate::atomic::temp_path`]) in the same directory, fsynced, then renamed
 /// over `out` (and the directory is fsynced on Unix), so `out` is either the old file or the
 /// complete new one. The temporary file is removed on failure.
 ///
@@ -396,9 +394,10 @@ pub fn save_rgb8_atomic(img: &RgbImage, out: &Path, inputs: &[&Path]) -> Result<
 }
 
 /// The atomic-write protocol shared by [`save_rgb8_atomic`] and [`save_image_atomic`]:
-/// refuse an `out` that is one of the `inputs`, let `encode` write into a temporary file
-/// `.<name>.<pid>.<n>.partial` next to `out`, flush and fsync it, rename it over `out`, fsync
-/// the directory (Unix). The temporary file is removed when anything fails.
+/// refuse an `out` that is one of the `inputs`, then [`crate::atomic::write_atomic`]: `encode`
+/// writes into a short hidden temporary file next to `out`, which is flushed, fsynced and
+/// renamed over `out`, the directory fsynced (Unix). The temporary file is removed when anything
+/// fails.
 pub(crate) fn write_atomic(
     out: &Path,
     inputs: &[&Path],
@@ -410,46 +409,19 @@ pub(crate) fn write_atomic(
             return Err(ImageIoError::WouldOverwriteInput { path: out.to_path_buf(), input: input.to_path_buf() });
         }
     }
-    let Some(name) = out.file_name() else {
-        return Err(ImageIoError::io(
-            out,
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "output path has no file name"),
-        ));
-    };
-    let dir = match out.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let tmp = dir.join(format!(
-        ".{}.{}.{}.partial",
-        name.to_string_lossy(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let file = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| ImageIoError::io(&tmp, e))?;
-
-    let write = || -> Result<(), ImageIoError> {
-        let mut w = BufWriter::new(file);
-        encode(&mut w)?;
-        w.flush().map_err(|e| ImageIoError::io(&tmp, e))?;
-        let file = w.into_inner().map_err(|e| ImageIoError::io(&tmp, e.into_error()))?;
-        file.sync_all().map_err(|e| ImageIoError::io(&tmp, e))?;
-        drop(file);
-        fs::rename(&tmp, out).map_err(|e| ImageIoError::io(out, e))?;
-        Ok(())
-    };
-    if let Err(e) = write() {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    // Persist the rename itself; not every platform/filesystem supports syncing a directory.
-    #[cfg(unix)]
-    if let Ok(d) = File::open(&dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::atomic::write_atomic(
+        out,
+        |tmp| {
+            let file =
+                OpenOptions::new().write(true).create_new(true).open(tmp).map_err(|e| ImageIoError::io(tmp, e))?;
+            let mut w = BufWriter::new(file);
+            encode(&mut w)?;
+            w.flush().map_err(|e| ImageIoError::io(tmp, e))?;
+            let file = w.into_inner().map_err(|e| ImageIoError::io(tmp, e.into_error()))?;
+            file.sync_all().map_err(|e| ImageIoError::io(tmp, e))
+        },
+        ImageIoError::io,
+    )
 }
 
 /// Directory of a golden-vector set (`"parity"` or `"parity2"`): `$INFDIT_SHARED_DIR/<set>`,

@@ -145,6 +145,14 @@ pub fn save_image_atomic(
     if format == ImageFormat::Jpeg && !(1..=100).contains(&opts.jpeg_quality) {
         return Err(bad(format!("JPEG quality {} is not in 1..=100", opts.jpeg_quality)));
     }
+    for (what, len, max) in [
+        ("ICC profile", opts.icc.as_ref().map_or(0, Vec::len), super::LoadLimits::MAX_ICC_BYTES),
+        ("EXIF block", opts.exif.as_ref().map_or(0, Vec::len), super::LoadLimits::MAX_EXIF_BYTES),
+    ] {
+        if len as u64 > max && !opts.strip_metadata {
+            return Err(bad(format!("the {what} to write is {len} bytes, above the limit of {max}")));
+        }
+    }
     let exif = match &opts.exif {
         Some(e) if !opts.strip_metadata && writes_exif(format) && !e.is_empty() => Some(prepare_exif(e).map_err(&bad)?),
         _ => None,

@@ -25,6 +25,9 @@ pub struct Model {
     pub clip: Option<ClipVision>,
     /// Dead keys that were present in the checkpoint and skipped.
     pub skipped_dead_keys: Vec<String>,
+    /// A digest of every weight read (DiT and CLIP; see [`WeightLoader::digest`]), part of the
+    /// resume fingerprint so that a checkpoint of another model is never resumed.
+    pub weights_digest: u64,
 }
 
 impl Model {
@@ -43,10 +46,9 @@ impl Model {
     /// Builds a model from an opened checkpoint, strictly: every problem is reported by key.
     pub fn from_checkpoint(cfg: &ModelConfig, ck: Checkpoint, dtype: DType, dev: &Device) -> Result<Self> {
         cfg.validate()?;
-        // A checkpoint without the CLIP tower but with the network needs the tower from another
-        // file; one without either is simply the wrong file, which the strict load reports by key.
-        let has_network = ck.keys().any(|k| !k.starts_with(CLIP_PREFIX) && !crate::weights::is_dead_key(k));
-        if cfg.clip.is_some() && !ck.has_clip() && has_network {
+        check_has_network(&ck)?;
+        // A checkpoint with the network but without the CLIP tower needs the tower from another file.
+        if cfg.clip.is_some() && !ck.has_clip() {
             return Err(InfditError::MissingClip { checkpoint: ck.origin() });
         }
         let loader = WeightLoader::new(ck, dtype, dev);
@@ -55,8 +57,9 @@ impl Model {
             Some(c) => Some(ClipVision::load(c, &loader.pp(CLIP_PREFIX.trim_end_matches('.')))?),
             None => None,
         };
+        let weights_digest = loader.digest();
         let skipped_dead_keys = loader.finish()?;
-        Ok(Self { cfg: cfg.clone(), dit, clip, skipped_dead_keys })
+        Ok(Self { cfg: cfg.clone(), dit, clip, skipped_dead_keys, weights_digest })
     }
 
     /// Every tensor the model reads from a checkpoint, with its shape, in the official key layout
@@ -74,13 +77,11 @@ impl Model {
         }
     }
 
-    /// Parameters of the DiT part (CLIP excluded, dead keys excluded), from the config alone.
+    /// Parameters of the DiT part (CLIP excluded, dead keys excluded), from the config alone
+    /// ([`ModelConfig::parameter_count`]: arithmetic, nothing is built or allocated).
     pub fn parameter_count(cfg: &ModelConfig) -> Result<usize> {
-        Ok(Self::expected_keys(cfg)?
-            .iter()
-            .filter(|(k, _)| !k.starts_with(CLIP_PREFIX))
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum())
+        cfg.validate()?;
+        Ok(cfg.parameter_count() as usize)
     }
 
     /// The conditioning vector of an LR image (1, 3, h, w) in [-1, 1]: the CLIP embedding, or zeros
@@ -91,6 +92,22 @@ impl Model {
             None => Ok(Tensor::zeros((1, self.cfg.dit.vector_dim), DType::F32, lr.device())?),
         }
     }
+}
+
+/// Refuses a checkpoint that holds none of the DiT's tensors (another model's file, a CLIP
+/// tower alone) with that message, rather than with a list of every missing key or a hint about
+/// the CLIP tower.
+fn check_has_network(ck: &Checkpoint) -> Result<()> {
+    if ck.keys().any(|k| k.starts_with("transformer.layers.") || k.starts_with("mixins.")) {
+        return Ok(());
+    }
+    Err(InfditError::Config(format!(
+        "{}: holds none of the Inf-DiT network's tensors (transformer.layers.*, mixins.*): not an Inf-DiT \
+         checkpoint ({} tensors, e.g. {})",
+        ck.origin(),
+        ck.len(),
+        ck.keys().take(3).collect::<Vec<_>>().join(", ")
+    )))
 }
 
 /// The weights of the small model built into the library (see `models/default/MODEL_CARD.md`):

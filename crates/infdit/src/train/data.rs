@@ -85,9 +85,18 @@ pub fn collect_image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
                     reason: format!("cannot read the folder: {e}"),
                 });
             }
+            if let Some((f, kind)) = walker.not_regular.first() {
+                return Err(InfditError::Training {
+                    path: f.clone(),
+                    reason: format!("is {kind}, not a regular file"),
+                });
+            }
             out.extend(found);
         } else if p.is_file() {
             out.push(p.clone());
+        } else if let Ok(m) = std::fs::metadata(p) {
+            let kind = crate::files::kind_of(&m.file_type());
+            return Err(InfditError::Training { path: p.clone(), reason: format!("is {kind}, not a regular file") });
         } else {
             return Err(InfditError::Training { path: p.clone(), reason: "no such file or folder".into() });
         }

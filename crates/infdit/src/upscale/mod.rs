@@ -196,7 +196,7 @@ pub fn plan_file(
     create: bool,
 ) -> Result<FilePlan> {
     let info = crate::imageio::probe(input, &LoadLimits::for_pixels(opts.max_pixels))?;
-    let plan = planner.plan(info.width, info.height, info.has_alpha, opts.alpha)?;
+    let plan = planner.plan(info.width as usize, info.height as usize, info.has_alpha, opts.alpha)?;
     if opts.noise.is_some() && plan.passes.len() > 1 {
         return Err(InfditError::InvalidOption {
             option: "noise",

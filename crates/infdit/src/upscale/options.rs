@@ -11,9 +11,8 @@ use crate::error::{InfditError, Result};
 use crate::imageio::Rounding;
 use crate::imageio::resize::Bicubic;
 
-/// Largest number of sampler steps accepted (the released sampler takes 20; each step is two
-/// network evaluations over the whole image).
-pub const MAX_STEPS: usize = 10_000;
+/// Largest number of sampler steps accepted ([`HeunConfig::MAX_STEPS`]).
+pub const MAX_STEPS: usize = HeunConfig::MAX_STEPS;
 
 /// How an input whose size is not a multiple of the model's block grid is laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -26,12 +26,18 @@ pub fn convert(input: &Path, output: &Path, dtype: Option<DType>) -> Result<Conv
     if let Some(d) = dtype
         && !matches!(d, DType::F32 | DType::BF16 | DType::F16)
     {
-        return Err(parse_err(output, format!("unsupported output dtype {d:?} (use f32, bf16 or f16)")));
+        return Err(WeightError::Write {
+            path: output.to_path_buf(),
+            msg: format!("unsupported output dtype {d:?} (use f32, bf16 or f16)"),
+        });
     }
     if let (Ok(a), Ok(b)) = (input.canonicalize(), output.canonicalize())
         && a == b
     {
-        return Err(parse_err(output, "the output path is the input file; refusing to overwrite it"));
+        return Err(WeightError::Write {
+            path: output.to_path_buf(),
+            msg: "the output path is the input file; refusing to overwrite it".into(),
+        });
     }
     let ck = Checkpoint::open(input)?;
     let dev = Device::Cpu;
@@ -51,20 +57,24 @@ pub fn convert(input: &Path, output: &Path, dtype: Option<DType>) -> Result<Conv
     Ok(ConvertSummary { tensors: tensors.len(), elements, bytes })
 }
 
-/// Writes tensors to a safetensors file atomically: a temporary file `.<name>.partial` in the same
-/// folder, then a rename, so `output` is never left half-written.
+/// Writes tensors to a safetensors file atomically ([`crate::atomic::write_atomic`]: a short
+/// hidden temporary file in the same folder, fsync, rename), so `output` is never left
+/// half-written. Failures are [`WeightError::Write`], naming `output`.
 pub fn save_atomic(tensors: &HashMap<String, candle_core::Tensor>, output: &Path) -> Result<(), WeightError> {
-    let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = output.with_file_name(format!(".{name}.partial"));
-    candle_core::safetensors::save(tensors, &tmp).map_err(|e| parse_err(output, e))?;
-    // The safetensors writer creates owner-only files; a checkpoint is ordinary data.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
-    }
-    std::fs::rename(&tmp, output).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        parse_err(output, e)
-    })
+    let write_err =
+        |p: &Path, e: &dyn std::fmt::Display| WeightError::Write { path: p.to_path_buf(), msg: e.to_string() };
+    crate::atomic::write_atomic(
+        output,
+        |tmp| {
+            candle_core::safetensors::save(tensors, tmp).map_err(|e| write_err(output, &e))?;
+            // The safetensors writer creates owner-only files; a checkpoint is ordinary data.
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o644));
+            }
+            Ok(())
+        },
+        |p, e| write_err(p, &e),
+    )
 }

@@ -107,6 +107,8 @@ impl Checkpoint {
         if !path.exists() {
             return Err(parse_err(path, "no such file"));
         }
+        // A FIFO would block the reader forever, a device never end.
+        crate::files::check_regular(path).map_err(|e| parse_err(path, e))?;
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
         let mut ck = Checkpoint { origin: vec![path.to_path_buf()], ..Default::default() };
         if ext == "safetensors" {
@@ -191,6 +193,30 @@ impl Checkpoint {
                 } else {
                     Tensor::from_raw_buffer(&bytes, dtype, shape, device)
                 }
+            }
+        }
+    }
+
+    /// [`load`](Self::load), also returning the CRC-32 of the tensor's stored bytes (its data as
+    /// in the file; for a tensor held in memory, of its values as f32).
+    pub fn load_with_crc(&self, name: &str, device: &Device) -> candle_core::Result<(Tensor, u32)> {
+        let Some((r, shape)) = self.tensors.get(name) else { candle_core::bail!("no tensor named {name}") };
+        match r {
+            TensorRef::Owned(t) => {
+                let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                Ok((t.to_device(device)?, crate::checkpoint::crc_f32(&v)))
+            }
+            TensorRef::St(st, n) => {
+                let crc = crc32fast::hash(st.get(n)?.data());
+                Ok((st.load(n, device)?, crc))
+            }
+            TensorRef::Pt(t) => {
+                let dtype = dtype_from_pt(t.dtype())
+                    .ok_or_else(|| candle_core::Error::Msg(format!("unsupported dtype {:?}", t.dtype())))?;
+                let bytes = t.read().map_err(candle_core::Error::wrap)?;
+                let crc = crc32fast::hash(&bytes);
+                let dims: &[usize] = if shape.is_empty() { &[] } else { shape };
+                Ok((Tensor::from_raw_buffer(&bytes, dtype, dims, device)?, crc))
             }
         }
     }
@@ -292,6 +318,7 @@ struct LoaderState {
     device: Device,
     used: RefCell<BTreeSet<String>>,
     report: RefCell<MismatchReport>,
+    digest: RefCell<crate::checkpoint::Fnv>,
 }
 
 /// Hands out the tensors of a [`Checkpoint`] to model constructors, checking names and shapes, and
@@ -313,6 +340,7 @@ impl WeightLoader {
                 device: device.clone(),
                 used: RefCell::new(BTreeSet::new()),
                 report: RefCell::new(report),
+                digest: RefCell::new(crate::checkpoint::Fnv::default()),
             }),
             prefix: String::new(),
             dtype,
@@ -372,8 +400,14 @@ impl WeightLoader {
             st.report.borrow_mut().shape.push((key, shape.dims().to_vec(), found.to_vec()));
             return zeros();
         }
-        match st.ck.load(&key, &st.device).and_then(|t| t.to_dtype(dtype)) {
-            Ok(t) => Ok(t),
+        match st.ck.load_with_crc(&key, &st.device).and_then(|(t, crc)| Ok((t.to_dtype(dtype)?, crc))) {
+            Ok((t, crc)) => {
+                let mut d = st.digest.borrow_mut();
+                d.bytes(key.as_bytes());
+                d.bytes(format!("{:?}{:?}", found, dtype).as_bytes());
+                d.bytes(&crc.to_le_bytes());
+                Ok(t)
+            }
             Err(e) => {
                 st.report.borrow_mut().unreadable.push((key, e.to_string()));
                 zeros()
@@ -390,6 +424,13 @@ impl WeightLoader {
     pub fn ignore_prefix(&self, prefix: &str) {
         let keys: Vec<String> = self.state.ck.keys().filter(|k| k.starts_with(prefix)).map(String::from).collect();
         self.state.used.borrow_mut().extend(keys);
+    }
+
+    /// A digest of every tensor handed out so far (name, shape, dtype and the CRC-32 of its stored
+    /// bytes), in the order they were asked for: two models built from weights that differ in any
+    /// tensor get different digests (the resume fingerprint includes it).
+    pub fn digest(&self) -> u64 {
+        self.state.digest.borrow().finish()
     }
 
     /// Ends loading: an error listing every missing, unexpected (not dead), mis-shaped or unreadable

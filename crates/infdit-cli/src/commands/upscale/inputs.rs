@@ -59,7 +59,7 @@ pub fn collect(args: &[PathBuf], skip_dir: Option<&Path>) -> Collected {
     };
     for arg in args {
         if arg.is_dir() {
-            match walk(&mut ImageWalker::new(skip.as_deref()), arg) {
+            match walk(&mut ImageWalker::new(skip.as_deref()), arg, &mut c.errors) {
                 Err(e) => c.errors.push(format!("{}: {e}", arg.display())),
                 Ok(found) if found.is_empty() => c.errors.push(format!(
                     "{}: no image files ({}) in this folder",
@@ -69,7 +69,7 @@ pub fn collect(args: &[PathBuf], skip_dir: Option<&Path>) -> Collected {
                 Ok(found) => found.into_iter().for_each(|s| push(&mut c, s)),
             }
         } else if is_pattern(arg) {
-            match expand_pattern(arg, skip.as_deref()) {
+            match expand_pattern(arg, skip.as_deref(), &mut c.errors) {
                 Ok(found) if found.is_empty() => {
                     c.errors.push(format!("{}: the pattern matches no image files", arg.display()))
                 }
@@ -79,6 +79,8 @@ pub fn collect(args: &[PathBuf], skip_dir: Option<&Path>) -> Collected {
         } else if arg.is_file() {
             let rel = PathBuf::from(arg.file_name().unwrap_or(arg.as_os_str()));
             push(&mut c, Source { path: arg.clone(), rel });
+        } else if let Ok(m) = std::fs::metadata(arg) {
+            c.errors.push(not_regular(arg, infdit::files::kind_of(&m.file_type())));
         } else {
             c.errors.push(format!("{}: no such file, folder or matching pattern", arg.display()));
         }
@@ -86,12 +88,21 @@ pub fn collect(args: &[PathBuf], skip_dir: Option<&Path>) -> Collected {
     c
 }
 
+/// The error for an input that is not a regular file (a FIFO would block the run forever).
+fn not_regular(p: &Path, kind: &str) -> String {
+    format!("{}: is {kind}, not a regular file (infdit reads only regular files)", p.display())
+}
+
 /// Image files below `dir` (the shared walker), each with its path relative to `dir`; unreadable
-/// subfolders are skipped with a warning, not fatal for their siblings.
-fn walk(walker: &mut ImageWalker, dir: &Path) -> std::io::Result<Vec<Source>> {
+/// subfolders are skipped with a warning, not fatal for their siblings; image-named entries that
+/// are not regular files (FIFOs, devices) are errors in `errors`.
+fn walk(walker: &mut ImageWalker, dir: &Path, errors: &mut Vec<String>) -> std::io::Result<Vec<Source>> {
     let found = walker.images_below(dir);
     for (p, e) in walker.unreadable.drain(..) {
         eprintln!("warning: {}: skipped: {e}", p.display());
+    }
+    for (p, kind) in walker.not_regular.drain(..) {
+        errors.push(not_regular(&p, kind));
     }
     Ok(found?
         .into_iter()
@@ -114,7 +125,7 @@ pub fn pattern_base(pattern: &Path) -> PathBuf {
     base
 }
 
-fn expand_pattern(pattern: &Path, skip: Option<&Path>) -> Result<Vec<Source>> {
+fn expand_pattern(pattern: &Path, skip: Option<&Path>, errors: &mut Vec<String>) -> Result<Vec<Source>> {
     let text = pattern.to_str().ok_or_else(|| anyhow::anyhow!("the pattern is not valid UTF-8"))?;
     let opts = glob::MatchOptions { require_literal_leading_dot: true, ..Default::default() };
     let paths = glob::glob_with(text, opts).map_err(|e| anyhow::anyhow!("bad pattern: {e}"))?;
@@ -126,13 +137,17 @@ fn expand_pattern(pattern: &Path, skip: Option<&Path>) -> Result<Vec<Source>> {
             continue;
         }
         if p.is_dir() {
-            for s in walk(&mut walker, &p)? {
+            for s in walk(&mut walker, &p, errors)? {
                 let rel = p.strip_prefix(&base).unwrap_or(&p).join(&s.rel);
                 out.push(Source { path: s.path, rel });
             }
         } else if p.is_file() && is_image(&p) {
             let rel = p.strip_prefix(&base).map(Path::to_path_buf).unwrap_or_else(|_| p.clone());
             out.push(Source { path: p, rel });
+        } else if is_image(&p)
+            && let Ok(m) = std::fs::metadata(&p)
+        {
+            errors.push(not_regular(&p, infdit::files::kind_of(&m.file_type())));
         }
     }
     // `rel` must stay inside the output folder.
@@ -221,17 +236,24 @@ impl Template {
         Ok(t)
     }
 
-    /// The file name for one input.
+    /// The file name for one input, keeping the stem's bytes as they are (a file name need not be
+    /// UTF-8: `x\xff.png` and `x\xfe.png` must not both become `x\u{FFFD}_x4.png`).
+    pub fn render_os(&self, stem: &std::ffi::OsStr, ext: &str, scale: &str) -> std::ffi::OsString {
+        let mut out = std::ffi::OsString::new();
+        for p in &self.0 {
+            match p {
+                Piece::Text(t) => out.push(t),
+                Piece::Stem => out.push(stem),
+                Piece::Ext => out.push(ext),
+                Piece::Scale => out.push(scale),
+            }
+        }
+        out
+    }
+
+    /// The file name for one input ([`Template::render_os`] of a UTF-8 stem).
     pub fn render(&self, stem: &str, ext: &str, scale: &str) -> String {
-        self.0
-            .iter()
-            .map(|p| match p {
-                Piece::Text(t) => t.as_str(),
-                Piece::Stem => stem,
-                Piece::Ext => ext,
-                Piece::Scale => scale,
-            })
-            .collect()
+        self.render_os(stem.as_ref(), ext, scale).to_string_lossy().into_owned()
     }
 }
 
@@ -265,6 +287,29 @@ mod tests {
         assert!(Template::parse("{size}.png").unwrap_err().to_string().contains("unknown placeholder {size}"));
         assert!(Template::parse("a}.png").is_err());
         assert!(Template::parse("").is_err());
+    }
+
+    /// F09: names that are not UTF-8 keep their bytes, so two of them never collide.
+    #[cfg(unix)]
+    #[test]
+    fn f09_non_utf8_stems_keep_their_bytes() {
+        use std::os::unix::ffi::{OsStrExt, OsStringExt};
+        let t = Template::default_template();
+        let a = t.render_os(std::ffi::OsStr::from_bytes(b"x\xff"), "png", "x4");
+        let b = t.render_os(std::ffi::OsStr::from_bytes(b"x\xfe"), "png", "x4");
+        assert_ne!(a, b);
+        assert_eq!(a.into_vec(), b"x\xff_x4.png".to_vec());
+        // Found in a folder, the relative path keeps them apart too.
+        let d = std::env::temp_dir().join(format!("infdit-f09-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        for n in [&b"x\xff.png"[..], b"x\xfe.png"] {
+            std::fs::write(d.join(std::ffi::OsStr::from_bytes(n)), b"").unwrap();
+        }
+        let c = collect(std::slice::from_ref(&d), None);
+        let rels: HashSet<_> = c.sources.iter().map(|s| s.rel.clone()).collect();
+        assert_eq!(rels.len(), 2, "{:?}", c.sources);
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
