@@ -7,14 +7,14 @@
 //!   step count within the run, `x` of the run's shape).
 //! * [`config`]: arbitrary bytes as a model config (both formats) and as `"sampler"` settings.
 //!   Parsing must never panic; an accepted config must validate, and counting its parameters
-//!   (arithmetic, [`infdit::pipeline::Model::parameter_count`]) must neither panic nor be huge.
+//!   (arithmetic, [`infdit::loaded::Model::parameter_count`]) must neither panic nor be huge.
 
 use std::path::Path;
 
+use infdit::checkpoint::load_state;
+use infdit::checkpoint::state::{FileStore, STATE_FILE};
 use infdit::config::{ModelConfig, SamplerDefaults, limits};
 use infdit::model::blocks::BlockGrid;
-use infdit::resume::load_state;
-use infdit::schedule::state::{FileStore, STATE_FILE};
 
 /// The fingerprint every fuzzed state is read with.
 pub const FINGERPRINT: &str = "0123456789abcdef";
@@ -72,7 +72,7 @@ pub fn config(bytes: &[u8]) -> bool {
     match ModelConfig::from_json_str(text) {
         Ok(cfg) => {
             cfg.validate().expect("an accepted config validates");
-            let n = infdit::pipeline::Model::parameter_count(&cfg).expect("an accepted config counts");
+            let n = infdit::loaded::Model::parameter_count(&cfg).expect("an accepted config counts");
             assert!(n as u128 <= limits::MAX_PARAMETERS, "{n} parameters");
             assert!(cfg.dit.rope_positions() > 0 && cfg.dit.block_tokens() > 0);
             // Its own JSON parses back to a valid config of the same size (floats may move by an

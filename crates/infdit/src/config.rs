@@ -423,7 +423,7 @@ impl ModelConfig {
     }
 
     /// Parameters of the DiT part (CLIP excluded, dead keys excluded), computed from the config
-    /// alone (equal to [`crate::pipeline::Model::parameter_count`]; nothing is built).
+    /// alone (equal to [`crate::loaded::Model::parameter_count`]; nothing is built).
     pub fn parameter_count(&self) -> u64 {
         self.dit.parameter_count()
     }

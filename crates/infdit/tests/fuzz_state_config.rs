@@ -73,8 +73,8 @@ fn fuzz_resume_state_seeds_and_mutations() {
     // Seeds: a record holding x and a state-folder record.
     let x = Tensor::ones((1, 3, GRID.height(), GRID.width()), candle_core::DType::F32, &Device::Cpu).unwrap();
     let seed_dir = dir.join("seeds");
-    infdit::resume::save_state(&seed_dir.join("x.safetensors"), Some(&x), 2, FINGERPRINT).unwrap();
-    infdit::resume::save_block_record(&seed_dir.join("b.safetensors"), &[1, 2, 3, 4], 3, FINGERPRINT).unwrap();
+    infdit::checkpoint::save_state(&seed_dir.join("x.safetensors"), Some(&x), 2, FINGERPRINT).unwrap();
+    infdit::checkpoint::save_block_record(&seed_dir.join("b.safetensors"), &[1, 2, 3, 4], 3, FINGERPRINT).unwrap();
     let seeds = [
         std::fs::read(seed_dir.join("x.safetensors")).unwrap(),
         std::fs::read(seed_dir.join("b.safetensors")).unwrap(),

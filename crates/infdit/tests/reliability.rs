@@ -8,10 +8,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
+use infdit::checkpoint::state::STATE_FILE;
 use infdit::diffusion::HeunConfig;
 use infdit::diffusion::noise::Noise;
-use infdit::pipeline::{Mode, Model, SampleOptions, sample_with_noise};
-use infdit::schedule::state::STATE_FILE;
+use infdit::loaded::Model;
+use infdit::sampling::{Mode, SampleOptions, sample_with_noise};
 
 const RECORD: &str = "infdit-state.safetensors";
 
@@ -52,7 +53,7 @@ fn run_err(m: &Model, noise: &Noise, opts: &SampleOptions) -> String {
     }
 }
 
-fn run_ok(m: &Model, noise: &Noise, opts: &SampleOptions) -> infdit::pipeline::SampleOutcome {
+fn run_ok(m: &Model, noise: &Noise, opts: &SampleOptions) -> infdit::sampling::SampleOutcome {
     let (p, _, clip) = random_inputs(2, 2, 7);
     sample_with_noise(m, &p, &clip, noise, opts, &mut |_| {}).unwrap()
 }
@@ -125,7 +126,7 @@ fn f11_edited_steps_done_is_refused() {
 fn f12_resume_with_other_weights_is_refused() {
     let a = tiny_random(1, 32, 2, 4);
     let cfg = a.cfg.clone();
-    let mut ck_b = infdit::weights::random::random_checkpoint(&cfg, 4).unwrap();
+    let mut ck_b = infdit::loaded::random::random_checkpoint(&cfg, 4).unwrap();
     let key = "transformer.layers.0.attention.dense.weight";
     let w = ck_b.load(key, &Device::Cpu).unwrap();
     ck_b.insert(key.into(), (w + 1e-3).unwrap());

@@ -79,7 +79,7 @@ fn missing_dead_keys_and_rope_tables_are_fine() {
 fn f08_parameter_count_equals_a_built_model() {
     for (depth, hidden, heads) in [(1, 32, 2), (2, 64, 4), (3, 48, 3)] {
         let m = common::tiny_random(depth, hidden, heads, 1);
-        let ck = infdit::weights::random::random_checkpoint(&m.cfg, 1).unwrap();
+        let ck = infdit::loaded::random::random_checkpoint(&m.cfg, 1).unwrap();
         let built: usize =
             ck.keys().filter(|k| !is_dead_key(k)).map(|k| ck.shape(k).unwrap().iter().product::<usize>()).sum();
         assert_eq!(m.cfg.parameter_count() as usize, built, "depth {depth} hidden {hidden}");
