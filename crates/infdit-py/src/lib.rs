@@ -68,13 +68,10 @@ fn tensor_err(py: Python<'_>, e: candle_core::Error) -> PyErr {
 /// One option of the `opts` dict, converted; `None` when absent or `None`.
 fn opt<'py, T: for<'a> FromPyObject<'a, 'py>>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<Option<T>> {
     match d.get_item(key)? {
-        Some(v) if !v.is_none() => v
-            .extract::<T>()
-            .map(Some)
-            .map_err(|e| {
-                let e: PyErr = e.into();
-                PyTypeError::new_err(format!("{key}: {e}"))
-            }),
+        Some(v) if !v.is_none() => v.extract::<T>().map(Some).map_err(|e| {
+            let e: PyErr = e.into();
+            PyTypeError::new_err(format!("{key}: {e}"))
+        }),
         _ => Ok(None),
     }
 }
@@ -217,13 +214,16 @@ impl Watch {
         match (met, r) {
             (Some(e), _) => Err(e),
             (None, Ok(v)) => Ok(v),
-            (None, Err(InfditError::Interrupted { steps_done })) => Err(PyKeyboardInterrupt::new_err(format!(
-                "interrupted after {steps_done} completed sampler steps"
-            ))),
+            (None, Err(InfditError::Interrupted { steps_done })) => {
+                Err(PyKeyboardInterrupt::new_err(format!("interrupted after {steps_done} completed sampler steps")))
+            }
             (None, Err(e)) => Err(to_py(py, &e)),
         }
     }
 }
+
+/// Planar colour in [-1, 1], the alpha plane in [0, 1], height and width.
+type Split = (Vec<f32>, Option<Vec<f32>>, usize, usize);
 
 /// `(1, C, H, W)` planes from an `H x W x C` array of u8, u16 or f32 samples (f32 clamped to
 /// [0, 1], NaN refused): the colour in [-1, 1] as the library's file loader maps it, and alpha in
@@ -233,7 +233,7 @@ fn planes(py: Python<'_>, image: &Bound<'_, PyAny>) -> PyResult<(Tensor, Option<
         py: Python<'_>,
         a: PyReadonlyArray3<'_, T>,
         f: impl Fn(T) -> f32,
-    ) -> PyResult<(Vec<f32>, Option<Vec<f32>>, usize, usize)> {
+    ) -> PyResult<Split> {
         let (h, w, c) = (a.shape()[0], a.shape()[1], a.shape()[2]);
         if !(c == 3 || c == 4) || h == 0 || w == 0 {
             return Err(raise(py, "InputError", format!("an image array is H x W x 3 or 4, got {h} x {w} x {c}")));
@@ -291,12 +291,7 @@ fn planes(py: Python<'_>, image: &Bound<'_, PyAny>) -> PyResult<(Tensor, Option<
 /// The output planes as an `H x W x C` array of the input's sample type: 8 and 16 bits rounded to
 /// nearest as the library writes files (`round((x + 1) / 2 * max)`, `round(a * max)`, clamped),
 /// float32 in [0, 1].
-fn to_array<'py>(
-    py: Python<'py>,
-    rgb: &Tensor,
-    alpha: Option<&Tensor>,
-    kind: &str,
-) -> PyResult<Bound<'py, PyAny>> {
+fn to_array<'py>(py: Python<'py>, rgb: &Tensor, alpha: Option<&Tensor>, kind: &str) -> PyResult<Bound<'py, PyAny>> {
     let (_, _, h, w) = rgb.dims4().map_err(|e| tensor_err(py, e))?;
     let rgb = rgb.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| tensor_err(py, e))?;
     let alpha = match alpha {
@@ -324,7 +319,11 @@ fn to_array<'py>(
                 .map(|k| {
                     let i = k / c;
                     let ch = k % c;
-                    if ch < 3 { ((rgb[ch * n + i] as f64 + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8 } else { quant(out[k], 255.0) as u8 }
+                    if ch < 3 {
+                        ((rgb[ch * n + i] as f64 + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8
+                    } else {
+                        quant(out[k], 255.0) as u8
+                    }
                 })
                 .collect();
             Array3::from_shape_vec(shape, v).map_err(err)?.into_pyarray(py).into_any()
@@ -546,7 +545,9 @@ fn eval<'py>(
 #[pyo3(signature = (path, max_pixels=64 << 20))]
 fn imread<'py>(py: Python<'py>, path: PathBuf, max_pixels: u64) -> PyResult<Bound<'py, PyAny>> {
     let limits = infdit::imageio::LoadLimits::for_pixels(max_pixels);
-    let img = py.detach(|| infdit::imageio::load_image(&path, &limits)).map_err(|e| raise(py, "InputError", e.to_string()))?;
+    let img = py
+        .detach(|| infdit::imageio::load_image(&path, &limits))
+        .map_err(|e| raise(py, "InputError", e.to_string()))?;
     let kind = if img.bit_depth > 8 { "uint16" } else { "uint8" };
     to_array(py, &img.rgb, img.alpha.as_ref(), kind)
 }
