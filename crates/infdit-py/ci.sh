@@ -19,7 +19,7 @@ start=$(date +%s)
 echo "wheel built in $(( $(date +%s) - start )) s: $(ls -l "$WHEELS"/*.whl | awk '{print $5, $9}')"
 
 "$PY" -m venv "$TEST"
-"$TEST/bin/pip" install -q "$WHEELS"/*.whl pytest pillow
+"$TEST/bin/pip" install -q "$WHEELS"/*.whl pytest pillow mypy
 # From outside the source tree, so that `import infdit` can only find the installed wheel.
 cd crates/infdit-py/tests
 "../../../$TEST/bin/python" -m pytest -q -p no:cacheprovider "$@" .

@@ -397,3 +397,23 @@ def test_parity_case_b(tmp_path, parity):
     got, want = infdit.imread(out).astype(int), infdit.imread(parity / "case_b_sr.png").astype(int)
     d = np.abs(got - want)
     assert d.max() <= 1 and (d > 0).sum() <= 2, (d > 0).sum()
+
+
+def test_types_check_with_mypy(tmp_path):
+    # The package ships its annotations and the native module's stubs (py.typed): mypy checks calls.
+    api = pytest.importorskip("mypy.api")
+    ok = tmp_path / "ok.py"
+    ok.write_text(
+        "import numpy as np, infdit\n"
+        "up = infdit.Upscaler(device='cpu')\n"
+        "out = up.upscale(np.zeros((16, 16, 3), np.uint8), scale=2.0, steps=1, progress=lambda d, t: None)\n"
+        "plan = up.dry_run(out)\n"
+        "m = infdit.eval(out, out)\n"
+        "err: type[infdit.InfditError] = infdit.TooLargeError\n"
+    )
+    out, err, code = api.run([str(ok), "--no-incremental", "--cache-dir", str(tmp_path / "c")])
+    assert code == 0, out + err
+    bad = tmp_path / "bad.py"
+    bad.write_text("import numpy as np, infdit\ninfdit.Upscaler().upscale(np.zeros((1, 1, 3)), steps='one')\n")
+    out, err, code = api.run([str(bad), "--no-incremental", "--cache-dir", str(tmp_path / "c")])
+    assert code == 1 and 'Argument "steps"' in out, out + err
