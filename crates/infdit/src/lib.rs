@@ -44,6 +44,7 @@ pub mod device;
 pub mod diffusion;
 pub mod error;
 pub mod files;
+pub mod hash;
 pub mod imageio;
 pub mod kernels;
 pub mod loaded;

@@ -94,7 +94,7 @@ impl ConcatLr {
 
     /// Mixes what determines the image into a fingerprint: a held image by its values, an
     /// upsample by its source, size and kernel (cheap, and independent of the output size).
-    pub(crate) fn fingerprint(&self, h: &mut crate::checkpoint::Fnv) -> Result<()> {
+    pub(crate) fn fingerprint(&self, h: &mut crate::hash::Fnv) -> Result<()> {
         match self {
             ConcatLr::Tensor(t) => h.tensor(t)?,
             ConcatLr::Upsample { src, height, width, kind } => {

@@ -481,7 +481,7 @@ fn run_fingerprint(
     heun: &HeunConfig,
     model: &Model,
 ) -> Result<String> {
-    let mut h = crate::checkpoint::Fnv::default();
+    let mut h = crate::hash::Fnv::default();
     concat_lr.fingerprint(&mut h)?;
     match noise {
         Noise::Image(t) => h.tensor(t)?,

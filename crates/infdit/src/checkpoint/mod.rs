@@ -1,5 +1,5 @@
 //! Everything a run keeps on disk to be resumed, and what makes sure a saved state is only used by
-//! the run that wrote it: fingerprints ([`Fnv`]), the record of the sampler state after each step
+//! the run that wrote it: fingerprints ([`crate::hash`]), the record of the sampler state after each step
 //! ([`record`]), the state folder's per-block file ([`state`]), and the saved output of each finished
 //! model pass ([`save_pass`], [`load_pass`]).
 
@@ -10,9 +10,10 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
-pub use record::{Fnv, FolderLock, SavedState, crc_f32, load_state, lock_folder, save_block_record, save_state};
+pub use record::{FolderLock, SavedState, load_state, lock_folder, save_block_record, save_state};
 
 use crate::error::{InfditError, Result};
+use crate::hash::Fnv;
 
 /// The fingerprint of a run of model passes: the input image, the noise file's bytes (when the
 /// noise comes from a file), and `settings`, a description of every other setting that decides the

@@ -16,54 +16,11 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{InfditError, Result};
-
-/// 64-bit FNV-1a, enough to tell runs apart (not a cryptographic hash).
-#[derive(Debug, Clone)]
-pub struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv {
-    /// Mixes bytes in.
-    pub fn bytes(&mut self, b: &[u8]) {
-        for &x in b {
-            self.0 ^= x as u64;
-            self.0 = self.0.wrapping_mul(0x100_0000_01b3);
-        }
-    }
-    /// Mixes a tensor's shape and f32 values in.
-    pub fn tensor(&mut self, t: &Tensor) -> candle_core::Result<()> {
-        self.bytes(format!("{:?}", t.dims()).as_bytes());
-        for v in t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()? {
-            self.bytes(&v.to_bits().to_le_bytes());
-        }
-        Ok(())
-    }
-    /// The hash.
-    pub fn finish(&self) -> u64 {
-        self.0
-    }
-}
+use crate::hash::{Fnv, crc_f32};
 
 /// The first line of an error's message (candle appends a backtrace when `RUST_BACKTRACE` is set).
 fn first_line(e: &dyn std::fmt::Display) -> String {
     e.to_string().lines().next().unwrap_or_default().to_string()
-}
-
-/// CRC-32 of f32 values as little-endian bytes (the checksums of saved states).
-pub fn crc_f32(values: &[f32]) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    let mut buf = Vec::with_capacity(4 * values.len().min(1 << 16));
-    for chunk in values.chunks(1 << 16) {
-        buf.clear();
-        buf.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
-        h.update(&buf);
-    }
-    h.finalize()
 }
 
 /// A saved state: the step count, and `x` unless the state lives in a state folder's file

@@ -97,10 +97,10 @@ impl Default for HeunConfig {
 
 impl HeunConfig {
     /// Most sampler steps accepted (the reference uses 20; the schedule is allocated up front).
-    pub const MAX_STEPS: usize = 10_000;
+    pub const MAX_STEPS: usize = crate::config::SamplerDefaults::MAX_STEPS;
     /// Largest starting sigma accepted (the released model uses 40, EDM 80; far larger values
     /// only overflow f32 in the preconditioning).
-    pub const MAX_SIGMA: f32 = 1000.0;
+    pub const MAX_SIGMA: f32 = crate::config::SamplerDefaults::MAX_SIGMA;
 
     /// Checks the settings: 1..=[`Self::MAX_STEPS`] steps, `0 < sigma_min < sigma_max <=`
     /// [`Self::MAX_SIGMA`], a finite positive rho.

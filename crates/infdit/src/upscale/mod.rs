@@ -348,7 +348,7 @@ impl Run<'_> {
         let dir = self.opts.state_dir.as_ref()?;
         let key = match &self.opts.checkpoint_dir {
             Some(ck) => {
-                let mut h = crate::checkpoint::Fnv::default();
+                let mut h = crate::hash::Fnv::default();
                 h.bytes(output::canonical_target(ck).as_os_str().as_encoded_bytes());
                 format!("{:016x}", h.finish())
             }

@@ -204,7 +204,7 @@ impl Checkpoint {
         match r {
             TensorRef::Owned(t) => {
                 let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                Ok((t.to_device(device)?, crate::checkpoint::crc_f32(&v)))
+                Ok((t.to_device(device)?, crate::hash::crc_f32(&v)))
             }
             TensorRef::St(st, n) => {
                 let crc = crc32fast::hash(st.get(n)?.data());
@@ -318,7 +318,7 @@ struct LoaderState {
     device: Device,
     used: RefCell<BTreeSet<String>>,
     report: RefCell<MismatchReport>,
-    digest: RefCell<crate::checkpoint::Fnv>,
+    digest: RefCell<crate::hash::Fnv>,
 }
 
 /// Hands out the tensors of a [`Checkpoint`] to model constructors, checking names and shapes, and
@@ -340,7 +340,7 @@ impl WeightLoader {
                 device: device.clone(),
                 used: RefCell::new(BTreeSet::new()),
                 report: RefCell::new(report),
-                digest: RefCell::new(crate::checkpoint::Fnv::default()),
+                digest: RefCell::new(crate::hash::Fnv::default()),
             }),
             prefix: String::new(),
             dtype,
