@@ -4,10 +4,11 @@
 #
 #   bench/cpu.sh                      # everything (venv, release build, weights, timings, table)
 #
-# Environment: THREADS (default 2), REPEAT (best of, default 3), SIGMA (default 1.0),
+# Environment: INFDIT_KERNELS (avx512, avx2, neon or portable: the kernel path, default the best the
+# CPU runs; the table says which ran), THREADS (default 2), REPEAT (best of, default 3), SIGMA (default 1.0),
 # DTYPES (default "f32 bf16"), CASES (default "parity:384x384 small512:512x512"),
 # TORCH_VENV (default /tmp/torchenv), INFDIT_SHARED_DIR (default ../shared), BENCH_OUT (default target/bench).
-# Last line: speedup_f32=<x> speedup_bf16=<y> (pytorch s / infdit s, small512 config).
+# Last line: speedup_f32=<x> speedup_bf16=<y> kernels=<path> (pytorch s / infdit s, small512 config).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -74,6 +75,7 @@ done
 # (d) timings
 ROWS=()
 declare -A SPEEDUP
+KPATH=na
 for cs in $CASES; do
     c=${cs%%:*}; size=${cs#*:}
     cfg=$(config_of "$c"); w="$OUT/$c-random.safetensors"
@@ -86,10 +88,11 @@ for cs in $CASES; do
             --dtype "$d" --threads "$THREADS" --repeat "$REPEAT")
         echo "$pl" >&2
         is=$(echo "$il" | field best_s); gf=$(echo "$il" | field gflops); ps=$(echo "$pl" | field best_s)
+        kp=$(echo "$il" | grep -o 'kernels=[a-z0-9]*' | cut -d= -f2)
         sp=$(awk -v p="$ps" -v i="$is" 'BEGIN{printf "%.2f", p/i}')
         fr=$(awk -v g="$gf" -v k="${PEAK[$d]}" 'BEGIN{printf "%.2f", g/k}')
-        ROWS+=("| $c | $size | $d | $is | $ps | $sp | $gf | $fr |")
-        [ "$c" = small512 ] && SPEEDUP[$d]=$sp
+        ROWS+=("| $c | $size | $d | ${kp:-na} | $is | $ps | $sp | $gf | $fr |")
+        [ "$c" = small512 ] && SPEEDUP[$d]=$sp && KPATH=${kp:-na}
     done
 done
 
@@ -98,8 +101,8 @@ echo
 echo "threads=$THREADS, best of $REPEAT after 1 warm-up, sigma=$SIGMA, whole-image mode; matmul peak (torch 2048^3):" \
     "$(for d in $DTYPES; do printf '%s %s GFLOP/s; ' "$d" "${PEAK[$d]}"; done)"
 echo
-echo "| config | size | dtype | infdit s | pytorch s | speedup (pytorch/infdit) | infdit GFLOP/s | fraction of peak |"
-echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+echo "| config | size | dtype | kernels | infdit s | pytorch s | speedup (pytorch/infdit) | infdit GFLOP/s | fraction of peak |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 for r in "${ROWS[@]}"; do echo "$r"; done
 echo
-echo "speedup_f32=${SPEEDUP[f32]:-na} speedup_bf16=${SPEEDUP[bf16]:-na}"
+echo "speedup_f32=${SPEEDUP[f32]:-na} speedup_bf16=${SPEEDUP[bf16]:-na} kernels=${KPATH:-na}"

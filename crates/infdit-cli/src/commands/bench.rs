@@ -256,7 +256,7 @@ fn bench_denoise(a: BenchArgs) -> Result<()> {
             println!(
                 "infdit_denoise best_s={best:.6} median_s={median:.6} per_block_s={:.6} blocks={} gflop={:.3} \
                  gflops={:.2} size={h}x{w} dtype={} mode={mode_s} kv_offload={kv} device={} peak_gpu_mib={} \
-                 peak_gpu_reserved_mib={} threads={} repeat={}",
+                 peak_gpu_reserved_mib={} threads={} repeat={} kernels={}",
                 best / grid.len() as f64,
                 grid.len(),
                 flops / 1e9,
@@ -266,7 +266,8 @@ fn bench_denoise(a: BenchArgs) -> Result<()> {
                 mib(peak),
                 mib(reserved),
                 candle_core::utils::get_num_threads(),
-                times.len()
+                times.len(),
+                infdit::kernels::path()
             );
         }
     }

@@ -49,9 +49,11 @@ unsafe fn score_kernel<const MR: usize, const U: usize>(
     for c in 0..dp {
         let mut kv = [_mm512_setzero_ps(); U];
         for (x, kx) in kv.iter_mut().enumerate() {
+            // SAFETY: q has MR rows of dp values, each of the U k panels dp x 16 values, s MR rows of lds >= 16 U values (the caller's contract); avx512f is enabled here.
             *kx = unsafe { _mm512_loadu_ps(kp.add(x * pstride + c * 16)) };
         }
         for (r, ar) in acc.iter_mut().enumerate() {
+            // SAFETY: q has MR rows of dp values, each of the U k panels dp x 16 values, s MR rows of lds >= 16 U values (the caller's contract); avx512f is enabled here.
             let b = _mm512_set1_ps(unsafe { *q.add(r * dp + c) });
             for x in 0..U {
                 ar[x] = _mm512_fmadd_ps(b, kv[x], ar[x]);
@@ -60,6 +62,7 @@ unsafe fn score_kernel<const MR: usize, const U: usize>(
     }
     for (r, ar) in acc.iter().enumerate() {
         for (x, a) in ar.iter().enumerate() {
+            // SAFETY: q has MR rows of dp values, each of the U k panels dp x 16 values, s MR rows of lds >= 16 U values (the caller's contract); avx512f is enabled here.
             unsafe { _mm512_storeu_ps(s.add(r * lds + x * 16), *a) };
         }
     }
@@ -112,6 +115,7 @@ impl Products for F32Fma {
         lds: usize,
         _scale: f32,
     ) {
+        // SAFETY: same pointer contract as this function; its CPU features are enabled here.
         unsafe { score_kernel::<MR, U>(q, dp, kp, s, lds) }
     }
     #[inline]
@@ -124,6 +128,7 @@ impl Products for F32Fma {
         o: *mut f32,
         corr: &[f32; MR],
     ) {
+        // SAFETY: same pointer contract as this function; its CPU features are enabled here.
         unsafe { pv_kernel::<MR, NV>(p, ldp, v, bk, o, corr) }
     }
 }
@@ -158,9 +163,11 @@ impl Products for Bf16Dot {
         for c in 0..half {
             let mut kv = [as_bh(_mm512_setzero_si512()); U];
             for (x, kx) in kv.iter_mut().enumerate() {
+                // SAFETY: q has MR rows of dp / 2 pairs, each of the U k panels dp / 2 x 16 pairs, s MR rows of lds >= 16 U values (the caller's contract); avx512f and avx512bf16 are enabled here.
                 *kx = as_bh(unsafe { _mm512_loadu_si512(kp.add(x * half + c)) });
             }
             for (r, ar) in acc.iter_mut().enumerate() {
+                // SAFETY: q has MR rows of dp / 2 pairs, each of the U k panels dp / 2 x 16 pairs, s MR rows of lds >= 16 U values (the caller's contract); avx512f and avx512bf16 are enabled here.
                 let b = as_bh(_mm512_set1_epi32(unsafe { *q.add(r * half + c) }));
                 for x in 0..U {
                     ar[x] = _mm512_dpbf16_ps(ar[x], b, kv[x]);
@@ -170,6 +177,7 @@ impl Products for Bf16Dot {
         let sc = _mm512_set1_ps(scale);
         for (r, ar) in acc.iter().enumerate() {
             for (x, a) in ar.iter().enumerate() {
+                // SAFETY: q has MR rows of dp / 2 pairs, each of the U k panels dp / 2 x 16 pairs, s MR rows of lds >= 16 U values (the caller's contract); avx512f and avx512bf16 are enabled here.
                 unsafe { _mm512_storeu_ps(s.add(r * lds + x * 16), _mm512_mul_ps(*a, sc)) };
             }
         }
@@ -190,6 +198,7 @@ impl Products for Bf16Dot {
         for (r, pr) in pb.iter_mut().enumerate() {
             let dst = pr.as_mut_ptr() as *mut __m256i;
             for x in 0..bk.div_ceil(16) {
+                // SAFETY: p has MR rows of ldp >= round_up(bk, 16) values (zeros past bk), pb KEY_TILE / 2 slots a row and bk <= KEY_TILE.
                 unsafe {
                     let h = _mm512_cvtneps_pbh(_mm512_loadu_ps(p.add(r * ldp + x * 16)));
                     _mm256_storeu_si256(dst.add(x), std::mem::transmute::<__m256bh, __m256i>(h));
@@ -201,6 +210,7 @@ impl Products for Bf16Dot {
         for j in 0..bk.div_ceil(2) {
             let mut vv = [as_bh(_mm512_setzero_si512()); NV];
             for (x, vx) in vv.iter_mut().enumerate() {
+                // SAFETY: v holds ceil(bk / 2) key pairs of NV vectors (the caller's contract).
                 *vx = as_bh(unsafe { _mm512_loadu_si512(v.add(j * NV + x)) });
             }
             for (ar, pr) in acc.iter_mut().zip(&pb) {
@@ -210,6 +220,7 @@ impl Products for Bf16Dot {
                 }
             }
         }
+        // SAFETY: o has MR rows of dp values (the caller's contract).
         unsafe { pv_store::<MR, NV>(&acc, o, dp, corr) }
     }
 }
@@ -229,10 +240,12 @@ unsafe fn scores<P: Products, const MR: usize, const U: usize>(
     let panel = 16 * dp / P::PER_SLOT;
     let mut p = 0;
     while p + U <= npan {
+        // SAFETY: panels p..p + U exist (p + U <= npan), and the score rows have room for npan * 16 values.
         unsafe { P::score_kernel::<MR, U>(q, dp, kp.add(p * panel), s.add(p * 16), lds, scale) };
         p += U;
     }
     while p < npan {
+        // SAFETY: panel p < npan exists; as above.
         unsafe { P::score_kernel::<MR, 1>(q, dp, kp.add(p * panel), s.add(p * 16), lds, scale) };
         p += 1;
     }
@@ -245,9 +258,11 @@ unsafe fn row_max(row: *const f32, bk: usize) -> f32 {
     let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
     let full = bk / 16;
     for x in 0..full {
+        // SAFETY: x * 16 + 16 <= bk values of the row.
         mx = _mm512_max_ps(mx, unsafe { _mm512_loadu_ps(row.add(x * 16)) });
     }
     if full * 16 < bk {
+        // SAFETY: the row has room for round_up(bk, 16) <= lds values (the score buffer's stride); masked lanes past bk are not used.
         let t = unsafe { _mm512_loadu_ps(row.add(full * 16)) };
         mx = _mm512_mask_max_ps(mx, lane_mask(bk - full * 16), mx, t);
     }
@@ -264,6 +279,7 @@ unsafe fn exp_row<const TRACK: bool>(row: *mut f32, bk: usize, m: f32) -> (__m51
     let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
     let full = bk / 16;
     for x in 0..full {
+        // SAFETY: x * 16 + 16 <= bk values of the row.
         unsafe {
             let sv = _mm512_loadu_ps(row.add(x * 16));
             if TRACK {
@@ -276,6 +292,7 @@ unsafe fn exp_row<const TRACK: bool>(row: *mut f32, bk: usize, m: f32) -> (__m51
     }
     if full * 16 < bk {
         let mask = lane_mask(bk - full * 16);
+        // SAFETY: the row has room for round_up(bk, 16) <= lds values (the score buffer's stride); masked lanes past bk are not used.
         unsafe {
             let sv = _mm512_loadu_ps(row.add(full * 16));
             if TRACK {
@@ -305,15 +322,18 @@ unsafe fn pv_kernel<const MR: usize, const NV: usize>(
     for j in 0..bk {
         let mut vv = [_mm512_setzero_ps(); NV];
         for (x, vx) in vv.iter_mut().enumerate() {
+            // SAFETY: v holds bk keys of dp values, p MR rows of at least bk values (the caller's contract).
             *vx = unsafe { _mm512_loadu_ps(v.add(j * dp + x * 16)) };
         }
         for (r, ar) in acc.iter_mut().enumerate() {
+            // SAFETY: v holds bk keys of dp values, p MR rows of at least bk values (the caller's contract).
             let b = _mm512_set1_ps(unsafe { *p.add(r * ldp + j) });
             for x in 0..NV {
                 ar[x] = _mm512_fmadd_ps(b, vv[x], ar[x]);
             }
         }
     }
+    // SAFETY: o has MR rows of dp values (the caller's contract).
     unsafe { pv_store::<MR, NV>(&acc, o, dp, corr) }
 }
 
@@ -329,6 +349,7 @@ unsafe fn pv_store<const MR: usize, const NV: usize>(
     for (r, (ar, &cr)) in acc.iter().zip(corr).enumerate() {
         let c = _mm512_set1_ps(cr);
         for (x, a) in ar.iter().enumerate() {
+            // SAFETY: o has MR rows of dp values (the caller's contract).
             unsafe {
                 let po = o.add(r * dp + x * 16);
                 _mm512_storeu_ps(po, _mm512_fmadd_ps(_mm512_loadu_ps(po), c, *a));
@@ -359,6 +380,7 @@ pub(super) unsafe fn tile<T: Elem, P: Products>(
     macro_rules! go {
         ($nv:literal, $mr:literal, $u:literal) => {{
             debug_assert_eq!((mr, u), ($mr, $u));
+            // SAFETY: the caller guarantees the CPU features; the blocking matches the head dim (asserted above).
             unsafe { tile_impl::<T, P, $nv, $mr, $u>(qb, kp, vp, nr, tk, d, scale, out) }
         }};
     }
@@ -391,8 +413,8 @@ unsafe fn tile_impl<T: Elem, P: Products, const NV: usize, const MR: usize, cons
     // f32 slots per q row and per key of the packed operands.
     let slots = dp / P::PER_SLOT;
     let groups = nr.div_ceil(MR);
-    debug_assert!(qb.len() >= groups * MR * slots);
-    debug_assert!(kp.len() >= tk.div_ceil(16) * 16 * slots && vp.len() >= tk * slots);
+    assert!(qb.len() >= groups * MR * slots && out.len() >= nr * d);
+    assert!(kp.len() >= tk.div_ceil(16) * 16 * slots && vp.len() >= tk * slots);
     let lds = KEY_TILE + 16; // avoid 4K aliasing between score rows
     let mut sbuf = AlignedBuf::new(MR * lds);
     let s = sbuf.as_mut_slice().as_mut_ptr();
@@ -405,9 +427,12 @@ unsafe fn tile_impl<T: Elem, P: Products, const NV: usize, const MR: usize, cons
     while k0 < tk {
         let bk = KEY_TILE.min(tk - k0);
         let npan = bk.div_ceil(16);
+        // SAFETY: k0 < tk, so k0 * slots is inside kp (asserted above: kp holds ceil(tk / 16) * 16 keys).
         let kt0 = unsafe { kpp.add(k0 * slots) }; // panels of this key tile (k0 % 16 == 0)
         for g in 0..groups {
+            // SAFETY: g < groups, and qb holds groups * MR rows (asserted above).
             let qg = unsafe { qp.add(g * MR * slots) };
+            // SAFETY: q rows g * MR.. and the key tile's npan panels are in qb and kp, s has MR rows of lds >= npan * 16 values.
             unsafe { scores::<P, MR, U>(qg, dp, kt0, npan, s, lds, scale) };
             // Online softmax on the MR x bk scores, with a lazy running max: after the first
             // key tile the exponentials are taken against the stored max m unless a score
@@ -416,24 +441,32 @@ unsafe fn tile_impl<T: Elem, P: Products, const NV: usize, const MR: usize, cons
             let mut corr = [1f32; MR];
             for (r, cr) in corr.iter_mut().enumerate() {
                 let i = g * MR + r;
+                // SAFETY: r < MR rows of the score buffer.
                 let row = unsafe { s.add(r * lds) };
                 let sum = if k0 == 0 {
+                    // SAFETY: row r holds bk scores.
                     m[i] = unsafe { row_max(row, bk) };
+                    // SAFETY: as above.
                     unsafe { exp_row::<false>(row, bk, m[i]).0 }
                 } else {
+                    // SAFETY: as above.
                     let (sum, mx) = unsafe { exp_row::<true>(row, bk, m[i]) };
                     if _mm512_cmp_ps_mask::<_CMP_GT_OQ>(mx, _mm512_set1_ps(m[i] + LAZY_MAX)) == 0 {
                         sum
                     } else {
+                        // SAFETY: row r of q and the key tile's panels, as for the MR-row call above.
                         unsafe { scores::<P, 1, 1>(qg.add(r * slots), dp, kt0, npan, row, lds, scale) };
+                        // SAFETY: row r holds bk scores.
                         let mt = unsafe { row_max(row, bk) };
                         *cr = (m[i] - mt).exp2();
                         m[i] = mt;
+                        // SAFETY: as above.
                         unsafe { exp_row::<false>(row, bk, mt).0 }
                     }
                 };
                 l[i] = l[i] * *cr + _mm512_reduce_add_ps(sum);
             }
+            // SAFETY: P = MR score rows of bk values (zeros to the next multiple of 16 from exp_row), v rows k0..k0 + bk, accumulator rows g * MR.. of dp values; the CPU features are enabled here.
             unsafe {
                 P::pv::<MR, NV>(s, lds, vpp.add(k0 * slots), bk, acc.add(g * MR * dp), &corr);
             }

@@ -70,13 +70,14 @@ macro_rules! lanes_tile {
         ) {
             let panel = L * dp;
             let mut p = 0;
-            // SAFETY (both loops): panels p..p + X exist (p + X <= npan), and the score row has
-            // room for npan * L values (caller).
             while p + $u <= npan {
+                // SAFETY: panels p..p + $u exist (p + $u <= npan), and the score rows have room
+                // for npan * L values (the caller's contract).
                 unsafe { score_kernel::<R, $u>(q, dp, kp.add(p * panel), s.add(p * L), lds) };
                 p += $u;
             }
             while p < npan {
+                // SAFETY: panel p < npan exists; as above.
                 unsafe { score_kernel::<R, 1>(q, dp, kp.add(p * panel), s.add(p * L), lds) };
                 p += 1;
             }
@@ -137,26 +138,24 @@ macro_rules! lanes_tile {
             let mut x = 0;
             while x < nv {
                 let (vb, ob) = (vp.wrapping_add(x * L), o.wrapping_add(x * L));
-                // SAFETY: columns x * L .. (x + w) * L lie inside the dp columns (caller).
-                let w = match nv - x {
-                    n if n >= $w => unsafe {
+                let rem = nv - x;
+                // SAFETY: each call covers w <= rem vectors, so columns x L .. (x + w) L lie
+                // inside the dp columns of v and o; P, v and o as the caller's contract.
+                unsafe {
+                    if rem >= $w {
                         pv_block::<R, $w>(p, ldp, vb, dp, bk, ob, corr);
-                        $w
-                    },
-                    3 => unsafe {
-                        pv_block::<R, 3>(p, ldp, vb, dp, bk, ob, corr);
-                        3
-                    },
-                    2 => unsafe {
+                        x += $w;
+                    } else if rem >= 4 {
+                        pv_block::<R, 4>(p, ldp, vb, dp, bk, ob, corr);
+                        x += 4;
+                    } else if rem >= 2 {
                         pv_block::<R, 2>(p, ldp, vb, dp, bk, ob, corr);
-                        2
-                    },
-                    _ => unsafe {
+                        x += 2;
+                    } else {
                         pv_block::<R, 1>(p, ldp, vb, dp, bk, ob, corr);
-                        1
-                    },
-                };
-                x += w;
+                        x += 1;
+                    }
+                }
             }
         }
 

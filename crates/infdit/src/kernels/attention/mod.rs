@@ -6,8 +6,9 @@
 //! of 384: score tile `S = Q_tile K_tile^T`, online softmax (running row max, running row sum,
 //! rescaled output accumulator), `O += P V_tile`; only a `rows x 384` score buffer ever exists.
 //!
-//! Two back ends share that structure:
-//! * AVX-512 (chosen at run time when the CPU has `avx512f` and the head dim is at most 128):
+//! The kernel path ([`super::path`], read once per call on the calling thread) picks one of
+//! four back ends sharing that structure:
+//! * AVX-512 (`avx512` path, head dims up to 128; above, the AVX2 tile) in `avx512.rs`:
 //!   register-blocked micro-kernels for both products (K packed in 16-key panels, up to 24 zmm
 //!   accumulators), a polynomial `exp2` (degree-6 minimax, within 1 ulp; a test measures 0.64),
 //!   and a lazy running max: after the first key tile a row's exponentials are taken against its
@@ -17,7 +18,11 @@
 //!   products run on `vdpbf16ps` instead (32 multiply-adds an instruction, sums in f32): q, k and
 //!   v are packed as bf16 pairs, the scale is applied to the f32 scores, and P is rounded to bf16
 //!   for the second product (as PyTorch's CPU flash attention does); the softmax stays in f32.
-//! * Portable (other CPUs, head dims above 128): the `gemm` crate for both products (single
+//! * AVX2 + FMA (`avx2` path) and NEON (`neon` path) in `lanes.rs`: one tile written over the
+//!   vector primitives of [`super::simd`] (8 or 4 lanes): K packed in panels of one vector of
+//!   keys, register-blocked score and `P V` micro-kernels, the same polynomial `exp2`, and a
+//!   plain running max (updated per key tile, accumulator rescaled).
+//! * Portable (`portable` path) in `portable.rs`: the `gemm` crate for both products (single
 //!   threaded inside; rayon is outside) and a vectorisable scalar `exp2` of the same polynomial.
 //!
 //! Accuracy: scores are in the log2 domain (q pre-multiplied by `scale * log2(e)`); every product
@@ -482,6 +487,7 @@ mod tests {
         println!("exp2 worst error {worst_ulp:.3} ulp");
         assert!(worst_ulp <= 1.0, "{worst_ulp}");
         // Very negative inputs give zero.
+        // SAFETY: avx512f detected above.
         unsafe {
             use std::arch::x86_64::*;
             _mm512_storeu_ps(buf.as_mut_ptr(), avx512::exp2(_mm512_set1_ps(-1e30)));

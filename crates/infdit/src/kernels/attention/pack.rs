@@ -87,6 +87,7 @@ impl AlignedBuf {
         &mut self.buf[self.start..self.start + self.len]
     }
     /// The buffer as 32-bit slots (for operands packed as bf16 pairs).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(super) fn as_mut_u32(&mut self) -> &mut [u32] {
         let s = self.as_mut_slice();
         // SAFETY: f32 and u32 have the same size and alignment, and every bit pattern is valid
@@ -207,6 +208,7 @@ pub(super) fn pack_k_panels<T: Elem>(
 /// run of only `width` values is paired with zeros. With width 1 a q row becomes pairs along d;
 /// with width 16 a k panel (`[c][l]`) becomes `[c / 2][l]` pairs; with width dp the (t, dp) v rows
 /// become pairs of consecutive keys.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) fn bf16_pairs(src: &AlignedBuf, width: usize) -> AlignedBuf {
     let src = src.as_slice();
     let mut buf = AlignedBuf::new(src.len().div_ceil(2 * width) * width);
