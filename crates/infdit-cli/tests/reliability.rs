@@ -1,4 +1,5 @@
 //! Regression tests of issue 14 (reliability) through the real binary, named after the findings.
+#![allow(clippy::unwrap_used)] // tests, benchmarks and examples stop at the first failure
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! The `resume_state` and `config` fuzz harnesses (`fuzz/src/state_config.rs`) on stable Rust:
 //! valid seeds and deterministic random mutations of them. `INFDIT_FUZZ_ITERS` sets the number of
 //! mutations per target (default 300; `fuzz/README.md` gives the longer runs made).
+#![allow(clippy::unwrap_used)] // tests, benchmarks and examples stop at the first failure
 
 #[path = "../../../fuzz/src/state_config.rs"]
 mod state_config;

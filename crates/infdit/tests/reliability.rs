@@ -1,6 +1,7 @@
 //! Regression tests of issue 14 (reliability): each test is named after its finding (F01..F15)
 //! and failed before the fix. Damaged, foreign or concurrently used resume state is refused with a
 //! message naming the file, never used.
+#![allow(clippy::unwrap_used)] // tests, benchmarks and examples stop at the first failure
 
 mod common;
 

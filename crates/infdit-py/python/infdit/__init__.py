@@ -24,6 +24,7 @@ import numpy as np
 from . import _infdit
 from ._errors import (
     Cancelled,
+    ResumeError,
     InfditError,
     InputError,
     IoError,
@@ -47,6 +48,7 @@ __all__ = [
     "IoError",
     "NumericalError",
     "Cancelled",
+    "ResumeError",
     "MAX_PIXELS",
 ]
 

@@ -12,6 +12,7 @@ __all__ = [
     "IoError",
     "NumericalError",
     "Cancelled",
+    "ResumeError",
 ]
 
 
@@ -49,3 +50,7 @@ class NumericalError(InfditError, ArithmeticError):
 
 class Cancelled(InfditError):
     """The run was stopped before it finished."""
+
+
+class ResumeError(InfditError):
+    """A saved state cannot be resumed: damaged, from another run, or in use by another process."""

@@ -16,7 +16,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{InfditError, Result};
-use crate::hash::{Fnv, crc_f32};
+use crate::hash::crc_f32;
 
 /// The first line of an error's message (candle appends a backtrace when `RUST_BACKTRACE` is set).
 fn first_line(e: &dyn std::fmt::Display) -> String {

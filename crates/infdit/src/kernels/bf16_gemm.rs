@@ -73,7 +73,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let w = w.contiguous()?;
     let out = with_slice(&x, |xs| with_slice(&w, |ws| gemm(xs, ws, &bias, m, n, k)))??;
     let mut shape = dims.to_vec();
-    *shape.last_mut().unwrap() = n;
+    *shape.last_mut().expect("a linear input has a last dimension") = n;
     Tensor::from_vec(out, shape, x.device())
 }
 
@@ -150,7 +150,8 @@ struct Tile<'a> {
 
 #[cfg(target_arch = "x86_64")]
 unsafe fn micro_dispatch(t: &Tile, mr: usize, c: &mut [bf16]) {
-    // SAFETY (all arms): forwarded from the caller.
+    // SAFETY: every arm calls `micro` under the caller's own contract (the CPU has AVX-512 BF16,
+    // and `t`'s pointers cover `mr` rows of the panel and `c` the matching output rows).
     unsafe {
         match mr {
             6 => micro::<6>(t, c),
@@ -251,7 +252,7 @@ mod tests {
             want = want.broadcast_add(&b.to_dtype(DType::F32).unwrap()).unwrap();
         }
         let mut shape = x.dims().to_vec();
-        *shape.last_mut().unwrap() = n;
+        *shape.last_mut().expect("a linear input has a last dimension") = n;
         assert_eq!(got.dims(), &shape[..]);
         let got = got.to_dtype(DType::F32).unwrap().reshape(want.shape()).unwrap();
         let err = (&got - &want).unwrap().abs().unwrap();

@@ -72,9 +72,10 @@ fn plan_jobs(a: &UpscaleArgs, batch: bool, token: &str) -> Result<(Vec<Job>, Vec
     let mut outputs: HashMap<PathBuf, PathBuf> = HashMap::new();
     let mut jobs = Vec::with_capacity(found.sources.len());
     for src in found.sources {
-        let stem = src.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        // The name keeps the input's bytes (a stem that is not UTF-8 is not made lossy).
+        let stem = src.path.file_stem().unwrap_or_default();
         let ext = output_extension(&src.path, a.format.map(|f| f.extension()));
-        let name = template.render(&stem, &ext, token);
+        let name = template.render_os(stem, &ext, token);
         let rel_out = src.rel.parent().map_or_else(|| PathBuf::from(&name), |p| p.join(&name));
         let output = a.output.join(&rel_out);
         let target = canonical_target(&output);
@@ -194,6 +195,8 @@ fn install_ctrlc(quiet: bool) -> Result<Arc<AtomicBool>> {
 }
 
 pub(crate) fn upscale(a: UpscaleArgs) -> Result<ExitCode> {
+    // Stale `.partial` files of killed runs older than this moment are cleaned where outputs go.
+    infdit::atomic::mark_run_start();
     let batch = is_batch(&a.inputs) || a.output.is_dir();
     if !batch && a.name.is_some() {
         bail!("--name applies when -o is a folder (several inputs, a folder or a pattern); here -o names the file");
