@@ -11,9 +11,11 @@ use common::{infdit, tmpdir};
 
 fn image(path: &Path, seed: u8) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    image::RgbImage::from_fn(24, 20, |x, y| image::Rgb([(x as u8 * 9) ^ seed, (y as u8 * 11).wrapping_add(seed), seed]))
-        .save(path)
-        .unwrap();
+    image::RgbImage::from_fn(24, 20, |x, y| {
+        image::Rgb([(x as u8 * 9) ^ seed, (y as u8 * 11).wrapping_add(seed), seed])
+    })
+    .save(path)
+    .unwrap();
 }
 
 fn upscale(input: &Path, output: &Path, extra: &[&std::ffi::OsStr]) -> Command {
@@ -37,9 +39,7 @@ fn f13_same_named_inputs_share_a_state_folder_safely() {
     let state = dir.join("state");
     let run = |input: &Path, out: &str, ck: &str| {
         let (s, c) = (state.as_os_str().to_owned(), dir.join(ck).into_os_string());
-        upscale(input, &dir.join(out), &["--state-dir".as_ref(), &s, "--checkpoint-dir".as_ref(), &c])
-            .spawn()
-            .unwrap()
+        upscale(input, &dir.join(out), &["--state-dir".as_ref(), &s, "--checkpoint-dir".as_ref(), &c]).spawn().unwrap()
     };
     let (ra, rb) = (run(&a, "a.png", "ck-a"), run(&b, "b.png", "ck-b"));
     for (child, name) in [(ra, "a"), (rb, "b")] {
