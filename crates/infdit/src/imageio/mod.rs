@@ -356,7 +356,7 @@ pub fn output_format(out: &Path) -> Result<ImageFormat, ImageIoError> {
 
 /// Best-effort canonical form of a path that may not exist yet: the canonical parent joined
 /// with the file name (or the canonical path itself when it exists).
-fn canonical_target(p: &Path) -> PathBuf {
+pub fn canonical_target(p: &Path) -> PathBuf {
     if let Ok(c) = fs::canonicalize(p) {
         return c;
     }

@@ -349,7 +349,7 @@ impl Run<'_> {
         let key = match &self.opts.checkpoint_dir {
             Some(ck) => {
                 let mut h = crate::hash::Fnv::default();
-                h.bytes(output::canonical_target(ck).as_os_str().as_encoded_bytes());
+                h.bytes(crate::imageio::canonical_target(ck).as_os_str().as_encoded_bytes());
                 format!("{:016x}", h.finish())
             }
             None => unique_key(),

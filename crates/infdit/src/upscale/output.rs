@@ -7,7 +7,7 @@ use image::ImageFormat;
 
 use super::plan::AlphaMode;
 use crate::error::{InfditError, Result};
-use crate::imageio::output_format;
+use crate::imageio::{canonical_target, output_format};
 
 /// What writing an output will do, as checked before the model runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,17 +25,6 @@ fn folder_of(out: &Path) -> &Path {
     match out.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
-    }
-}
-
-/// Best-effort canonical form of a path that may not exist yet.
-pub(crate) fn canonical_target(p: &Path) -> PathBuf {
-    if let Ok(c) = std::fs::canonicalize(p) {
-        return c;
-    }
-    match (std::fs::canonicalize(folder_of(p)), p.file_name()) {
-        (Ok(d), Some(n)) => d.join(n),
-        _ => p.to_path_buf(),
     }
 }
 

@@ -257,22 +257,6 @@ impl Template {
     }
 }
 
-/// Best-effort canonical form of a path that may not exist yet (its canonical parent joined with
-/// its name), to compare outputs with inputs.
-pub fn canonical_target(p: &Path) -> PathBuf {
-    if let Ok(c) = p.canonicalize() {
-        return c;
-    }
-    let parent = match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    match (parent.canonicalize(), p.file_name()) {
-        (Ok(d), Some(name)) => d.join(name),
-        _ => std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

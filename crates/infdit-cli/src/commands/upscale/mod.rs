@@ -18,10 +18,11 @@ use candle_core::DType;
 use serde_json::json;
 
 use infdit::device::OpenedDevice;
+use infdit::imageio::canonical_target;
 use infdit::upscale::{Event, FilePlan, ImagePlan, Planner, UpscaleOptions, Upscaler, plan_file, planner};
 use infdit::{InfditError, ModelSpec};
 
-use self::inputs::{Template, canonical_target, collect, is_batch, output_extension};
+use self::inputs::{Template, collect, is_batch, output_extension};
 use self::progress::Reporter;
 use super::{open_device, run_dtype};
 use crate::args::UpscaleArgs;
