@@ -5,7 +5,11 @@
 #   bench/cpu.sh                      # everything (venv, release build, weights, timings, table)
 #
 # Environment: INFDIT_KERNELS (avx512, avx2, neon or portable: the kernel path, default the best the
-# CPU runs; the table says which ran), THREADS (default 2), REPEAT (best of, default 3), SIGMA (default 1.0),
+# CPU runs; the table says which ran), ISA=avx2 (an AVX2-only machine, emulated on an AVX-512 one: infdit
+# built without its `avx512-gemm` feature and run with INFDIT_KERNELS=avx2, PyTorch run with
+# ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2, the peak too),
+# RT=1 (each timed command at real-time priority, `chrt -f 10`, so that other jobs on a shared machine
+# do not skew the side-by-side; needs root), THREADS (default 2), REPEAT (best of, default 3), SIGMA (default 1.0),
 # DTYPES (default "f32 bf16"), CASES (default "parity:384x384 small512:512x512"),
 # TORCH_VENV (default /tmp/torchenv), INFDIT_SHARED_DIR (default ../shared), BENCH_OUT (default target/bench).
 # Last line: speedup_f32=<x> speedup_bf16=<y> kernels=<path> (pytorch s / infdit s, small512 config).
@@ -22,6 +26,15 @@ SHARED=${INFDIT_SHARED_DIR:-../shared}
 OUT=${BENCH_OUT:-target/bench}
 PY="$VENV/bin/python"
 BIN=target/release/infdit
+PRIO=()
+[ "${RT:-0}" = 1 ] && PRIO=(chrt -f 10)
+TORCH_ENV=()
+if [ "${ISA:-}" = avx2 ]; then
+    export INFDIT_KERNELS=avx2
+    TORCH_ENV=(ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2)
+elif [ -n "${ISA:-}" ]; then
+    echo "ISA=$ISA: only avx2 can be emulated" >&2; exit 2
+fi
 export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 mkdir -p "$OUT"
 
@@ -33,8 +46,15 @@ if ! "$PY" -c "import torch, safetensors, numpy" 2>/dev/null; then
 fi
 
 # (b) release build
-echo "== cargo build --release -p infdit-cli" >&2
-cargo build --release -p infdit-cli >&2
+if [ "${ISA:-}" = avx2 ]; then
+    echo "== cargo build --release -p infdit-cli --no-default-features (gemm without AVX-512)" >&2
+    cargo build --release -p infdit-cli --no-default-features >&2
+    cp target/release/infdit "$OUT/infdit-avx2"
+    BIN="$OUT/infdit-avx2"
+else
+    echo "== cargo build --release -p infdit-cli" >&2
+    cargo build --release -p infdit-cli >&2
+fi
 
 # (c) random weights
 config_of() {
@@ -55,7 +75,7 @@ field() { grep -o "$1=[0-9.eE+-]*" | head -1 | cut -d= -f2; }
 
 # (e) matmul peak (2048^3, best of 5)
 peak() {
-    "$PY" - "$1" "$THREADS" <<'PYEOF'
+    env "${TORCH_ENV[@]}" "${PRIO[@]}" "$PY" - "$1" "$THREADS" <<'PYEOF'
 import sys, time, torch
 dt = {"f32": torch.float32, "bf16": torch.bfloat16}[sys.argv[1]]
 torch.set_num_threads(int(sys.argv[2]))
@@ -81,10 +101,10 @@ for cs in $CASES; do
     cfg=$(config_of "$c"); w="$OUT/$c-random.safetensors"
     for d in $DTYPES; do
         echo "== $c $size $d" >&2
-        il=$("$BIN" bench denoise --model "$w" --config "$cfg" --size "$size" --sigma "$SIGMA" --dtype "$d" \
+        il=$("${PRIO[@]}" "$BIN" bench denoise --model "$w" --config "$cfg" --size "$size" --sigma "$SIGMA" --dtype "$d" \
             --repeat "$REPEAT" --mode whole)
         echo "$il" >&2
-        pl=$("$PY" bench/pytorch_baseline.py --weights "$w" --config "$cfg" --size "$size" --sigma "$SIGMA" \
+        pl=$(env "${TORCH_ENV[@]}" "${PRIO[@]}" "$PY" bench/pytorch_baseline.py --weights "$w" --config "$cfg" --size "$size" --sigma "$SIGMA" \
             --dtype "$d" --threads "$THREADS" --repeat "$REPEAT")
         echo "$pl" >&2
         is=$(echo "$il" | field best_s); gf=$(echo "$il" | field gflops); ps=$(echo "$pl" | field best_s)
@@ -98,7 +118,8 @@ done
 
 # (f) table
 echo
-echo "threads=$THREADS, best of $REPEAT after 1 warm-up, sigma=$SIGMA, whole-image mode; matmul peak (torch 2048^3):" \
+echo "threads=$THREADS, best of $REPEAT after 1 warm-up, sigma=$SIGMA, whole-image mode, ISA=${ISA:-native} RT=${RT:-0};" \
+    "matmul peak (torch 2048^3):" \
     "$(for d in $DTYPES; do printf '%s %s GFLOP/s; ' "$d" "${PEAK[$d]}"; done)"
 echo
 echo "| config | size | dtype | kernels | infdit s | pytorch s | speedup (pytorch/infdit) | infdit GFLOP/s | fraction of peak |"

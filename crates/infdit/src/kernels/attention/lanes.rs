@@ -7,7 +7,10 @@
 //! each key tile (running max updated per tile, accumulator rescaled), and a register-blocked
 //! `P V` micro-kernel over column blocks of `W` vectors; everything in f32 with FMAs.
 
-use super::pack::{AlignedBuf, KEY_TILE, write_out};
+use super::pack::{AlignedBuf, write_out};
+
+/// Keys a tile of the online softmax.
+const LANES_KEY_TILE: usize = 128;
 use crate::kernels::{Elem, exp2_portable};
 use std::mem::MaybeUninit;
 
@@ -16,7 +19,7 @@ use std::mem::MaybeUninit;
 /// vectors per column block of the `P V` product.
 macro_rules! lanes_tile {
     ($v:path, $feat:literal, $mr:literal, $u:literal, $w:literal) => {
-        use super::{AlignedBuf, Elem, KEY_TILE, MaybeUninit, exp2_portable, write_out};
+        use super::{AlignedBuf, Elem, LANES_KEY_TILE, MaybeUninit, exp2_portable, write_out};
         use v::LANES as L;
         use $v as v;
 
@@ -225,7 +228,7 @@ macro_rules! lanes_tile {
             let groups = nr.div_ceil(MR);
             assert!(dp % L == 0 && qb.len() >= groups * MR * dp);
             assert!(kp.len() >= tk.div_ceil(L) * L * dp && vp.len() >= tk * dp && out.len() >= nr * d);
-            let lds = KEY_TILE + 16; // room for the last panel; avoids 4K aliasing between rows
+            let lds = LANES_KEY_TILE + 16; // room for the last panel; avoids 4K aliasing between rows
             let mut sbuf = AlignedBuf::new(MR * lds);
             let s = sbuf.as_mut_slice().as_mut_ptr();
             let mut accb = AlignedBuf::zeros(groups * MR * dp);
@@ -235,7 +238,7 @@ macro_rules! lanes_tile {
             let (qp, kpp, vpp) = (qb.as_ptr(), kp.as_ptr(), vp.as_ptr());
             let mut k0 = 0;
             while k0 < tk {
-                let bk = KEY_TILE.min(tk - k0);
+                let bk = LANES_KEY_TILE.min(tk - k0);
                 let npan = bk.div_ceil(L);
                 for g in 0..groups {
                     // SAFETY: the asserts above: q rows g * MR.. exist, the key tile's panels
@@ -272,7 +275,7 @@ macro_rules! lanes_tile {
 /// for `P V` (16 ymm registers).
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
-    lanes_tile!(crate::kernels::simd::avx2, "avx2,fma", 4, 3, 3);
+    lanes_tile!(crate::kernels::simd::avx2, "avx2,fma", 6, 2, 2);
 }
 
 /// NEON: 4 rows x 6 panels of 4 keys (24 accumulators) for the scores, 4 rows x 6 vectors for
