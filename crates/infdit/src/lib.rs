@@ -37,6 +37,7 @@
 //! ```
 
 pub mod atomic;
+pub mod batch;
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
