@@ -90,7 +90,7 @@ fn shards_equal_one_run_and_additions_run_only_what_is_new() {
     let (single, out) = (dir.join("single"), dir.join("out"));
     run(&mut upscale(&inp, &single, &[]));
     for k in 0..3 {
-        let o = run(&mut upscale(&inp, &out, &["--shard", &format!("{k}/3")]).arg("-v"));
+        let o = run(upscale(&inp, &out, &["--shard", &format!("{k}/3")]).arg("-v"));
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(&format!("shard {k}/3: ")), "{err}");
     }
@@ -126,7 +126,7 @@ fn shards_equal_one_run_and_additions_run_only_what_is_new() {
     noisy_png(&inp.join("new/b.png"), 16, 32, 78);
     let mut ran = 0;
     for k in 0..3 {
-        let o = run(&mut upscale(&inp, &out, &["--shard", &format!("{k}/3")]).arg("-v"));
+        let o = run(upscale(&inp, &out, &["--shard", &format!("{k}/3")]).arg("-v"));
         let err = String::from_utf8_lossy(&o.stderr).to_string();
         let line = err.lines().find(|l| l.starts_with(&format!("shard {k}/3"))).unwrap().to_string();
         ran += line.split(' ').nth(2).unwrap().parse::<usize>().unwrap();
@@ -200,6 +200,23 @@ fn shard_auto_from_the_engine_environment_and_bad_shards() {
         .env("HOSTNAME", "infdit-2-abcde"));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("shard 2/3: "), "{err}");
+    // The count deploy/k8s/job.yaml passes, for its last index.
+    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/k8s/job.yaml")).unwrap();
+    let field = |key: &str| {
+        let line = manifest.lines().map(str::trim).find(|l| l.starts_with(key)).unwrap().to_string();
+        line[key.len()..].trim().trim_matches('"').to_string()
+    };
+    let completions: usize = field("completions:").parse().unwrap();
+    let lines: Vec<&str> = manifest.lines().map(str::trim).collect();
+    let at = lines.iter().position(|l| *l == "- name: INFDIT_SHARD_COUNT").unwrap();
+    let count = lines[at + 1].strip_prefix("value:").unwrap().trim().trim_matches('"').to_string();
+    assert_eq!(count.parse::<usize>().unwrap(), completions, "INFDIT_SHARD_COUNT must equal completions");
+    let last = (completions - 1).to_string();
+    let o = run(upscale(&inp, &out, &["--shard", "auto", "--dry-run"])
+        .env("JOB_COMPLETION_INDEX", &last)
+        .env("INFDIT_SHARD_COUNT", &count));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&format!("shard {last}/{completions}: ")), "{err}");
     assert!(!out.join(".infdit/partition.json").exists(), "a dry run writes nothing");
     let o = run(upscale(&inp, &out, &["--shard", "auto", "--dry-run"])
         .env("SLURM_ARRAY_TASK_ID", "5")

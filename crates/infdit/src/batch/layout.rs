@@ -57,7 +57,7 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     crate::atomic::write_atomic(
         path,
         |tmp| std::fs::write(tmp, text.as_bytes()).map_err(|e| InfditError::io(tmp, e)),
-        |p, e| InfditError::io(p, e),
+        InfditError::io,
     )
 }
 

@@ -7,7 +7,10 @@
 //! pixel), so evaluations can overlap too.
 //!
 //! [`simulate`] replays that exact dependency graph: every block of every evaluation is a task of
-//! `block_time` seconds on the device that owns its column; a dependency on another device costs a
+//! `block_time` seconds on the device that owns its column, and each device runs its sweeps in
+//! order (it starts a block of the next evaluation once its part of the current one is done, so it
+//! holds one evaluation's K/V cache at a time, while devices to its right may still be on the
+//! previous evaluation); a dependency on another device costs a
 //! transfer of the block's K/V rows (every layer) over the sender's link, queued behind the link's
 //! earlier transfers and overlapped with compute. It returns the makespan, each device's busy
 //! time, transfers, and the peak number of received K/V blocks still waiting to be used (memory
@@ -111,14 +114,23 @@ pub fn column_owners(cols: usize, devices: usize, assign: Assign) -> Vec<usize> 
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+/// An event time, totally ordered.
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Time(f64);
 impl Eq for Time {}
+impl PartialOrd for Time {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
 impl Ord for Time {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
         self.0.total_cmp(&o.0)
     }
 }
+
+/// A device's ready blocks, by (evaluation, priority within it) then block id, smallest first.
+type ReadyQueue = BinaryHeap<Reverse<((usize, usize, usize), usize)>>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Ev {
@@ -138,7 +150,8 @@ pub fn simulate(s: &WavefrontSetup) -> Result<WavefrontRun, String> {
     if !(s.block_time_s > 0.0 && s.block_time_s.is_finite()) {
         return Err("the block time must be a positive number".into());
     }
-    if !(s.link_bytes_per_s > 0.0) || !(s.link_latency_s >= 0.0) {
+    let positive = s.link_bytes_per_s > 0.0 && s.link_bytes_per_s.is_finite();
+    if !positive || s.link_latency_s.is_nan() || s.link_latency_s < 0.0 {
         return Err("the link bandwidth must be positive and its latency not negative".into());
     }
     let (rows, cols, evals) = (s.rows, s.cols, s.evaluations);
@@ -193,12 +206,15 @@ pub fn simulate(s: &WavefrontSetup) -> Result<WavefrontRun, String> {
         }
     };
     let d = s.devices;
-    let mut ready: Vec<BinaryHeap<Reverse<((usize, usize, usize), usize)>>> = vec![BinaryHeap::new(); d];
+    let mut ready: Vec<ReadyQueue> = vec![BinaryHeap::new(); d];
     let mut busy = vec![false; d];
+    // The evaluation each device is on, and its blocks of it still to run.
+    let mut cur_eval = vec![0usize; d];
+    let per_eval: Vec<usize> = (0..d).map(|dev| rows * owners.iter().filter(|&&o| o == dev).count()).collect();
+    let mut left_in_eval = per_eval.clone();
     let mut link_free = vec![0f64; d];
     let mut stats = vec![DeviceStats::default(); d];
-    for (c, &o) in owners.iter().enumerate() {
-        let _ = c;
+    for &o in &owners {
         stats[o].cols += 1;
     }
     // Received K/V blocks waiting on a device: users left on that device.
@@ -232,6 +248,11 @@ pub fn simulate(s: &WavefrontSetup) -> Result<WavefrontRun, String> {
                     let (e, p) = pos(i);
                     let o = owners[p.col];
                     busy[o] = false;
+                    left_in_eval[o] -= 1;
+                    if left_in_eval[o] == 0 {
+                        cur_eval[o] += 1;
+                        left_in_eval[o] = per_eval[o];
+                    }
                     // Received blocks this one used are freed after their last user.
                     for q in deps_of(p) {
                         if owners[q.col] != o {
@@ -283,7 +304,9 @@ pub fn simulate(s: &WavefrontSetup) -> Result<WavefrontRun, String> {
             }
         }
         for dev in 0..d {
+            let eligible = ready[dev].peek().is_some_and(|Reverse(((e, _, _), _))| *e <= cur_eval[dev]);
             if !busy[dev]
+                && eligible
                 && let Some(Reverse((_, i))) = ready[dev].pop()
             {
                 busy[dev] = true;
