@@ -314,3 +314,30 @@ fn plan_wavefront_prints_makespan_speedup_and_memory() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("WxH"));
 }
+
+/// In a sharded batch other machines write into the same folders, where a writer's process id says
+/// nothing: a temporary file of an hour ago is left alone (only a day-old one is stale), while a
+/// run on one machine removes it. `--skip-existing` outputs count as done.
+#[cfg(unix)]
+#[test]
+fn shared_folders_keep_recent_partials_of_other_writers() {
+    let dir = tmpdir("partials");
+    let inp = dir.join("in");
+    noisy_png(&inp.join("a.png"), 16, 16, 1);
+    noisy_png(&inp.join("b.png"), 16, 16, 2);
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    // Another host's writer (a process id that does not run here), started an hour ago.
+    let other = out.join(".a_x4.png.infdit-999999999-0.partial");
+    std::fs::write(&other, b"half an image").unwrap();
+    assert!(Command::new("touch").args(["-d", "1 hour ago"]).arg(&other).status().unwrap().success());
+    std::fs::write(out.join("b_x4.png"), b"already there").unwrap();
+    run(&mut upscale(&inp, &out, &["--shard", "0/1", "--skip-existing"]));
+    assert!(other.exists(), "a recent temporary file of another writer was removed");
+    let s = status_json(&out);
+    assert_eq!((s["done"].as_u64(), s["complete"].as_bool()), (Some(2), Some(true)), "{s}");
+    // One machine: the killed run's file is stale.
+    run(&mut upscale(&inp, &out, &[]));
+    assert!(!other.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -205,8 +205,13 @@ fn install_ctrlc(quiet: bool) -> Result<Arc<AtomicBool>> {
 }
 
 pub(crate) fn upscale(mut a: UpscaleArgs) -> Result<ExitCode> {
-    // Stale `.partial` files of killed runs older than this moment are cleaned where outputs go.
-    infdit::atomic::mark_run_start();
+    // Stale `.partial` files of killed runs older than this moment are cleaned where outputs go; in
+    // a sharded batch, whose folders other machines write into, only those older than a day.
+    if a.shard.is_some() {
+        infdit::atomic::mark_shared_run_start();
+    } else {
+        infdit::atomic::mark_run_start();
+    }
     let batch = is_batch(&a.inputs) || a.output.is_dir();
     if !batch && a.name.is_some() {
         bail!("--name applies when -o is a folder (several inputs, a folder or a pattern); here -o names the file");
@@ -328,6 +333,8 @@ impl BatchRun<'_> {
                 self.rep.line(&format!("skipped {}: {} exists", job.input.display(), job.output.display()));
             }
             self.tally.skipped += 1;
+            // The existing output counts as done for the batch's status.
+            self.record(job, Outcome::Done, None, check.as_ref().map_or(0, |p| p.plan.work), Instant::now());
             return Ok(true);
         }
         let started = Instant::now();
