@@ -243,9 +243,9 @@ fn shard_auto_from_the_engine_environment_and_bad_shards() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// SIGTERM (what Slurm and Kubernetes send) stops a worker at the next block batch with its
-/// checkpoint in the shared tree and an "interrupted" record; the next attempt resumes it and
-/// writes the uninterrupted image.
+/// A second worker on a file under way skips it (the state folder is locked). SIGTERM (what Slurm
+/// and Kubernetes send) stops a worker at the next block batch with its checkpoint in the shared
+/// tree and an "interrupted" record; the next attempt resumes it and writes the uninterrupted image.
 #[cfg(unix)]
 #[test]
 fn sigterm_keeps_the_checkpoint_and_the_next_attempt_resumes() {
@@ -262,6 +262,11 @@ fn sigterm_keeps_the_checkpoint_and_the_next_attempt_resumes() {
         assert!(child.try_wait().unwrap().is_none(), "the run ended before its first checkpoint");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    // A second worker on the same file (a duplicate submission) skips it: the folder is locked.
+    let o = run(&mut upscale_steps(&inp, &out, "4", &["--shard", "0/1"]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("skipped") && err.contains("another worker is on it"), "{err}");
+    assert!(!out.join(".infdit/records/big_x4.png.json").exists() && !out.join("big_x4.png").exists());
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
     let o = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
