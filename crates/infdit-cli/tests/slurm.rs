@@ -64,13 +64,12 @@ impl Cluster {
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     }
     /// `sbatch` of the deploy script over `inp` into `out` (relative to `cwd`).
-    fn sbatch(&self, cwd: &Path, array: &str, wait: bool, inp: &str, out: &str, flags: &[&str]) -> String {
+    fn sbatch(&self, cwd: &Path, array: &str, inp: &str, out: &str, flags: &[&str]) -> String {
         let mut c = self.cmd("sbatch");
-        c.current_dir(cwd).arg("--parsable").arg(format!("--array={array}"));
-        if wait {
-            c.arg("--wait");
-        }
-        c.arg(format!("--export=ALL,INFDIT={}", env!("CARGO_BIN_EXE_infdit")))
+        c.current_dir(cwd)
+            .arg("--parsable")
+            .arg(format!("--array={array}"))
+            .arg(format!("--export=ALL,INFDIT={}", env!("CARGO_BIN_EXE_infdit")))
             .arg(repo().join("deploy/slurm/infdit-array.sbatch"))
             .args([inp, out])
             .args(flags);
@@ -164,7 +163,10 @@ fn slurm_array_shards_a_batch_and_a_requeued_task_resumes() {
 
     // 1. An array of 4 tasks; every output equals the single-machine run's, bit for bit.
     let t0 = Instant::now();
-    let job = cluster.sbatch(&dir, "0-3", true, "in", "out", &["--steps", "2"]);
+    // (Polled every 200 ms rather than `sbatch --wait`, which polls after 2, 8 and 32 s and so
+    // measures its own back-off.)
+    let job = cluster.sbatch(&dir, "0-3", "in", "out", &["--steps", "2"]);
+    wait_for("the array of 4 to finish", Duration::from_secs(300), || cluster.queue().is_empty().then_some(()));
     let t_array = t0.elapsed();
     run(infdit().current_dir(&dir).args(["upscale", "in", "-o", "single", "--steps", "2", "-q"]));
     let (single, sharded) = (images(&dir.join("single")), images(&dir.join("out")));
@@ -184,7 +186,7 @@ fn slurm_array_shards_a_batch_and_a_requeued_task_resumes() {
     noisy_png(&dir.join("in2/a.png"), 16, 16, 1);
     noisy_png(&dir.join("in2/b.png"), 24, 16, 2);
     let t0 = Instant::now();
-    let job = cluster.sbatch(&dir, "0-1", false, "in2", "out2", &["--steps", "4", "-v"]);
+    let job = cluster.sbatch(&dir, "0-1", "in2", "out2", &["--steps", "4", "-v"]);
     let out2 = dir.join("out2");
     let state = out2.join(".infdit/checkpoints/large_x4.png.state/infdit-state.safetensors");
     wait_for("the large file's first checkpoint", Duration::from_secs(300), || state.exists().then_some(()));
