@@ -20,7 +20,11 @@ pub(crate) fn batch(a: BatchArgs) -> Result<ExitCode> {
 }
 
 fn read(out: &std::path::Path) -> Result<Summary> {
-    Summary::read(&BatchDir::new(out)).map_err(|e| anyhow!("{}", super::upscale::flag_message(&e)))
+    Summary::read(&BatchDir::new(out)).map_err(|e| match e {
+        // The batch's own bookkeeping (no batch here, a damaged partition): the message as it is.
+        infdit::InfditError::Config(msg) => anyhow!(msg),
+        other => anyhow!("{}", super::upscale::flag_message(&other)),
+    })
 }
 
 fn counts_json(c: &Counts) -> serde_json::Value {
