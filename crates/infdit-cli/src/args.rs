@@ -43,6 +43,117 @@ pub enum Command {
     Eval(EvalArgs),
     /// Train or fine-tune a model on image folders (EDM loss, AdamW, EMA; resumable)
     Train(TrainArgs),
+    /// Sharded batches (upscale --shard): status across all shards, retry of the failed and missing files
+    Batch(BatchArgs),
+    /// Plans judged before running: one huge image over several GPUs, simulated (plan wavefront)
+    Plan(PlanArgs),
+}
+
+/// `infdit batch`.
+#[derive(Debug, clap::Args)]
+pub struct BatchArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: BatchCommand,
+}
+
+/// `infdit batch` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BatchCommand {
+    /// Summarise a sharded batch across all its shards: done, failed, missing, by shard
+    Status(BatchStatusArgs),
+    /// List the failed and missing files of a sharded batch; with --run, upscale exactly those
+    Retry(BatchRetryArgs),
+}
+
+/// `infdit batch status`.
+#[derive(Debug, clap::Args)]
+pub struct BatchStatusArgs {
+    /// The batch's output folder (the -o of its `upscale --shard` runs)
+    #[arg(value_name = "OUT")]
+    pub output: PathBuf,
+    /// Also list every failed and missing file
+    #[arg(long, short)]
+    pub verbose: bool,
+    /// One JSON object on standard output
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `infdit batch retry`.
+#[derive(Debug, clap::Args)]
+pub struct BatchRetryArgs {
+    /// The batch's output folder
+    #[arg(value_name = "OUT")]
+    pub output: PathBuf,
+    /// Upscale the failed and missing files now, in this process, with the batch's own command line
+    #[arg(long)]
+    pub run: bool,
+    /// The list as JSON lines
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `infdit plan`.
+#[derive(Debug, clap::Args)]
+pub struct PlanArgs {
+    /// What to plan.
+    #[command(subcommand)]
+    pub command: PlanCommand,
+}
+
+/// `infdit plan` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PlanCommand {
+    /// Simulate one image's block sweep as a wavefront over several devices: makespan, speed-up, memory
+    Wavefront(WavefrontArgs),
+}
+
+/// How block columns are spread over the devices of `plan wavefront`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AssignArg {
+    /// Contiguous strips of columns (only the strip edges travel).
+    Strips,
+    /// Column c on device c mod D (every block's K/V travels).
+    Cyclic,
+}
+
+/// `infdit plan wavefront`.
+#[derive(Debug, clap::Args)]
+pub struct WavefrontArgs {
+    /// Output size WxH in pixels (the last pass's; e.g. 16384x16384)
+    #[arg(long, value_name = "WxH")]
+    pub size: String,
+    /// Device counts to compare, comma-separated
+    #[arg(long, value_name = "N,N,..", default_value = "1,2,4,8", value_delimiter = ',')]
+    pub devices: Vec<usize>,
+    /// Milliseconds of one block's forward through all layers [default: the model's FLOPs per block at --tflops]
+    #[arg(long, value_name = "T")]
+    pub block_time_ms: Option<f64>,
+    /// Sustained TFLOP/s of one device, for the default block time
+    #[arg(long, value_name = "F", default_value_t = 400.0)]
+    pub tflops: f64,
+    /// Link bandwidth out of each device, in gigabits per second (NVLink 4: 3600 each way; PCIe 5 x16: 512; NDR InfiniBand: 400)
+    #[arg(long, value_name = "B", default_value_t = 400.0)]
+    pub link_gbps: f64,
+    /// Latency of one transfer, microseconds
+    #[arg(long, value_name = "US", default_value_t = 10.0)]
+    pub link_latency_us: f64,
+    /// Network evaluations chained (1: one evaluation; 39: the released sampler's 20 steps)
+    #[arg(long, value_name = "E", default_value_t = 1)]
+    pub evaluations: usize,
+    /// Column assignment: contiguous strips or cyclic
+    #[arg(long, value_enum, value_name = "strips|cyclic", hide_possible_values = true, default_value_t = AssignArg::Strips)]
+    pub assign: AssignArg,
+    /// Block batch side n of each device's memory plan
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub block_batch: usize,
+    /// Model config (default: the released model)
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// One JSON line per device count
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `infdit random-model`.
@@ -242,6 +353,12 @@ pub struct UpscaleArgs {
     /// Print the plan (outputs, sizes, passes, block grids, memory); load no model, write nothing
     #[arg(long, help_heading = heading::IO)]
     pub dry_run: bool,
+    /// Run shard K of N of the batch (K from 0), or auto: from a Slurm job array or a Kubernetes Indexed Job
+    #[arg(long, value_name = "K/N|auto", value_parser = infdit::batch::parse_shard, help_heading = heading::IO)]
+    pub shard: Option<infdit::batch::ShardSpec>,
+    /// Set by `batch retry --run`: every shard's failed and missing files (not a flag).
+    #[arg(skip)]
+    pub retry_all: bool,
     /// Largest input accepted, in pixels (a guard against decompression bombs)
     #[arg(long, value_name = "N", default_value_t = 64 << 20, help_heading = heading::IO)]
     pub max_pixels: u64,

@@ -26,13 +26,30 @@ const SUFFIX: &str = ".partial";
 /// When this run started, as far as stale temporary files are concerned: the first call of
 /// [`run_start`] (or [`mark_run_start`], which a program calls first thing).
 pub fn run_start() -> SystemTime {
-    static START: OnceLock<SystemTime> = OnceLock::new();
     *START.get_or_init(SystemTime::now)
 }
+
+static START: OnceLock<SystemTime> = OnceLock::new();
 
 /// Fixes [`run_start`] to now, unless it is already fixed.
 pub fn mark_run_start() {
     let _ = run_start();
+}
+
+/// How old a temporary file must be before a run that shares its folders with other machines
+/// ([`mark_shared_run_start`]) takes it as stale: a day, far longer than any one write.
+pub const SHARED_STALE_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Fixes [`run_start`] for a run whose output folders other machines write into at the same time
+/// (a sharded batch on a shared file system): there a writer's process id cannot be checked, so
+/// only temporary files older than [`SHARED_STALE_AGE`] before now count as left by killed runs.
+/// No effect if [`run_start`] is already fixed.
+pub fn mark_shared_run_start() {
+    static_start(SystemTime::now().checked_sub(SHARED_STALE_AGE).unwrap_or(SystemTime::UNIX_EPOCH));
+}
+
+fn static_start(at: SystemTime) {
+    let _ = START.get_or_init(|| at);
 }
 
 /// The temporary name for writing `out`: `.<prefix>.infdit-<pid>-<n>.partial` in the same folder.

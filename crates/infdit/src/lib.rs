@@ -20,7 +20,8 @@
 //!    model built into the library), and convert them.
 //!
 //! Configuration lives in [`config`]; the official constants in [`official`]; errors in [`error`];
-//! the choice of CPU or GPU in [`device`].
+//! the choice of CPU or GPU in [`device`]; batches sharded over machines, and one image over several
+//! devices simulated, in [`batch`].
 //!
 //! ```no_run
 //! # fn main() -> infdit::Result<()> {
@@ -37,6 +38,7 @@
 //! ```
 
 pub mod atomic;
+pub mod batch;
 pub mod checkpoint;
 pub mod clip;
 pub mod config;

@@ -1,7 +1,9 @@
 //! One function per subcommand; `run` dispatches.
 
+mod batch;
 mod bench;
 mod eval;
+mod plan;
 mod train;
 mod upscale;
 
@@ -28,6 +30,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench(a) => bench::bench(a),
         Command::Eval(a) => eval::eval(a),
         Command::Train(a) => train::train(a),
+        Command::Batch(a) => return batch::batch(a),
+        Command::Plan(a) => plan::plan(a),
     }
     .map(|()| ExitCode::SUCCESS)
 }

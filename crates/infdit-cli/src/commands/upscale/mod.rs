@@ -6,17 +6,20 @@ mod inputs;
 mod options;
 pub(crate) use options::message as flag_message;
 mod progress;
+mod shard;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use candle_core::DType;
 use serde_json::json;
 
+use infdit::batch::{BatchDir, Outcome};
 use infdit::device::OpenedDevice;
 use infdit::imageio::canonical_target;
 use infdit::upscale::{Event, FilePlan, ImagePlan, Planner, UpscaleOptions, Upscaler, plan_file, planner};
@@ -49,6 +52,10 @@ fn file_error(input: &std::path::Path, msg: &str) -> String {
 
 fn is_interrupted(e: &InfditError) -> bool {
     matches!(e, InfditError::Interrupted { .. })
+}
+
+fn is_locked(e: &InfditError) -> bool {
+    matches!(e, InfditError::Locked { .. })
 }
 
 /// Builds the list of jobs: the single file, or every input found with its mirrored output.
@@ -177,7 +184,9 @@ fn print_settings(a: &UpscaleArgs, s: &Setup) {
     }
 }
 
-/// The Ctrl-C handler: the first press stops the run at the next block batch, the second at once.
+/// The Ctrl-C handler, also run on SIGTERM and SIGHUP (what Slurm and Kubernetes send a job they
+/// stop or preempt): the first signal stops the run at the next block batch, keeping its
+/// checkpoint; the second quits at once.
 fn install_ctrlc(quiet: bool) -> Result<Arc<AtomicBool>> {
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
@@ -195,15 +204,26 @@ fn install_ctrlc(quiet: bool) -> Result<Arc<AtomicBool>> {
     Ok(cancel)
 }
 
-pub(crate) fn upscale(a: UpscaleArgs) -> Result<ExitCode> {
-    // Stale `.partial` files of killed runs older than this moment are cleaned where outputs go.
-    infdit::atomic::mark_run_start();
+pub(crate) fn upscale(mut a: UpscaleArgs) -> Result<ExitCode> {
+    // Stale `.partial` files of killed runs older than this moment are cleaned where outputs go; in
+    // a sharded batch, whose folders other machines write into, only those older than a day.
+    if a.shard.is_some() {
+        infdit::atomic::mark_shared_run_start();
+    } else {
+        infdit::atomic::mark_run_start();
+    }
     let batch = is_batch(&a.inputs) || a.output.is_dir();
     if !batch && a.name.is_some() {
         bail!("--name applies when -o is a folder (several inputs, a folder or a pattern); here -o names the file");
     }
     if !batch && a.format.is_some() {
         bail!("--format applies when -o is a folder; for one file the extension of -o picks the format");
+    }
+    let shard = shard::resolve(&a, batch)?;
+    if shard.is_some() && a.checkpoint_dir.is_none() {
+        // A sharded batch keeps its checkpoints in the shared output tree: a re-queued task,
+        // wherever it runs, resumes them.
+        a.checkpoint_dir = Some(BatchDir::new(&a.output).checkpoints());
     }
     let s = setup(&a)?;
     let (jobs, errors) = plan_jobs(&a, batch, &s.opts.target.token())?;
@@ -215,6 +235,22 @@ pub(crate) fn upscale(a: UpscaleArgs) -> Result<ExitCode> {
     }
     // Every file is checked before any work: its header, its whole pass plan, its output.
     let checked = check_jobs(&jobs, &s.opts, &a, &s.planner);
+    let (sharding, jobs, checked) = match shard {
+        Some(sh) => {
+            let total = jobs.len();
+            let (sharding, jobs, checked, done_before) = shard::Sharding::select(&a, sh, jobs, checked, a.dry_run)?;
+            if !a.quiet {
+                let work: u64 = checked.iter().map(|c| c.as_ref().map_or(0, |p| p.plan.work)).sum();
+                let which = if sharding.all { "retry".to_string() } else { format!("shard {}", sharding.shard) };
+                eprintln!(
+                    "{which}: {} of {total} files to run ({work} block evaluations); {done_before} done in an earlier attempt",
+                    jobs.len()
+                );
+            }
+            (Some(sharding), jobs, checked)
+        }
+        None => (None, jobs, checked),
+    };
     if a.dry_run {
         if let ModelSpec::Files { weights, .. } = &s.spec
             && !weights.exists()
@@ -234,6 +270,7 @@ pub(crate) fn upscale(a: UpscaleArgs) -> Result<ExitCode> {
         a: &a,
         batch,
         cancel,
+        sharding,
     };
     for e in &errors {
         run.rep.line(&format!("error: {e}"));
@@ -280,6 +317,8 @@ struct BatchRun<'a> {
     a: &'a UpscaleArgs,
     batch: bool,
     cancel: Arc<AtomicBool>,
+    /// The bookkeeping of `--shard`.
+    sharding: Option<shard::Sharding>,
 }
 
 impl BatchRun<'_> {
@@ -294,9 +333,14 @@ impl BatchRun<'_> {
                 self.rep.line(&format!("skipped {}: {} exists", job.input.display(), job.output.display()));
             }
             self.tally.skipped += 1;
+            // The existing output counts as done for the batch's status.
+            self.record(job, Outcome::Done, None, check.as_ref().map_or(0, |p| p.plan.work), Instant::now());
             return Ok(true);
         }
+        let started = Instant::now();
+        let work = check.as_ref().map_or(0, |p| p.plan.work);
         if let Err(msg) = check {
+            self.record(job, Outcome::Failed, Some(msg.clone()), work, started);
             self.fail(&input, msg.clone());
             return Ok(true);
         }
@@ -320,6 +364,7 @@ impl BatchRun<'_> {
         };
         match result {
             Ok(r) => {
+                self.record(job, Outcome::Done, None, work, started);
                 self.tally.done += 1;
                 let (output, elapsed_s) = (job.output.display().to_string(), self.rep.elapsed_s());
                 let (width, height) = (r.width, r.height);
@@ -334,6 +379,7 @@ impl BatchRun<'_> {
                 Ok(true)
             }
             Err(e) if is_interrupted(&e) => {
+                self.record(job, Outcome::Interrupted, None, work, started);
                 self.rep.emit(json!({"event": "interrupted", "input": input}));
                 let resume = match &a.checkpoint_dir {
                     Some(d) => format!("; its last completed step is kept in {}: rerun to resume", d.display()),
@@ -342,10 +388,27 @@ impl BatchRun<'_> {
                 self.rep.line(&format!("interrupted while upscaling {input}{resume}"));
                 Ok(false)
             }
-            Err(e) => {
-                self.fail(&input, file_error(&job.input, &options::message(&e)));
+            Err(e) if is_locked(&e) && self.sharding.is_some() => {
+                // Another worker is on this file: its run writes the output and the record.
+                let msg = file_error(&job.input, &options::message(&e));
+                self.rep.emit(json!({"event": "skipped", "input": input, "reason": msg}));
+                self.rep.line(&format!("skipped {input}: another worker is on it ({msg})"));
+                self.tally.skipped += 1;
                 Ok(true)
             }
+            Err(e) => {
+                let msg = file_error(&job.input, &options::message(&e));
+                self.record(job, Outcome::Failed, Some(msg.clone()), work, started);
+                self.fail(&input, msg);
+                Ok(true)
+            }
+        }
+    }
+
+    /// The record of a sharded batch's file, if the run is sharded.
+    fn record(&self, job: &Job, outcome: Outcome, error: Option<String>, work: u64, started: Instant) {
+        if let Some(sh) = &self.sharding {
+            sh.record(job, outcome, error, work, started);
         }
     }
 
