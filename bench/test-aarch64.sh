@@ -7,7 +7,8 @@
 #   bench/test-aarch64.sh kernels         # another test filter for the library's unit tests
 #
 # Environment: AARCH64_TARGET_DIR (default target/aarch64), INFDIT_SHARED_DIR (the parity vectors,
-# default ../shared), SKIP_PARITY=1 to run the unit tests only, JOBS (default 2).
+# default ../shared), SKIP_PARITY=1 to run the unit tests only, PARITY_FILTER (a test-name filter for
+# the parity tests, e.g. `network`: the sampling cases take long under emulation), JOBS (default 2).
 # Needs root (or the packages already installed) for apt-get, and rustup.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +40,7 @@ cargo test -j "$JOBS" -p infdit --target "$TARGET" --lib -- "$FILTER"
 if [ "${SKIP_PARITY:-0}" != 1 ]; then
     for p in neon portable; do
         echo "== parity tests, INFDIT_KERNELS=$p" >&2
-        INFDIT_KERNELS=$p cargo test -j "$JOBS" -p infdit --target "$TARGET" --test parity
+        INFDIT_KERNELS=$p cargo test -j "$JOBS" -p infdit --target "$TARGET" --test parity -- ${PARITY_FILTER:-}
     done
 fi
 echo "aarch64 tests passed"
