@@ -2,6 +2,7 @@
 
 mod bench;
 mod eval;
+mod serve;
 mod train;
 mod upscale;
 
@@ -28,6 +29,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench(a) => bench::bench(a),
         Command::Eval(a) => eval::eval(a),
         Command::Train(a) => train::train(a),
+        Command::Serve(a) => serve::serve(a),
     }
     .map(|()| ExitCode::SUCCESS)
 }
