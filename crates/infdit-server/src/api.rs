@@ -688,7 +688,9 @@ async fn get_job(State(app): State<AppState>, Path(id): Path<String>) -> Result<
 async fn cancel(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     find(&app, &id)?;
     let cancelled = app.store().cancel_queued(&id)?;
-    if !cancelled {
+    if cancelled {
+        app.metrics.jobs_cancelled.fetch_add(1, Ordering::Relaxed);
+    } else {
         let live = lock(&app.live);
         match live.get(&id) {
             Some(l) => l.cancel.store(true, Ordering::SeqCst),
