@@ -238,7 +238,12 @@
   });
   window.addEventListener('resize', () => { if (viewing) apply(); });
 
-  refresh().then(listen);
+  // A link to a result: /#view=JOB_ID opens it in the viewer.
+  refresh().then(() => {
+    const m = /^#view=([0-9a-f]{16})$/.exec(location.hash);
+    if (m) view(m[1]);
+    listen();
+  });
   health();
   setInterval(health, 5000);
   window.infdit = { jobs, view, state: v };
