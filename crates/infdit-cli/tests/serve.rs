@@ -332,8 +332,10 @@ fn load_uploads_from_8_clients_are_all_accounted_for() {
                     let (mut ids, mut up, mut get) = (Vec::new(), Vec::new(), Vec::new());
                     for k in (c..n).step_by(clients) {
                         let img = png(8, 8, k as u32);
-                        let (ct, body) =
-                            multipart(&[("image", Some("l.png"), &img), ("options", None, br#"{"steps": 1, "scale": 2}"#)]);
+                        let (ct, body) = multipart(&[
+                            ("image", Some("l.png"), &img),
+                            ("options", None, br#"{"steps": 1, "scale": 2}"#),
+                        ]);
                         let t = Instant::now();
                         let r = request(port, "POST", "/api/jobs", &[("Content-Type", &ct)], &body);
                         up.push(t.elapsed());
@@ -470,7 +472,8 @@ fn encode_base64(b: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut s = String::new();
     for c in b.chunks(3) {
-        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        let n =
+            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
         for i in 0..4 {
             if i <= c.len() {
                 s.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
@@ -486,7 +489,9 @@ fn encode_base64(b: &[u8]) -> String {
 fn browser_binaries() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
     let dirs: Vec<std::path::PathBuf> = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).collect();
     let find = |names: &[&str]| names.iter().flat_map(|n| dirs.iter().map(move |d| d.join(n))).find(|p| p.is_file());
-    let chromium = std::env::var_os("CHROMIUM").map(Into::into).or_else(|| find(&["chromium", "chromium-browser", "google-chrome"]));
+    let chromium = std::env::var_os("CHROMIUM")
+        .map(Into::into)
+        .or_else(|| find(&["chromium", "chromium-browser", "google-chrome"]));
     let driver = std::env::var_os("CHROMEDRIVER").map(Into::into).or_else(|| find(&["chromedriver"]));
     match (chromium, driver) {
         (Some(c), Some(d)) => Some((c, d)),

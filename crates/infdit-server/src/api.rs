@@ -81,7 +81,9 @@ fn library_error(e: &InfditError, message: String) -> ApiError {
         }
         InfditError::Image(I::UnsupportedFormat { .. }) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "not_an_image"),
         InfditError::Image(_) => (StatusCode::BAD_REQUEST, "bad_image"),
-        InfditError::ImageSize { .. } | InfditError::Output { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "cannot_upscale"),
+        InfditError::ImageSize { .. } | InfditError::Output { .. } => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "cannot_upscale")
+        }
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     };
     ApiError::new(status, code, message)
@@ -181,7 +183,8 @@ fn same(a: &str, b: &str) -> bool {
 /// The token of a request: `Authorization: Bearer T`, or `?token=T` (links, images and event
 /// streams, which cannot set headers).
 fn request_token<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&'a str> {
-    if let Some(t) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "))
+    if let Some(t) =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "))
     {
         return Some(t.trim());
     }
@@ -254,7 +257,7 @@ async fn health(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
         "workers": app.workers,
         "queued": queued,
         "running": running,
-        "device": app.upscaler.device().device.is_cuda().then_some("cuda").unwrap_or("cpu"),
+        "device": if app.upscaler.device().device.is_cuda() { "cuda" } else { "cpu" },
         "uptime_seconds": app.started.elapsed().as_secs(),
     })))
 }
@@ -319,7 +322,12 @@ async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
         "Time workers spent running jobs.",
         vec![(String::new(), c(&m.run_ms) / 1000)],
     );
-    metric("infdit_upload_bytes_total", "counter", "Bytes of accepted uploads.", vec![(String::new(), c(&m.upload_bytes))]);
+    metric(
+        "infdit_upload_bytes_total",
+        "counter",
+        "Bytes of accepted uploads.",
+        vec![(String::new(), c(&m.upload_bytes))],
+    );
     metric("infdit_workers", "gauge", "Jobs that can run at once.", vec![(String::new(), app.workers as u64)]);
     metric(
         "infdit_process_resident_memory_bytes",
@@ -327,7 +335,12 @@ async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
         "Resident memory of the server.",
         vec![(String::new(), rss_bytes().unwrap_or(0))],
     );
-    metric("infdit_uptime_seconds", "gauge", "Seconds since start.", vec![(String::new(), app.started.elapsed().as_secs())]);
+    metric(
+        "infdit_uptime_seconds",
+        "gauge",
+        "Seconds since start.",
+        vec![(String::new(), app.started.elapsed().as_secs())],
+    );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s).into_response())
 }
 
@@ -456,9 +469,17 @@ fn check_queue(app: &App) -> Result<(), ApiError> {
 
 fn upload_error(e: axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "upload_too_large", format!("the upload is larger than the limit of {limit} bytes"))
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "upload_too_large",
+            format!("the upload is larger than the limit of {limit} bytes"),
+        )
     } else {
-        ApiError::new(StatusCode::BAD_REQUEST, "bad_upload", format!("the upload could not be read (cut short?): {}", e.body_text()))
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_upload",
+            format!("the upload could not be read (cut short?): {}", e.body_text()),
+        )
     }
 }
 
@@ -542,7 +563,8 @@ async fn create_inner(
             }
         }
     }
-    let bytes = image.ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "bad_upload", "no 'image' part in the upload"))?;
+    let bytes =
+        image.ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "bad_upload", "no 'image' part in the upload"))?;
     if bytes.is_empty() {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_image", "the image is empty (0 bytes)"));
     }
@@ -631,6 +653,9 @@ async fn create_inner(
     Ok(r)
 }
 
+/// What [`check_upload`] finds: the input size, the output size, the work.
+type Checked = ((i64, i64), (i64, i64), u64);
+
 /// Stores the upload and checks it as a run would, before it is queued: the options against the
 /// model, the plan from the header ([`plan_file`]), and a full decode with the CLI's limits.
 /// Returns the input and output sizes and the work.
@@ -642,7 +667,7 @@ fn check_upload(
     opts: &JobOptions,
     name: &str,
     bytes: &[u8],
-) -> Result<((i64, i64), (i64, i64), u64), ApiError> {
+) -> Result<Checked, ApiError> {
     std::fs::create_dir_all(dir).map_err(ApiError::internal)?;
     std::fs::write(input, bytes).map_err(ApiError::internal)?;
     let job = JobRow {
@@ -697,7 +722,11 @@ async fn cancel(State(app): State<AppState>, Path(id): Path<String>) -> Result<J
             None => {
                 drop(live);
                 let state = find(&app, &id)?["state"].as_str().unwrap_or("").to_string();
-                return Err(ApiError::new(StatusCode::CONFLICT, "not_cancellable", format!("the job is {state}: only queued or running jobs can be cancelled")));
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "not_cancellable",
+                    format!("the job is {state}: only queued or running jobs can be cancelled"),
+                ));
             }
         }
     }
@@ -710,7 +739,11 @@ async fn retry(State(app): State<AppState>, Path(id): Path<String>) -> Result<Js
     check_queue(&app)?;
     if !app.store().retry(&id)? {
         let state = j["state"].as_str().unwrap_or("");
-        return Err(ApiError::new(StatusCode::CONFLICT, "not_retryable", format!("the job is {state}: only failed or cancelled jobs can be retried")));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_retryable",
+            format!("the job is {state}: only failed or cancelled jobs can be retried"),
+        ));
     }
     app.wake_workers();
     app.notify(&id);
@@ -769,7 +802,8 @@ async fn send_file(path: PathBuf, ext: &str, name: String, download: bool) -> Re
             Err(e) => Some((Err(e), f)),
         }
     });
-    let ascii: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+    let ascii: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
     let disposition = format!("{}; filename=\"{ascii}\"", if download { "attachment" } else { "inline" });
     let mut r = Response::new(Body::from_stream(stream));
     let h = r.headers_mut();
@@ -793,15 +827,28 @@ fn row(app: &App, id: &str) -> Result<(JobRow, PathBuf), ApiError> {
     Ok((j, dir))
 }
 
-async fn input_file(State(app): State<AppState>, Path(id): Path<String>, Query(q): Query<FileQuery>) -> Result<Response, ApiError> {
+async fn input_file(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<FileQuery>,
+) -> Result<Response, ApiError> {
     let (j, dir) = row(&app, &id)?;
-    send_file(dir.join(format!("input.{}", j.input_ext)), &j.input_ext, j.input_name.clone(), q.download.is_some()).await
+    send_file(dir.join(format!("input.{}", j.input_ext)), &j.input_ext, j.input_name.clone(), q.download.is_some())
+        .await
 }
 
-async fn output_file(State(app): State<AppState>, Path(id): Path<String>, Query(q): Query<FileQuery>) -> Result<Response, ApiError> {
+async fn output_file(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<FileQuery>,
+) -> Result<Response, ApiError> {
     let (j, dir) = row(&app, &id)?;
     if j.state != JobState::Done {
-        return Err(ApiError::new(StatusCode::CONFLICT, "not_done", format!("the job is {}: no output yet", j.state.as_str())));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_done",
+            format!("the job is {}: no output yet", j.state.as_str()),
+        ));
     }
     let stem = j.input_name.rsplit_once('.').map_or(j.input_name.as_str(), |(s, _)| s);
     let name = format!("{stem}_{}x{}.{}", j.out_size.0, j.out_size.1, j.output_ext);
@@ -815,37 +862,38 @@ type Events = std::pin::Pin<Box<dyn Stream<Item = Result<SseEvent, Infallible>> 
 async fn job_events(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let first = find(&app, &id)?;
     let rx = app.events.subscribe();
-    let stream = futures_util::stream::unfold((app, rx, id, Some(first), false), |(app, mut rx, id, first, end)| async move {
-        if end {
-            return None;
-        }
-        let send = |j: Value| {
-            let fin = j["state"].as_str().is_some_and(|s| matches!(s, "done" | "failed" | "cancelled"));
-            (SseEvent::default().event("job").data(j.to_string()), fin)
-        };
-        if let Some(j) = first {
-            let (ev, fin) = send(j);
-            return Some((Ok(ev), (app, rx, id, None, fin)));
-        }
-        loop {
-            match rx.recv().await {
-                Ok(changed) if changed.is_empty() => return None,
-                Ok(changed) if changed != id => continue,
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+    let stream =
+        futures_util::stream::unfold((app, rx, id, Some(first), false), |(app, mut rx, id, first, end)| async move {
+            if end {
+                return None;
             }
-            return match find(&app, &id) {
-                Ok(j) => {
-                    let (ev, fin) = send(j);
-                    Some((Ok(ev), (app, rx, id, None, fin)))
-                }
-                Err(_) => {
-                    let ev = SseEvent::default().event("deleted").data(json!({"id": id}).to_string());
-                    Some((Ok(ev), (app, rx, id, None, true)))
-                }
+            let send = |j: Value| {
+                let fin = j["state"].as_str().is_some_and(|s| matches!(s, "done" | "failed" | "cancelled"));
+                (SseEvent::default().event("job").data(j.to_string()), fin)
             };
-        }
-    });
+            if let Some(j) = first {
+                let (ev, fin) = send(j);
+                return Some((Ok(ev), (app, rx, id, None, fin)));
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(changed) if changed.is_empty() => return None,
+                    Ok(changed) if changed != id => continue,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+                return match find(&app, &id) {
+                    Ok(j) => {
+                        let (ev, fin) = send(j);
+                        Some((Ok(ev), (app, rx, id, None, fin)))
+                    }
+                    Err(_) => {
+                        let ev = SseEvent::default().event("deleted").data(json!({"id": id}).to_string());
+                        Some((Ok(ev), (app, rx, id, None, true)))
+                    }
+                };
+            }
+        });
     Ok(Sse::new(Box::pin(stream) as Events).keep_alive(KeepAlive::default()).into_response())
 }
 

@@ -33,7 +33,10 @@ pub(crate) fn run_options(app: &App, opts: &JobOptions, dir: &Path) -> infdit::R
 pub(crate) fn user_message(e: &InfditError, dir: &Path, job: &JobRow) -> String {
     let input = dir.join(format!("input.{}", job.input_ext)).display().to_string();
     let output = dir.join(format!("output.{}", job.output_ext)).display().to_string();
-    e.to_string().replace(&input, &job.input_name).replace(&output, "the output").replace(&dir.display().to_string(), "job")
+    e.to_string()
+        .replace(&input, &job.input_name)
+        .replace(&output, "the output")
+        .replace(&dir.display().to_string(), "job")
 }
 
 /// A worker thread: runs queued jobs one at a time until the server stops.
@@ -93,41 +96,42 @@ fn run(app: &Arc<App>, job: &JobRow) {
         .map_err(|e| InfditError::Internal(format!("stored options of job {}: {e}", job.id)))
         .and_then(|opts| run_options(app, &opts, &dir))
         .and_then(|opts| {
-        let mut last_sent = Instant::now() - Duration::from_secs(1);
-        let mut events = |ev: &Event| {
-            let (done, total, resumed) = {
-                let mut live = lock(&app.live);
-                let Some(l) = live.get_mut(&job.id) else { return };
-                match ev {
-                    Event::Start(plan) => {
-                        l.total = plan.work;
-                    }
-                    Event::Progress(p) => {
-                        l.done = p.work_done();
-                        if l.start_done.is_none() {
-                            // The first report of this run: what a resume skipped counts as done
-                            // before the run, not in its speed.
-                            l.start_done = Some(l.done.saturating_sub(p.sample.blocks_evaluated()));
-                            l.started = Instant::now();
+            let mut last_sent = Instant::now() - Duration::from_secs(1);
+            let mut events = |ev: &Event| {
+                let (done, total, resumed) = {
+                    let mut live = lock(&app.live);
+                    let Some(l) = live.get_mut(&job.id) else { return };
+                    match ev {
+                        Event::Start(plan) => {
+                            l.total = plan.work;
                         }
+                        Event::Progress(p) => {
+                            l.done = p.work_done();
+                            if l.start_done.is_none() {
+                                // The first report of this run: what a resume skipped counts as done
+                                // before the run, not in its speed.
+                                l.start_done = Some(l.done.saturating_sub(p.sample.blocks_evaluated()));
+                                l.started = Instant::now();
+                            }
+                        }
+                        Event::Resumed { steps_done, .. } => {
+                            drop(live);
+                            let _ =
+                                app.store().progress(&job.id, job.work_done, job.work_total, Some(*steps_done as i64));
+                            return;
+                        }
+                        Event::Pass(_) => {}
                     }
-                    Event::Resumed { steps_done, .. } => {
-                        drop(live);
-                        let _ = app.store().progress(&job.id, job.work_done, job.work_total, Some(*steps_done as i64));
-                        return;
-                    }
-                    Event::Pass(_) => {}
+                    (l.done, l.total, None::<i64>)
+                };
+                if matches!(ev, Event::Start(_)) || last_sent.elapsed() >= Duration::from_millis(250) {
+                    last_sent = Instant::now();
+                    let _ = app.store().progress(&job.id, done as i64, total as i64, resumed);
+                    app.notify(&job.id);
                 }
-                (l.done, l.total, None::<i64>)
             };
-            if matches!(ev, Event::Start(_)) || last_sent.elapsed() >= Duration::from_millis(250) {
-                last_sent = Instant::now();
-                let _ = app.store().progress(&job.id, done as i64, total as i64, resumed);
-                app.notify(&job.id);
-            }
-        };
-        app.upscaler.upscale_file(&input, &output, &opts, &mut events, Some(&cancel))
-    });
+            app.upscaler.upscale_file(&input, &output, &opts, &mut events, Some(&cancel))
+        });
     let ran_ms = started.elapsed().as_millis() as i64;
     let live = lock(&app.live).remove(&job.id);
     let stopping = live.as_ref().is_some_and(|l| l.stopping);
@@ -174,8 +178,7 @@ pub(crate) fn sweep(app: &App) {
             let _ = std::fs::remove_dir_all(store.job_dir(id));
         }
     }
-    let known: std::collections::HashSet<String> =
-        store.list().unwrap_or_default().into_iter().map(|j| j.id).collect();
+    let known: std::collections::HashSet<String> = store.list().unwrap_or_default().into_iter().map(|j| j.id).collect();
     let pending = lock(&app.live).keys().cloned().collect::<Vec<_>>();
     if let Ok(entries) = std::fs::read_dir(store.dir().join("jobs")) {
         for e in entries.flatten() {

@@ -252,9 +252,8 @@ impl Store {
 
     /// Place in the queue of a queued job (1 = next).
     pub fn queue_place(&self, position: i64) -> rusqlite::Result<i64> {
-        self.conn.query_row("SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND position <= ?1", [position], |r| {
-            r.get(0)
-        })
+        self.conn
+            .query_row("SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND position <= ?1", [position], |r| r.get(0))
     }
 
     /// Takes the first queued job: it becomes running.

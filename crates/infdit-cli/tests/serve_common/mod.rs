@@ -72,7 +72,8 @@ impl Server {
     /// Peak resident memory of the server (VmHWM), in bytes.
     pub fn peak_rss(&self) -> u64 {
         let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let kb: u64 = s.lines().find(|l| l.starts_with("VmHWM:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+        let kb: u64 =
+            s.lines().find(|l| l.starts_with("VmHWM:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
         kb * 1024
     }
 
@@ -155,7 +156,10 @@ pub fn raw(port: u16, bytes: &[u8], shutdown_write: bool) -> Reply {
 }
 
 fn parse(buf: &[u8]) -> Reply {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no answer: {:?}", String::from_utf8_lossy(buf)));
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no answer: {:?}", String::from_utf8_lossy(buf)));
     let head = String::from_utf8_lossy(&buf[..end]).into_owned();
     let mut lines = head.split("\r\n");
     let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
