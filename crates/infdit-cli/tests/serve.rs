@@ -652,3 +652,23 @@ fn serve_page_in_headless_chromium() {
     drop(s);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Not a test: the screenshot of docs/img/serve.png, of a server already running.
+/// `SERVE_URL=http://127.0.0.1:PORT/#view=ID SERVE_SHOT=docs/img/serve.png cargo test -p infdit-cli --test serve
+/// -- --ignored screenshot_for_the_docs`
+#[test]
+#[ignore = "takes the docs' screenshot of a running server (SERVE_URL, SERVE_SHOT)"]
+fn screenshot_for_the_docs() {
+    let Some((chromium, driver)) = browser_binaries() else { return };
+    let url = std::env::var("SERVE_URL").unwrap();
+    let out = std::path::PathBuf::from(std::env::var("SERVE_SHOT").unwrap());
+    let b = start_browser(&chromium, &driver, 1280, 860);
+    b.cmd("POST", "/url", &serde_json::json!({ "url": url }));
+    std::thread::sleep(Duration::from_secs(3));
+    b.js(
+        "const s = window.infdit.state; s.split = 0.5; document.getElementById('zoom-1').click();",
+        serde_json::json!([]),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    b.screenshot(&out);
+}
