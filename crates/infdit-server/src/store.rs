@@ -155,6 +155,8 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
 pub struct Store {
     conn: Connection,
     dir: PathBuf,
+    /// `infdit.lock`, locked while this server uses the folder (two servers would run the same jobs).
+    _lock: std::fs::File,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -166,11 +168,24 @@ impl Store {
     /// Opens (creating and migrating) the store in `dir`.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir.join("jobs"))?;
+        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("infdit.lock"))?;
+        if let Err(e) = lock.try_lock() {
+            anyhow::bail!(
+                "{}: {}",
+                dir.display(),
+                match e {
+                    std::fs::TryLockError::WouldBlock => "another infdit serve uses this data folder; stop it or give \
+                                                         another --data-dir"
+                        .to_string(),
+                    std::fs::TryLockError::Error(e) => format!("cannot lock the data folder: {e}"),
+                }
+            );
+        }
         let conn = Connection::open(dir.join("infdit.sqlite"))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let mut store = Self { conn, dir: dir.to_path_buf() };
+        let mut store = Self { conn, dir: dir.to_path_buf(), _lock: lock };
         store.migrate()?;
         Ok(store)
     }
