@@ -168,7 +168,8 @@ impl Store {
     /// Opens (creating and migrating) the store in `dir`.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir.join("jobs"))?;
-        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("infdit.lock"))?;
+        let lock =
+            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("infdit.lock"))?;
         if let Err(e) = lock.try_lock() {
             anyhow::bail!(
                 "{}: {}",
