@@ -47,6 +47,8 @@ pub enum Command {
     Batch(BatchArgs),
     /// Plans judged before running: one huge image over several GPUs, simulated (plan wavefront)
     Plan(PlanArgs),
+    /// Run the web app and HTTP API: a persistent job queue over one loaded model (docs/serve.md)
+    Serve(ServeArgs),
 }
 
 /// `infdit batch`.
@@ -154,6 +156,50 @@ pub struct WavefrontArgs {
     /// One JSON line per device count
     #[arg(long)]
     pub json: bool,
+}
+
+/// `infdit serve` (docs/serve.md).
+#[derive(Debug, clap::Args)]
+#[command(after_help = "The page is at http://ADDR/; the HTTP API: docs/api.md; the design and limits: docs/serve.md")]
+pub struct ServeArgs {
+    /// Address and port to listen on (port 0: any free port); beyond loopback, --token is required
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:7860")]
+    pub bind: std::net::SocketAddr,
+    /// Folder of the job database and the jobs' files [default: $XDG_DATA_HOME/infdit/serve, else
+    /// ~/.local/share/infdit/serve]
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value = "cpu", value_name = "DEVICE", help = DEVICE_HELP)]
+    pub device: DeviceRequest,
+    /// Network precision [default: f32 on the CPU, bf16 on a GPU]
+    #[arg(long, value_enum, value_name = "f32|bf16|f16", hide_possible_values = true)]
+    pub dtype: Option<DTypeArg>,
+    /// Jobs run at once, sharing the model and splitting the memory budget [default: 1]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub workers: Option<u32>,
+    /// Bearer token required on every API call and on the page (or set INFDIT_TOKEN)
+    #[arg(long, value_name = "SECRET")]
+    pub token: Option<String>,
+    /// Largest upload (K/M/G suffixes)
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value = "32M")]
+    pub max_upload: u64,
+    /// Largest input image, in pixels
+    #[arg(long, value_name = "N", default_value_t = 16 << 20)]
+    pub max_pixels: u64,
+    /// Most jobs queued or running at once; more uploads get 429
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub max_queue: usize,
+    /// Uploads per minute per client address (0: no limit); more get 429
+    #[arg(long, value_name = "N", default_value_t = 120)]
+    pub rate_limit: u32,
+    /// Finished jobs and their files are removed after this many hours
+    #[arg(long, value_name = "H", default_value_t = 24.0)]
+    pub keep_hours: f64,
+    /// At most this many finished jobs are kept (the oldest are removed first)
+    #[arg(long, value_name = "N", default_value_t = 500)]
+    pub keep_jobs: usize,
 }
 
 /// `infdit random-model`.

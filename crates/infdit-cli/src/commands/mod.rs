@@ -4,6 +4,7 @@ mod batch;
 mod bench;
 mod eval;
 mod plan;
+mod serve;
 mod train;
 mod upscale;
 
@@ -32,6 +33,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Train(a) => train::train(a),
         Command::Batch(a) => return batch::batch(a),
         Command::Plan(a) => plan::plan(a),
+        Command::Serve(a) => serve::serve(a),
     }
     .map(|()| ExitCode::SUCCESS)
 }
