@@ -176,7 +176,8 @@ pub struct ServeArgs {
     /// Network precision [default: f32 on the CPU, bf16 on a GPU]
     #[arg(long, value_enum, value_name = "f32|bf16|f16", hide_possible_values = true)]
     pub dtype: Option<DTypeArg>,
-    /// Jobs run at once, sharing the model and splitting the memory budget [default: 1]
+    /// Jobs run at once, sharing the model and splitting the memory budget [default: as many as the memory
+    /// budget holds for a 1024x1024 input, at most 2 on the CPU and 4 on a GPU]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub workers: Option<u32>,
     /// Bearer token required on every API call and on the page (or set INFDIT_TOKEN)

@@ -252,6 +252,11 @@ fn the_token_guards_the_api_and_the_page() {
 fn retention_removes_the_oldest_finished_jobs() {
     let dir = scratch("retention");
     let s = Server::start(&dir.join("data"), &["--keep-jobs", "2"]);
+    // Without --workers, the number comes from the device's memory plan.
+    let up = infdit::Upscaler::new(&infdit::ModelSpec::BuiltIn, &Default::default()).unwrap();
+    let want = infdit_server::default_workers(&up).unwrap();
+    assert!((1..=2).contains(&want), "at most 2 on the CPU: {want}");
+    assert_eq!(s.get_json("/health").1["workers"].as_u64(), Some(want as u64));
     let ids: Vec<String> = (0..3)
         .map(|i| {
             let r = s.upload("r.png", &png(8, 8, i), r#"{"steps": 1, "scale": 2}"#);
@@ -332,7 +337,7 @@ fn a_job_killed_mid_run_resumes_after_a_restart_bit_identical() {
     assert!(st.success());
 
     let data = dir.join("data");
-    let s = Server::start(&data, &[]);
+    let s = Server::start(&data, &["--workers", "1"]);
     let r = s.upload("in.png", &std::fs::read(&input).unwrap(), r#"{"steps": 10, "seed": 3}"#);
     assert_eq!(r.status, 201, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_string();
@@ -350,7 +355,7 @@ fn a_job_killed_mid_run_resumes_after_a_restart_bit_identical() {
     assert_eq!(state, "running", "killed while running");
     assert!(!data.join("jobs").join(&id).join("output.png").exists());
 
-    let s = Server::start(&data, &[]);
+    let s = Server::start(&data, &["--workers", "1"]);
     let j = s.wait_final(&id, 120);
     assert_eq!(j["state"], "done", "{j}");
     assert_eq!(j["attempts"], 2);

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
-use infdit::imageio::{LoadedImage, Rounding};
-use infdit::upscale::{AlphaMode, Crop, Evaluation, Event, ImagePlan, LoadOptions, Target, UpscaleOptions, Upscaler};
+use infdit::imageio::LoadedImage;
+use infdit::upscale::{Event, ImagePlan, LoadOptions, NamedOptions, UpscaleOptions, Upscaler};
 use infdit::{InfditError, ModelSpec};
 use numpy::ndarray::Array3;
 use numpy::{IntoPyArray, PyReadonlyArray3, PyUntypedArrayMethods};
@@ -77,95 +77,48 @@ fn opt<'py, T: for<'a> FromPyObject<'a, 'py>>(d: &Bound<'py, PyDict>, key: &str)
     }
 }
 
-/// The keys `options` understands.
-const OPTION_KEYS: [&str; 17] = [
-    "scale",
-    "width",
-    "height",
-    "seed",
-    "steps",
-    "sigma_max",
-    "alpha",
-    "background",
-    "crop",
-    "block_batch",
-    "whole_image",
-    "max_memory",
-    "max_pixels",
-    "noise",
-    "rounding",
-    "strip_metadata",
-    "jpeg_quality",
-];
+/// The keys `options` understands besides the library's [`NamedOptions::NAMES`].
+const PY_ONLY_KEYS: [&str; 2] = ["max_pixels", "noise"];
 
-/// The library's options from the keyword arguments of a call (validated by the library).
+/// The library's options from the keyword arguments of a call: the names the library maps
+/// ([`NamedOptions`], as the HTTP API does), plus `max_pixels` and `noise`.
 fn options(py: Python<'_>, d: Option<&Bound<'_, PyDict>>) -> PyResult<UpscaleOptions> {
-    let mut o = UpscaleOptions::default();
-    let Some(d) = d else { return Ok(o) };
+    let mut base = UpscaleOptions::default();
+    let Some(d) = d else { return Ok(base) };
     for k in d.keys() {
         let k: String = k.extract()?;
-        if !OPTION_KEYS.contains(&k.as_str()) {
+        if !NamedOptions::NAMES.contains(&k.as_str()) && !PY_ONLY_KEYS.contains(&k.as_str()) {
             return Err(PyTypeError::new_err(format!("unexpected option '{k}'")));
         }
     }
-    let bad = |option: &'static str, reason: String| to_py(py, &InfditError::InvalidOption { option, reason });
-    let scale: Option<f64> = opt(d, "scale")?;
-    let width: Option<u32> = opt(d, "width")?;
-    let height: Option<u32> = opt(d, "height")?;
-    o.target = match (scale, width.is_some() || height.is_some()) {
-        (Some(_), true) => return Err(bad("scale", "give a scale or a width and/or height, not both".into())),
-        (Some(s), false) => Target::Factor(s),
-        (None, true) => Target::Size { width, height },
-        (None, false) => Target::Factor(4.0),
+    let jpeg_quality = match opt::<i64>(d, "jpeg_quality")? {
+        Some(q) => Some(u8::try_from(q).map_err(|_| {
+            to_py(py, &InfditError::InvalidOption { option: "jpeg_quality", reason: format!("{q} is not in 1..=100") })
+        })?),
+        None => None,
     };
-    if let Some(s) = opt(d, "seed")? {
-        o.seed = s;
-    }
-    o.steps = opt(d, "steps")?;
-    o.sigma_max = opt(d, "sigma_max")?;
-    let background: Option<(u8, u8, u8)> = opt(d, "background")?;
-    let background = background.map(|(r, g, b)| [r, g, b]);
-    o.alpha = match opt::<String>(d, "alpha")?.as_deref() {
-        None | Some("bicubic") => AlphaMode::Bicubic,
-        Some("model") => AlphaMode::Model,
-        Some("drop") => AlphaMode::Drop { background: background.unwrap_or([255, 255, 255]) },
-        Some(s) => return Err(bad("alpha", format!("'{s}': give 'bicubic', 'model' or 'drop'"))),
+    let named = NamedOptions {
+        scale: opt(d, "scale")?,
+        width: opt(d, "width")?,
+        height: opt(d, "height")?,
+        seed: opt(d, "seed")?,
+        steps: opt(d, "steps")?,
+        sigma_max: opt(d, "sigma_max")?,
+        alpha: opt(d, "alpha")?,
+        background: opt::<(u8, u8, u8)>(d, "background")?.map(|(r, g, b)| [r, g, b]),
+        crop: opt(d, "crop")?,
+        block_batch: opt(d, "block_batch")?,
+        whole_image: opt(d, "whole_image")?,
+        max_memory: opt(d, "max_memory")?,
+        rounding: opt(d, "rounding")?,
+        strip_metadata: opt(d, "strip_metadata")?,
+        jpeg_quality,
     };
-    if background.is_some() && !matches!(o.alpha, AlphaMode::Drop { .. }) {
-        return Err(bad("background", "a background colour goes with alpha='drop'".into()));
-    }
-    o.crop = match opt::<String>(d, "crop")?.as_deref() {
-        None | Some("pad") => Crop::Pad,
-        Some("official") => Crop::Official,
-        Some(s) => return Err(bad("crop", format!("'{s}': give 'pad' or 'official'"))),
-    };
-    let block_batch: Option<usize> = opt(d, "block_batch")?;
-    if opt::<bool>(d, "whole_image")?.unwrap_or(false) {
-        if block_batch.is_some() {
-            return Err(bad("block_batch", "a block batch goes with the block scheduler, not whole_image".into()));
-        }
-        o.evaluation = Evaluation::WholeImage;
-    } else {
-        o.evaluation = Evaluation::Blocks { block_batch };
-    }
-    o.max_memory = opt(d, "max_memory")?;
     if let Some(p) = opt(d, "max_pixels")? {
-        o.max_pixels = p;
+        base.max_pixels = p;
     }
-    o.noise = opt::<PathBuf>(d, "noise")?;
-    o.rounding = match opt::<String>(d, "rounding")?.as_deref() {
-        None | Some("nearest") => Rounding::Nearest,
-        Some("truncate") => Rounding::Truncate,
-        Some(s) => return Err(bad("rounding", format!("'{s}': give 'nearest' or 'truncate'"))),
-    };
-    if let Some(s) = opt(d, "strip_metadata")? {
-        o.strip_metadata = s;
-    }
-    if let Some(q) = opt::<i64>(d, "jpeg_quality")? {
-        o.jpeg_quality = u8::try_from(q).map_err(|_| bad("jpeg_quality", format!("{q} is not in 1..=100")))?;
-    }
-    lib(py, o.validate())?;
-    Ok(o)
+    base.noise = opt::<PathBuf>(d, "noise")?;
+    lib(py, named.apply(base))
 }
 
 /// What a run's event handler met: a Python exception to raise after the run (KeyboardInterrupt

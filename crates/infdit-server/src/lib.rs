@@ -34,7 +34,7 @@ pub struct ServerConfig {
     pub model: ModelSpec,
     /// Where the model runs.
     pub load: LoadOptions,
-    /// Jobs run at once; `None`: one (see docs/serve.md).
+    /// Jobs run at once; `None`: from the device's memory plan ([`default_workers`]).
     pub workers: Option<usize>,
     /// Bearer token required on every API call and on the page; required when `bind` is not a
     /// loopback address.
@@ -159,6 +159,24 @@ impl App {
     }
 }
 
+/// The size of input the default worker count is planned for: 1024 x 1024 at x4, the CLI's defaults.
+pub const TYPICAL_INPUT: (usize, usize) = (1024, 1024);
+
+/// How many jobs run at once when `--workers` is not given, from the device's memory plan: as many
+/// as the device's memory budget holds with each job planned as the library plans a
+/// [`TYPICAL_INPUT`] with the default options (the block scheduler's memory grows with the width, so
+/// this also holds for taller inputs), at least 1, and at most 4 on a GPU and 2 on the CPU. One job
+/// already uses every CPU core or the whole GPU; a second one overlaps the work of a job that is not
+/// the network (decoding, resizing, encoding, the first and last passes' bicubic) and costs memory
+/// only, so more gain nothing.
+pub fn default_workers(upscaler: &Upscaler) -> infdit::Result<usize> {
+    let planner = upscaler.planner(&infdit::UpscaleOptions::default())?;
+    let (w, h) = TYPICAL_INPUT;
+    let need = planner.plan(w, h, false, infdit::upscale::AlphaMode::Bicubic)?.memory.max(1);
+    let cap = if upscaler.device().is_gpu() { 4 } else { 2 };
+    Ok((planner.budget / need).clamp(1, cap))
+}
+
 /// Runs the server until Ctrl-C or SIGTERM: loads the model, opens the store (jobs left running
 /// go back to the queue and resume from their last saved step), starts the workers and serves.
 /// Prints `listening on http://ADDR` on standard output once it accepts connections.
@@ -173,7 +191,14 @@ pub fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     if let Some(why) = &upscaler.device().fallback {
         eprintln!("warning: {why}");
     }
-    let workers = cfg.workers.unwrap_or(1);
+    let workers = match cfg.workers {
+        Some(n) => n,
+        None => {
+            let n = default_workers(&upscaler)?;
+            eprintln!("{n} worker(s): jobs that fit the memory budget at once (--workers to choose)");
+            n
+        }
+    };
     let (events, _) = tokio::sync::broadcast::channel(1024);
     let app = Arc::new(App {
         workers,

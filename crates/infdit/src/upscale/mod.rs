@@ -6,6 +6,7 @@
 //! each pass. [`Planner`] knows all of it from the image header and the model config, so every check
 //! that can be made before the model runs is made before it runs ([`plan_file`]).
 
+mod named;
 mod options;
 mod output;
 mod plan;
@@ -16,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 
+pub use self::named::{MAX_SCALE, NamedOptions};
 pub use self::options::{Crop, Evaluation, MAX_STEPS, UpscaleOptions};
 pub use self::output::{OutputCheck, check_output};
 pub use self::plan::{AlphaMode, ImagePlan, MAX_SIDE, PassGeometry, PassPlan, Planner, Target, geometry, plan_passes};
