@@ -4,11 +4,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{infdit, tmpdir};
+use common::{images, infdit, tmpdir};
 
 /// A deterministic noisy RGB image of `w x h`.
 pub fn noisy_png(path: &Path, w: u32, h: u32, seed: u32) {
@@ -52,26 +51,6 @@ fn upscale_steps(inp: &Path, out: &Path, steps: &str, extra: &[&str]) -> Command
     c
 }
 
-/// Every image below `dir` (the bookkeeping folder left out), by relative name, with its bytes.
-fn images(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.file_name().unwrap() == ".infdit" {
-                continue;
-            }
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.insert(p.strip_prefix(dir).unwrap().display().to_string(), std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    out
-}
-
 fn status_json(out: &Path) -> serde_json::Value {
     let o = run(infdit().args(["batch", "status", "--json"]).arg(out));
     serde_json::from_slice(&o.stdout).unwrap()
@@ -94,7 +73,7 @@ fn shards_equal_one_run_and_additions_run_only_what_is_new() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(&format!("shard {k}/3: ")), "{err}");
     }
-    let (a, b) = (images(&single), images(&out));
+    let (a, b) = (images(&single, None), images(&out, None));
     assert_eq!(a.len(), 6);
     assert_eq!(a, b, "sharded outputs differ from the single run");
 
@@ -183,7 +162,7 @@ fn failed_and_missing_files_are_reported_and_retried() {
     assert_eq!((s["done"].as_u64(), s["complete"].as_bool()), (Some(7), Some(true)));
     let single = dir.join("single");
     run(&mut upscale(&inp, &single, &[]));
-    assert_eq!(images(&single), images(&out));
+    assert_eq!(images(&single, None), images(&out, None));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -283,7 +262,7 @@ fn sigterm_keeps_the_checkpoint_and_the_next_attempt_resumes() {
     assert!(!state.exists(), "the checkpoint is removed once the output is written");
     let single = dir.join("single");
     run(&mut upscale_steps(&inp, &single, "4", &[]));
-    assert_eq!(images(&single), images(&out));
+    assert_eq!(images(&single, None), images(&out, None));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{infdit, tmpdir};
+use common::{images, infdit, tmpdir};
 
 fn repo() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
@@ -104,26 +104,6 @@ fn run(c: &mut Command) -> Output {
     o
 }
 
-/// Every output image below `dir` (without the bookkeeping) with its bytes.
-fn images(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
-    let mut out = std::collections::BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.file_name().unwrap() == ".infdit" {
-                continue;
-            }
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "png") {
-                out.insert(p.strip_prefix(dir).unwrap().display().to_string(), std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    out
-}
-
 fn status(out: &Path) -> serde_json::Value {
     serde_json::from_slice(&run(infdit().args(["batch", "status", "--json"]).arg(out)).stdout).unwrap()
 }
@@ -169,7 +149,7 @@ fn slurm_array_shards_a_batch_and_a_requeued_task_resumes() {
     wait_for("the array of 4 to finish", Duration::from_secs(300), || cluster.queue().is_empty().then_some(()));
     let t_array = t0.elapsed();
     run(infdit().current_dir(&dir).args(["upscale", "in", "-o", "single", "--steps", "2", "-q"]));
-    let (single, sharded) = (images(&dir.join("single")), images(&dir.join("out")));
+    let (single, sharded) = (images(&dir.join("single"), Some("png")), images(&dir.join("out"), Some("png")));
     assert_eq!(single.len(), 8);
     assert_eq!(single, sharded, "the array's outputs differ from the single-machine run");
     let s = status(&dir.join("out"));
@@ -215,7 +195,7 @@ fn slurm_array_shards_a_batch_and_a_requeued_task_resumes() {
     assert_eq!((s["done"].as_u64(), s["complete"].as_bool()), (Some(3), Some(true)), "{s}");
     assert!(!state.exists(), "the checkpoint is removed once the output is written");
     run(infdit().current_dir(&dir).args(["upscale", "in2", "-o", "single2", "--steps", "4", "-q"]));
-    assert_eq!(images(&dir.join("single2")), images(&out2), "the resumed outputs differ");
+    assert_eq!(images(&dir.join("single2"), Some("png")), images(&out2, Some("png")), "the resumed outputs differ");
     let status_text = String::from_utf8_lossy(&run(infdit().args(["batch", "status"]).arg(&out2)).stdout).to_string();
     assert!(status_text.contains("3 done, 0 failed, 0 missing"), "{status_text}");
     drop(cluster);

@@ -29,3 +29,24 @@ pub fn tmpdir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// Every file below `dir` whose extension is `ext` (any, with `None`), by name relative to `dir`,
+/// with its bytes; the sharded runs' bookkeeping folder `.infdit` is left out.
+pub fn images(dir: &std::path::Path, ext: Option<&str>) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.file_name().unwrap() == ".infdit" {
+                continue;
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else if ext.is_none_or(|x| p.extension().is_some_and(|e| e == x)) {
+                out.insert(p.strip_prefix(dir).unwrap().display().to_string(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
