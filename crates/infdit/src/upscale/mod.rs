@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 
-pub use self::named::{MAX_SCALE, NamedOptions};
+pub use self::named::NamedOptions;
 pub use self::options::{Crop, Evaluation, MAX_STEPS, UpscaleOptions};
 pub use self::output::{OutputCheck, check_output};
 pub use self::plan::{AlphaMode, ImagePlan, MAX_SIDE, PassGeometry, PassPlan, Planner, Target, geometry, plan_passes};
