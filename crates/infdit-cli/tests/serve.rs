@@ -229,6 +229,11 @@ fn the_token_guards_the_api_and_the_page() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("give --token"), "{}", String::from_utf8_lossy(&out.stderr));
 
     let s = Server::start(&dir.join("data"), &["--token", "s3cret-token"]);
+    // Without --workers, the number comes from the device's memory plan.
+    let up = infdit::Upscaler::new(&infdit::ModelSpec::BuiltIn, &Default::default()).unwrap();
+    let want = infdit_server::default_workers(&up).unwrap();
+    assert!((1..=2).contains(&want), "at most 2 on the CPU: {want}");
+    assert_eq!(s.get_json("/health").1["workers"].as_u64(), Some(want as u64));
     assert_eq!(s.request("GET", "/api/jobs", &[], b"").status, 401);
     assert_eq!(s.request("GET", "/api/jobs", &[("Authorization", "Bearer wrong-token")], b"").status, 401);
     assert_eq!(s.request("GET", "/metrics", &[], b"").status, 401);
@@ -251,12 +256,8 @@ fn the_token_guards_the_api_and_the_page() {
 #[test]
 fn retention_removes_the_oldest_finished_jobs() {
     let dir = scratch("retention");
-    let s = Server::start(&dir.join("data"), &["--keep-jobs", "2"]);
-    // Without --workers, the number comes from the device's memory plan.
-    let up = infdit::Upscaler::new(&infdit::ModelSpec::BuiltIn, &Default::default()).unwrap();
-    let want = infdit_server::default_workers(&up).unwrap();
-    assert!((1..=2).contains(&want), "at most 2 on the CPU: {want}");
-    assert_eq!(s.get_json("/health").1["workers"].as_u64(), Some(want as u64));
+    // One worker: with more, the jobs finish in any order and "oldest" is not the upload order.
+    let s = Server::start(&dir.join("data"), &["--keep-jobs", "2", "--workers", "1"]);
     let ids: Vec<String> = (0..3)
         .map(|i| {
             let r = s.upload("r.png", &png(8, 8, i), r#"{"steps": 1, "scale": 2}"#);
