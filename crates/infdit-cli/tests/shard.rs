@@ -7,19 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{images, infdit, tmpdir};
-
-/// A deterministic noisy RGB image of `w x h`.
-pub fn noisy_png(path: &Path, w: u32, h: u32, seed: u32) {
-    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
-    let img = image::RgbImage::from_fn(w, h, |i, j| {
-        x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-        let n = (x >> 24) as u8;
-        image::Rgb([(i * 7) as u8 ^ n, (j * 5) as u8, n / 2 + (i as u8)])
-    });
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    img.save(path).unwrap();
-}
+use common::{images, infdit, noisy_png, tmpdir};
 
 /// Six small images of different sizes (so that balancing by work differs from by count).
 fn inputs(dir: &Path) -> PathBuf {

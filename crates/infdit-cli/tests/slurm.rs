@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{images, infdit, tmpdir};
+use common::{images, infdit, noisy_png, tmpdir};
 
 fn repo() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
@@ -85,17 +85,6 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = Command::new(repo().join("deploy/slurm/local-cluster.sh")).arg("stop").arg(&self.dir).status();
     }
-}
-
-fn noisy_png(path: &Path, w: u32, h: u32, seed: u32) {
-    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
-    let img = image::RgbImage::from_fn(w, h, |i, j| {
-        x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-        let n = (x >> 24) as u8;
-        image::Rgb([(i * 7) as u8 ^ n, (j * 5) as u8, n / 2 + (i as u8)])
-    });
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    img.save(path).unwrap();
 }
 
 fn run(c: &mut Command) -> Output {
