@@ -670,28 +670,7 @@ fn check_upload(
 ) -> Result<Checked, ApiError> {
     std::fs::create_dir_all(dir).map_err(ApiError::internal)?;
     std::fs::write(input, bytes).map_err(ApiError::internal)?;
-    let job = JobRow {
-        id: String::new(),
-        position: 0,
-        state: JobState::Queued,
-        options: String::new(),
-        input_name: name.into(),
-        input_ext: input.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default(),
-        output_ext: output.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default(),
-        input_bytes: 0,
-        in_size: (0, 0),
-        out_size: (0, 0),
-        work_done: 0,
-        work_total: 0,
-        created_ms: 0,
-        started_ms: None,
-        finished_ms: None,
-        run_ms: 0,
-        attempts: 0,
-        resumed_steps: 0,
-        error: None,
-    };
-    let err = |e: InfditError| library_error(&e, queue::user_message(&e, dir, &job));
+    let err = |e: InfditError| library_error(&e, queue::user_message(&e, dir, input, output, name));
     let uo = queue::run_options(app, opts, dir).map_err(err)?;
     let planner = app.upscaler.planner(&uo).map_err(err)?;
     let fp = plan_file(&planner, input, output, &uo, false).map_err(err)?;

@@ -30,12 +30,10 @@ pub(crate) fn run_options(app: &App, opts: &JobOptions, dir: &Path) -> infdit::R
 }
 
 /// An error for a user: the job folder's paths become the names the user knows.
-pub(crate) fn user_message(e: &InfditError, dir: &Path, job: &JobRow) -> String {
-    let input = dir.join(format!("input.{}", job.input_ext)).display().to_string();
-    let output = dir.join(format!("output.{}", job.output_ext)).display().to_string();
+pub(crate) fn user_message(e: &InfditError, dir: &Path, input: &Path, output: &Path, input_name: &str) -> String {
     e.to_string()
-        .replace(&input, &job.input_name)
-        .replace(&output, "the output")
+        .replace(&input.display().to_string(), input_name)
+        .replace(&output.display().to_string(), "the output")
         .replace(&dir.display().to_string(), "job")
 }
 
@@ -139,7 +137,7 @@ fn run(app: &Arc<App>, job: &JobRow) {
         Ok(_) => (JobState::Done, None),
         Err(InfditError::Interrupted { .. }) if stopping => (JobState::Queued, None),
         Err(InfditError::Interrupted { .. }) if cancel.load(Ordering::SeqCst) => (JobState::Cancelled, None),
-        Err(e) => (JobState::Failed, Some(user_message(e, &dir, job))),
+        Err(e) => (JobState::Failed, Some(user_message(e, &dir, &input, &output, &job.input_name))),
     };
     app.metrics.run_ms.fetch_add(ran_ms as u64, Ordering::Relaxed);
     match state {
