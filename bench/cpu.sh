@@ -7,7 +7,8 @@
 # Environment: INFDIT_KERNELS (avx512, avx2, neon or portable: the kernel path, default the best the
 # CPU runs; the table says which ran), ISA=avx2 (an AVX2-only machine, emulated on an AVX-512 one: infdit
 # built without its `avx512-gemm` feature and run with INFDIT_KERNELS=avx2, PyTorch run with
-# ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2, the peak too),
+# ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2, the peak too; use
+# DTYPES=f32 with it: PyTorch's bf16 matmul restricted to AVX2 measured 0.37 GFLOP/s, its bf16 call takes hours),
 # RT=1 (each timed command at real-time priority, `chrt -f 10`, so that other jobs on a shared machine
 # do not skew the side-by-side; needs root), THREADS (default 2), REPEAT (best of, default 3), SIGMA (default 1.0),
 # DTYPES (default "f32 bf16"), CASES (default "parity:384x384 small512:512x512"),

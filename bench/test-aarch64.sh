@@ -8,7 +8,9 @@
 #
 # Environment: AARCH64_TARGET_DIR (default target/aarch64), INFDIT_SHARED_DIR (the parity vectors,
 # default ../shared), SKIP_PARITY=1 to run the unit tests only, PARITY_FILTER (a test-name filter for
-# the parity tests, e.g. `network`: the sampling cases take long under emulation), JOBS (default 2).
+# the parity tests, e.g. `network`: the sampling cases take long under emulation), JOBS (default 2),
+# QEMU_CPU (read by qemu: the default `max` has FP16 arithmetic, where the gemm crate's f16 matmul
+# sums in f16 and case_a_network_bf16_f16 fails; `cortex-a72` has none: see docs/kernels.md).
 # Needs root (or the packages already installed) for apt-get, and rustup.
 set -euo pipefail
 cd "$(dirname "$0")/.."

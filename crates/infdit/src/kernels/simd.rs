@@ -79,8 +79,9 @@ pub(crate) mod avx2 {
         let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)))
     }
-    /// 2^x for x <= 0 (x below -127 gives 0): the degree-6 polynomial of the other paths on the
-    /// fraction, the integer part put into the exponent.
+    /// 2^x for x < 127.5 (x below -127 gives 0; the attention takes it up to its lazy-max bound
+    /// of 32): the degree-6 polynomial of the other paths on the fraction, the integer part put
+    /// into the exponent.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(crate) fn exp2(x: V) -> V {
@@ -94,7 +95,7 @@ pub(crate) mod avx2 {
         p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(C[2]));
         p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(C[1]));
         p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(C[0]));
-        // 2^n for n in -127..=0 (n = -127: bits 0, so the result is 0).
+        // 2^n for n in -127..=127 (n = -127: bits 0, so the result is 0).
         let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
         _mm256_mul_ps(p, _mm256_castsi256_ps(e))
     }
@@ -170,7 +171,7 @@ pub(crate) mod neon {
     pub(crate) fn hmax(v: V) -> f32 {
         vmaxvq_f32(v)
     }
-    /// 2^x for x <= 0 (x below -127 gives 0), as in the AVX2 module.
+    /// 2^x for x < 127.5 (x below -127 gives 0), as in the AVX2 module.
     #[inline]
     #[target_feature(enable = "neon")]
     pub(crate) fn exp2(x: V) -> V {

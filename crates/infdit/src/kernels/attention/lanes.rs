@@ -4,13 +4,17 @@
 //!
 //! Same structure as the AVX-512 tile: K packed in panels of `LANES` keys, a register-blocked
 //! score micro-kernel (`MR` rows x `U` panels), an online softmax with the polynomial `exp2` on
-//! each key tile (running max updated per tile, accumulator rescaled), and a register-blocked
-//! `P V` micro-kernel over column blocks of `W` vectors; everything in f32 with FMAs.
+//! each key tile (the AVX-512 tile's lazy running max: set by the first key tile, exceeded by
+//! more than 2^32 only rarely, then that row is redone and its accumulator rescaled), and a
+//! register-blocked `P V` micro-kernel over column blocks of `W` vectors; everything in f32 with
+//! FMAs.
 
 use super::pack::{AlignedBuf, write_out};
 
 /// Keys a tile of the online softmax.
 const LANES_KEY_TILE: usize = 128;
+/// How far (log2 units) a score may exceed the stored running max before the row is redone.
+const LANES_LAZY_MAX: f32 = 32.0;
 use crate::kernels::{Elem, exp2_portable};
 use std::mem::MaybeUninit;
 
@@ -19,7 +23,9 @@ use std::mem::MaybeUninit;
 /// vectors per column block of the `P V` product.
 macro_rules! lanes_tile {
     ($v:path, $feat:literal, $mr:literal, $u:literal, $w:literal) => {
-        use super::{AlignedBuf, Elem, LANES_KEY_TILE, MaybeUninit, exp2_portable, write_out};
+        use super::{
+            AlignedBuf, Elem, LANES_KEY_TILE, LANES_LAZY_MAX as LAZY_MAX, MaybeUninit, exp2_portable, write_out,
+        };
         use v::LANES as L;
         use $v as v;
 
@@ -180,31 +186,42 @@ macro_rules! lanes_tile {
             m
         }
 
-        /// In place `row[j] = 2^(row[j] - m)` for j < bk; returns their sum.
+        /// In place `row[j] = 2^(row[j] - m)` for j < bk; returns their sum and, when `TRACK`,
+        /// the max of the scores (else -inf).
         #[inline]
         #[target_feature(enable = $feat)]
-        unsafe fn exp_row(row: *mut f32, bk: usize, m: f32) -> f32 {
+        unsafe fn exp_row<const TRACK: bool>(row: *mut f32, bk: usize, m: f32) -> (f32, f32) {
             let full = bk / L;
             let mv = v::splat(m);
             let mut sum = v::zero();
+            let mut mx = v::splat(f32::NEG_INFINITY);
             for x in 0..full {
                 // SAFETY: x * L + L <= bk values of the row (caller).
                 unsafe {
-                    let e = v::exp2(v::sub(v::load(row.add(x * L)), mv));
+                    let sv = v::load(row.add(x * L));
+                    if TRACK {
+                        mx = v::max(mx, sv);
+                    }
+                    let e = v::exp2(v::sub(sv, mv));
                     v::store(row.add(x * L), e);
                     sum = v::add(sum, e);
                 }
             }
             let mut s = v::hsum(sum);
+            let mut smax = if TRACK { v::hmax(mx) } else { f32::NEG_INFINITY };
             for j in full * L..bk {
                 // SAFETY: j < bk.
                 unsafe {
-                    let e = exp2_portable(*row.add(j) - m);
+                    let sv = *row.add(j);
+                    if TRACK {
+                        smax = smax.max(sv);
+                    }
+                    let e = exp2_portable(sv - m);
                     *row.add(j) = e;
                     s += e;
                 }
             }
-            s
+            (s, smax)
         }
 
         /// One query tile: `nr` rows of `qb` (a multiple of MR rows of dp values, log2-domain
@@ -245,17 +262,39 @@ macro_rules! lanes_tile {
                     // (k0 is a multiple of L) and values exist, and s has MR rows of lds >=
                     // npan * L values.
                     unsafe { scores::<MR>(qp.add(g * MR * dp), dp, kpp.add(k0 * dp), npan, s, lds) };
+                    // Online softmax with a lazy running max (as on the AVX-512 path): after
+                    // the first key tile the exponentials are taken against the stored max m
+                    // unless a score exceeds it by more than LAZY_MAX (then that row's scores
+                    // are recomputed, taken against its new max and the accumulator rescaled),
+                    // so P may reach 2^LAZY_MAX (no overflow); no max pass and no rescale of
+                    // the accumulator on most tiles.
                     let mut corr = [1f32; MR];
                     for (r, cr) in corr.iter_mut().enumerate() {
                         let i = g * MR + r;
                         let row = s.wrapping_add(r * lds);
-                        // SAFETY: row r of s holds bk scores.
-                        let mt = unsafe { row_max(row, bk) }.max(m[i]);
-                        *cr = (m[i] - mt).exp2();
-                        // SAFETY: as above.
-                        let sum = unsafe { exp_row(row, bk, mt) };
+                        let sum = if k0 == 0 {
+                            // SAFETY: row r of s holds bk scores.
+                            m[i] = unsafe { row_max(row, bk) };
+                            // SAFETY: as above.
+                            unsafe { exp_row::<false>(row, bk, m[i]).0 }
+                        } else {
+                            // SAFETY: as above.
+                            let (sum, mx) = unsafe { exp_row::<true>(row, bk, m[i]) };
+                            if mx <= m[i] + LAZY_MAX {
+                                sum
+                            } else {
+                                // SAFETY: q row g * MR + r and the key tile's panels exist (the
+                                // asserts above), row r of s has room for npan * L values.
+                                unsafe { scores::<1>(qp.add((g * MR + r) * dp), dp, kpp.add(k0 * dp), npan, row, lds) };
+                                // SAFETY: row r of s holds bk scores.
+                                let mt = unsafe { row_max(row, bk) };
+                                *cr = (m[i] - mt).exp2();
+                                m[i] = mt;
+                                // SAFETY: as above.
+                                unsafe { exp_row::<false>(row, bk, mt).0 }
+                            }
+                        };
                         l[i] = l[i] * *cr + sum;
-                        m[i] = mt;
                     }
                     // SAFETY: P = s (MR rows, bk values each), V rows k0..k0 + bk, accumulator
                     // rows g * MR.. of dp values.
@@ -271,8 +310,8 @@ macro_rules! lanes_tile {
     };
 }
 
-/// AVX2 + FMA: 4 rows x 3 panels of 8 keys (12 accumulators) for the scores, 4 rows x 3 vectors
-/// for `P V` (16 ymm registers).
+/// AVX2 + FMA: 6 rows x 2 panels of 8 keys (12 accumulators) for the scores, 6 rows x 2 vectors
+/// for `P V` (15 of the 16 ymm registers).
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
     lanes_tile!(crate::kernels::simd::avx2, "avx2,fma", 6, 2, 2);

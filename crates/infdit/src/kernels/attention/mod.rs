@@ -20,8 +20,8 @@
 //!   for the second product (as PyTorch's CPU flash attention does); the softmax stays in f32.
 //! * AVX2 + FMA (`avx2` path) and NEON (`neon` path) in `lanes.rs`: one tile written over the
 //!   vector primitives of [`super::simd`] (8 or 4 lanes): K packed in panels of one vector of
-//!   keys, register-blocked score and `P V` micro-kernels, the same polynomial `exp2`, and a
-//!   plain running max (updated per key tile, accumulator rescaled).
+//!   keys, register-blocked score and `P V` micro-kernels, the same polynomial `exp2`, and the
+//!   same lazy running max.
 //! * Portable (`portable` path) in `portable.rs`: the `gemm` crate for both products (single
 //!   threaded inside; rayon is outside) and a vectorisable scalar `exp2` of the same polynomial.
 //!
