@@ -119,8 +119,9 @@ pub fn bench_train(
         return Err(crate::error::InfditError::Config("bench_train: give at least one step and one crop".into()));
     }
     let side = crop + crop / 2;
-    let data =
-        Dataset::from_images((0..4).map(|i| (PathBuf::from(format!("synthetic{i}")), synthetic_picture(i, side, side))).collect());
+    let data = Dataset::from_images(
+        (0..4).map(|i| (PathBuf::from(format!("synthetic{i}")), synthetic_picture(i, side, side))).collect(),
+    );
     let sample = SampleConfig { crop, scale: cfg.dit.sr_scale, ..Default::default() };
     let tc = TrainConfig { steps: warmup + steps, batch, ..Default::default() };
     let mut trainer = Trainer::new(cfg, &random_checkpoint(cfg, 1)?, tc)?;

@@ -16,6 +16,24 @@ use rayon::prelude::*;
 
 use super::{matmul, slice, tensor, with_f32};
 
+thread_local! {
+    /// Per-worker score buffers (kept between calls: fresh 1 MB buffers per item cost page faults).
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` with this worker's two scratch buffers of `n` values each (contents unspecified).
+fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+    SCRATCH.with(|c| {
+        let mut c = c.borrow_mut();
+        let (a, b) = &mut *c;
+        if a.len() < n {
+            a.resize(n, 0.0);
+            b.resize(n, 0.0);
+        }
+        f(&mut a[..n], &mut b[..n])
+    })
+}
+
 struct Attention {
     scale: f32,
 }
@@ -73,9 +91,10 @@ impl CustomOp3 for Attention {
         let (qs, ks) = (dm.tq * dm.d, dm.tk * dm.d);
         let mut out = vec![0f32; dm.items * qs];
         out.par_chunks_mut(qs).enumerate().for_each(|(i, o)| {
-            let mut p = vec![0f32; dm.tq * dm.tk];
-            probabilities(&q[i * qs..][..qs], &k[i * ks..][..ks], &dm, self.scale, &mut p);
-            matmul(dm.tq, dm.d, dm.tk, &p, false, &v[i * ks..][..ks], false, o, false);
+            with_scratch(dm.tq * dm.tk, |p, _| {
+                probabilities(&q[i * qs..][..qs], &k[i * ks..][..ks], &dm, self.scale, p);
+                matmul(dm.tq, dm.d, dm.tk, p, false, &v[i * ks..][..ks], false, o, false);
+            })
         });
         Ok((CpuStorage::F32(out), lq.shape().clone()))
     }
@@ -106,23 +125,23 @@ impl CustomOp3 for Attention {
                                 .for_each(|(i, ((dqi, dki), dvi))| {
                                     let (qi, ki, vi) = (&q[i * qs..][..qs], &k[i * ks..][..ks], &v[i * ks..][..ks]);
                                     let (oi, gi) = (&o[i * qs..][..qs], &g[i * qs..][..qs]);
-                                    let mut p = vec![0f32; dm.tq * dm.tk];
-                                    let mut dp = vec![0f32; dm.tq * dm.tk];
-                                    probabilities(qi, ki, &dm, scale, &mut p);
-                                    // dV = P^T dO
-                                    matmul(dm.tk, dm.d, dm.tq, &p, true, gi, false, dvi, false);
-                                    // dP = dO V^T
-                                    matmul(dm.tq, dm.tk, dm.d, gi, false, vi, true, &mut dp, false);
-                                    for r in 0..dm.tq {
-                                        let dr: f32 = (0..dm.d).map(|c| gi[r * dm.d + c] * oi[r * dm.d + c]).sum();
-                                        let (pr, dpr) = (&p[r * dm.tk..][..dm.tk], &mut dp[r * dm.tk..][..dm.tk]);
-                                        for (x, &pp) in dpr.iter_mut().zip(pr) {
-                                            *x = pp * (*x - dr) * scale;
+                                    with_scratch(dm.tq * dm.tk, |p, dp| {
+                                        probabilities(qi, ki, &dm, scale, p);
+                                        // dV = P^T dO
+                                        matmul(dm.tk, dm.d, dm.tq, p, true, gi, false, dvi, false);
+                                        // dP = dO V^T
+                                        matmul(dm.tq, dm.tk, dm.d, gi, false, vi, true, dp, false);
+                                        for r in 0..dm.tq {
+                                            let dr: f32 = (0..dm.d).map(|c| gi[r * dm.d + c] * oi[r * dm.d + c]).sum();
+                                            let (pr, dpr) = (&p[r * dm.tk..][..dm.tk], &mut dp[r * dm.tk..][..dm.tk]);
+                                            for (x, &pp) in dpr.iter_mut().zip(pr) {
+                                                *x = pp * (*x - dr) * scale;
+                                            }
                                         }
-                                    }
-                                    // dQ = dS K, dK = dS^T Q
-                                    matmul(dm.tq, dm.d, dm.tk, &dp, false, ki, false, dqi, false);
-                                    matmul(dm.tk, dm.d, dm.tq, &dp, true, qi, false, dki, false);
+                                        // dQ = dS K, dK = dS^T Q
+                                        matmul(dm.tq, dm.d, dm.tk, dp, false, ki, false, dqi, false);
+                                        matmul(dm.tk, dm.d, dm.tq, dp, true, qi, false, dki, false);
+                                    })
                                 });
                         })
                     })

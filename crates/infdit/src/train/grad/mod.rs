@@ -36,11 +36,13 @@ pub fn applies(ts: &[&candle_core::Tensor]) -> bool {
 }
 
 pub mod attention;
+pub mod gather;
 pub mod gelu;
 pub mod norm;
 pub mod rope;
 
 pub use attention::{attention, attention_reference};
+pub use gather::{gather, gather_reference};
 pub use gelu::gelu;
 pub use norm::{ln_affine, ln_affine_reference};
 pub use rope::{heads_rope, heads_rope_reference};
@@ -158,3 +160,6 @@ pub(crate) mod testutil {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -77,7 +77,9 @@ impl CustomOp3 for LnAffine {
                         .map(|((dxc, xc), dyc)| {
                             let (mut dg, mut db) = (vec![0f32; c], vec![0f32; c]);
                             let mut xhat = vec![0f32; c];
-                            for ((dxr, xr), dyr) in dxc.chunks_exact_mut(c).zip(xc.chunks_exact(c)).zip(dyc.chunks_exact(c)) {
+                            for ((dxr, xr), dyr) in
+                                dxc.chunks_exact_mut(c).zip(xc.chunks_exact(c)).zip(dyc.chunks_exact(c))
+                            {
                                 let (mean, rstd) = stats(xr, self.eps);
                                 let (mut m1, mut m2) = (0f32, 0f32);
                                 for i in 0..c {
@@ -106,11 +108,7 @@ impl CustomOp3 for LnAffine {
                 db[i] += pb[i];
             }
         }
-        Ok((
-            Some(tensor(dx, x.dims())?),
-            Some(tensor(dg, g.dims())?),
-            Some(tensor(db, b.dims())?),
-        ))
+        Ok((Some(tensor(dx, x.dims())?), Some(tensor(dg, g.dims())?), Some(tensor(db, b.dims())?)))
     }
 }
 
