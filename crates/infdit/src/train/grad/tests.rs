@@ -67,6 +67,7 @@ fn f64v(v: &[f32]) -> Vec<f64> {
 }
 
 /// f64 attention loss `sum(softmax(q k^T s) v * w)`.
+#[allow(clippy::too_many_arguments)]
 fn attention_f64(q: &[f64], k: &[f64], v: &[f64], w: &[f64], items: usize, tq: usize, tk: usize, d: usize) -> f64 {
     let s = 1.0 / (d as f64).sqrt();
     let mut loss = 0.0;
