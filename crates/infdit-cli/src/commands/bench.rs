@@ -359,39 +359,6 @@ fn compare(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn flops_of_small_config() {
-        let cfg = DitConfig {
-            hidden: 64,
-            depth: 2,
-            heads: 2,
-            mlp_hidden: 128,
-            patch: 4,
-            in_channels: 6,
-            out_channels: 3,
-            block_px: 128,
-            vector_dim: 8,
-            time_channels: 192,
-            image_size: 512,
-            sr_scale: 4,
-            lr_patch: 2,
-            ln_eps: 1e-6,
-            ..DitConfig::released()
-        };
-        // one 128x128 block: N = 1024 tokens, LR 32x32 -> features 16x16, padded 48x48.
-        let n = 1024.0;
-        let per_layer = n * (2.0 * (4.0 * 64.0 * 64.0 + 2.0 * 64.0 * 128.0) + 16.0 * 1024.0 * 64.0);
-        let cross = n * (4.0 * 64.0 * 64.0 + 4.0 * 2304.0 * 64.0) + 2.0 * 48.0 * 48.0 * 64.0 * 128.0;
-        let small = 2.0 * 256.0 * 64.0 * 12.0 + 2.0 * n * 64.0 * 96.0 + 2.0 * n * 64.0 * 48.0;
-        let want = 2.0 * per_layer + cross + small;
-        assert!((denoise_flops(&cfg, 128, 128) - want).abs() < 1e-6 * want);
-    }
-}
-
 /// `infdit bench train`: the library's [`infdit::train::bench::bench_train`] for the built-in
 /// training config (or `--config`) and a larger one (hidden 256, depth 8, 4 heads, MLP 1024), both
 /// backward paths, `--repeat` timed steps of a batch of 4 128-px crops after one warm-up step.
@@ -440,4 +407,37 @@ fn bench_train(a: BenchArgs) -> Result<()> {
         println!("  ratio fast/autograd: {:.2}x", rates[0] / rates[1]);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flops_of_small_config() {
+        let cfg = DitConfig {
+            hidden: 64,
+            depth: 2,
+            heads: 2,
+            mlp_hidden: 128,
+            patch: 4,
+            in_channels: 6,
+            out_channels: 3,
+            block_px: 128,
+            vector_dim: 8,
+            time_channels: 192,
+            image_size: 512,
+            sr_scale: 4,
+            lr_patch: 2,
+            ln_eps: 1e-6,
+            ..DitConfig::released()
+        };
+        // one 128x128 block: N = 1024 tokens, LR 32x32 -> features 16x16, padded 48x48.
+        let n = 1024.0;
+        let per_layer = n * (2.0 * (4.0 * 64.0 * 64.0 + 2.0 * 64.0 * 128.0) + 16.0 * 1024.0 * 64.0);
+        let cross = n * (4.0 * 64.0 * 64.0 + 4.0 * 2304.0 * 64.0) + 2.0 * 48.0 * 48.0 * 64.0 * 128.0;
+        let small = 2.0 * 256.0 * 64.0 * 12.0 + 2.0 * n * 64.0 * 96.0 + 2.0 * n * 64.0 * 48.0;
+        let want = 2.0 * per_layer + cross + small;
+        assert!((denoise_flops(&cfg, 128, 128) - want).abs() < 1e-6 * want);
+    }
 }

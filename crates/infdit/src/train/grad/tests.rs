@@ -242,3 +242,15 @@ fn gather_matches_autograd() {
     // A copy and sums of at most four terms: equal up to the summation order.
     compare(&[&x], &w, fast, slow, 1e-6);
 }
+
+#[test]
+fn softmax_exp_is_accurate() {
+    let mut worst = 0f64;
+    for i in 0..=200_000 {
+        let x = -90.0 * i as f32 / 200_000.0;
+        let want = (x.max(-87.0) as f64).exp();
+        let got = super::attention::exp_nonpos(x) as f64;
+        worst = worst.max((got - want).abs() / want);
+    }
+    assert!(worst < 5e-7, "largest relative error {worst:e}");
+}
