@@ -54,7 +54,8 @@ fn dims(q: &[usize], k: &[usize], v: &[usize]) -> Result<Dims> {
 
 /// `e^x` for the softmax (`x <= 0` after the row maximum is subtracted; clamped at -87): `2^n 2^f` with
 /// `n = round(x log2 e)` and `2^f`, `|f| <= 1/2`, by its Taylor series to degree 7 (truncation
-/// below 1e-8 relative, i.e. within an f32 rounding or two). Written without calls so that the row
+/// below 1e-8 relative; the f32 rounding of `x log2 e` makes the relative error up to 4e-6 near
+/// -87, below 1e-6 on [-10, 0], tested). Written without calls so that the row
 /// loop vectorises; libm's scalar `expf` was 9% of a training step.
 #[inline(always)]
 pub(crate) fn exp_nonpos(x: f32) -> f32 {
