@@ -536,6 +536,10 @@ pub enum BenchTarget {
     /// Checks --device against the CPU: one block-scheduler call on the device (with and without
     /// --kv-offload) and on the CPU in f32, same inputs; prints the largest differences.
     Compare,
+    /// Training steps (sampling, forward, backward, AdamW) with the fast backward and with plain
+    /// candle autograd, for the built-in training config (or --config) and a larger one; prints
+    /// crops/s, GFLOP/s and the ratio.
+    Train,
 }
 
 /// `--kv-offload` of `infdit bench`.

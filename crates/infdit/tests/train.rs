@@ -150,6 +150,49 @@ fn every_parameter_gets_its_gradient() {
     }
 }
 
+/// The fast backward (fused ops, the default) and the plain candle-autograd path give the same loss
+/// and the same gradient for every parameter of a tiny network (f32; tolerance relative to each
+/// parameter's largest gradient).
+#[test]
+fn fast_backward_equals_the_autograd_path() {
+    use infdit::train::grad::{GradPath, with_path};
+    let cfg = tiny();
+    let ck = random_checkpoint(&cfg, 5).unwrap();
+    let keys: Vec<String> = ck.keys().map(String::from).collect();
+    let vars: Vec<Var> = keys.iter().map(|k| Var::from_tensor(&ck.load(k, &Device::Cpu).unwrap()).unwrap()).collect();
+    let var_ck = Checkpoint::from_tensors("vars", keys.iter().cloned().zip(vars.iter().map(|v| v.as_tensor().clone())));
+    let s = fixed_sample(4);
+    let eps = unit_noise(9, &s.hr);
+    let m = Model::from_checkpoint(&cfg, var_ck, DType::F32, &Device::Cpu).unwrap();
+    let run = |path: GradPath| {
+        with_path(path, || {
+            let loss = edm_loss(&m, &s, &clip0(), 0.8, &eps, (3, 7)).unwrap();
+            (loss.to_scalar::<f32>().unwrap(), loss.backward().unwrap())
+        })
+    };
+    let (lf, gf) = run(GradPath::Fast);
+    let (la, ga) = run(GradPath::Autograd);
+    assert!((lf - la).abs() <= 1e-5 * la.abs().max(1.0), "loss {lf} vs {la}");
+    let mut worst = (0f32, String::new());
+    for (k, v) in keys.iter().zip(&vars) {
+        let (Some(f), Some(a)) = (gf.get(v.as_tensor()), ga.get(v.as_tensor())) else {
+            assert!(
+                gf.get(v.as_tensor()).is_none() && ga.get(v.as_tensor()).is_none(),
+                "{k}: gradient on one path only"
+            );
+            continue;
+        };
+        let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (f - a).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let rel = diff / scale.max(1e-6);
+        if rel > worst.0 {
+            worst = (rel, k.clone());
+        }
+        assert!(diff <= 1e-3 * scale + 1e-7, "{k}: gradients differ by {diff} (largest {scale})");
+    }
+    eprintln!("largest relative gradient difference: {:e} ({})", worst.0, worst.1);
+}
+
 fn eval_loss(t: &Trainer) -> f64 {
     let m = t.model(true).unwrap();
     let mut sum = 0.0;

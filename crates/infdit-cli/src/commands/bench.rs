@@ -91,6 +91,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     match a.target {
         BenchTarget::Denoise => bench_denoise(a),
         BenchTarget::Compare => compare(a),
+        BenchTarget::Train => bench_train(a),
     }
 }
 
@@ -354,6 +355,56 @@ fn compare(a: BenchArgs) -> Result<()> {
         bail!(
             "the device's result differs from the CPU's beyond the tolerance (f32: 1e-3 of the output) or --kv-offload changed it"
         );
+    }
+    Ok(())
+}
+
+/// `infdit bench train`: the library's [`infdit::train::bench::bench_train`] for the built-in
+/// training config (or `--config`) and a larger one (hidden 256, depth 8, 4 heads, MLP 1024), both
+/// backward paths, `--repeat` timed steps of a batch of 4 128-px crops after one warm-up step.
+fn bench_train(a: BenchArgs) -> Result<()> {
+    use infdit::config::ModelConfig;
+    use infdit::train::bench::{GradPath, bench_train as run, train_flops};
+    if a.repeat == 0 {
+        bail!("--repeat must be at least 1");
+    }
+    let base = match &a.model.config {
+        Some(p) => ModelConfig::from_file(p)?,
+        None => ModelConfig::from_json_str(infdit::loaded::BUILTIN_CONFIG)?,
+    };
+    let mut large = base.clone();
+    large.dit.hidden = 256;
+    large.dit.depth = 8;
+    large.dit.heads = 4;
+    large.dit.mlp_hidden = 1024;
+    let (crop, batch) = (128, 4);
+    println!("threads {}  crop {crop}  batch {batch}  timed steps {}", infdit::train::bench::threads(), a.repeat);
+    for (label, cfg) in [("built-in", &base), ("large", &large)] {
+        let d = &cfg.dit;
+        println!(
+            "{label}: hidden {} depth {} heads {} mlp {} patch {} block {}  {:.2} GFLOP per crop (fwd+bwd)",
+            d.hidden,
+            d.depth,
+            d.heads,
+            d.mlp_hidden,
+            d.patch,
+            d.block_px,
+            train_flops(d, crop) / 1e9
+        );
+        let mut rates = Vec::new();
+        for path in [GradPath::Fast, GradPath::Autograd] {
+            let r = run(cfg, crop, batch, 1, a.repeat, path)?;
+            println!(
+                "  {:<8}  step best {:.3} s  median {:.3} s  {:.2} crops/s  {:.1} GFLOP/s",
+                path.name(),
+                r.best_step_s,
+                r.median_step_s,
+                r.crops_per_s,
+                r.gflops
+            );
+            rates.push(r.crops_per_s);
+        }
+        println!("  ratio fast/autograd: {:.2}x", rates[0] / rates[1]);
     }
     Ok(())
 }

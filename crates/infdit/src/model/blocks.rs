@@ -110,6 +110,8 @@ pub trait KvSource {
 #[derive(Debug, Clone)]
 pub struct WholeImageKv {
     index: [Tensor; 3],
+    /// The four source blocks of each block, [self, top-left, left, top] (the training op's table).
+    groups: Vec<[usize; 4]>,
 }
 
 impl WholeImageKv {
@@ -126,7 +128,8 @@ impl WholeImageKv {
                 .collect();
             Tensor::new(v.as_slice(), dev)
         };
-        Ok(Self { index: [idx(1)?, idx(2)?, idx(3)?] })
+        let groups = pos.iter().map(|p| neighbours(*p).map(|q| q.row * grid.cols + q.col)).collect();
+        Ok(Self { index: [idx(1)?, idx(2)?, idx(3)?], groups })
     }
 }
 
@@ -138,6 +141,11 @@ pub fn concat_groups(own: &Tensor, others: [Tensor; 3]) -> Result<Tensor> {
 
 impl KvSource for WholeImageKv {
     fn neighbourhood(&mut self, _layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        // Training (an operand in an autograd graph, f32 CPU): one op with a hand-written backward.
+        if (k.track_op() || v.track_op()) && crate::train::grad::applies(&[k, v]) {
+            let g = &self.groups;
+            return Ok((crate::train::grad::gather(k, g)?, crate::train::grad::gather(v, g)?));
+        }
         let gather = |t: &Tensor| -> Result<Tensor> {
             let g = |i: usize| t.index_select(&self.index[i], 0);
             concat_groups(t, [g(0)?, g(1)?, g(2)?])

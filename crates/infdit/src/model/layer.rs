@@ -199,6 +199,9 @@ impl Layer {
         let qkv = self.qkv.forward(a)?; // (n, T, 3D)
         let split = |i: usize| qkv.narrow(D::Minus1, i * dm, dm)?.reshape((n, t, h, d));
         let rope = |z: Tensor| -> Result<Tensor> {
+            if crate::train::grad::applies(&[&z, cos, sin]) {
+                return crate::train::grad::heads_rope(&self.qk_ln.forward(&z)?, cos, sin);
+            }
             let z = self.qk_ln.forward(&z)?.transpose(1, 2)?; // (n, H, T, d)
             super::rope::apply_rope(&z.to_dtype(DType::F32)?, cos, sin)?.to_dtype(a.dtype())
         };
@@ -221,7 +224,11 @@ impl Layer {
         if kernels::applies(&[z, self.up.weight()]) {
             return fused::bias_gelu(&self.up.forward_no_bias(z)?, self.up.bias());
         }
-        self.up.forward(z)?.gelu()
+        let y = self.up.forward(z)?;
+        if crate::train::grad::applies(&[&y]) {
+            return crate::train::grad::gelu(&y);
+        }
+        y.gelu()
     }
 
     /// The layer on a batch of blocks: `x` is (n, T, D), tokens block-local row-major.

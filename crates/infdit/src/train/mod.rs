@@ -9,8 +9,10 @@
 //! [`kernels`] holds its blur kernels. Everything works on planar f32 RGB [`Image`]s in `[0, 1]`,
 //! driven by the deterministic [`SplitMix64`] generator through the [`Sampler`] helpers.
 
+pub mod bench;
 pub mod data;
 pub mod degrade;
+pub mod grad;
 pub mod kernels;
 pub mod stages;
 pub mod trainer;

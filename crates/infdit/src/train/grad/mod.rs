@@ -1,0 +1,165 @@
+//! The fast backward of training: fused CPU ops with a hand-written backward pass.
+//!
+//! Each op is a candle custom op (`CustomOp1/2/3`) with a `cpu_fwd` and a `bwd`, so the network
+//! code and the trainer's `loss.backward()` stay as they are while the hot path no longer
+//! goes through dozens of primitive ops per layer.
+
+use std::cell::Cell;
+
+pub use super::bench::GradPath;
+
+thread_local! {
+    static PATH: Cell<GradPath> = const { Cell::new(GradPath::Fast) };
+}
+
+/// The backward the network code on this thread builds its graph for.
+pub fn path() -> GradPath {
+    PATH.with(Cell::get)
+}
+
+/// Runs `f` with the given backward on this thread (restored afterwards).
+pub fn with_path<R>(p: GradPath, f: impl FnOnce() -> R) -> R {
+    struct Restore(GradPath);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            PATH.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(PATH.with(|c| c.replace(p)));
+    f()
+}
+
+/// Whether the fast ops apply to tensors that are part of an autograd graph: the fast path is
+/// selected on this thread and every tensor is f32 on the CPU.
+pub fn applies(ts: &[&candle_core::Tensor]) -> bool {
+    path() == GradPath::Fast && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
+}
+
+pub mod attention;
+pub mod gather;
+pub mod gelu;
+pub mod norm;
+pub mod rope;
+
+pub use attention::{attention, attention_reference};
+pub use gather::{gather, gather_reference};
+pub use gelu::gelu;
+pub use norm::{ln_affine, ln_affine_reference};
+pub use rope::{heads_rope, heads_rope_reference};
+
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
+
+/// The f32 values of a contiguous CPU storage under `layout`.
+pub(crate) fn slice<'a>(s: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let all = s.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&all[a..b]),
+        None => candle_core::bail!("{what}: the operand must be contiguous"),
+    }
+}
+
+/// Runs `f` on the f32 values of `t` (made contiguous first if it is not).
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = if t.is_contiguous() { t.clone() } else { t.contiguous()? };
+    let (st, layout) = t.storage_and_layout();
+    match &*st {
+        Storage::Cpu(s) => Ok(f(slice(s, layout, "with_f32")?)),
+        _ => candle_core::bail!("the fast backward runs on the CPU only"),
+    }
+}
+
+/// A new CPU tensor from values.
+pub(crate) fn tensor(v: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+    Tensor::from_vec(v, shape, &candle_core::Device::Cpu)
+}
+
+/// `C = A B` (or `C += A B` with `acc`) on row-major f32 matrices, single-threaded (the callers
+/// parallelise over independent products, which keeps every result independent of the thread
+/// count). `A` is m x k, or stored k x m when `at`; `B` is k x n, or stored n x k when `bt`; `C` is
+/// m x n. Each product is summed in the gemm crate's fixed order.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(m: usize, n: usize, k: usize, a: &[f32], at: bool, b: &[f32], bt: bool, c: &mut [f32], acc: bool) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "matmul: operand too short");
+    let (a_cs, a_rs) = if at { (m as isize, 1) } else { (1, k as isize) };
+    let (b_cs, b_rs) = if bt { (k as isize, 1) } else { (1, n as isize) };
+    // SAFETY: the asserts above bound every index the strides reach: A's (i, p) is at
+    // i*a_rs + p*a_cs < m*k, B's (p, j) at p*b_rs + j*b_cs < k*n, C's (i, j) at i*n + j < m*n; C is
+    // a unique borrow, disjoint from A and B.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            acc,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use candle_core::{Device, Tensor, Var};
+
+    /// Deterministic values in [-1, 1).
+    pub fn values(seed: u64, n: usize) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    pub fn var(seed: u64, shape: &[usize]) -> Var {
+        let n = shape.iter().product();
+        Var::from_tensor(&Tensor::from_vec(values(seed, n), shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    pub fn max_abs(a: &Tensor) -> f32 {
+        a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    pub fn to_vec(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// Central finite differences of the scalar `f` (evaluated in f64 from f32 inputs) at the
+    /// given input values, for the listed coordinates.
+    pub fn central_diff(x: &[f32], idx: &[usize], h: f32, f: impl Fn(&[f32]) -> f64) -> Vec<f64> {
+        idx.iter()
+            .map(|&i| {
+                let mut p = x.to_vec();
+                p[i] = x[i] + h;
+                let fp = f(&p);
+                p[i] = x[i] - h;
+                let fm = f(&p);
+                (fp - fm) / (2.0 * h as f64)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;
