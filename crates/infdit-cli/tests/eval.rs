@@ -104,7 +104,7 @@ fn a_peer_is_scored_beside_bicubic_and_the_model() {
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(
         comparison(&stdout).contains(
-            "| image | method | PSNR-Y (dB) | vs bicubic (dB) | SSIM-Y | seam | flat-area dev. | s / image |"
+            "| image | method | PSNR-Y (dB) | vs bicubic (dB) | SSIM-Y | seam | flat-area dev. | s / image (median) |"
         ),
         "{stdout}"
     );

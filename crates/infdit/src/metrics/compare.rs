@@ -52,6 +52,17 @@ pub struct ImageScores {
     pub scores: Vec<MethodScore>,
 }
 
+/// Median of the values present (the mean of the middle two for an even count); `None` when none is.
+fn median_of(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let mut v: Vec<f64> = values.flatten().collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+}
+
 /// Mean of the values present; `None` when none is.
 fn mean_of(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
     let (mut s, mut n) = (0f64, 0usize);
@@ -74,8 +85,9 @@ fn signed(v: f64) -> String {
 ///
 /// Mean rows first (one per method): PSNR-Y and SSIM-Y averaged over all images; `vs` is the mean
 /// PSNR-Y difference to the baseline in dB and, in brackets, on how many images the method's PSNR-Y is
-/// higher than the baseline's; the seam score, the flat-area deviation and the seconds are averaged over
-/// the images that have them (`n/a` if none). Then one row per image and method, with the difference
+/// higher than the baseline's; the seam score and the flat-area deviation are averaged over the images
+/// that have them (`n/a` if none); the seconds are their **median** (one image slowed down by other work
+/// on a shared machine does not move it). Then one row per image and method, with the difference
 /// to the baseline on that image. A flat-area deviation is followed by the share of flat pixels in the
 /// per-image rows. A `|` in a name is escaped.
 ///
@@ -97,7 +109,7 @@ pub fn format_comparison(methods: &[String], images: &[ImageScores]) -> String {
     let base_name = methods.first().map_or("baseline", String::as_str).replace('|', "\\|");
     let _ = writeln!(
         out,
-        "| image | method | PSNR-Y (dB) | vs {base_name} (dB) | SSIM-Y | seam | flat-area dev. | s / image |"
+        "| image | method | PSNR-Y (dB) | vs {base_name} (dB) | SSIM-Y | seam | flat-area dev. | s / image (median) |"
     );
     out.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     let label = format!("**mean ({n} image{})**", if n == 1 { "" } else { "s" });
@@ -117,7 +129,7 @@ pub fn format_comparison(methods: &[String], images: &[ImageScores]) -> String {
         };
         let seam = mean_of(images.iter().map(|im| im.scores[m].seam));
         let flat = mean_of(images.iter().map(|im| im.scores[m].flat.map(|f| f.mean_abs)));
-        let secs = mean_of(images.iter().map(|im| im.scores[m].seconds));
+        let secs = median_of(images.iter().map(|im| im.scores[m].seconds));
         let _ = writeln!(
             out,
             "| {label} | {} | {psnr:.2} | {vs} | {ssim:.4} | {} | {} | {} |",
@@ -180,7 +192,7 @@ mod tests {
             },
         ];
         let t = format_comparison(&methods, &images);
-        let expect = "| image | method | PSNR-Y (dB) | vs bicubic (dB) | SSIM-Y | seam | flat-area dev. | s / image |\n\
+        let expect = "| image | method | PSNR-Y (dB) | vs bicubic (dB) | SSIM-Y | seam | flat-area dev. | s / image (median) |\n\
                       | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n\
                       | **mean (2 images)** | bicubic | 25.00 |  | 0.7000 | 1.000 | 0.500 | n/a |\n\
                       | **mean (2 images)** | model | 25.25 | +0.25 (1/2 ahead) | 0.7350 | 1.100 | 0.700 | 3.0 |\n\
@@ -191,6 +203,26 @@ mod tests {
         assert_eq!(t, expect);
         let empty = format_comparison(&methods, &[]);
         assert!(empty.ends_with("| **mean (0 images)** | model | n/a | n/a | n/a | n/a | n/a | n/a |\n"), "{empty}");
+    }
+
+    #[test]
+    fn seconds_are_the_median() {
+        let methods = vec!["bicubic".to_string(), "model".to_string()];
+        let images: Vec<ImageScores> = [3.0, 400.0, 5.0]
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| ImageScores {
+                name: format!("{i}.png"),
+                scores: vec![ms(30.0, 0.8, None, None, None), ms(31.0, 0.8, None, None, Some(t))],
+            })
+            .collect();
+        let t = format_comparison(&methods, &images);
+        assert!(
+            t.contains("| **mean (3 images)** | model | 31.00 | +1.00 (3/3 ahead) | 0.8000 | n/a | n/a | 5.0 |\n"),
+            "{t}"
+        );
+        assert_eq!(median_of([Some(1.0), None, Some(2.0), Some(10.0), Some(4.0)].into_iter()), Some(3.0));
+        assert_eq!(median_of([None].into_iter()), None);
     }
 
     #[test]
