@@ -17,7 +17,7 @@
 #   PEER_CACHE  the peer's outputs, keyed by the SHA-256 of the LR PNG [target/bench/esrgan-cache]
 #   PEER_PRIO   prefix of the peer's node command ["nice -n 10"]; "chrt -f 10" for timing runs
 #   EVAL_PRIO   prefix of the final infdit eval ["chrt -f 10" when that works (root), else none]
-#   CROP        "STEM X Y SIZE" of the side-by-side picture ["plasma__EveningGlow 384 512 192"]
+#   CROP        "STEM X Y SIZE" of the side-by-side picture ["plasma__Grey 640 48 192"]
 #   PICTURE     where the side-by-side picture goes [$OUT/quality-sidebyside.png]
 #
 # Protocol: each photo's shorter side is resized to 1024 px (antialiased bicubic) and its centre 1024 x 1024
@@ -35,7 +35,7 @@ OUT="${OUT:-$ROOT/target/bench/quality}"
 NPM_DIR="${NPM_DIR:-$ROOT/target/bench/npm}"
 PEER_CACHE="${PEER_CACHE:-$ROOT/target/bench/esrgan-cache}"
 PEER_PRIO="${PEER_PRIO:-nice -n 10}"
-CROP="${CROP:-plasma__EveningGlow 384 512 192}"
+CROP="${CROP:-plasma__Grey 640 48 192}"
 PICTURE="${PICTURE:-$OUT/quality-sidebyside.png}"
 if [ -z "${EVAL_PRIO+x}" ]; then
   if chrt -f 10 true 2>/dev/null; then EVAL_PRIO="chrt -f 10"; else EVAL_PRIO=""; fi
