@@ -132,6 +132,10 @@ fn eval_one(up: &Upscaler, path: &Path, a: &EvalArgs, opts: &UpscaleOptions, pee
     // sampler moves block batches to the model's device).
     let lr = rgb8_to_tensor(&lr8)?;
 
+    let stem = path.file_stem().map_or_else(|| "out".into(), |s| s.to_string_lossy().into_owned());
+    // Every peer's output is read before the model runs and anything is written: a missing one fails the image.
+    let peer_outputs = peers.iter().map(|p| p.output(&stem, &hr8)).collect::<Result<Vec<_>>>()?;
+
     let start = Instant::now();
     let sr = upscale_x4(up, &lr, opts)?;
     let model_seconds = start.elapsed().as_secs_f64();
@@ -142,9 +146,6 @@ fn eval_one(up: &Upscaler, path: &Path, a: &EvalArgs, opts: &UpscaleOptions, pee
     let bic8 = bicubic_baseline(&lr8, SCALE);
 
     let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
-    let stem = path.file_stem().map_or_else(|| "out".into(), |s| s.to_string_lossy().into_owned());
-    // Every peer's output is read before anything is written or scored: a missing one fails the image.
-    let peer_outputs = peers.iter().map(|p| p.output(&stem, &hr8)).collect::<Result<Vec<_>>>()?;
     if let Some(dir) = &a.out_dir {
         save_rgb8_atomic(&sr8, &dir.join(format!("{stem}.png")), &[path])?;
         // The inputs and the baseline beside it, for viewing side by side.
