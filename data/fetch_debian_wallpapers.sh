@@ -5,6 +5,8 @@
 #   env PACKAGES="pkg1 pkg2"   override the package list
 #   env MIN_SIDE=512           minimum shorter side in pixels
 #   env MAKE_VALIDATION=1      (re)write data/validation.txt (every 10th image)
+# Files whose SHA-256 is listed in data/validation_photos.txt (bench/quality.sh's photo validation set) are
+# kept out of the train split.
 #
 # Only Debian's own archive is used (apt-get download + dpkg -x); no other
 # network access. Re-running is idempotent: a package whose OUT_DIR/<pkg>/.done
@@ -14,6 +16,7 @@ set -u -o pipefail
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 OUT_DIR="${1:-$SCRIPT_DIR/photos}"
 VALIDATION_LIST="$SCRIPT_DIR/validation.txt"
+PHOTO_LIST="$SCRIPT_DIR/validation_photos.txt"
 MIN_SIDE="${MIN_SIDE:-512}"
 PACKAGES="${PACKAGES:-mate-backgrounds plasma-workspace-wallpapers ukui-wallpapers gnome-backgrounds lomiri-wallpapers}"
 
@@ -219,18 +222,27 @@ fi
 
 rm -rf "$OUT_DIR/train" "$OUT_DIR/validation"
 mkdir -p "$OUT_DIR/train" "$OUT_DIR/validation"
-ntrain=0; nval=0; missing=0
+ntrain=0; nval=0; nheld=0; missing=0
 declare -A isval=()
 while IFS= read -r f; do [ -n "$f" ] && isval["$f"]=1; done < "$VALIDATION_LIST"
+# The photo validation set of bench/quality.sh (data/validation_photos.txt, 4th column: SHA-256) never
+# goes into train: a file with one of those contents is held out of both splits (unless validation.txt
+# lists it, then it stays in validation).
+declare -A isphoto=()
+if [ -f "$PHOTO_LIST" ]; then
+  while IFS=$'\t' read -r _ _ _ sum _; do [ -n "${sum:-}" ] && isphoto["$sum"]=1; done < <(grep -v '^#' "$PHOTO_LIST")
+fi
 while IFS= read -r f; do
-  if [ -n "${isval[$f]:-}" ]; then split=validation; nval=$((nval+1)); else split=train; ntrain=$((ntrain+1)); fi
+  if [ -n "${isval[$f]:-}" ]; then split=validation; nval=$((nval+1));
+  elif [ -n "${isphoto[$(sha256sum "$OUT_DIR/$f" | cut -c1-64)]:-}" ]; then nheld=$((nheld+1)); continue;
+  else split=train; ntrain=$((ntrain+1)); fi
   mkdir -p "$OUT_DIR/$split/$(dirname "$f")"
   ln "$OUT_DIR/$f" "$OUT_DIR/$split/$f" 2>/dev/null || cp "$OUT_DIR/$f" "$OUT_DIR/$split/$f"
 done < "$all_list"
 for f in "${!isval[@]}"; do
   [ -f "$OUT_DIR/$f" ] || { echo "warning: validation entry not present: $f" >&2; missing=$((missing+1)); }
 done
-echo "split: $ntrain train, $nval validation (hard links under $OUT_DIR/train and $OUT_DIR/validation)"
+echo "split: $ntrain train, $nval validation (hard links under $OUT_DIR/train and $OUT_DIR/validation), $nheld held out (photo validation set, data/validation_photos.txt)"
 [ "$missing" -gt 0 ] && echo "warning: $missing validation entries missing (package not fetched?)" >&2
 echo "total size of images: $(cd "$OUT_DIR" && cat "$all_list" | tr '\n' '\0' | du -ch --files0-from=- 2>/dev/null | tail -n 1 | cut -f1)"
 

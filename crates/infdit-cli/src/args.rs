@@ -638,6 +638,12 @@ pub struct EvalArgs {
     /// the bicubic baseline and the HR reference beside it (`{stem}_lr.png`, `_bicubic`, `_hr`).
     #[arg(long, value_name = "DIR")]
     pub out_dir: Option<PathBuf>,
+    /// Also score another upscaler's outputs of the same LR inputs (the `_lr.png` files that --out-dir
+    /// writes): DIR/{stem}.png for each HR image, 4x the LR, scored like the model and shown in the
+    /// comparison table as NAME. An optional DIR/times.tsv (`stem<TAB>seconds` lines) gives its seconds.
+    /// Repeatable.
+    #[arg(long, value_name = "NAME=DIR")]
+    pub peer: Vec<String>,
 }
 
 /// `infdit train`.

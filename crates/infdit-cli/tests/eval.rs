@@ -27,6 +27,26 @@ fn summary_value(stdout: &str, key: &str) -> f64 {
     v.parse().unwrap()
 }
 
+/// The model's and bicubic's tables (before the comparison table).
+fn tables(stdout: &str) -> &str {
+    stdout.split("## comparison").next().unwrap()
+}
+
+/// The comparison table.
+fn comparison(stdout: &str) -> &str {
+    stdout.split("## comparison").nth(1).expect("a comparison table")
+}
+
+/// The cells of the comparison row that starts with `| {image} | {method} |`.
+fn row(stdout: &str, image: &str, method: &str) -> Vec<String> {
+    let start = format!("| {image} | {method} |");
+    let line = comparison(stdout)
+        .lines()
+        .find(|l| l.starts_with(&start))
+        .unwrap_or_else(|| panic!("no row {start} in\n{stdout}"));
+    line.trim_matches('|').split(" | ").map(|c| c.trim().to_string()).collect()
+}
+
 #[test]
 fn eval_prints_both_tables_and_the_summary() {
     let img = shared("parity").join("case_b_sr.png");
@@ -38,7 +58,9 @@ fn eval_prints_both_tables_and_the_summary() {
     assert!(stdout.contains("## model"), "{stdout}");
     assert!(stdout.contains("## bicubic"), "{stdout}");
     assert_eq!(stdout.matches("| image | PSNR-Y (dB) | SSIM-Y | seam |").count(), 2, "{stdout}");
-    assert_eq!(stdout.matches("| case_b_sr.png |").count(), 2, "{stdout}");
+    assert_eq!(tables(&stdout).matches("| case_b_sr.png |").count(), 2, "{stdout}");
+    // The comparison table comes last: bicubic and the model, one row each for the image.
+    assert_eq!(comparison(&stdout).matches("| case_b_sr.png | ").count(), 2, "{stdout}");
     let bic = summary_value(&stdout, "mean_psnr_y bicubic");
     assert!(bic.is_finite() && bic > 10.0, "bicubic PSNR-Y {bic}");
     let model = summary_value(&stdout, "mean_psnr_y model");
@@ -59,9 +81,72 @@ fn a_bad_file_fails_the_run_but_the_others_are_evaluated() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stderr.contains("not_an_image.png"), "{stderr}");
-    assert_eq!(stdout.matches("| case_b_sr.png |").count(), 2, "{stdout}");
+    assert_eq!(tables(&stdout).matches("| case_b_sr.png |").count(), 2, "{stdout}");
     assert!(stdout.contains("mean (1 image)"), "{stdout}");
     let bic = summary_value(&stdout, "mean_psnr_y bicubic");
     assert!(bic.is_finite() && bic > 10.0, "bicubic PSNR-Y {bic}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_peer_is_scored_beside_bicubic_and_the_model() {
+    let img = shared("parity").join("case_b_sr.png");
+    let dir = tmpdir("peer");
+    let (out_dir, peer) = (dir.join("out"), dir.join("peer"));
+    let first = eval(std::slice::from_ref(&img), &["--out-dir", out_dir.to_str().unwrap()]);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    // The peer: bicubic's own output under another name, with a time.
+    std::fs::create_dir_all(&peer).unwrap();
+    std::fs::copy(out_dir.join("case_b_sr_bicubic.png"), peer.join("case_b_sr.png")).unwrap();
+    std::fs::write(peer.join("times.tsv"), "case_b_sr\t2.5\n").unwrap();
+    let out = eval(&[img], &["--peer", &format!("copy={}", peer.display())]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        comparison(&stdout).contains(
+            "| image | method | PSNR-Y (dB) | vs bicubic (dB) | SSIM-Y | seam | flat-area dev. | s / image (median) |"
+        ),
+        "{stdout}"
+    );
+    // Columns: image, method, PSNR-Y, vs bicubic, SSIM-Y, seam, flat-area deviation, seconds.
+    let bic = row(&stdout, "case_b_sr.png", "bicubic");
+    let copy = row(&stdout, "case_b_sr.png", "copy");
+    assert_eq!(bic[2], copy[2], "{stdout}");
+    assert_eq!(copy[3], "+0.00");
+    assert_eq!(bic[4..7], copy[4..7], "{stdout}");
+    assert_eq!((bic[7].as_str(), copy[7].as_str()), ("n/a", "2.5"));
+    // Bicubic's PSNR-Y in its own table, to 2 decimals.
+    let bic_psnr = summary_value(&stdout, "mean_psnr_y bicubic");
+    assert_eq!(bic[2], format!("{bic_psnr:.2}"));
+    // The model (a checkpoint given by --model) is timed.
+    let model = row(&stdout, "case_b_sr.png", "model");
+    assert!(model[7].parse::<f64>().unwrap() > 0.0, "{stdout}");
+    let mean = row(&stdout, "**mean (1 image)**", "copy");
+    assert_eq!(mean[3], "+0.00 (0/1 ahead)");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn peer_errors_are_clear() {
+    let img = shared("parity").join("case_b_sr.png");
+    let dir = tmpdir("peer-errors");
+    let fails = |peer: &str| {
+        let out = eval(std::slice::from_ref(&img), &["--peer", peer]);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(fails("no-equals-sign").contains("--peer no-equals-sign: expected NAME=DIR"));
+    assert!(fails(&format!("x={}", dir.join("missing").display())).contains("is not a folder"));
+    assert!(fails(&format!("bicubic={}", dir.display())).contains("the name is taken"));
+    std::fs::write(dir.join("times.tsv"), "case_b_sr 2.5\n").unwrap();
+    assert!(fails(&format!("x={}", dir.display())).contains("times.tsv:1: expected `stem<TAB>seconds`"));
+    std::fs::remove_file(dir.join("times.tsv")).unwrap();
+    // No output for the image: that image fails, the run exits 1, the message names the file.
+    let e = fails(&format!("x={}", dir.display()));
+    assert!(e.contains("peer x: cannot read") && e.contains("case_b_sr.png"), "{e}");
+    // An output of the wrong size.
+    image::RgbImage::new(16, 16).save(dir.join("case_b_sr.png")).unwrap();
+    let e = fails(&format!("x={}", dir.display()));
+    assert!(e.contains("is 16x16, the HR image 384x256"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

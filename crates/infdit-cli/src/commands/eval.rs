@@ -1,7 +1,11 @@
 //! `infdit eval`: degrade HR images by an antialiased bicubic 4x downscale, upscale them with the
-//! model and with bicubic, and compare both with the HR image (PSNR-Y, SSIM-Y, seam score).
+//! model and with bicubic, and compare both with the HR image (PSNR-Y, SSIM-Y, seam score); with
+//! `--peer NAME=DIR`, other upscalers' outputs of the same LR images too, in one comparison table
+//! (with the flat-area deviation and the seconds per image).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
@@ -9,7 +13,7 @@ use candle_core::Tensor;
 use infdit::imageio::LoadedImage;
 use infdit::imageio::resize::{Bicubic, center_crop_offsets, resize_shorter_side, resize_tensor};
 use infdit::imageio::{Rounding, crop, load_rgb, rgb8_to_tensor, save_rgb8_atomic, tensor_to_rgb8_with};
-use infdit::metrics::{EvalRow, bicubic_baseline, evaluate, format_table};
+use infdit::metrics::{EvalRow, ImageScores, bicubic_baseline, evaluate, format_comparison, format_table, score};
 use infdit::train::collect_image_files;
 use infdit::upscale::{Evaluation, UpscaleOptions, Upscaler};
 
@@ -42,8 +46,69 @@ pub(crate) fn upscale_x4(up: &Upscaler, lr: &Tensor, opts: &UpscaleOptions) -> R
     Ok(out.rgb)
 }
 
-/// The model output and the bicubic baseline rows for one HR image.
-fn eval_one(up: &Upscaler, path: &Path, a: &EvalArgs, opts: &UpscaleOptions) -> Result<(EvalRow, EvalRow)> {
+/// Another upscaler's outputs (`--peer NAME=DIR`): `DIR/{stem}.png`, and its seconds per image from
+/// `DIR/times.tsv` when that exists.
+struct Peer {
+    name: String,
+    dir: PathBuf,
+    seconds: HashMap<String, f64>,
+}
+
+impl Peer {
+    fn parse(arg: &str) -> Result<Self> {
+        let Some((name, dir)) = arg.split_once('=').filter(|(n, d)| !n.is_empty() && !d.is_empty()) else {
+            bail!("--peer {arg}: expected NAME=DIR");
+        };
+        let dir = PathBuf::from(dir);
+        if !dir.is_dir() {
+            bail!("--peer {arg}: {} is not a folder", dir.display());
+        }
+        let mut seconds = HashMap::new();
+        let times = dir.join("times.tsv");
+        if times.exists() {
+            let text = std::fs::read_to_string(&times).with_context(|| format!("{}: cannot read", times.display()))?;
+            for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                let parsed = line.split_once('\t').and_then(|(stem, v)| Some((stem, v.trim().parse::<f64>().ok()?)));
+                let Some((stem, v)) = parsed.filter(|(_, v)| v.is_finite() && *v >= 0.0) else {
+                    bail!("{}:{}: expected `stem<TAB>seconds`, got {line:?}", times.display(), i + 1);
+                };
+                seconds.insert(stem.to_string(), v);
+            }
+        }
+        Ok(Self { name: name.to_string(), dir, seconds })
+    }
+
+    /// This peer's output for the HR image with file stem `stem`, checked against the HR size.
+    fn output(&self, stem: &str, hr: &image::RgbImage) -> Result<image::RgbImage> {
+        let path = self.dir.join(format!("{stem}.png"));
+        let img = image::open(&path)
+            .with_context(|| format!("peer {}: cannot read {}", self.name, path.display()))?
+            .to_rgb8();
+        if img.dimensions() != hr.dimensions() {
+            bail!(
+                "peer {}: {} is {}x{}, the HR image {}x{}",
+                self.name,
+                path.display(),
+                img.width(),
+                img.height(),
+                hr.width(),
+                hr.height()
+            );
+        }
+        Ok(img)
+    }
+}
+
+/// The rows of one HR image: the model's and the bicubic baseline's (for their own tables), and all
+/// methods' scores for the comparison table (bicubic, the model, the peers).
+struct ImageResult {
+    model: EvalRow,
+    bicubic: EvalRow,
+    all: ImageScores,
+}
+
+/// The model output and the bicubic baseline rows for one HR image, and the peers' scores.
+fn eval_one(up: &Upscaler, path: &Path, a: &EvalArgs, opts: &UpscaleOptions, peers: &[Peer]) -> Result<ImageResult> {
     let mut hr = load_rgb(path, MAX_PIXELS)?;
     if let Some(n) = a.hr_size {
         // Shorter side to n (antialiased bicubic), then the centre n x n.
@@ -67,7 +132,13 @@ fn eval_one(up: &Upscaler, path: &Path, a: &EvalArgs, opts: &UpscaleOptions) -> 
     // sampler moves block batches to the model's device).
     let lr = rgb8_to_tensor(&lr8)?;
 
+    let stem = path.file_stem().map_or_else(|| "out".into(), |s| s.to_string_lossy().into_owned());
+    // Every peer's output is read before the model runs and anything is written: a missing one fails the image.
+    let peer_outputs = peers.iter().map(|p| p.output(&stem, &hr8)).collect::<Result<Vec<_>>>()?;
+
+    let start = Instant::now();
     let sr = upscale_x4(up, &lr, opts)?;
+    let model_seconds = start.elapsed().as_secs_f64();
     let sr8 = tensor_to_rgb8_with(&sr, Rounding::Nearest)?;
     if sr8.dimensions() != hr8.dimensions() {
         bail!("model output is {:?}, the HR image {:?}", sr8.dimensions(), hr8.dimensions());
@@ -76,7 +147,6 @@ fn eval_one(up: &Upscaler, path: &Path, a: &EvalArgs, opts: &UpscaleOptions) -> 
 
     let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
     if let Some(dir) = &a.out_dir {
-        let stem = path.file_stem().map_or_else(|| "out".into(), |s| s.to_string_lossy().into_owned());
         save_rgb8_atomic(&sr8, &dir.join(format!("{stem}.png")), &[path])?;
         // The inputs and the baseline beside it, for viewing side by side.
         save_rgb8_atomic(&lr8, &dir.join(format!("{stem}_lr.png")), &[path])?;
@@ -86,8 +156,15 @@ fn eval_one(up: &Upscaler, path: &Path, a: &EvalArgs, opts: &UpscaleOptions) -> 
     // Seams are measured at the model's own block borders (128 px for the released model).
     let block = up.model().cfg.dit.block_px;
     let model_row = evaluate(name.clone(), &sr8, &hr8, CROP_BORDER, block)?;
-    let bic_row = evaluate(name, &bic8, &hr8, CROP_BORDER, block)?;
-    Ok((model_row, bic_row))
+    let bic_row = evaluate(name.clone(), &bic8, &hr8, CROP_BORDER, block)?;
+    let mut scores = vec![
+        score(&bic8, &hr8, CROP_BORDER, block, None)?,
+        score(&sr8, &hr8, CROP_BORDER, block, Some(model_seconds))?,
+    ];
+    for (p, out) in peers.iter().zip(&peer_outputs) {
+        scores.push(score(out, &hr8, CROP_BORDER, block, p.seconds.get(&stem).copied())?);
+    }
+    Ok(ImageResult { model: model_row, bicubic: bic_row, all: ImageScores { name, scores } })
 }
 
 fn mean(rows: &[EvalRow], f: impl Fn(&EvalRow) -> f64) -> f64 {
@@ -100,6 +177,15 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     }
     if a.block_batch == 0 {
         bail!("--block-batch must be at least 1");
+    }
+    let peers = a.peer.iter().map(|p| Peer::parse(p)).collect::<Result<Vec<_>>>()?;
+    let mut methods =
+        vec!["bicubic".to_string(), if a.model.model.is_none() { "infdit (built-in)" } else { "model" }.to_string()];
+    for p in &peers {
+        if methods.contains(&p.name) {
+            bail!("--peer {}: the name is taken (bicubic, the model and each peer need their own)", p.name);
+        }
+        methods.push(p.name.clone());
     }
     if let Some(dir) = &a.out_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the folder", dir.display()))?;
@@ -124,21 +210,22 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         ..Default::default()
     };
     eprintln!("sampler: {} Heun steps from sigma {}", heun.steps, heun.sigma_max);
-    let (mut model_rows, mut bic_rows) = (Vec::new(), Vec::new());
+    let (mut model_rows, mut bic_rows, mut all) = (Vec::new(), Vec::new(), Vec::new());
     let mut failed = 0usize;
     for input in &inputs {
         let res = input.as_ref().map_err(|e| anyhow::anyhow!("{e:#}")).and_then(|p| {
             eprintln!("evaluating {}", p.display());
-            eval_one(&up, p, &a, &opts).map_err(|e| {
+            eval_one(&up, p, &a, &opts, &peers).map_err(|e| {
                 // Name the file, unless the error already starts with it.
                 let name = p.display().to_string();
                 if format!("{e:#}").starts_with(&name) { e } else { e.context(name) }
             })
         });
         match res {
-            Ok((m, b)) => {
-                model_rows.push(m);
-                bic_rows.push(b);
+            Ok(r) => {
+                model_rows.push(r.model);
+                bic_rows.push(r.bicubic);
+                all.push(r.all);
             }
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -155,6 +242,8 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         mean(&model_rows, |r| r.ssim_y),
         mean(&bic_rows, |r| r.ssim_y),
     );
+    // Last, so that `sed -n '/^## comparison/,$p'` takes it whole (bench/quality.sh).
+    println!("\n## comparison\n\n{}", format_comparison(&methods, &all));
     if failed > 0 {
         bail!("{failed} of {} images failed", inputs.len());
     }

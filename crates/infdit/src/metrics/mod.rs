@@ -13,6 +13,10 @@
 //! * [`bicubic_baseline`] ([`baseline`]) is the x`scale` antialiased-bicubic upscale of the LR
 //!   image, with the crate's torch-exact resampler.
 //! * [`EvalRow`], [`evaluate`] and [`format_table`] make the per-image markdown table with a mean row.
+//! * [`flat_deviation`] ([`flat`]): mean |output - reference| in luma over the reference's flat areas
+//!   (low local gradient), where a faint periodic pattern of a model shows.
+//! * [`score`] and [`format_comparison`] ([`compare`]): several methods side by side in one table (the
+//!   baseline first), with the seconds per image; `infdit eval --peer` and `bench/quality.sh`.
 //!
 //! `tools/metrics_reference.py` is the Python reference (BasicSR's code, numpy only); the
 //! integration test `tests/metrics.rs` checks the Rust values against it (PSNR within 1e-6 dB,
@@ -21,6 +25,8 @@
 //! LPIPS/FID: need backbone weights by path; not implemented yet.
 
 pub mod baseline;
+pub mod compare;
+pub mod flat;
 pub mod quality;
 pub mod seam;
 
@@ -29,6 +35,8 @@ use std::fmt::Write as _;
 use image::RgbImage;
 
 pub use baseline::bicubic_baseline;
+pub use compare::{ImageScores, MethodScore, format_comparison, score};
+pub use flat::{FLAT_RADIUS, FLAT_THRESHOLD, FlatDeviation, flat_deviation, flat_deviation_with, flat_mask};
 pub use quality::{SSIM_WINDOW, gaussian_kernel, psnr_plane, psnr_y, rgb_to_y, ssim_plane, ssim_y};
 pub use seam::{SEAM_OFFSETS, seam_score, seam_score_plane};
 

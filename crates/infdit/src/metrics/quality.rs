@@ -43,7 +43,7 @@ fn y_of([r, g, b]: [u8; 3]) -> f64 {
 }
 
 /// The `crop_border`-cropped luma plane of `img`, with its width and height.
-fn cropped_y(img: &RgbImage, crop_border: usize) -> (Vec<f64>, usize, usize) {
+pub(super) fn cropped_y(img: &RgbImage, crop_border: usize) -> (Vec<f64>, usize, usize) {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let (cw, ch) = (w - 2 * crop_border, h - 2 * crop_border);
     let mut out = Vec::with_capacity(cw * ch);
@@ -56,7 +56,7 @@ fn cropped_y(img: &RgbImage, crop_border: usize) -> (Vec<f64>, usize, usize) {
 }
 
 /// Checks the sizes and that at least `min_side` pixels remain in each direction after the crop.
-fn check(
+pub(super) fn check(
     a: &RgbImage,
     b: &RgbImage,
     crop_border: usize,
