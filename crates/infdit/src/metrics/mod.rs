@@ -28,7 +28,7 @@ use std::fmt::Write as _;
 
 use image::RgbImage;
 
-pub use baseline::bicubic_baseline;
+pub use baseline::{bicubic_baseline, bicubic_resize};
 pub use quality::{SSIM_WINDOW, gaussian_kernel, psnr_plane, psnr_y, rgb_to_y, ssim_plane, ssim_y};
 pub use seam::{SEAM_OFFSETS, seam_score, seam_score_plane};
 
