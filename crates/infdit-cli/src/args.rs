@@ -625,6 +625,10 @@ pub struct EvalArgs {
     /// (e.g. 1024: a 256 -> 1024 test).
     #[arg(long, value_name = "N")]
     pub hr_size: Option<usize>,
+    /// The degradation factor: each HR image is downscaled by it (antialiased bicubic, 8-bit) and
+    /// upscaled back to its size by the model's whole plan (passes, then a resize), and by bicubic.
+    #[arg(long, value_name = "S", default_value_t = 4.0)]
+    pub scale: f64,
     /// Seed of the initial noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

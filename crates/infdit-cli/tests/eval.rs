@@ -150,3 +150,30 @@ fn peer_errors_are_clear() {
     assert!(e.contains("is 16x16, the HR image 384x256"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn other_degradation_factors_are_upscaled_back_to_the_hr_size() {
+    let img = shared("parity").join("case_b_sr.png"); // 384 x 256
+    let mut bicubic = Vec::new();
+    // An integer factor crops the HR to a multiple of it; another factor keeps the HR's size and
+    // asks the model for exactly that size, as `--width` does.
+    for (scale, size) in [("2", (384, 256)), ("3", (384, 255)), ("2.5", (384, 256))] {
+        let dir = tmpdir(&format!("scale{scale}"));
+        let out = eval(std::slice::from_ref(&img), &["--scale", scale, "--out-dir", dir.to_str().unwrap()]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "--scale {scale}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        for name in ["case_b_sr.png", "case_b_sr_bicubic.png", "case_b_sr_hr.png"] {
+            let im = image::open(dir.join(name)).unwrap();
+            assert_eq!((im.width(), im.height()), size, "--scale {scale}: {name}");
+        }
+        bicubic.push(summary_value(&stdout, "mean_psnr_y bicubic"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    // A milder degradation is easier to undo.
+    assert!(bicubic[0] > bicubic[1], "bicubic PSNR-Y at x2 {} and x3 {}", bicubic[0], bicubic[1]);
+    for bad in ["0.5", "nan"] {
+        let out = eval(std::slice::from_ref(&img), &["--scale", bad]);
+        assert_eq!(out.status.code(), Some(1), "--scale {bad}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--scale"), "--scale {bad}");
+    }
+}

@@ -378,6 +378,20 @@ pub struct SamplerDefaults {
     pub steps: usize,
     /// Starting sigma.
     pub sigma_max: f32,
+    /// Whether the model's 2x mode (the LR halved first, so the network still sees a 4x step)
+    /// was trained, as the released model's was (`"x2_mode"`, default true). A model trained at
+    /// 4x only (`infdit train`, the built-in model) is worse than bicubic in that mode, so its
+    /// plans use x4 passes only: a 2x output is an x4 pass and a downscale.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub x2_mode: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl SamplerDefaults {

@@ -1,5 +1,6 @@
-//! `infdit eval`: degrade HR images by an antialiased bicubic 4x downscale, upscale them with the
-//! model and with bicubic, and compare both with the HR image (PSNR-Y, SSIM-Y, seam score); with
+//! `infdit eval`: degrade HR images by an antialiased bicubic downscale (4x, or `--scale`), upscale
+//! them back to the HR size with the model (the library's whole plan: passes, then a resize) and
+//! with bicubic, and compare both with the HR image (PSNR-Y, SSIM-Y, seam score); with
 //! `--peer NAME=DIR`, other upscalers' outputs of the same LR images too, in one comparison table
 //! (with the flat-area deviation and the seconds per image).
 
@@ -13,14 +14,13 @@ use candle_core::Tensor;
 use infdit::imageio::LoadedImage;
 use infdit::imageio::resize::{Bicubic, center_crop_offsets, resize_shorter_side, resize_tensor};
 use infdit::imageio::{Rounding, crop, load_rgb, rgb8_to_tensor, save_rgb8_atomic, tensor_to_rgb8_with};
-use infdit::metrics::{EvalRow, ImageScores, bicubic_baseline, evaluate, format_comparison, format_table, score};
+use infdit::metrics::{EvalRow, ImageScores, bicubic_resize, evaluate, format_comparison, format_table, score};
 use infdit::train::collect_image_files;
-use infdit::upscale::{Evaluation, UpscaleOptions, Upscaler};
+use infdit::upscale::{Evaluation, Target, UpscaleOptions, Upscaler};
 
 use super::model_spec;
 use crate::args::EvalArgs;
 
-const SCALE: usize = 4;
 const CROP_BORDER: usize = 4;
 const MAX_PIXELS: u64 = 64 << 20;
 /// The files named, with folders expanded recursively to their image files (sorted).
@@ -39,9 +39,9 @@ fn collect_inputs(paths: &[PathBuf]) -> Vec<Result<PathBuf>> {
     out
 }
 
-/// The model's 4x of `lr` (1, 3, h, w) in [-1, 1], as `infdit upscale` makes it (padded
-/// preparation, seeded noise, the exact size).
-pub(crate) fn upscale_x4(up: &Upscaler, lr: &Tensor, opts: &UpscaleOptions) -> Result<Tensor> {
+/// The model's upscale of `lr` (1, 3, h, w) in [-1, 1] to `opts.target`, as `infdit upscale`
+/// makes it (padded preparation, seeded noise, the exact size).
+pub(crate) fn upscale_to(up: &Upscaler, lr: &Tensor, opts: &UpscaleOptions) -> Result<Tensor> {
     let out = up.upscale(&LoadedImage::from_rgb(lr.clone()), opts, &mut |_| {}, None)?;
     Ok(out.rgb)
 }
@@ -119,15 +119,25 @@ fn eval_one(up: &Upscaler, path: &Path, a: &EvalArgs, opts: &UpscaleOptions, pee
         hr = crop(&r, top, left, n, n)?;
     }
     let (_, _, h0, w0) = hr.dims4()?;
-    let (h, w) = (h0 / SCALE * SCALE, w0 / SCALE * SCALE);
-    if h == 0 || w == 0 {
-        bail!("image of {w0}x{h0} has a side shorter than {SCALE} px (the downscale factor of the evaluation)");
+    let s = a.scale;
+    // An integer factor: the HR cropped to a multiple of it, so that the LR is exactly 1/s of it.
+    // Any other factor: the LR is the HR's size over s, rounded down, and the model is asked for
+    // the HR's exact size (as `--width`/`--height` ask).
+    let (h, w) = if s.fract() == 0.0 {
+        let k = s as usize;
+        (h0 / k * k, w0 / k * k)
+    } else {
+        (h0, w0)
+    };
+    let (lh, lw) = ((h as f64 / s).floor() as usize, (w as f64 / s).floor() as usize);
+    if lh == 0 || lw == 0 {
+        bail!("image of {w0}x{h0} is too small for a downscale by {s}");
     }
     let hr = crop(&hr, 0, 0, h, w)?;
     // Rounded to nearest throughout (an 8-bit HR file maps back to exactly its own samples), as
     // the bicubic baseline rounds.
     let hr8 = tensor_to_rgb8_with(&hr, Rounding::Nearest)?;
-    let lr8 = tensor_to_rgb8_with(&resize_tensor(&hr, h / SCALE, w / SCALE, Bicubic::Antialias)?, Rounding::Nearest)?;
+    let lr8 = tensor_to_rgb8_with(&resize_tensor(&hr, lh, lw, Bicubic::Antialias)?, Rounding::Nearest)?;
     // Back to [-1, 1] exactly as `load_rgb` maps 8-bit samples. Images stay in host memory (the
     // sampler moves block batches to the model's device).
     let lr = rgb8_to_tensor(&lr8)?;
@@ -136,14 +146,16 @@ fn eval_one(up: &Upscaler, path: &Path, a: &EvalArgs, opts: &UpscaleOptions, pee
     // Every peer's output is read before the model runs and anything is written: a missing one fails the image.
     let peer_outputs = peers.iter().map(|p| p.output(&stem, &hr8)).collect::<Result<Vec<_>>>()?;
 
+    let opts =
+        UpscaleOptions { target: Target::Size { width: Some(w as u32), height: Some(h as u32) }, ..opts.clone() };
     let start = Instant::now();
-    let sr = upscale_x4(up, &lr, opts)?;
+    let sr = upscale_to(up, &lr, &opts)?;
     let model_seconds = start.elapsed().as_secs_f64();
     let sr8 = tensor_to_rgb8_with(&sr, Rounding::Nearest)?;
     if sr8.dimensions() != hr8.dimensions() {
         bail!("model output is {:?}, the HR image {:?}", sr8.dimensions(), hr8.dimensions());
     }
-    let bic8 = bicubic_baseline(&lr8, SCALE);
+    let bic8 = bicubic_resize(&lr8, w, h);
 
     let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
     if let Some(dir) = &a.out_dir {
@@ -174,6 +186,9 @@ fn mean(rows: &[EvalRow], f: impl Fn(&EvalRow) -> f64) -> f64 {
 pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     if a.steps == Some(0) || a.hr_size == Some(0) {
         bail!("--steps and --hr-size must be at least 1");
+    }
+    if !(a.scale.is_finite() && a.scale >= 1.0) {
+        bail!("--scale {} must be a number of at least 1", a.scale);
     }
     if a.block_batch == 0 {
         bail!("--block-batch must be at least 1");

@@ -50,7 +50,7 @@ pub(crate) fn side_by_side(model: &Model, hr: &Tensor, heun: HeunConfig, seed: u
         evaluation: Evaluation::WholeImage,
         ..Default::default()
     };
-    let out = super::eval::upscale_x4(&up, &lr, &opts)?;
+    let out = super::eval::upscale_to(&up, &lr, &opts)?;
     let got = tensor_to_rgb8_with(&out, Rounding::Nearest)?;
     let bic = metrics::bicubic_baseline(&lr8, 4);
     let reference = tensor_to_rgb8_with(hr, Rounding::Nearest)?;
@@ -160,7 +160,8 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         None => data.paths().next().expect("the dataset is not empty").to_path_buf(),
     };
     let target = sample_target(&sample_path, 2 * a.crop)?;
-    let sampler = SamplerDefaults { steps: a.sample_steps, sigma_max: a.sample_sigma_max };
+    // Trained at 4x only: plans of this model leave its 2x mode out.
+    let sampler = SamplerDefaults { steps: a.sample_steps, sigma_max: a.sample_sigma_max, x2_mode: false };
     let heun = HeunConfig { steps: a.sample_steps, sigma_max: a.sample_sigma_max, ..HeunConfig::default() };
     write_atomic(&a.out.join("config.json"), model_json(&cfg, sampler)?.as_bytes())?;
 

@@ -14,10 +14,18 @@ use crate::imageio::resize::{Bicubic, resize_planar};
 /// If `scale` is zero or the output side length does not fit in `u32`.
 pub fn bicubic_baseline(lr: &RgbImage, scale: usize) -> RgbImage {
     assert!(scale > 0, "bicubic_baseline: scale must be positive");
+    bicubic_resize(lr, lr.width() as usize * scale, lr.height() as usize * scale)
+}
+
+/// [`bicubic_baseline`] to any output size `ow x oh` (a non-integer factor, or a downscale).
+///
+/// # Panics
+/// If a side is zero or does not fit in `u32`.
+pub fn bicubic_resize(lr: &RgbImage, ow: usize, oh: usize) -> RgbImage {
+    assert!(ow > 0 && oh > 0, "bicubic_resize: the output must not be empty");
     let (w, h) = (lr.width() as usize, lr.height() as usize);
-    let (ow, oh) = (w * scale, h * scale);
-    let out_w = u32::try_from(ow).expect("bicubic_baseline: output width overflows u32");
-    let out_h = u32::try_from(oh).expect("bicubic_baseline: output height overflows u32");
+    let out_w = u32::try_from(ow).expect("bicubic_resize: output width overflows u32");
+    let out_h = u32::try_from(oh).expect("bicubic_resize: output height overflows u32");
     let raw = lr.as_raw();
     let mut planar = vec![0f32; 3 * w * h];
     for (i, px) in raw.chunks_exact(3).enumerate() {
@@ -33,7 +41,7 @@ pub fn bicubic_baseline(lr: &RgbImage, scale: usize) -> RgbImage {
             px[c] = (up[c * n + i] * 255.0).round().clamp(0.0, 255.0) as u8;
         }
     }
-    RgbImage::from_raw(out_w, out_h, out).expect("bicubic_baseline: buffer size")
+    RgbImage::from_raw(out_w, out_h, out).expect("bicubic_resize: buffer size")
 }
 
 #[cfg(test)]
@@ -68,5 +76,16 @@ mod tests {
         let up = bicubic_baseline(&edge, 4);
         assert_eq!(up.get_pixel(0, 0).0, [0; 3]);
         assert_eq!(up.get_pixel(31, 0).0, [255; 3]);
+    }
+
+    #[test]
+    fn resize_to_any_size() {
+        let lr = RgbImage::from_fn(9, 6, |x, y| Rgb([(x * 25) as u8, (y * 40) as u8, ((x + y) * 13) as u8]));
+        // An integer factor is the baseline itself; other sizes keep constants constant.
+        assert_eq!(bicubic_resize(&lr, 27, 18), bicubic_baseline(&lr, 3));
+        let c = RgbImage::from_pixel(10, 7, Rgb([9, 200, 77]));
+        let up = bicubic_resize(&c, 33, 19);
+        assert_eq!(up.dimensions(), (33, 19));
+        assert!(up.pixels().all(|p| p.0 == [9, 200, 77]));
     }
 }

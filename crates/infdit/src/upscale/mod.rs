@@ -183,6 +183,7 @@ pub fn planner(
             Evaluation::WholeImage => None,
         },
         target: opts.target,
+        x2_mode: defaults.is_none_or(|d| d.x2_mode),
     })
 }
 

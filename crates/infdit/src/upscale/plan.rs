@@ -84,16 +84,17 @@ impl Target {
 }
 
 /// The passes that take a `w x h` image to at least `tw x th`: the fewest passes (at least one),
-/// all x4 except one x2 (run first, where it is cheapest) when that still reaches the target. So
-/// 4 gives [x4], 2 [x2], 8 [x2, x4], 16 [x4, x4], 3 [x4], 1.5 [x2], 6 [x2, x4].
-pub fn plan_passes(w: usize, h: usize, tw: usize, th: usize) -> Vec<PassScale> {
+/// all x4 except, with `x2_mode` (a model whose 2x mode is trained), one x2 (run first, where it
+/// is cheapest) when that still reaches the target. So with it 4 gives [x4], 2 [x2], 8 [x2, x4],
+/// 16 [x4, x4], 3 [x4], 1.5 [x2], 6 [x2, x4]; without it 2 gives [x4] (then a downscale).
+pub fn plan_passes(w: usize, h: usize, tw: usize, th: usize, x2_mode: bool) -> Vec<PassScale> {
     let reaches = |f: u128| f * w as u128 >= tw as u128 && f * h as u128 >= th as u128;
     let mut k = 1;
     while !reaches(4u128.pow(k)) {
         k += 1;
     }
     let mut passes = vec![PassScale::X4; k as usize];
-    if reaches(2 * 4u128.pow(k - 1)) {
+    if x2_mode && reaches(2 * 4u128.pow(k - 1)) {
         passes[0] = PassScale::X2;
     }
     passes
@@ -230,6 +231,8 @@ pub struct Planner {
     pub block_batch: Option<usize>,
     /// The request.
     pub target: Target,
+    /// Whether plans may use the model's 2x mode ([`crate::config::SamplerDefaults::x2_mode`]).
+    pub x2_mode: bool,
 }
 
 impl Planner {
@@ -254,7 +257,7 @@ impl Planner {
             return Ok((g, out));
         }
         let (tw, th) = self.target.output_size(w, h)?;
-        Ok((geometry(w, h, &plan_passes(w, h, tw, th), bp, false), (tw, th)))
+        Ok((geometry(w, h, &plan_passes(w, h, tw, th, self.x2_mode), bp, false), (tw, th)))
     }
 
     /// How each network evaluation of a pass with this grid runs, and its memory plan; an error
@@ -333,7 +336,7 @@ mod tests {
     fn passes_for_common_factors() {
         let plan = |s: f64| {
             let (tw, th) = Target::Factor(s).output_size(100, 60).unwrap();
-            (plan_passes(100, 60, tw, th), (tw, th))
+            (plan_passes(100, 60, tw, th, true), (tw, th))
         };
         assert_eq!(plan(4.0), (vec![X4], (400, 240)));
         assert_eq!(plan(2.0), (vec![X2], (200, 120)));
@@ -344,6 +347,15 @@ mod tests {
         assert_eq!(plan(6.0), (vec![X2, X4], (600, 360)));
         assert_eq!(plan(0.5), (vec![X2], (50, 30)));
         assert_eq!(plan(32.0), (vec![X2, X4, X4], (3200, 1920)));
+        // A model without a trained 2x mode: x4 passes only.
+        let x4 = |s: f64| {
+            let (tw, th) = Target::Factor(s).output_size(100, 60).unwrap();
+            plan_passes(100, 60, tw, th, false)
+        };
+        assert_eq!(x4(2.0), vec![X4]);
+        assert_eq!(x4(1.5), vec![X4]);
+        assert_eq!(x4(16.0), vec![X4, X4]);
+        assert_eq!(x4(32.0), vec![X4, X4, X4]);
     }
 
     #[test]
@@ -356,7 +368,7 @@ mod tests {
         let both = Target::Size { width: Some(64), height: Some(10) };
         assert_eq!(both.output_size(8, 8).unwrap(), (64, 10));
         // 64/8 = 8 wide: one x2 and one x4 reach it.
-        assert_eq!(plan_passes(8, 8, 64, 10), vec![X2, X4]);
+        assert_eq!(plan_passes(8, 8, 64, 10, true), vec![X2, X4]);
         assert!(Target::Factor(4096.0).output_size(1 << 20, 1).is_err());
         assert!(Target::Factor(f64::NAN).validate().is_err());
         assert!(Target::Factor(0.0).validate().is_err());
