@@ -384,6 +384,29 @@ pub struct SamplerDefaults {
     /// plans use x4 passes only: a 2x output is an x4 pass and a downscale.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub x2_mode: bool,
+    /// How a factor that the model's passes do not give exactly is reached (`"chain"`, default
+    /// `"reach"`).
+    #[serde(default, skip_serializing_if = "is_reach")]
+    pub chain: PassChain,
+}
+
+/// How the planner chains model passes for a factor that they do not give exactly (8, 12, 3):
+/// the final exact resize takes the rest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PassChain {
+    /// The fewest passes that reach the target, then a downscale (8 is x4, x4 and a 2x downscale):
+    /// the most model detail, at up to 16x the work. For the released model.
+    #[default]
+    Reach,
+    /// At least one pass, and no more than stay within the target, then a bicubic upscale (8 is
+    /// x4 and a 2x upscale). For a small model whose second pass adds about as much as a bicubic
+    /// resize does (measured for the built-in model in docs/benchmarks.md).
+    Within,
+}
+
+fn is_reach(c: &PassChain) -> bool {
+    *c == PassChain::Reach
 }
 
 fn yes() -> bool {

@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use image::RgbImage;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use infdit::config::SamplerDefaults;
+use infdit::config::{PassChain, SamplerDefaults};
 use infdit::diffusion::HeunConfig;
 use infdit::imageio::resize::{Bicubic, resize_tensor};
 use infdit::imageio::{LoadLimits, Rounding, load_image, rgb8_to_tensor, save_rgb8_atomic, tensor_to_rgb8_with};
@@ -161,7 +161,12 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
     };
     let target = sample_target(&sample_path, 2 * a.crop)?;
     // Trained at 4x only: plans of this model leave its 2x mode out.
-    let sampler = SamplerDefaults { steps: a.sample_steps, sigma_max: a.sample_sigma_max, x2_mode: false };
+    let sampler = SamplerDefaults {
+        steps: a.sample_steps,
+        sigma_max: a.sample_sigma_max,
+        x2_mode: false,
+        chain: PassChain::Within,
+    };
     let heun = HeunConfig { steps: a.sample_steps, sigma_max: a.sample_sigma_max, ..HeunConfig::default() };
     write_atomic(&a.out.join("config.json"), model_json(&cfg, sampler)?.as_bytes())?;
 

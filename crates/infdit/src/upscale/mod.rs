@@ -20,7 +20,9 @@ use candle_core::{DType, Device, Tensor};
 pub use self::named::NamedOptions;
 pub use self::options::{Crop, Evaluation, MAX_STEPS, UpscaleOptions};
 pub use self::output::{OutputCheck, check_output};
-pub use self::plan::{AlphaMode, ImagePlan, MAX_SIDE, PassGeometry, PassPlan, Planner, Target, geometry, plan_passes};
+pub use self::plan::{
+    AlphaMode, ImagePlan, MAX_SIDE, PassGeometry, PassPlan, PassRule, Planner, Target, geometry, plan_passes,
+};
 use crate::config::{ModelConfig, SamplerDefaults};
 use crate::device::{DeviceRequest, OpenedDevice};
 use crate::diffusion::noise::Noise;
@@ -183,7 +185,7 @@ pub fn planner(
             Evaluation::WholeImage => None,
         },
         target: opts.target,
-        x2_mode: defaults.is_none_or(|d| d.x2_mode),
+        rule: defaults.map_or_else(PassRule::default, |d| PassRule { x2_mode: d.x2_mode, chain: d.chain }),
     })
 }
 

@@ -4,7 +4,7 @@
 
 use candle_core::DType;
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, PassChain};
 use crate::diffusion::HeunConfig;
 use crate::error::{InfditError, Result};
 use crate::model::blocks::BlockGrid;
@@ -83,19 +83,44 @@ impl Target {
     }
 }
 
-/// The passes that take a `w x h` image to at least `tw x th`: the fewest passes (at least one),
-/// all x4 except, with `x2_mode` (a model whose 2x mode is trained), one x2 (run first, where it
-/// is cheapest) when that still reaches the target. So with it 4 gives [x4], 2 [x2], 8 [x2, x4],
-/// 16 [x4, x4], 3 [x4], 1.5 [x2], 6 [x2, x4]; without it 2 gives [x4] (then a downscale).
-pub fn plan_passes(w: usize, h: usize, tw: usize, th: usize, x2_mode: bool) -> Vec<PassScale> {
+/// What the planner may use to reach a target: the model's 2x mode
+/// ([`crate::config::SamplerDefaults::x2_mode`]) and its pass chaining
+/// ([`crate::config::SamplerDefaults::chain`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassRule {
+    /// Plans may use one x2 pass.
+    pub x2_mode: bool,
+    /// How passes are chained for a factor they do not give exactly.
+    pub chain: PassChain,
+}
+
+impl Default for PassRule {
+    /// The released model's: 2x mode, the fewest passes that reach the target.
+    fn default() -> Self {
+        Self { x2_mode: true, chain: PassChain::Reach }
+    }
+}
+
+/// The passes that take a `w x h` image to `tw x th` (the final resize does the rest). With
+/// [`PassChain::Reach`], the fewest passes that reach it (at least one): all x4 except, with
+/// `x2_mode`, one x2 (run first, where it is cheapest) when that still reaches it. So 4 gives
+/// [x4], 2 [x2], 8 [x2, x4], 16 [x4, x4], 3 [x4], 1.5 [x2], 6 [x2, x4]; without the 2x mode 2 gives
+/// [x4] (then a downscale). With [`PassChain::Within`], when those passes overshoot the target
+/// and more than one is needed, one pass fewer, all x4 (8 gives [x4], then a 2x upscale).
+pub fn plan_passes(w: usize, h: usize, tw: usize, th: usize, rule: PassRule) -> Vec<PassScale> {
     let reaches = |f: u128| f * w as u128 >= tw as u128 && f * h as u128 >= th as u128;
+    let overshoots = |f: u128| f * w as u128 > tw as u128 || f * h as u128 > th as u128;
     let mut k = 1;
     while !reaches(4u128.pow(k)) {
         k += 1;
     }
     let mut passes = vec![PassScale::X4; k as usize];
-    if x2_mode && reaches(2 * 4u128.pow(k - 1)) {
+    if rule.x2_mode && reaches(2 * 4u128.pow(k - 1)) {
         passes[0] = PassScale::X2;
+    }
+    let product: u128 = passes.iter().map(|p| p.factor() as u128).product();
+    if rule.chain == PassChain::Within && k > 1 && overshoots(product) {
+        passes = vec![PassScale::X4; k as usize - 1];
     }
     passes
 }
@@ -231,8 +256,8 @@ pub struct Planner {
     pub block_batch: Option<usize>,
     /// The request.
     pub target: Target,
-    /// Whether plans may use the model's 2x mode ([`crate::config::SamplerDefaults::x2_mode`]).
-    pub x2_mode: bool,
+    /// The model's 2x mode and pass chaining.
+    pub rule: PassRule,
 }
 
 impl Planner {
@@ -257,7 +282,7 @@ impl Planner {
             return Ok((g, out));
         }
         let (tw, th) = self.target.output_size(w, h)?;
-        Ok((geometry(w, h, &plan_passes(w, h, tw, th, self.x2_mode), bp, false), (tw, th)))
+        Ok((geometry(w, h, &plan_passes(w, h, tw, th, self.rule), bp, false), (tw, th)))
     }
 
     /// How each network evaluation of a pass with this grid runs, and its memory plan; an error
@@ -336,7 +361,7 @@ mod tests {
     fn passes_for_common_factors() {
         let plan = |s: f64| {
             let (tw, th) = Target::Factor(s).output_size(100, 60).unwrap();
-            (plan_passes(100, 60, tw, th, true), (tw, th))
+            (plan_passes(100, 60, tw, th, PassRule::default()), (tw, th))
         };
         assert_eq!(plan(4.0), (vec![X4], (400, 240)));
         assert_eq!(plan(2.0), (vec![X2], (200, 120)));
@@ -347,15 +372,31 @@ mod tests {
         assert_eq!(plan(6.0), (vec![X2, X4], (600, 360)));
         assert_eq!(plan(0.5), (vec![X2], (50, 30)));
         assert_eq!(plan(32.0), (vec![X2, X4, X4], (3200, 1920)));
-        // A model without a trained 2x mode: x4 passes only.
-        let x4 = |s: f64| {
+        let with = |s: f64, rule: PassRule| {
             let (tw, th) = Target::Factor(s).output_size(100, 60).unwrap();
-            plan_passes(100, 60, tw, th, false)
+            plan_passes(100, 60, tw, th, rule)
         };
-        assert_eq!(x4(2.0), vec![X4]);
-        assert_eq!(x4(1.5), vec![X4]);
-        assert_eq!(x4(16.0), vec![X4, X4]);
-        assert_eq!(x4(32.0), vec![X4, X4, X4]);
+        // A model without a trained 2x mode: x4 passes only.
+        let x4 = PassRule { x2_mode: false, chain: PassChain::Reach };
+        assert_eq!(with(2.0, x4), vec![X4]);
+        assert_eq!(with(1.5, x4), vec![X4]);
+        assert_eq!(with(8.0, x4), vec![X4, X4]);
+        assert_eq!(with(16.0, x4), vec![X4, X4]);
+        assert_eq!(with(32.0, x4), vec![X4, X4, X4]);
+        // And passes that stay within the target (the built-in model's rule).
+        let within = PassRule { x2_mode: false, chain: PassChain::Within };
+        assert_eq!(with(2.0, within), vec![X4]);
+        assert_eq!(with(3.0, within), vec![X4]);
+        assert_eq!(with(4.0, within), vec![X4]);
+        assert_eq!(with(8.0, within), vec![X4]);
+        assert_eq!(with(12.0, within), vec![X4]);
+        assert_eq!(with(16.0, within), vec![X4, X4]);
+        assert_eq!(with(32.0, within), vec![X4, X4]);
+        assert_eq!(with(64.0, within), vec![X4, X4, X4]);
+        // With the 2x mode an exact [x2, x4] is within; 6x is not, and drops to one x4.
+        let both = PassRule { x2_mode: true, chain: PassChain::Within };
+        assert_eq!(with(8.0, both), vec![X2, X4]);
+        assert_eq!(with(6.0, both), vec![X4]);
     }
 
     #[test]
@@ -368,7 +409,7 @@ mod tests {
         let both = Target::Size { width: Some(64), height: Some(10) };
         assert_eq!(both.output_size(8, 8).unwrap(), (64, 10));
         // 64/8 = 8 wide: one x2 and one x4 reach it.
-        assert_eq!(plan_passes(8, 8, 64, 10, true), vec![X2, X4]);
+        assert_eq!(plan_passes(8, 8, 64, 10, PassRule::default()), vec![X2, X4]);
         assert!(Target::Factor(4096.0).output_size(1 << 20, 1).is_err());
         assert!(Target::Factor(f64::NAN).validate().is_err());
         assert!(Target::Factor(0.0).validate().is_err());
