@@ -44,10 +44,32 @@ impl Linear {
         // Flatten leading dims: one GEMM with a transposed (strided) rhs, no copy of W.
         let inp = dims[dims.len() - 1];
         let rows = x.elem_count() / inp;
-        let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
+        let x2 = x.reshape((rows, inp))?;
+        let y = if f16_sums_in_f16(x) {
+            // f32 sums, as every other path makes them (see `f16_sums_in_f16`).
+            x2.to_dtype(DType::F32)?.matmul(&w.to_dtype(DType::F32)?.t()?)?.to_dtype(DType::F16)?
+        } else {
+            x2.matmul(&w.t()?)?
+        };
         let mut out = dims.to_vec();
         *out.last_mut().expect("a linear input has a last dimension") = w.dim(0)?;
         y.reshape(out)
+    }
+}
+
+/// Whether candle's matmul would sum this f16 product in f16: on aarch64 CPUs with the FP16
+/// arithmetic extension (Apple Silicon, Graviton 2 and later), the `gemm` crate's `neonfp16`
+/// kernel multiplies and accumulates in f16, about 4x less accurate than the f32 sums of every
+/// other path (docs/kernels.md). There the dense layers convert to f32 first.
+fn f16_sums_in_f16(x: &Tensor) -> bool {
+    #[cfg(target_arch = "aarch64")]
+    {
+        x.dtype() == DType::F16 && x.device().is_cpu() && std::arch::is_aarch64_feature_detected!("fp16")
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        let _ = x;
+        false
     }
 }
 
