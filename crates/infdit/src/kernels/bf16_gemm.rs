@@ -1,57 +1,64 @@
-//! bf16 dense layers on the CPU's bf16 dot-product instruction (AVX-512 BF16 `vdpbf16ps`).
+//! bf16 dense layers: `y = x W^T (+ b)` for bf16 `x` (..., K) and `W` (N, K), products summed in
+//! f32, the bias added in f32 and one rounding (to nearest even) to the bf16 result. Two ways,
+//! chosen at run time:
 //!
-//! [`linear`] computes `y = x W^T (+ b)` for bf16 `x` (..., K) and `W` (N, K): products of bf16
-//! pairs summed in f32 registers, the bias added in f32 and one rounding (to nearest even) to the
-//! bf16 result. candle's CPU matmul converts bf16 operands to f32 and runs an f32 GEMM, which
-//! leaves half of the hardware's bf16 throughput unused (`vdpbf16ps` does 32 multiply-adds per
-//! instruction, an f32 FMA 16).
+//! * **The bf16 dot product** (AVX-512 BF16 `vdpbf16ps`, where the CPU has it and the kernel path
+//!   is `avx512`): products of bf16 pairs straight from the bf16 operands. candle's CPU matmul
+//!   converts bf16 operands to f32 and runs an f32 GEMM, which leaves half of the hardware's bf16
+//!   throughput unused (`vdpbf16ps` does 32 multiply-adds per instruction, an f32 FMA 16).
+//!   Layout: `W` is packed per call into panels of 64 output columns, where pair `p` of a panel is
+//!   four vectors of sixteen `(W[n, 2p], W[n, 2p+1])` bf16 pairs (zero-padded past N and K); the
+//!   micro-kernel keeps a 6 x 64 f32 tile of `y` in 24 zmm registers, broadcasts the pair
+//!   `(x[i, 2p], x[i, 2p+1])` of each row (read straight from `x`, no packing) and runs the whole
+//!   K without spilling. Rayon splits the rows; within a task each weight panel (at most 64 x K x 2
+//!   bytes, 256 KiB for K = 2048) stays in L2 while the task's rows stream past it.
+//! * **Widened on the fly** everywhere else (AVX2, NEON, portable): `W` is converted to f32 once
+//!   per call (N x K, small), and each rayon task converts its own [`WIDE_ROWS`] rows of `x` to
+//!   f32, runs the gemm crate's f32 product on them (single-threaded) and writes its rows of `y`
+//!   as bf16. candle's own bf16 matmul instead converts the whole of `x` and `W` to f32 vectors
+//!   and the whole f32 result back, each on one thread, before and after its GEMM: the same
+//!   speed within noise on the forced AVX2 path, with full-size f32 copies (peak RSS of the small
+//!   config's 512 x 512 call 1.17 GB there, 1.00-1.10 GB here; docs/benchmarks.md).
 //!
-//! Layout: `W` is packed per call into panels of 64 output columns, where pair `p` of a panel is
-//! four vectors of sixteen `(W[n, 2p], W[n, 2p+1])` bf16 pairs (zero-padded past N and K); the
-//! micro-kernel keeps a 6 x 64 f32 tile of `y` in 24 zmm registers, broadcasts the pair
-//! `(x[i, 2p], x[i, 2p+1])` of each row (read straight from `x`, no packing) and runs the whole K
-//! without spilling. Rayon splits the rows; within a task each weight panel (at most 64 x K x 2
-//! bytes, 256 KiB for K = 2048) stays in L2 while the task's rows stream past it.
-//!
-//! Runs where the CPU has `avx512f`, `avx512bw`, `avx512vl` and `avx512bf16` (detected at run
-//! time) and the tensors are bf16 CPU tensors outside an autograd graph ([`applies`]); everywhere
-//! else the caller keeps candle's matmul. `INFDIT_BF16_DOT=0` in the environment turns the kernel
-//! off (to measure what it brings).
+//! Both run for bf16 CPU tensors outside an autograd graph ([`applies`]); everywhere else the
+//! caller keeps candle's matmul. `INFDIT_BF16_DOT=0` in the environment turns the dot product off
+//! (the widened way runs instead).
 
 use candle_core::{DType, Result, Tensor};
 
 use super::{bf16_dot, vec_f32, with_slice};
 use half::bf16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 /// Output columns per packed weight panel (four zmm registers of f32).
 const NR: usize = 64;
 /// Rows per micro-kernel call.
 const MR: usize = 6;
+/// Rows per task of the widened way (1024 rows of K = 2048 f32 values are 8 MiB). Measured on the
+/// small config's 16,384-row products (forced AVX2 path): 64 rows ran 12% slower than candle's
+/// bf16 matmul (the gemm crate is less efficient on short panels), 512 and 1024 as fast or faster.
+const WIDE_ROWS: usize = 1024;
 
-/// Whether the kernel runs for calls from this thread: the CPU has the instructions, the kernel
-/// is not turned off by `INFDIT_BF16_DOT=0`, and the kernel path is `avx512` ([`super::path`]).
+/// Whether calls from this thread use the bf16 dot product: the CPU has the instructions, it is
+/// not turned off by `INFDIT_BF16_DOT=0`, and the kernel path is `avx512` ([`super::path`]).
+/// Without it, [`linear`] widens to f32 on the fly.
 pub fn available() -> bool {
     bf16_dot()
 }
 
 /// Whether [`linear`] runs for `x` and `w` (and `bias`): bf16 CPU tensors outside an autograd
-/// graph, on a CPU with the bf16 dot product.
+/// graph.
 pub fn applies(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
     let plain_cpu = |t: &Tensor| t.device().is_cpu() && !t.track_op();
-    x.dtype() == DType::BF16
-        && w.dtype() == DType::BF16
-        && plain_cpu(x)
-        && plain_cpu(w)
-        && bias.is_none_or(plain_cpu)
-        && available()
+    x.dtype() == DType::BF16 && w.dtype() == DType::BF16 && plain_cpu(x) && plain_cpu(w) && bias.is_none_or(plain_cpu)
 }
 
 /// `x W^T (+ bias)` for bf16 `x` (..., K), `w` (N, K) and `bias` (N) of any float dtype; the
 /// result is bf16 (..., N), contiguous. Errors where [`applies`] is false.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     if !applies(x, w, bias) {
-        candle_core::bail!("bf16_gemm::linear: needs bf16 CPU tensors and a CPU with avx512_bf16")
+        candle_core::bail!("bf16_gemm::linear: needs bf16 CPU tensors outside an autograd graph")
     }
     let (n, k) = w.dims2()?;
     let dims = x.dims();
@@ -71,7 +78,8 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     };
     let x = x.contiguous()?;
     let w = w.contiguous()?;
-    let out = with_slice(&x, |xs| with_slice(&w, |ws| gemm(xs, ws, &bias, m, n, k)))??;
+    let product = if available() { gemm } else { gemm_widened };
+    let out = with_slice(&x, |xs| with_slice(&w, |ws| product(xs, ws, &bias, m, n, k)))??;
     let mut shape = dims.to_vec();
     *shape.last_mut().expect("a linear input has a last dimension") = n;
     Tensor::from_vec(out, shape, x.device())
@@ -127,6 +135,31 @@ fn gemm(x: &[bf16], w: &[bf16], bias: &[f32], m: usize, n: usize, k: usize) -> V
                 unsafe { micro_dispatch(&tile, mr, c) };
                 r += mr;
             }
+        }
+    });
+    out
+}
+
+/// The widened way (module docs): `W` to f32 once, then per task of [`WIDE_ROWS`] rows: the rows
+/// of `x` to f32, one single-threaded f32 gemm, the bias, the rounding to bf16.
+fn gemm_widened(x: &[bf16], w: &[bf16], bias: &[f32], m: usize, n: usize, k: usize) -> Vec<bf16> {
+    let mut out = vec![bf16::ZERO; m * n];
+    if m == 0 || n == 0 {
+        return out;
+    }
+    let mut w32 = vec![0f32; n * k];
+    w.convert_to_f32_slice(&mut w32);
+    out.par_chunks_mut(WIDE_ROWS * n).enumerate().for_each(|(t, out_rows)| {
+        let rows = out_rows.len() / n;
+        let mut a = vec![0f32; rows * k];
+        x[t * WIDE_ROWS * k..][..rows * k].convert_to_f32_slice(&mut a);
+        let mut c = vec![0f32; rows * n];
+        super::matmul(rows, n, k, &a, false, &w32, true, &mut c, false);
+        for (c_row, b_row) in c.chunks_exact_mut(n).zip(out_rows.chunks_exact_mut(n)) {
+            for (v, b) in c_row.iter_mut().zip(bias) {
+                *v += b;
+            }
+            b_row.convert_from_f32_slice(c_row);
         }
     });
     out
@@ -266,20 +299,30 @@ mod tests {
     fn linear_matches_the_f32_product() {
         for path in crate::kernels::supported_paths() {
             crate::kernels::with_path(path, || {
-                if available() {
-                    linear_cases();
-                    println!("{path}: bf16 dot-product kernel checked");
-                } else {
-                    // No bf16 dot product on this path: callers keep candle's matmul and the
-                    // kernel refuses to run.
-                    let x = rand(1, &[4, 8], 1.0).to_dtype(DType::BF16).unwrap();
-                    let w = rand(2, &[3, 8], 1.0).to_dtype(DType::BF16).unwrap();
-                    assert!(!applies(&x, &w, None) && linear(&x, &w, None).is_err(), "{path}");
-                    println!("{path}: no bf16 dot product, kernel off (callers use candle's matmul)");
-                }
+                linear_cases();
+                let way = if available() { "bf16 dot product" } else { "widened to f32" };
+                println!("{path}: {way} checked");
             })
             .unwrap();
         }
+    }
+
+    #[test]
+    fn both_ways_agree_within_one_rounding() {
+        // The dot product where the CPU has it, else the widened way twice: either way the two
+        // results differ by at most one bf16 rounding of the same f32 sums (summation order).
+        let (m, k, n) = (70, 300, 130);
+        let x = rand(11, &[m, k], 1.0).to_dtype(DType::BF16).unwrap();
+        let w = rand(12, &[n, k], 0.5).to_dtype(DType::BF16).unwrap();
+        let dot = linear(&x, &w, None).unwrap().to_dtype(DType::F32).unwrap();
+        let wide = crate::kernels::with_path(crate::kernels::Path::Portable, || linear(&x, &w, None))
+            .unwrap()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let rel = ((&dot - &wide).unwrap().abs().unwrap() / (dot.abs().unwrap() + 1e-3).unwrap()).unwrap();
+        let worst = rel.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(worst <= 1.0 / 128.0, "dot vs widened: {worst}");
     }
 
     fn linear_cases() {
@@ -303,10 +346,8 @@ mod tests {
         let w = rand(2, &[3, 8], 1.0);
         assert!(!applies(&x, &w, None), "f32 operands");
         assert!(linear(&x, &w, None).is_err());
-        if available() {
-            let (xb, wb) = (x.to_dtype(DType::BF16).unwrap(), w.to_dtype(DType::BF16).unwrap());
-            assert!(linear(&xb, &wb.t().unwrap(), None).is_err(), "K mismatch");
-            assert!(linear(&xb, &wb, Some(&rand(3, &[4], 1.0))).is_err(), "bias length");
-        }
+        let (xb, wb) = (x.to_dtype(DType::BF16).unwrap(), w.to_dtype(DType::BF16).unwrap());
+        assert!(linear(&xb, &wb.t().unwrap(), None).is_err(), "K mismatch");
+        assert!(linear(&xb, &wb, Some(&rand(3, &[4], 1.0))).is_err(), "bias length");
     }
 }

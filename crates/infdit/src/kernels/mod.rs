@@ -156,6 +156,43 @@ pub fn bf16_dot() -> bool {
     path() == Path::Avx512 && cpu_has_bf16_dot()
 }
 
+/// `C = A B` (or `C += A B` with `acc`) on row-major f32 matrices, single-threaded (the callers
+/// parallelise over independent products, which keeps every result independent of the thread
+/// count). `A` is m x k, or stored k x m when `at`; `B` is k x n, or stored n x k when `bt`; `C` is
+/// m x n. Each product is summed in the gemm crate's fixed order.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(m: usize, n: usize, k: usize, a: &[f32], at: bool, b: &[f32], bt: bool, c: &mut [f32], acc: bool) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "matmul: operand too short");
+    let (a_cs, a_rs) = if at { (m as isize, 1) } else { (1, k as isize) };
+    let (b_cs, b_rs) = if bt { (k as isize, 1) } else { (1, n as isize) };
+    // SAFETY: the asserts above bound every index the strides reach: A's (i, p) is at
+    // i*a_rs + p*a_cs < m*k, B's (p, j) at p*b_rs + j*b_cs < k*n, C's (i, j) at i*n + j < m*n; C is
+    // a unique borrow, disjoint from A and B.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            acc,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
 /// Whether the fused kernels apply to these tensors: all on the CPU, none in an autograd graph.
 pub fn applies(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.device().is_cpu() && !t.track_op())

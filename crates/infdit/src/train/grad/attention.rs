@@ -14,7 +14,8 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{matmul, slice, tensor, with_f32};
+use super::{slice, tensor, with_f32};
+use crate::kernels::matmul;
 
 thread_local! {
     /// Per-worker score buffers (kept between calls: fresh 1 MB buffers per item cost page faults).
