@@ -10,8 +10,9 @@ use infdit::loaded::Model;
 use infdit::loaded::random::{random_checkpoint, training_init};
 use infdit::schedule::WholeImageDenoiser;
 use infdit::train::{
-    Dataset, Image, SampleConfig, Sampler, SplitMix64, TrainConfig, TrainSample, Trainer, edm_loss, edm_weight,
+    Dataset, SampleConfig, Sampler, SplitMix64, TrainConfig, TrainSample, Trainer, edm_loss, edm_weight,
 };
+use infdit::train::bench::synthetic_picture;
 use infdit::weights::Checkpoint;
 
 fn tiny() -> ModelConfig {
@@ -37,25 +38,8 @@ fn tiny() -> ModelConfig {
     }
 }
 
-/// A smooth colour field with a few hard edges, `[0, 1]`.
-fn picture(seed: u64, h: usize, w: usize) -> Image {
-    let mut r = SplitMix64::new(seed);
-    let (a, b, c) = (r.uniform(0.02, 0.1), r.uniform(0.02, 0.1), r.uniform(0.0, 6.0));
-    let mut data = Vec::with_capacity(3 * h * w);
-    for ch in 0..3 {
-        for y in 0..h {
-            for x in 0..w {
-                let s = ((x as f64 * a + y as f64 * b + c + ch as f64).sin() * 0.35 + 0.5)
-                    + if (x / 24 + y / 40) % 2 == 0 { 0.1 } else { -0.1 };
-                data.push(s.clamp(0.0, 1.0) as f32);
-            }
-        }
-    }
-    Image::new(3, h, w, data)
-}
-
 fn dataset() -> Dataset {
-    Dataset::from_images((0..3).map(|i| (PathBuf::from(format!("pic{i}")), picture(i, 160, 200))).collect())
+    Dataset::from_images((0..3).map(|i| (PathBuf::from(format!("pic{i}")), synthetic_picture(i, 160, 200))).collect())
 }
 
 fn sample_cfg() -> SampleConfig {
@@ -101,16 +85,23 @@ fn loss_of(cfg: &ModelConfig, ck: Checkpoint, s: &TrainSample, eps: &Tensor) -> 
     edm_loss(&m, s, &clip0(), 0.8, eps, (3, 7)).unwrap().to_scalar::<f32>().unwrap() as f64
 }
 
-#[test]
-fn every_parameter_gets_its_gradient() {
+/// The tiny model (seed 5) with every weight a `Var`: its config and checkpoint, the parameter
+/// names, the vars and the model.
+fn tracked_tiny_model() -> (ModelConfig, Checkpoint, Vec<String>, Vec<Var>, Model) {
     let cfg = tiny();
     let ck = random_checkpoint(&cfg, 5).unwrap();
     let keys: Vec<String> = ck.keys().map(String::from).collect();
     let vars: Vec<Var> = keys.iter().map(|k| Var::from_tensor(&ck.load(k, &Device::Cpu).unwrap()).unwrap()).collect();
     let var_ck = Checkpoint::from_tensors("vars", keys.iter().cloned().zip(vars.iter().map(|v| v.as_tensor().clone())));
+    let m = Model::from_checkpoint(&cfg, var_ck, DType::F32, &Device::Cpu).unwrap();
+    (cfg, ck, keys, vars, m)
+}
+
+#[test]
+fn every_parameter_gets_its_gradient() {
+    let (cfg, ck, keys, vars, m) = tracked_tiny_model();
     let s = fixed_sample(4);
     let eps = unit_noise(9, &s.hr);
-    let m = Model::from_checkpoint(&cfg, var_ck, DType::F32, &Device::Cpu).unwrap();
     let loss = edm_loss(&m, &s, &clip0(), 0.8, &eps, (3, 7)).unwrap();
     let grads = loss.backward().unwrap();
     let mut zero = Vec::new();
@@ -156,14 +147,9 @@ fn every_parameter_gets_its_gradient() {
 #[test]
 fn fast_backward_equals_the_autograd_path() {
     use infdit::train::grad::{GradPath, with_path};
-    let cfg = tiny();
-    let ck = random_checkpoint(&cfg, 5).unwrap();
-    let keys: Vec<String> = ck.keys().map(String::from).collect();
-    let vars: Vec<Var> = keys.iter().map(|k| Var::from_tensor(&ck.load(k, &Device::Cpu).unwrap()).unwrap()).collect();
-    let var_ck = Checkpoint::from_tensors("vars", keys.iter().cloned().zip(vars.iter().map(|v| v.as_tensor().clone())));
+    let (_, _, keys, vars, m) = tracked_tiny_model();
     let s = fixed_sample(4);
     let eps = unit_noise(9, &s.hr);
-    let m = Model::from_checkpoint(&cfg, var_ck, DType::F32, &Device::Cpu).unwrap();
     let run = |path: GradPath| {
         with_path(path, || {
             let loss = edm_loss(&m, &s, &clip0(), 0.8, &eps, (3, 7)).unwrap();
