@@ -163,6 +163,8 @@ fn bad_requests_get_4xx_and_leave_the_server_healthy() {
     // Over the limits: bytes and pixels.
     bad(&s.upload("big.png", &vec![0x89; 100 << 10], "{}"), 413, "upload_too_large");
     bad(&s.upload("p.png", &png(100, 100, 1), "{}"), 413, "too_many_pixels");
+    // An output past the largest side (docs/api.md: `scale`).
+    bad(&s.upload("a.png", &img, r#"{"scale": 1e9}"#), 413, "too_large");
     // Huge headers: hyper's own limit.
     let huge = "a".repeat(600 << 10);
     let r = raw(s.port, format!("GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {huge}\r\n\r\n").as_bytes(), false);
