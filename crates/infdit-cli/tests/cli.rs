@@ -489,6 +489,31 @@ fn scale_factors_and_sizes_give_exact_dimensions() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The built-in model plans by its own defaults (`"x2_mode": false`, `"chain": "within"`): x4 passes
+/// only, no more than stay within the factor, the final resize taking the rest (docs/benchmarks.md).
+#[test]
+fn the_built_in_model_plans_x4_passes_within_the_factor() {
+    let dir = tmpdir("builtin-plans");
+    let input = dir.join("in.png");
+    tiny_rgb(&input, 0, 0);
+    for (scale, passes) in [("2", vec![4]), ("3", vec![4]), ("4", vec![4]), ("8", vec![4]), ("16", vec![4, 4])] {
+        let r = infdit()
+            .arg("upscale")
+            .arg(&input)
+            .arg("-o")
+            .arg(dir.join("x.png"))
+            .args(["--dry-run", "--json", "--scale", scale])
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "--scale {scale}: {}", stderr_of(&r));
+        let plan = json_events(&r).into_iter().find(|e| e.get("passes").is_some()).expect("a plan event");
+        let got: Vec<u64> = plan["passes"].as_array().unwrap().iter().map(|p| p["scale"].as_u64().unwrap()).collect();
+        assert_eq!(got, passes, "--scale {scale}: {plan}");
+    }
+    assert!(!dir.join("x.png").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A 16x12 RGBA PNG: colour cut from a parity input, alpha in diagonal bands of 0, 64, 160, 255.
 fn tiny_rgba(path: &std::path::Path) {
     let src = image::open(shared("parity").join("case_a_lr.png")).unwrap().to_rgb8();
