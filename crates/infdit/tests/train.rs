@@ -9,10 +9,10 @@ use infdit::config::{DitConfig, ModelConfig, Precond};
 use infdit::loaded::Model;
 use infdit::loaded::random::{random_checkpoint, training_init};
 use infdit::schedule::WholeImageDenoiser;
+use infdit::train::bench::synthetic_picture;
 use infdit::train::{
     Dataset, SampleConfig, Sampler, SplitMix64, TrainConfig, TrainSample, Trainer, edm_loss, edm_weight,
 };
-use infdit::train::bench::synthetic_picture;
 use infdit::weights::Checkpoint;
 
 fn tiny() -> ModelConfig {

@@ -73,7 +73,6 @@ pub(crate) fn tensor(v: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
     Tensor::from_vec(v, shape, &candle_core::Device::Cpu)
 }
 
-
 #[cfg(test)]
 pub(crate) mod testutil {
     use candle_core::{Device, Tensor, Var};
