@@ -14,7 +14,7 @@ use candle_core::Tensor;
 use infdit::imageio::LoadedImage;
 use infdit::imageio::resize::{Bicubic, center_crop_offsets, resize_shorter_side, resize_tensor};
 use infdit::imageio::{Rounding, crop, load_rgb, rgb8_to_tensor, save_rgb8_atomic, tensor_to_rgb8_with};
-use infdit::metrics::{EvalRow, ImageScores, bicubic_resize, evaluate, format_comparison, format_table, score};
+use infdit::metrics::{EvalRow, ImageScores, bicubic_resize, format_comparison, format_table, score};
 use infdit::train::collect_image_files;
 use infdit::upscale::{Evaluation, Target, UpscaleOptions, Upscaler};
 
@@ -167,12 +167,10 @@ fn eval_one(up: &Upscaler, path: &Path, a: &EvalArgs, opts: &UpscaleOptions, pee
     }
     // Seams are measured at the model's own block borders (128 px for the released model).
     let block = up.model().cfg.dit.block_px;
-    let model_row = evaluate(name.clone(), &sr8, &hr8, CROP_BORDER, block)?;
-    let bic_row = evaluate(name.clone(), &bic8, &hr8, CROP_BORDER, block)?;
-    let mut scores = vec![
-        score(&bic8, &hr8, CROP_BORDER, block, None)?,
-        score(&sr8, &hr8, CROP_BORDER, block, Some(model_seconds))?,
-    ];
+    let bic_score = score(&bic8, &hr8, CROP_BORDER, block, None)?;
+    let model_score = score(&sr8, &hr8, CROP_BORDER, block, Some(model_seconds))?;
+    let (model_row, bic_row) = (model_score.eval_row(name.clone()), bic_score.eval_row(name.clone()));
+    let mut scores = vec![bic_score, model_score];
     for (p, out) in peers.iter().zip(&peer_outputs) {
         scores.push(score(out, &hr8, CROP_BORDER, block, p.seconds.get(&stem).copied())?);
     }

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use image::RgbImage;
 
 use super::flat::{FlatDeviation, flat_deviation};
-use super::{MetricsError, psnr_y, seam_score, ssim_y};
+use super::{EvalRow, MetricsError, psnr_y, seam_score, ssim_y};
 
 /// One method's scores on one image.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,6 +23,13 @@ pub struct MethodScore {
     pub flat: Option<FlatDeviation>,
     /// Seconds the method took for this image, when known.
     pub seconds: Option<f64>,
+}
+
+impl MethodScore {
+    /// The [`EvalRow`] of these scores (what [`super::evaluate`] computes), under `name`.
+    pub fn eval_row(&self, name: impl Into<String>) -> EvalRow {
+        EvalRow { name: name.into(), psnr_y: self.psnr_y, ssim_y: self.ssim_y, seam: self.seam }
+    }
 }
 
 /// Scores `restored` against `reference`: PSNR-Y and SSIM-Y with `crop_border`, the seam score at
