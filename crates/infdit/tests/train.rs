@@ -146,7 +146,7 @@ fn every_parameter_gets_its_gradient() {
 /// parameter's largest gradient).
 #[test]
 fn fast_backward_equals_the_autograd_path() {
-    use infdit::train::grad::{GradPath, with_path};
+    use infdit::model::grad::{GradPath, with_path};
     let (_, _, keys, vars, m) = tracked_tiny_model();
     let s = fixed_sample(4);
     let eps = unit_noise(9, &s.hr);

@@ -364,7 +364,8 @@ fn compare(a: BenchArgs) -> Result<()> {
 /// backward paths, `--repeat` timed steps of a batch of 4 128-px crops after one warm-up step.
 fn bench_train(a: BenchArgs) -> Result<()> {
     use infdit::config::ModelConfig;
-    use infdit::train::bench::{GradPath, bench_train as run, train_flops};
+    use infdit::model::grad::GradPath;
+    use infdit::train::bench::{bench_train as run, train_flops};
     if a.repeat == 0 {
         bail!("--repeat must be at least 1");
     }

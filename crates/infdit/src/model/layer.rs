@@ -199,8 +199,8 @@ impl Layer {
         let qkv = self.qkv.forward(a)?; // (n, T, 3D)
         let split = |i: usize| qkv.narrow(D::Minus1, i * dm, dm)?.reshape((n, t, h, d));
         let rope = |z: Tensor| -> Result<Tensor> {
-            if crate::train::grad::applies(&[&z, cos, sin]) {
-                return crate::train::grad::heads_rope(&self.qk_ln.forward(&z)?, cos, sin);
+            if crate::model::grad::applies(&[&z, cos, sin]) {
+                return crate::model::grad::heads_rope(&self.qk_ln.forward(&z)?, cos, sin);
             }
             let z = self.qk_ln.forward(&z)?.transpose(1, 2)?; // (n, H, T, d)
             super::rope::apply_rope(&z.to_dtype(DType::F32)?, cos, sin)?.to_dtype(a.dtype())
@@ -225,8 +225,8 @@ impl Layer {
             return fused::bias_gelu(&self.up.forward_no_bias(z)?, self.up.bias());
         }
         let y = self.up.forward(z)?;
-        if crate::train::grad::applies(&[&y]) {
-            return crate::train::grad::gelu(&y);
+        if crate::model::grad::applies(&[&y]) {
+            return crate::model::grad::gelu(&y);
         }
         y.gelu()
     }

@@ -6,6 +6,7 @@
 //! only in the [`blocks::KvSource`] that supplies each block's neighbourhood keys.
 
 pub mod blocks;
+pub mod grad;
 pub mod layer;
 pub mod ops;
 pub mod rope;

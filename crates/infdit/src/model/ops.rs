@@ -94,10 +94,10 @@ pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
     if crate::kernels::applies(&[x]) {
         return crate::kernels::fused::layer_norm_affine(x, None, None, eps);
     }
-    if crate::train::grad::applies(&[x]) {
+    if crate::model::grad::applies(&[x]) {
         let c = x.dim(D::Minus1)?;
         let ones = Tensor::ones(c, DType::F32, x.device())?;
-        return crate::train::grad::ln_affine(x, &ones, &ones.zeros_like()?, eps);
+        return crate::model::grad::ln_affine(x, &ones, &ones.zeros_like()?, eps);
     }
     layer_norm_plain(x, eps)
 }
@@ -146,8 +146,8 @@ impl Module for LayerNorm {
         if crate::kernels::applies(&[x, &self.weight, &self.bias]) {
             return crate::kernels::fused::layer_norm_affine(x, Some(&self.weight), Some(&self.bias), self.eps);
         }
-        if crate::train::grad::applies(&[x, &self.weight, &self.bias]) {
-            return crate::train::grad::ln_affine(x, &self.weight, &self.bias, self.eps);
+        if crate::model::grad::applies(&[x, &self.weight, &self.bias]) {
+            return crate::model::grad::ln_affine(x, &self.weight, &self.bias, self.eps);
         }
         self.forward_plain(x)
     }
@@ -163,8 +163,8 @@ pub fn norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Re
     if crate::kernels::applies(&[x, shift, scale]) {
         return crate::kernels::fused::layer_norm_affine(x, Some(&(scale + 1.0)?), Some(shift), eps);
     }
-    if crate::train::grad::applies(&[x, shift, scale]) {
-        return crate::train::grad::ln_affine(x, &(scale + 1.0)?, shift, eps);
+    if crate::model::grad::applies(&[x, shift, scale]) {
+        return crate::model::grad::ln_affine(x, &(scale + 1.0)?, shift, eps);
     }
     modulate(&layer_norm_plain(x, eps)?, shift, scale)
 }
@@ -210,8 +210,8 @@ impl PatchConv {
 /// memory). On a GPU it is cuBLAS products around candle's fused softmax (`attention_device`).
 /// Whenever an operand is part of an autograd graph (training: the fused kernel and candle's fused
 /// softmax have no backward pass), it is the training op with a hand-written backward
-/// ([`crate::train::grad::attention`], f32 on the CPU), else (or with
-/// [`crate::train::grad::GradPath::Autograd`]) the plain matmul/softmax/matmul from differentiable
+/// ([`crate::model::grad::attention`], f32 on the CPU), else (or with
+/// [`crate::model::grad::GradPath::Autograd`]) the plain matmul/softmax/matmul from differentiable
 /// primitives. The last two run in slices over N so that the score matrix stays within
 /// `max_score_bytes`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, max_score_bytes: usize) -> Result<Tensor> {
@@ -224,8 +224,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, max_score_bytes: usize) -> 
     if !tracked {
         return attention_device(q, k, v, scale, max_score_bytes);
     }
-    if crate::train::grad::applies(&[q, k, v]) {
-        return crate::train::grad::attention(q, k, v);
+    if crate::model::grad::applies(&[q, k, v]) {
+        return crate::model::grad::attention(q, k, v);
     }
     by_batch_slices(q, k, v, max_score_bytes, |qi, ki, vi| {
         let s = (qi.matmul(&ki.t()?)? * scale)?.to_dtype(DType::F32)?;

@@ -15,26 +15,7 @@ use super::{Image, Sampler, SplitMix64};
 use crate::config::{DitConfig, ModelConfig};
 use crate::error::Result;
 use crate::loaded::random::random_checkpoint;
-
-/// Which backward a training step uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GradPath {
-    /// The fused custom ops with hand-written backward ([`super::grad`]); the default.
-    Fast,
-    /// candle autograd over primitive ops (matmul + softmax from primitives, norms from
-    /// primitives): the path before the fast backward, kept for comparison and tests.
-    Autograd,
-}
-
-impl GradPath {
-    /// Short name.
-    pub fn name(self) -> &'static str {
-        match self {
-            GradPath::Fast => "fast",
-            GradPath::Autograd => "autograd",
-        }
-    }
-}
+use crate::model::grad::{self, GradPath};
 
 /// Model FLOPs of one forward pass of the network on one `crop x crop` training image, counting a
 /// multiply-add as 2: the dense layers (QKV, output projection, MLP: `2 (4 D^2 + 2 D M)` per token
@@ -126,7 +107,7 @@ pub fn bench_train(
     let tc = TrainConfig { steps: warmup + steps, batch, ..Default::default() };
     let mut trainer = Trainer::new(cfg, &random_checkpoint(cfg, 1)?, tc)?;
     let mut times = Vec::with_capacity(steps);
-    super::grad::with_path(path, || -> Result<()> {
+    grad::with_path(path, || -> Result<()> {
         for i in 0..warmup + steps {
             let t0 = Instant::now();
             trainer.train_step(&data, &sample)?;

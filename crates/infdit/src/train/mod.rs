@@ -12,7 +12,6 @@
 pub mod bench;
 pub mod data;
 pub mod degrade;
-pub mod grad;
 pub mod kernels;
 pub mod stages;
 pub mod trainer;

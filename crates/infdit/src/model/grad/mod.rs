@@ -1,4 +1,5 @@
-//! The fast backward of training: fused CPU ops with a hand-written backward pass.
+//! The fast backward of training: fused CPU ops of the network with a hand-written backward pass
+//! (a module of the model, whose forward picks them when it runs in an autograd graph).
 //!
 //! Each op is a candle custom op (`CustomOp1/2/3`) with a `cpu_fwd` and a `bwd`, so the network
 //! code and the trainer's `loss.backward()` stay as they are while the hot path no longer
@@ -6,7 +7,25 @@
 
 use std::cell::Cell;
 
-pub use super::bench::GradPath;
+/// Which backward a training step uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GradPath {
+    /// The fused custom ops with hand-written backward (this module); the default.
+    Fast,
+    /// candle autograd over primitive ops (matmul + softmax from primitives, norms from
+    /// primitives): the path before the fast backward, kept for comparison and tests.
+    Autograd,
+}
+
+impl GradPath {
+    /// Short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            GradPath::Fast => "fast",
+            GradPath::Autograd => "autograd",
+        }
+    }
+}
 
 thread_local! {
     static PATH: Cell<GradPath> = const { Cell::new(GradPath::Fast) };
