@@ -249,7 +249,10 @@ def test_dry_run(up, tmp_path, parity):
     assert p["input"] == (24, 16) and p["output"] == (96, 64)
     assert p["passes"] == [4] and p["alpha"] == "bicubic" and p["steps"] == 3
     assert p["work"] > 0 and p["memory"] > 0
-    assert up.dry_run(gradient(16, 16, 3, np.uint8), scale=8)["passes"] == [2, 4]
+    # The built-in model's passes stay within the factor (no trained 2x mode): x8 is one x4 pass and
+    # a 2x resize, x16 two x4 passes.
+    assert up.dry_run(gradient(16, 16, 3, np.uint8), scale=8)["passes"] == [4]
+    assert up.dry_run(gradient(16, 16, 3, np.uint8), scale=16)["passes"] == [4, 4]
     f = up.dry_run(parity / "case_a_lr.png", tmp_path / "x" / "out.png")
     assert f["output"] == (128, 128) and not (tmp_path / "x").exists()
     with pytest.raises(infdit.OutputError):
