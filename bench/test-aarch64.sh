@@ -10,7 +10,10 @@
 # default ../shared), SKIP_PARITY=1 to run the unit tests only, PARITY_FILTER (a test-name filter for
 # the parity tests, e.g. `network`: the sampling cases take long under emulation), JOBS (default 2),
 # QEMU_CPU (read by qemu: the default `max` has FP16 arithmetic, where the gemm crate's f16 matmul
-# sums in f16 and case_a_network_bf16_f16 fails; `cortex-a72` has none: see docs/kernels.md).
+# sums in f16 and case_a_network_bf16_f16 fails; `cortex-a72` has none: see docs/kernels.md),
+# PROFILE (cargo profile of the build, default `release`: the dev profile's opt-level 1 for the infdit
+# crate leaves the NEON intrinsics un-inlined, and the sampling parity cases then take about an hour
+# each under emulation).
 # Needs root (or the packages already installed) for apt-get, and rustup.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +21,7 @@ cd "$(dirname "$0")/.."
 TARGET=aarch64-unknown-linux-gnu
 FILTER=${1:-kernels}
 JOBS=${JOBS:-2}
+PROFILE=${PROFILE:-release}
 export CARGO_TARGET_DIR=${AARCH64_TARGET_DIR:-target/aarch64}
 
 # (a) cross linker, emulator, Rust target
@@ -36,13 +40,13 @@ export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
 
 # (b) the kernels' unit tests: every path the emulated CPU runs (neon, portable)
 echo "== unit tests ($FILTER) on $TARGET under qemu" >&2
-cargo test -j "$JOBS" -p infdit --target "$TARGET" --lib -- "$FILTER"
+cargo test -j "$JOBS" --profile "$PROFILE" -p infdit --target "$TARGET" --lib -- "$FILTER"
 
 # (c) the parity tests against the golden vectors, once per kernel path
 if [ "${SKIP_PARITY:-0}" != 1 ]; then
     for p in neon portable; do
         echo "== parity tests, INFDIT_KERNELS=$p" >&2
-        INFDIT_KERNELS=$p cargo test -j "$JOBS" -p infdit --target "$TARGET" --test parity -- ${PARITY_FILTER:-}
+        INFDIT_KERNELS=$p cargo test -j "$JOBS" --profile "$PROFILE" -p infdit --target "$TARGET" --test parity -- ${PARITY_FILTER:-}
     done
 fi
 echo "aarch64 tests passed"
