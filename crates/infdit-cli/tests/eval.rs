@@ -143,7 +143,7 @@ fn peer_errors_are_clear() {
     std::fs::remove_file(dir.join("times.tsv")).unwrap();
     // No output for the image: that image fails, the run exits 1, the message names the file.
     let e = fails(&format!("x={}", dir.display()));
-    assert!(e.contains("peer x: cannot read") && e.contains("case_b_sr.png"), "{e}");
+    assert!(e.contains("peer: x: cannot read") && e.contains("case_b_sr.png"), "{e}");
     // An output of the wrong size.
     image::RgbImage::new(16, 16).save(dir.join("case_b_sr.png")).unwrap();
     let e = fails(&format!("x={}", dir.display()));

@@ -21,7 +21,9 @@
 //!
 //! Configuration lives in [`config`]; the official constants in [`official`]; errors in [`error`];
 //! the choice of CPU or GPU in [`device`]; batches sharded over machines, and one image over several
-//! devices simulated, in [`batch`].
+//! devices simulated, in [`batch`]. [`metrics`] scores upscales against references (PSNR-Y, SSIM-Y, seams);
+//! [`eval`] runs an [`Upscaler`] over degraded HR images and scores it beside bicubic and other upscalers;
+//! [`train`] trains or fine-tunes a model.
 //!
 //! ```no_run
 //! # fn main() -> infdit::Result<()> {
@@ -45,6 +47,7 @@ pub mod config;
 pub mod device;
 pub mod diffusion;
 pub mod error;
+pub mod eval;
 pub mod files;
 pub mod hash;
 pub mod imageio;
