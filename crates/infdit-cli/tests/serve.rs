@@ -376,6 +376,55 @@ fn a_job_killed_mid_run_resumes_after_a_restart_bit_identical() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[test]
+fn sigterm_stops_the_server_and_the_running_job_goes_back_to_the_queue() {
+    let dir = scratch("sigterm");
+    let input = dir.join("in.png");
+    std::fs::write(&input, png(32, 32, 5)).unwrap();
+    let reference = dir.join("ref.png");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_infdit"))
+        .args(["upscale", "-q", "--steps", "10", "--seed", "4"])
+        .arg(&input)
+        .arg("-o")
+        .arg(&reference)
+        .status()
+        .unwrap();
+    assert!(st.success());
+
+    let data = dir.join("data");
+    let s = Server::start(&data, &["--workers", "1"]);
+    let r = s.upload("in.png", &std::fs::read(&input).unwrap(), r#"{"steps": 10, "seed": 4}"#);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let ck = data.join("jobs").join(&id).join("checkpoint");
+    let t = Instant::now();
+    while !find_file(&ck, "infdit-state.safetensors") {
+        assert!(t.elapsed() < Duration::from_secs(120), "no checkpoint after 120 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A clean stop: exit status 0, the job queued again (not failed, not cancelled), its last step kept.
+    let status = s.terminate(60);
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    let db = rusqlite::Connection::open(data.join("infdit.sqlite")).unwrap();
+    let (state, error): (String, Option<String>) =
+        db.query_row("SELECT state, error FROM jobs WHERE id = ?1", [&id], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    assert_eq!((state.as_str(), error), ("queued", None));
+    drop(db);
+    assert!(find_file(&ck, "infdit-state.safetensors"), "the checkpoint was kept");
+    assert!(!data.join("jobs").join(&id).join("output.png").exists());
+
+    // The next start finishes it from the kept step, with the uninterrupted run's bytes.
+    let s = Server::start(&data, &["--workers", "1"]);
+    let j = s.wait_final(&id, 120);
+    assert_eq!(j["state"], "done", "{j}");
+    let resumed = j["resumed_steps"].as_i64().unwrap();
+    assert!((1..10).contains(&resumed), "resumed from step {resumed}");
+    let out = s.request("GET", &format!("/api/jobs/{id}/output"), &[], b"");
+    assert_eq!(out.body, std::fs::read(&reference).unwrap(), "file bytes differ");
+    drop(s);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Percentile `p` (0-100) of sorted durations, in milliseconds.
 fn pct(sorted: &[Duration], p: usize) -> f64 {
     sorted[(sorted.len() - 1) * p / 100].as_secs_f64() * 1e3
