@@ -185,7 +185,7 @@ pub fn planner(
             Evaluation::WholeImage => None,
         },
         target: opts.target,
-        rule: defaults.map_or_else(PassRule::default, |d| PassRule { x2_mode: d.x2_mode, chain: d.chain }),
+        rule: defaults.as_ref().map_or_else(PassRule::default, PassRule::from),
     })
 }
 

@@ -85,13 +85,21 @@ impl Target {
 
 /// What the planner may use to reach a target: the model's 2x mode
 /// ([`crate::config::SamplerDefaults::x2_mode`]) and its pass chaining
-/// ([`crate::config::SamplerDefaults::chain`]).
+/// ([`crate::config::SamplerDefaults::chain`]). Those two fields, apart from the sampler settings
+/// they are stored with (`From<&SamplerDefaults>`): the planner needs no steps or sigma, and serde
+/// cannot flatten a struct into the strict (`deny_unknown_fields`) config object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PassRule {
     /// Plans may use one x2 pass.
     pub x2_mode: bool,
     /// How passes are chained for a factor they do not give exactly.
     pub chain: PassChain,
+}
+
+impl From<&crate::config::SamplerDefaults> for PassRule {
+    fn from(d: &crate::config::SamplerDefaults) -> Self {
+        Self { x2_mode: d.x2_mode, chain: d.chain }
+    }
 }
 
 impl Default for PassRule {
