@@ -320,38 +320,50 @@ fn find_file(dir: &std::path::Path, name: &str) -> bool {
     })
 }
 
-/// kill -9 while a job runs (after its first sampler step is saved), with two jobs queued behind
-/// it: after a restart the job resumes from its saved step and gives the image of an
-/// uninterrupted run, bit for bit, and the queued jobs run in their order.
-#[test]
-fn a_job_killed_mid_run_resumes_after_a_restart_bit_identical() {
-    let dir = scratch("restart");
+/// The interrupted-job tests' set-up: a 32 x 32 `in.png` upscaled with 10 steps and `seed` by the CLI into
+/// `ref.png` (the uninterrupted run), and the same job uploaded to a one-worker server on `dir/data`:
+/// the reference file, the server and the job's id.
+fn reference_and_job(dir: &std::path::Path, seed: u64) -> (std::path::PathBuf, Server, String) {
     let input = dir.join("in.png");
     std::fs::write(&input, png(32, 32, 9)).unwrap();
-    // The uninterrupted run, by the CLI.
     let reference = dir.join("ref.png");
     let st = std::process::Command::new(env!("CARGO_BIN_EXE_infdit"))
-        .args(["upscale", "-q", "--steps", "10", "--seed", "3"])
+        .args(["upscale", "-q", "--steps", "10", "--seed", &seed.to_string()])
         .arg(&input)
         .arg("-o")
         .arg(&reference)
         .status()
         .unwrap();
     assert!(st.success());
-
-    let data = dir.join("data");
-    let s = Server::start(&data, &["--workers", "1"]);
-    let r = s.upload("in.png", &std::fs::read(&input).unwrap(), r#"{"steps": 10, "seed": 3}"#);
+    let s = Server::start(&dir.join("data"), &["--workers", "1"]);
+    let r = s.upload("in.png", &std::fs::read(&input).unwrap(), &format!(r#"{{"steps": 10, "seed": {seed}}}"#));
     assert_eq!(r.status, 201, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_string();
-    let b = s.upload("b.png", &png(16, 16, 1), r#"{"steps": 1}"#).json()["id"].as_str().unwrap().to_string();
-    let c = s.upload("c.png", &png(16, 16, 2), r#"{"steps": 1}"#).json()["id"].as_str().unwrap().to_string();
-    let ck = data.join("jobs").join(&id).join("checkpoint");
+    (reference, s, id)
+}
+
+/// Waits (at most 120 s) until job `id` has saved a sampler step; its checkpoint folder.
+fn wait_for_checkpoint(data: &std::path::Path, id: &str) -> std::path::PathBuf {
+    let ck = data.join("jobs").join(id).join("checkpoint");
     let t = Instant::now();
     while !find_file(&ck, "infdit-state.safetensors") {
         assert!(t.elapsed() < Duration::from_secs(120), "no checkpoint after 120 s");
         std::thread::sleep(Duration::from_millis(10));
     }
+    ck
+}
+
+/// kill -9 while a job runs (after its first sampler step is saved), with two jobs queued behind
+/// it: after a restart the job resumes from its saved step and gives the image of an
+/// uninterrupted run, bit for bit, and the queued jobs run in their order.
+#[test]
+fn a_job_killed_mid_run_resumes_after_a_restart_bit_identical() {
+    let dir = scratch("restart");
+    let data = dir.join("data");
+    let (reference, s, id) = reference_and_job(&dir, 3);
+    let b = s.upload("b.png", &png(16, 16, 1), r#"{"steps": 1}"#).json()["id"].as_str().unwrap().to_string();
+    let c = s.upload("c.png", &png(16, 16, 2), r#"{"steps": 1}"#).json()["id"].as_str().unwrap().to_string();
+    wait_for_checkpoint(&data, &id);
     s.kill();
     let db = rusqlite::Connection::open(data.join("infdit.sqlite")).unwrap();
     let state: String = db.query_row("SELECT state FROM jobs WHERE id = ?1", [&id], |r| r.get(0)).unwrap();
@@ -376,32 +388,14 @@ fn a_job_killed_mid_run_resumes_after_a_restart_bit_identical() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// SIGTERM while a job runs (after its first sampler step is saved): the server exits with status 0, the
+/// job is queued again with its checkpoint, and after a restart it finishes with the uninterrupted run's bytes.
 #[test]
 fn sigterm_stops_the_server_and_the_running_job_goes_back_to_the_queue() {
     let dir = scratch("sigterm");
-    let input = dir.join("in.png");
-    std::fs::write(&input, png(32, 32, 5)).unwrap();
-    let reference = dir.join("ref.png");
-    let st = std::process::Command::new(env!("CARGO_BIN_EXE_infdit"))
-        .args(["upscale", "-q", "--steps", "10", "--seed", "4"])
-        .arg(&input)
-        .arg("-o")
-        .arg(&reference)
-        .status()
-        .unwrap();
-    assert!(st.success());
-
     let data = dir.join("data");
-    let s = Server::start(&data, &["--workers", "1"]);
-    let r = s.upload("in.png", &std::fs::read(&input).unwrap(), r#"{"steps": 10, "seed": 4}"#);
-    assert_eq!(r.status, 201, "{}", r.text());
-    let id = r.json()["id"].as_str().unwrap().to_string();
-    let ck = data.join("jobs").join(&id).join("checkpoint");
-    let t = Instant::now();
-    while !find_file(&ck, "infdit-state.safetensors") {
-        assert!(t.elapsed() < Duration::from_secs(120), "no checkpoint after 120 s");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (reference, s, id) = reference_and_job(&dir, 4);
+    let ck = wait_for_checkpoint(&data, &id);
     // A clean stop: exit status 0, the job queued again (not failed, not cancelled), its last step kept.
     let status = s.terminate(60);
     assert!(status.success(), "exit status after SIGTERM: {status}");
