@@ -229,7 +229,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, max_score_bytes: usize) -> 
     }
     by_batch_slices(q, k, v, max_score_bytes, |qi, ki, vi| {
         let s = (qi.matmul(&ki.t()?)? * scale)?.to_dtype(DType::F32)?;
-        softmax_differentiable(&s)?.to_dtype(vi.dtype())?.matmul(vi)
+        crate::model::grad::softmax_differentiable(&s)?.to_dtype(vi.dtype())?.matmul(vi)
     })
 }
 
@@ -271,14 +271,6 @@ fn attention_device(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, max_score_by
     by_batch_slices(&(q * scale)?, k, v, max_score_bytes, |qi, ki, vi| {
         candle_nn::ops::softmax_last_dim(&qi.matmul(&ki.t()?)?)?.to_dtype(vi.dtype())?.matmul(vi)
     })
-}
-
-/// Softmax over the last dimension from differentiable primitives (the row maximum is a constant
-/// shift, so it is detached).
-pub fn softmax_differentiable(s: &Tensor) -> Result<Tensor> {
-    let max = s.max_keepdim(D::Minus1)?.detach();
-    let e = s.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
 /// L2 normalisation over the last dimension, as `F.normalize` (norm clamped at 1e-12).

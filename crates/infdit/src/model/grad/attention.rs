@@ -192,5 +192,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(3)? as f64).sqrt();
     let s = (q.contiguous()?.matmul(&k.contiguous()?.t()?)? * scale)?;
-    crate::model::ops::softmax_differentiable(&s)?.matmul(&v.contiguous()?)
+    softmax_differentiable(&s)?.matmul(&v.contiguous()?)
+}
+
+/// Softmax over the last dimension from differentiable primitives (the row maximum is a constant
+/// shift, so it is detached): candle's fused softmax has no backward pass.
+pub fn softmax_differentiable(s: &Tensor) -> Result<Tensor> {
+    let max = s.max_keepdim(candle_core::D::Minus1)?.detach();
+    let e = s.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(candle_core::D::Minus1)?)
 }

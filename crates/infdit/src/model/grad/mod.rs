@@ -60,7 +60,7 @@ pub mod gelu;
 pub mod norm;
 pub mod rope;
 
-pub use attention::{attention, attention_reference};
+pub use attention::{attention, attention_reference, softmax_differentiable};
 pub use gather::{gather, gather_reference};
 pub use gelu::gelu;
 pub use norm::{ln_affine, ln_affine_reference};
