@@ -11,9 +11,9 @@
 # the parity tests, e.g. `network`: the sampling cases take long under emulation), JOBS (default 2),
 # QEMU_CPU (read by qemu: the default `max` has FP16 arithmetic, where the gemm crate's f16 matmul
 # sums in f16 and case_a_network_bf16_f16 fails; `cortex-a72` has none: see docs/kernels.md),
-# PROFILE (cargo profile of the build, default `release`: the dev profile's opt-level 1 for the infdit
-# crate leaves the NEON intrinsics un-inlined, and the sampling parity cases then take about an hour
-# each under emulation).
+# PROFILE (cargo profile of the build, default `release`; under emulation the f32 arithmetic itself is
+# the limit, qemu's soft-float multiply-add: the sampling parity cases take hours each, see
+# docs/kernels.md, so use PARITY_FILTER="--skip sampling" unless a core is free for half a day).
 # Needs root (or the packages already installed) for apt-get, and rustup.
 set -euo pipefail
 cd "$(dirname "$0")/.."
