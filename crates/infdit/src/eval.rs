@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::Tensor;
 use image::RgbImage;
 
 use crate::error::{InfditError, Result};
@@ -147,12 +146,6 @@ pub struct ImageEvaluation {
     pub all: ImageScores,
 }
 
-/// The model's upscale of `lr` (1, 3, h, w) in [-1, 1] to `opts.target`, exactly as an upscale of
-/// a file makes it (padded preparation, seeded noise, the exact size), without progress reports.
-pub fn upscale_rgb(up: &Upscaler, lr: &Tensor, opts: &UpscaleOptions) -> Result<Tensor> {
-    Ok(up.upscale(&LoadedImage::from_rgb(lr.clone()), opts, &mut |_| {}, None)?.rgb)
-}
-
 /// The HR reference and its LR degradation, both 8-bit: the HR image (resized and centre-cropped
 /// to `settings.hr_size`, then cropped to a multiple of an integer scale), and its antialiased
 /// bicubic downscale by `settings.scale` (rounded down for other factors).
@@ -210,10 +203,10 @@ pub fn evaluate_image(
 
     // Back to [-1, 1] exactly as `load_rgb` maps 8-bit samples. Images stay in host memory (the
     // sampler moves block batches to the model's device).
-    let lr = rgb8_to_tensor(&lr8)?;
+    let lr = LoadedImage::from_rgb(rgb8_to_tensor(&lr8)?);
     let opts = UpscaleOptions { target: Target::Size { width: Some(w), height: Some(h) }, ..opts.clone() };
     let start = Instant::now();
-    let sr = upscale_rgb(up, &lr, &opts)?;
+    let sr = up.upscale(&lr, &opts, &mut |_| {}, None)?.rgb;
     let model_seconds = start.elapsed().as_secs_f64();
     let sr8 = tensor_to_rgb8_with(&sr, Rounding::Nearest)?;
     if sr8.dimensions() != hr8.dimensions() {
@@ -246,11 +239,6 @@ pub fn evaluate_image(
         scores.push(scored(out, p.seconds.get(&stem).copied())?);
     }
     Ok(ImageEvaluation { model, bicubic, all: ImageScores { name, scores } })
-}
-
-/// Mean of `f` over `rows` (NaN for none).
-pub fn mean_of(rows: &[EvalRow], f: impl Fn(&EvalRow) -> f64) -> f64 {
-    if rows.is_empty() { f64::NAN } else { rows.iter().map(f).sum::<f64>() / rows.len() as f64 }
 }
 
 #[cfg(test)]

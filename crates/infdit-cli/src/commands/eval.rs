@@ -4,13 +4,14 @@
 //! `--peer NAME=DIR`, other upscalers' outputs of the same LR images too, in one comparison table
 //! (with the flat-area deviation and the seconds per image).
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 
-use infdit::eval::{EvalSettings, Peer, collect_hr_inputs, evaluate_image, mean_of};
-use infdit::metrics::{format_comparison, format_table};
+use infdit::eval::{EvalSettings, Peer, collect_hr_inputs, evaluate_image};
+use infdit::metrics::{EvalRow, format_comparison, format_table, mean_of};
 use infdit::upscale::{Evaluation, UpscaleOptions, Upscaler};
 
 use super::model_spec;
+use super::upscale::options::message;
 use crate::args::EvalArgs;
 
 /// `--peer NAME=DIR`.
@@ -18,20 +19,23 @@ fn parse_peer(arg: &str) -> Result<Peer> {
     let Some((name, dir)) = arg.split_once('=').filter(|(n, d)| !n.is_empty() && !d.is_empty()) else {
         bail!("--peer {arg}: expected NAME=DIR");
     };
-    Peer::open(name, dir.as_ref()).with_context(|| format!("--peer {arg}"))
+    Peer::open(name, dir.as_ref()).map_err(|e| anyhow!(message(&e)))
+}
+
+/// Mean of `f` over `rows` (NaN for none).
+fn mean(rows: &[EvalRow], f: fn(&EvalRow) -> f64) -> f64 {
+    mean_of(rows.iter().map(|r| Some(f(r)))).unwrap_or(f64::NAN)
 }
 
 pub(crate) fn eval(a: EvalArgs) -> Result<()> {
-    if a.steps == Some(0) || a.hr_size == Some(0) {
-        bail!("--steps and --hr-size must be at least 1");
-    }
-    if !(a.scale.is_finite() && a.scale >= 1.0) {
-        bail!("--scale {} must be a number of at least 1", a.scale);
+    if a.steps == Some(0) {
+        bail!("--steps must be at least 1");
     }
     if a.block_batch == 0 {
         bail!("--block-batch must be at least 1");
     }
     let settings = EvalSettings { hr_size: a.hr_size, scale: a.scale, out_dir: a.out_dir.clone() };
+    settings.validate().map_err(|e| anyhow!(message(&e)))?;
     let peers = a.peer.iter().map(|p| parse_peer(p)).collect::<Result<Vec<_>>>()?;
     let mut methods =
         vec!["bicubic".to_string(), if a.model.model.is_none() { "infdit (built-in)" } else { "model" }.to_string()];
@@ -92,10 +96,10 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     println!("## bicubic\n\n{}", format_table(&bic_rows));
     println!(
         "mean_psnr_y model={:.4} bicubic={:.4} mean_ssim_y model={:.4} bicubic={:.4}",
-        mean_of(&model_rows, |r| r.psnr_y),
-        mean_of(&bic_rows, |r| r.psnr_y),
-        mean_of(&model_rows, |r| r.ssim_y),
-        mean_of(&bic_rows, |r| r.ssim_y),
+        mean(&model_rows, |r| r.psnr_y),
+        mean(&bic_rows, |r| r.psnr_y),
+        mean(&model_rows, |r| r.ssim_y),
+        mean(&bic_rows, |r| r.ssim_y),
     );
     // Last, so that `sed -n '/^## comparison/,$p'` takes it whole (bench/quality.sh).
     println!("\n## comparison\n\n{}", format_comparison(&methods, &all));

@@ -6,7 +6,7 @@ mod eval;
 mod plan;
 mod serve;
 mod train;
-mod upscale;
+pub(crate) mod upscale;
 
 use std::process::ExitCode;
 

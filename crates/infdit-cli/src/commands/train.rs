@@ -50,7 +50,7 @@ pub(crate) fn side_by_side(model: &Model, hr: &Tensor, heun: HeunConfig, seed: u
         evaluation: Evaluation::WholeImage,
         ..Default::default()
     };
-    let out = infdit::eval::upscale_rgb(&up, &lr, &opts)?;
+    let out = up.upscale(&infdit::imageio::LoadedImage::from_rgb(lr.clone()), &opts, &mut |_| {}, None)?.rgb;
     let got = tensor_to_rgb8_with(&out, Rounding::Nearest)?;
     let bic = metrics::bicubic_baseline(&lr8, 4);
     let reference = tensor_to_rgb8_with(hr, Rounding::Nearest)?;

@@ -71,7 +71,7 @@ fn median_of(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
 }
 
 /// Mean of the values present; `None` when none is.
-fn mean_of(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+pub fn mean_of(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
     let (mut s, mut n) = (0f64, 0usize);
     for v in values.flatten() {
         s += v;

@@ -35,7 +35,7 @@ use std::fmt::Write as _;
 use image::RgbImage;
 
 pub use baseline::{bicubic_baseline, bicubic_resize};
-pub use compare::{ImageScores, MethodScore, format_comparison, score};
+pub use compare::{ImageScores, MethodScore, format_comparison, mean_of, score};
 pub use flat::{FLAT_RADIUS, FLAT_THRESHOLD, FlatDeviation, flat_deviation, flat_deviation_with, flat_mask};
 pub use quality::{SSIM_WINDOW, gaussian_kernel, psnr_plane, psnr_y, rgb_to_y, ssim_plane, ssim_y};
 pub use seam::{SEAM_OFFSETS, seam_score, seam_score_plane};

@@ -3,7 +3,7 @@
 //! one image is the library's [`Upscaler::upscale_file`].
 
 mod inputs;
-mod options;
+pub(crate) mod options;
 pub(crate) use options::message as flag_message;
 mod progress;
 mod shard;
