@@ -724,6 +724,10 @@ pub struct TrainArgs {
     /// See --sample-steps.
     #[arg(long, default_value_t = 40.0)]
     pub sample_sigma_max: f32,
+    /// Where the network trains: cpu, cuda or cuda:N (a CUDA build; on a GPU in f32 through candle's
+    /// autograd, the examples still drawn on the CPU). A run resumes on another device, not bit for bit.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: DeviceRequest,
     /// No progress bar.
     #[arg(short, long)]
     pub quiet: bool,

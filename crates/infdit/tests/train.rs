@@ -255,6 +255,37 @@ fn resumed_training_is_bit_identical() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The batch's examples are drawn in parallel (each from its own random stream): a step's result
+/// does not depend on how many threads drew them.
+#[test]
+fn training_steps_do_not_depend_on_the_thread_count() {
+    let cfg = tiny();
+    let tc = TrainConfig { batch: 3, lr: 1e-3, seed: 5, ..Default::default() };
+    let init = random_checkpoint(&cfg, 13).unwrap();
+    let data = dataset();
+    let dir = std::env::temp_dir().join(format!("infdit-train-threads-{}", std::process::id()));
+    let run = |threads: usize, name: &str| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let mut t = Trainer::new_on(&cfg, &init, tc.clone(), &Device::Cpu).unwrap();
+            for _ in 0..2 {
+                t.train_step(&data, &sample_cfg()).unwrap();
+            }
+            assert_eq!(t.device().location(), Device::Cpu.location());
+            params(&t, &dir, name)
+        })
+    };
+    std::fs::create_dir_all(&dir).unwrap();
+    let (one, three) = (run(1, "one.safetensors"), run(3, "three.safetensors"));
+    assert_eq!(one, three);
+    // Training moved the weights: the comparison is not between two copies of the start.
+    let moved = one
+        .iter()
+        .any(|(k, v)| init.load(k, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap() != *v);
+    assert!(moved);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn edm_weight_is_the_reference_formula() {
     assert!((edm_weight(0.5) - (0.25 + 0.25) / 0.0625).abs() < 1e-12);

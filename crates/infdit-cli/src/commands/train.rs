@@ -132,12 +132,16 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         lr_dropout: a.lr_dropout,
         ..SampleConfig::default()
     };
-    let mut trainer = Trainer::new(&cfg, &init, tc)?;
+    let dev = super::open_device(a.device)?;
+    let mut trainer = Trainer::new_on(&cfg, &init, tc, &dev.device)?;
     let say = |s: String| {
         if !a.quiet {
             eprintln!("{s}");
         }
     };
+    if dev.is_gpu() {
+        say(format!("training on {}", dev.describe()));
+    }
     let t0 = Instant::now();
     let data = Dataset::load(&a.data, a.crop, a.max_side)?;
     say(format!(

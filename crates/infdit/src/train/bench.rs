@@ -87,14 +87,15 @@ pub fn synthetic_picture(seed: u64, h: usize, w: usize) -> Image {
 }
 
 /// Runs `warmup` + `steps` optimiser steps of a `batch` of `crop`-pixel crops with the given
-/// backward and times the last `steps`.
+/// backward on `device` and times the last `steps` (on a GPU the fast backward does not apply:
+/// both paths are candle's autograd there).
 pub fn bench_train(
     cfg: &ModelConfig,
-    crop: usize,
-    batch: usize,
+    (crop, batch): (usize, usize),
     warmup: usize,
     steps: usize,
     path: GradPath,
+    device: &candle_core::Device,
 ) -> Result<TrainBench> {
     if steps == 0 || batch == 0 {
         return Err(crate::error::InfditError::Config("bench_train: give at least one step and one crop".into()));
@@ -105,7 +106,7 @@ pub fn bench_train(
     );
     let sample = SampleConfig { crop, scale: cfg.dit.sr_scale, ..Default::default() };
     let tc = TrainConfig { steps: warmup + steps, batch, ..Default::default() };
-    let mut trainer = Trainer::new(cfg, &random_checkpoint(cfg, 1)?, tc)?;
+    let mut trainer = Trainer::new_on(cfg, &random_checkpoint(cfg, 1)?, tc, device)?;
     let mut times = Vec::with_capacity(steps);
     grad::with_path(path, || -> Result<()> {
         for i in 0..warmup + steps {

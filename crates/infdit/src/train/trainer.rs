@@ -137,6 +137,7 @@ pub struct Trainer {
     ema: Vec<Tensor>,
     frozen: Vec<(String, Tensor)>,
     step: usize,
+    device: Device,
 }
 
 const STATE_FILE: &str = "train-state.safetensors";
@@ -176,8 +177,17 @@ impl From<&SampleConfig> for SampleConfigMeta {
 
 impl Trainer {
     /// Starts from `init` (random weights for a new model, or a checkpoint to fine-tune), which
-    /// must hold every key of `model_cfg` (checked strictly, by building the model once).
+    /// must hold every key of `model_cfg` (checked strictly, by building the model once); trains on
+    /// the CPU.
     pub fn new(model_cfg: &ModelConfig, init: &Checkpoint, cfg: TrainConfig) -> Result<Self> {
+        Self::new_on(model_cfg, init, cfg, &Device::Cpu)
+    }
+
+    /// [`new`](Self::new) on `device`: the weights, the optimiser state, the network's activations
+    /// and the loss live there; the examples are drawn and degraded on the CPU (as on the CPU, the
+    /// same draws for the same seed) and moved there. On a GPU the network runs through candle's
+    /// autograd over primitive ops (the fast backward's fused ops are CPU kernels), in f32.
+    pub fn new_on(model_cfg: &ModelConfig, init: &Checkpoint, cfg: TrainConfig, device: &Device) -> Result<Self> {
         if cfg.batch == 0 {
             return Err(InfditError::Config("the batch must hold at least one image".into()));
         }
@@ -186,7 +196,7 @@ impl Trainer {
         Model::from_checkpoint(model_cfg, init.clone(), DType::F32, &Device::Cpu)?;
         let (mut names, mut params, mut frozen) = (Vec::new(), Vec::new(), Vec::new());
         for (k, _) in keys {
-            let t = init.load(&k, &Device::Cpu)?.to_dtype(DType::F32)?;
+            let t = init.load(&k, &Device::Cpu)?.to_dtype(DType::F32)?.to_device(device)?;
             if k.starts_with(CLIP_PREFIX) {
                 frozen.push((k, t));
             } else {
@@ -198,7 +208,18 @@ impl Trainer {
         let m = params.iter().map(zeros).collect::<candle_core::Result<Vec<_>>>()?;
         let v = params.iter().map(zeros).collect::<candle_core::Result<Vec<_>>>()?;
         let ema = params.iter().map(|p| p.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self { model_cfg: model_cfg.clone(), cfg, names, params, m, v, ema, frozen, step: 0 })
+        Ok(Self {
+            model_cfg: model_cfg.clone(),
+            cfg,
+            names,
+            params,
+            m,
+            v,
+            ema,
+            frozen,
+            step: 0,
+            device: device.clone(),
+        })
     }
 
     /// Steps completed.
@@ -221,7 +242,12 @@ impl Trainer {
 
     /// The model with the current weights (`ema`: the EMA copy), sharing the variables' storage.
     pub fn model(&self, ema: bool) -> Result<Model> {
-        Model::from_checkpoint(&self.model_cfg, self.checkpoint(ema), DType::F32, &Device::Cpu)
+        Model::from_checkpoint(&self.model_cfg, self.checkpoint(ema), DType::F32, &self.device)
+    }
+
+    /// Where the weights live and the network runs.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// One optimiser step on `batch` fresh examples from `data`.
@@ -236,13 +262,36 @@ impl Trainer {
         let offset = (r.below(max_off + 1), r.below(max_off + 1));
         let mut grads: Vec<Option<Tensor>> = vec![None; self.params.len()];
         let (mut loss_sum, mut log_sigma) = (0.0, 0.0);
-        for i in 0..self.cfg.batch {
-            let mut rng = stream(self.cfg.seed, step, i);
-            let s = data.sample(sample_cfg, &mut rng)?;
-            let sigma = (self.cfg.p_mean + self.cfg.p_std * rng.normal()).exp().max(0.001) as f32;
-            let n = s.hr.elem_count();
-            let eps: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
-            let eps = Tensor::from_vec(eps, s.hr.shape(), &Device::Cpu)?;
+        // The batch's examples are drawn in parallel: each from its own stream, so the draws do
+        // not depend on the thread count.
+        let (seed, p_mean, p_std) = (self.cfg.seed, self.cfg.p_mean, self.cfg.p_std);
+        let draws = {
+            use rayon::prelude::*;
+            (0..self.cfg.batch)
+                .into_par_iter()
+                .map(|i| -> Result<(TrainSample, f32, Tensor)> {
+                    let mut rng = stream(seed, step, i);
+                    let s = data.sample(sample_cfg, &mut rng)?;
+                    let sigma = (p_mean + p_std * rng.normal()).exp().max(0.001) as f32;
+                    let n = s.hr.elem_count();
+                    let eps: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+                    let eps = Tensor::from_vec(eps, s.hr.shape(), &Device::Cpu)?;
+                    Ok((s, sigma, eps))
+                })
+                .collect::<Result<Vec<_>>>()?
+        };
+        for (s, sigma, eps) in draws {
+            let (s, eps) = if self.device.is_cpu() {
+                (s, eps)
+            } else {
+                let dev = &self.device;
+                let s = TrainSample {
+                    hr: s.hr.to_device(dev)?,
+                    lr: s.lr.to_device(dev)?,
+                    concat_lr: s.concat_lr.to_device(dev)?,
+                };
+                (s, eps.to_device(dev)?)
+            };
             let clip = model.clip_vector(&s.lr, crate::imageio::resize::Bicubic::Antialias)?;
             let loss = edm_loss(&model, &s, &clip, sigma, &eps, offset)?;
             let lv = loss.to_scalar::<f32>()? as f64;
@@ -323,7 +372,7 @@ impl Trainer {
         let ck = self.checkpoint(ema);
         let mut map = HashMap::new();
         for k in ck.keys() {
-            map.insert(k.to_string(), ck.load(k, &Device::Cpu)?);
+            map.insert(k.to_string(), ck.load(k, &Device::Cpu)?.to_device(&Device::Cpu)?);
         }
         save_atomic(&map, path)?;
         Ok(())
@@ -334,11 +383,12 @@ impl Trainer {
     pub fn save_state(&self, dir: &Path, sample_cfg: &SampleConfig) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| InfditError::io(dir, e))?;
         let mut map = HashMap::new();
+        let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
         for (i, n) in self.names.iter().enumerate() {
-            map.insert(format!("param/{n}"), self.params[i].as_tensor().clone());
-            map.insert(format!("adam_m/{n}"), self.m[i].clone());
-            map.insert(format!("adam_v/{n}"), self.v[i].clone());
-            map.insert(format!("ema/{n}"), self.ema[i].clone());
+            map.insert(format!("param/{n}"), cpu(self.params[i].as_tensor())?);
+            map.insert(format!("adam_m/{n}"), cpu(&self.m[i])?);
+            map.insert(format!("adam_v/{n}"), cpu(&self.v[i])?);
+            map.insert(format!("ema/{n}"), cpu(&self.ema[i])?);
         }
         save_atomic(&map, &dir.join(STATE_FILE))?;
         let meta =
@@ -370,7 +420,7 @@ impl Trainer {
             )));
         }
         let path = dir.join(STATE_FILE);
-        let st = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| InfditError::Training {
+        let st = candle_core::safetensors::load(&path, &self.device).map_err(|e| InfditError::Training {
             path: path.clone(),
             reason: format!("unreadable training state: {e}"),
         })?;
