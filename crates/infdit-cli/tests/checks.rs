@@ -124,3 +124,32 @@ fn a_plan_whose_later_pass_does_not_fit_is_refused_before_the_first_pass() {
     assert!(stderr(&d).contains("memory budget"), "{}", stderr(&d));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--ensemble` averages runs on mirrored/transposed inputs: a bad size, or one with an option it
+/// does not go with, is refused by flag before the model runs; a good one writes the output, which
+/// differs from the single run's.
+#[test]
+fn the_ensemble_flag_is_checked_and_runs() {
+    let dir = tmpdir("checks-ensemble");
+    let input = dir.join("in.png");
+    rgb(&input);
+    let out = dir.join("out.png");
+    for (args, words) in [
+        (&["--ensemble", "3"][..], "--ensemble: 3: give 1, 2, 4 or 8 runs"),
+        (&["--ensemble", "2", "--crop", "official", "--scale", "4"][..], "--ensemble: the official crop"),
+        (&["--ensemble", "8", "--state-dir", "st"][..], "a state folder"),
+    ] {
+        let r = upscale(&input, &out, args);
+        assert_eq!(r.status.code(), Some(1), "{}", stderr(&r));
+        assert!(stderr(&r).contains(words), "{args:?}: {}", stderr(&r));
+        assert!(!out.exists());
+    }
+    let single = dir.join("single.png");
+    assert!(upscale(&input, &single, &[]).status.success());
+    let r = upscale(&input, &out, &["--ensemble", "8"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let (a, b) = (image::open(&single).unwrap().to_rgb8(), image::open(&out).unwrap().to_rgb8());
+    assert_eq!(a.dimensions(), (64, 48));
+    assert_eq!(a.dimensions(), b.dimensions());
+    assert_ne!(a.as_raw(), b.as_raw());
+}

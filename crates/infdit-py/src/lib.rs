@@ -113,6 +113,7 @@ fn options(py: Python<'_>, d: Option<&Bound<'_, PyDict>>) -> PyResult<UpscaleOpt
         rounding: opt(d, "rounding")?,
         strip_metadata: opt(d, "strip_metadata")?,
         jpeg_quality,
+        ensemble: opt(d, "ensemble")?,
     };
     if let Some(p) = opt(d, "max_pixels")? {
         base.max_pixels = p;

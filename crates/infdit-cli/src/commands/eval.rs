@@ -59,14 +59,16 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     let spec = model_spec(&a.model)?;
     let heun = super::heun_config(&spec, a.steps, a.sigma_max)?;
     let act = super::run_dtype(a.dtype, &dev);
-    let up = Upscaler::load(&spec, dev, act)?;
     let opts = UpscaleOptions {
         seed: a.seed,
         steps: Some(heun.steps),
         sigma_max: Some(heun.sigma_max),
         evaluation: Evaluation::Blocks { block_batch: Some(a.block_batch) },
+        ensemble: a.ensemble,
         ..Default::default()
     };
+    opts.validate().map_err(|e| anyhow!(message(&e)))?;
+    let up = Upscaler::load(&spec, dev, act)?;
     eprintln!("sampler: {} Heun steps from sigma {}", heun.steps, heun.sigma_max);
     let (mut model_rows, mut bic_rows, mut all) = (Vec::new(), Vec::new(), Vec::new());
     let mut failed = 0usize;

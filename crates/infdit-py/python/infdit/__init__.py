@@ -155,6 +155,7 @@ class Upscaler:
         whole_image: bool = False,
         max_memory: Optional[int] = None,
         max_pixels: int = MAX_PIXELS,
+        ensemble: int = 1,
     ) -> Any:
         """Upscales an image in memory and returns the result, of the input's kind.
 
@@ -171,6 +172,8 @@ class Upscaler:
         an exception it raises stops the run and is raised here. Ctrl-C raises ``KeyboardInterrupt``
         at the next block batch. ``crop="official"`` is the official centre crop (x4 or x2 only);
         ``block_batch``, ``whole_image``, ``max_memory`` (bytes) and ``max_pixels`` as the CLI's flags.
+        ``ensemble``: 1, 2, 4 or 8 runs on mirrored (8: and transposed) inputs, averaged (the
+        self-ensemble; that many times the time).
         """
         _check_progress(progress)
         arr, mode = _as_array(image, max_pixels)
@@ -188,6 +191,7 @@ class Upscaler:
             whole_image=whole_image,
             max_memory=max_memory,
             max_pixels=max_pixels,
+            ensemble=ensemble,
         )
         out = self._inner.upscale(arr, opts, progress)
         if mode is None:
@@ -215,6 +219,7 @@ class Upscaler:
         whole_image: bool = False,
         max_memory: Optional[int] = None,
         max_pixels: int = MAX_PIXELS,
+        ensemble: int = 1,
         noise: Optional[PathLike] = None,
         rounding: str = "nearest",
         strip_metadata: bool = False,
@@ -245,6 +250,7 @@ class Upscaler:
             whole_image=whole_image,
             max_memory=max_memory,
             max_pixels=max_pixels,
+            ensemble=ensemble,
             noise=None if noise is None else os.fspath(noise),
             rounding=rounding,
             strip_metadata=strip_metadata,
@@ -268,6 +274,7 @@ class Upscaler:
         whole_image: bool = False,
         max_memory: Optional[int] = None,
         max_pixels: int = MAX_PIXELS,
+        ensemble: int = 1,
     ) -> Dict[str, Any]:
         """The plan of an upscale, with every check made before the model runs; nothing runs.
 
@@ -290,6 +297,7 @@ class Upscaler:
             whole_image=whole_image,
             max_memory=max_memory,
             max_pixels=max_pixels,
+            ensemble=ensemble,
         )
         if isinstance(image, (str, os.PathLike)):
             if dst is None:

@@ -6,6 +6,7 @@
 //! each pass. [`Planner`] knows all of it from the image header and the model config, so every check
 //! that can be made before the model runs is made before it runs ([`plan_file`]).
 
+mod ensemble;
 mod named;
 mod options;
 mod output;
@@ -17,6 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 
+pub use self::ensemble::ENSEMBLE_SIZES;
+use self::ensemble::Flip;
 pub use self::named::NamedOptions;
 pub use self::options::{Crop, Evaluation, MAX_STEPS, UpscaleOptions};
 pub use self::output::{OutputCheck, check_output};
@@ -186,6 +189,7 @@ pub fn planner(
         },
         target: opts.target,
         rule: defaults.as_ref().map_or_else(PassRule::default, PassRule::from),
+        ensemble: opts.ensemble,
     })
 }
 
@@ -259,8 +263,8 @@ fn passes_fingerprint(
 ) -> Result<String> {
     let scales: Vec<usize> = passes.iter().map(|p| p.geometry.scale.factor()).collect();
     let settings = format!(
-        "{scales:?}/{seed}/{:?}/{:?}/{:?}/{:?}/{:?}/{model_label}",
-        planner.heun, planner.act, planner.kv_dtype, opts.resize, planner.cfg
+        "{scales:?}/{seed}/{:?}/{:?}/{:?}/{:?}/{:?}/{model_label}/ensemble {}",
+        planner.heun, planner.act, planner.kv_dtype, opts.resize, planner.cfg, planner.ensemble
     );
     crate::checkpoint::passes_fingerprint(input, noise, &settings)
 }
@@ -314,6 +318,12 @@ impl Plane<'_> {
             for k in 0..passes {
                 if let Some(f) = self.pass_output(k) {
                     let _ = std::fs::remove_file(f);
+                }
+                // The resume state of the ensemble's mirrored runs (emptied by their samplers).
+                if let Some(d) = self.pass_dir(k) {
+                    for f in Flip::of_ensemble(ENSEMBLE_SIZES[ENSEMBLE_SIZES.len() - 1]).iter().skip(1) {
+                        let _ = std::fs::remove_dir(d.join(f.name()));
+                    }
                 }
                 if k > 0 {
                     let _ = std::fs::remove_dir(b.join(format!("pass{}", k + 1)));
@@ -399,21 +409,6 @@ impl Run<'_> {
                 return Err(InfditError::Interrupted { steps_done: 0 });
             }
             let scale = pass.geometry.scale;
-            let (prep, out_crop, clip_input) = if planner.official {
-                let pr = prepare_official(&x, scale, bp, opts.resize)?;
-                let c = OutputCrop { top: 0, left: 0, height: pr.grid.height(), width: pr.grid.width() };
-                let clip_input = pr.lr.clone();
-                (pr, c, clip_input)
-            } else {
-                prepare_padded(&x, scale, bp, opts.resize)?
-            };
-            let (h, w) = (prep.grid.height(), prep.grid.width());
-            // Seeded noise is drawn block by block inside the sampler (the same values as image_noise).
-            let noise = match p.noise {
-                Some(file) => Noise::Image(load_noise(file, h, w)?),
-                None => Noise::Seeded(pass_seed(opts.seed, p.stream + k as u64)),
-            };
-            let clip = model.clip_vector(&clip_input, opts.resize)?;
             let index = p.first_pass + k;
             events(&Event::Pass(PassStart {
                 pass: index,
@@ -423,37 +418,78 @@ impl Run<'_> {
                 plane_passes: passes.len(),
                 plan: pass,
             }));
-            let sopts = SampleOptions {
-                heun: planner.heun,
-                mode: pass.mode,
-                checkpoint_dir: p.pass_dir(k),
-                stop_after_steps: None,
-                cancel: self.cancel.cloned(),
-                state_dir: self.state_dir(p, k),
-                kv_offload: opts.kv_offload,
-            };
-            let out = sample_with_noise(model, &prep, &clip, &noise, &sopts, &mut |s| {
-                events(&Event::Progress(PassProgress {
-                    pass: index,
-                    passes: self.total_passes,
-                    alpha: p.alpha,
-                    work_offset: offset,
-                    sample: s,
-                }))
-            })?;
-            if out.resumed_from > 0 {
-                events(&Event::Resumed { pass: index, steps_done: out.resumed_from });
+            // The flip self-ensemble: the pass on each mirrored input, mirrored back and averaged
+            // (one run, the input itself, without it).
+            let flips = Flip::of_ensemble(planner.ensemble);
+            let run_work = plan.pass_work[k] / flips.len() as u64;
+            let mut sum: Option<Tensor> = None;
+            let mut size = (0, 0);
+            for (j, &flip) in flips.iter().enumerate() {
+                let input = flip.apply(&x)?;
+                let (prep, out_crop, clip_input) = if planner.official {
+                    let pr = prepare_official(&input, scale, bp, opts.resize)?;
+                    let c = OutputCrop { top: 0, left: 0, height: pr.grid.height(), width: pr.grid.width() };
+                    let clip_input = pr.lr.clone();
+                    (pr, c, clip_input)
+                } else {
+                    prepare_padded(&input, scale, bp, opts.resize)?
+                };
+                let (h, w) = (prep.grid.height(), prep.grid.width());
+                // Seeded noise is drawn block by block inside the sampler (the same values as image_noise).
+                let noise = match p.noise {
+                    Some(file) => Noise::Image(load_noise(file, h, w)?),
+                    None => Noise::Seeded(pass_seed(opts.seed, p.stream + k as u64)),
+                };
+                let clip = model.clip_vector(&clip_input, opts.resize)?;
+                // A transposed input has its own grid: its width (which the K/V cache grows with)
+                // is the input's height; the plan checked that it fits too.
+                let mode = if flip.transposes() { planner.mode(&prep.grid)?.0 } else { pass.mode };
+                let sopts = SampleOptions {
+                    heun: planner.heun,
+                    mode,
+                    checkpoint_dir: p.pass_dir(k).map(|d| if flip == Flip::NONE { d } else { d.join(flip.name()) }),
+                    stop_after_steps: None,
+                    cancel: self.cancel.cloned(),
+                    state_dir: self.state_dir(p, k),
+                    kv_offload: opts.kv_offload,
+                };
+                let work_offset = offset + j as u64 * run_work;
+                let out = sample_with_noise(model, &prep, &clip, &noise, &sopts, &mut |s| {
+                    events(&Event::Progress(PassProgress {
+                        pass: index,
+                        passes: self.total_passes,
+                        alpha: p.alpha,
+                        work_offset,
+                        sample: s,
+                    }))
+                })?;
+                if out.resumed_from > 0 {
+                    events(&Event::Resumed { pass: index, steps_done: out.resumed_from });
+                }
+                let fin = out.final_sample.ok_or_else(|| InfditError::Interrupted { steps_done: out.steps_done })?;
+                // One pass that gives the output size with its state on disk: the output is written
+                // band by band from the state file, never held whole.
+                if self.stream
+                    && flips.len() == 1
+                    && k == last
+                    && !fin.in_memory()
+                    && (out_crop.width, out_crop.height) == (tw, th)
+                {
+                    return Ok(Colour::Final(fin, out_crop));
+                }
+                // Whole-image mode leaves the result on the model's device; the rest is done on the CPU.
+                let y = fin.to_tensor()?.to_device(&Device::Cpu)?;
+                let y = flip.invert(&crop(&y, out_crop.top, out_crop.left, out_crop.height, out_crop.width)?)?;
+                let (_, _, yh, yw) = y.dims4()?;
+                size = (yw, yh);
+                sum = Some(match sum {
+                    Some(s) => (s + y)?,
+                    None => y,
+                });
             }
-            let fin = out.final_sample.ok_or_else(|| InfditError::Interrupted { steps_done: out.steps_done })?;
-            // One pass that gives the output size with its state on disk: the output is written
-            // band by band from the state file, never held whole.
-            if self.stream && k == last && !fin.in_memory() && (out_crop.width, out_crop.height) == (tw, th) {
-                return Ok(Colour::Final(fin, out_crop));
-            }
-            // Whole-image mode leaves the result on the model's device; the rest is done on the CPU.
-            let y = fin.to_tensor()?.to_device(&Device::Cpu)?;
-            x = crop(&y, out_crop.top, out_crop.left, out_crop.height, out_crop.width)?;
-            if k < last || (out_crop.width, out_crop.height) != (tw, th) {
+            let sum = sum.ok_or_else(|| InfditError::Internal("an ensemble of no runs".into()))?;
+            x = if flips.len() > 1 { (sum / flips.len() as f64)? } else { sum };
+            if k < last || size != (tw, th) {
                 // The next pass and the resize expect images in [-1, 1].
                 x = x.clamp(-1f32, 1f32)?;
             }
@@ -685,6 +721,54 @@ impl Upscaler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An ensemble of n is the mean of the plain run and the runs on the transformed input, mapped
+    /// back; each transformed run is a real, different upscale.
+    #[test]
+    fn the_ensemble_averages_the_transformed_runs() {
+        let up = Upscaler::new(&ModelSpec::BuiltIn, &LoadOptions::default()).unwrap();
+        // A 40 x 24 input (off the 16-px LR block grid: the padding lands elsewhere when mirrored;
+        // transposed, its block grid is another shape).
+        let (h, w) = (24usize, 40usize);
+        let v: Vec<f32> = (0..3 * h * w).map(|i| (((i * 37) % 101) as f32 / 50.0 - 1.0) * 0.8).collect();
+        let rgb = Tensor::from_vec(v, (1, 3, h, w), &Device::Cpu).unwrap();
+        let run = |img: &Tensor, ensemble: usize| {
+            let opts = UpscaleOptions { ensemble, ..Default::default() };
+            up.upscale(&LoadedImage::from_rgb(img.clone()), &opts, &mut |_| {}, None).unwrap().rgb
+        };
+        let singles: Vec<Tensor> =
+            Flip::of_ensemble(8).iter().map(|f| f.invert(&run(&f.apply(&rgb).unwrap(), 1)).unwrap()).collect();
+        let diff =
+            |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff(&singles[0], &run(&rgb, 1)), 0.0);
+        for n in [2, 4, 8] {
+            let got = run(&rgb, n);
+            assert_eq!(got.dims(), &[1, 3, 4 * h, 4 * w]);
+            let expected = (Tensor::stack(&singles[..n], 0).unwrap().sum(0).unwrap() / n as f64).unwrap();
+            assert!(diff(&got, &expected) < 1e-5, "ensemble {n}: {}", diff(&got, &expected));
+        }
+        for s in &singles[1..] {
+            assert!(diff(&singles[0], s) > 1e-3, "a transformed run is not a different upscale");
+        }
+        // Progress counts every run: the total work of an ensemble of 8 is 8 times a single run's.
+        let work = |n: usize| {
+            let planner = up.planner(&UpscaleOptions { ensemble: n, ..Default::default() }).unwrap();
+            planner.plan(w, h, false, AlphaMode::Bicubic).unwrap().work
+        };
+        assert_eq!(work(8), 8 * work(1));
+        let mut last = 0;
+        run_with_events(&up, &rgb, 8, &mut |e| {
+            if let Event::Progress(p) = e {
+                last = p.work_done();
+            }
+        });
+        assert_eq!(last, work(8));
+    }
+
+    fn run_with_events(up: &Upscaler, rgb: &Tensor, ensemble: usize, events: &mut dyn FnMut(&Event)) {
+        let opts = UpscaleOptions { ensemble, ..Default::default() };
+        up.upscale(&LoadedImage::from_rgb(rgb.clone()), &opts, events, None).unwrap();
+    }
 
     #[test]
     fn alpha_maps_to_a_gray_image_and_back() {

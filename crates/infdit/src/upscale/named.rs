@@ -58,6 +58,9 @@ pub struct NamedOptions {
     /// JPEG output quality, 1 to 100.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jpeg_quality: Option<u8>,
+    /// Self-ensemble: runs on mirrored (8: and transposed) inputs averaged, 1, 2, 4 or 8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ensemble: Option<usize>,
 }
 
 fn bad(option: &'static str, reason: String) -> InfditError {
@@ -66,7 +69,7 @@ fn bad(option: &'static str, reason: String) -> InfditError {
 
 impl NamedOptions {
     /// The names, in the order of the fields.
-    pub const NAMES: [&'static str; 15] = [
+    pub const NAMES: [&'static str; 16] = [
         "scale",
         "width",
         "height",
@@ -82,6 +85,7 @@ impl NamedOptions {
         "rounding",
         "strip_metadata",
         "jpeg_quality",
+        "ensemble",
     ];
 
     /// `base` with these options applied, validated. The target is always set: `scale`, or
@@ -147,6 +151,9 @@ impl NamedOptions {
         if let Some(q) = self.jpeg_quality {
             o.jpeg_quality = q;
         }
+        if let Some(n) = self.ensemble {
+            o.ensemble = n;
+        }
         o.validate()?;
         Ok(o)
     }
@@ -175,11 +182,11 @@ mod tests {
         assert_eq!(o.alpha, AlphaMode::Drop { background: [1, 2, 3] });
         assert_eq!((o.crop, o.rounding), (Crop::Official, Rounding::Truncate));
         assert_eq!(o.evaluation, Evaluation::Blocks { block_batch: Some(2) });
-        let w = NamedOptions { width: Some(100), whole_image: Some(true), ..Default::default() };
+        let w = NamedOptions { width: Some(100), whole_image: Some(true), ensemble: Some(4), ..Default::default() };
         let o = w.apply(UpscaleOptions::default()).unwrap();
         assert_eq!(o.target, Target::Size { width: Some(100), height: None });
-        assert_eq!(o.evaluation, Evaluation::WholeImage);
-        assert_eq!(NamedOptions::NAMES.len(), serde_json::to_value(&n).unwrap().as_object().unwrap().len() + 6);
+        assert_eq!((o.evaluation, o.ensemble), (Evaluation::WholeImage, 4));
+        assert_eq!(NamedOptions::NAMES.len(), serde_json::to_value(&n).unwrap().as_object().unwrap().len() + 7);
     }
 
     #[test]
@@ -194,6 +201,11 @@ mod tests {
         assert!(e(both).starts_with("block_batch:"));
         assert!(e(NamedOptions { rounding: Some("up".into()), ..Default::default() }).starts_with("rounding:"));
         assert!(e(NamedOptions { steps: Some(0), ..Default::default() }).starts_with("steps:"));
+        assert!(
+            e(NamedOptions { ensemble: Some(3), ..Default::default() }).starts_with("ensemble: 3: give 1, 2, 4 or 8")
+        );
+        let official = NamedOptions { ensemble: Some(2), crop: Some("official".into()), ..Default::default() };
+        assert!(e(official).starts_with("ensemble: the official crop"));
         let unknown = serde_json::from_str::<NamedOptions>(r#"{"noise": "x"}"#).unwrap_err();
         assert!(unknown.to_string().contains("unknown field `noise`"), "{unknown}");
     }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use candle_core::DType;
 
+use super::ensemble::ENSEMBLE_SIZES;
 use super::plan::{AlphaMode, Target};
 use crate::config::SamplerDefaults;
 use crate::diffusion::HeunConfig;
@@ -90,6 +91,11 @@ pub struct UpscaleOptions {
     pub jpeg_quality: u8,
     /// How 8-bit samples are made.
     pub rounding: Rounding,
+    /// Self-ensemble: every model pass runs on the input and on `ensemble - 1` mirrored copies
+    /// (1: none; 2: + the horizontal mirror; 4: + the vertical and the double one; 8: + those
+    /// four of the transposed input), and the results, mapped back, are averaged. `ensemble`
+    /// times the work.
+    pub ensemble: usize,
 }
 
 impl Default for UpscaleOptions {
@@ -113,6 +119,7 @@ impl Default for UpscaleOptions {
             strip_metadata: false,
             jpeg_quality: 95,
             rounding: Rounding::Nearest,
+            ensemble: 1,
         }
     }
 }
@@ -162,6 +169,21 @@ impl UpscaleOptions {
         }
         if self.max_pixels == 0 {
             return bad("max_pixels", "the pixel limit must be at least 1".into());
+        }
+        if !ENSEMBLE_SIZES.contains(&self.ensemble) {
+            return bad("ensemble", format!("{}: give 1, 2, 4 or 8 runs", self.ensemble));
+        }
+        if self.ensemble > 1 {
+            let with = |what: &str| format!("{what} and an ensemble of {} runs do not go together", self.ensemble);
+            if self.crop == Crop::Official {
+                return bad("ensemble", with("the official crop (for parity with the official code)"));
+            }
+            if self.noise.is_some() {
+                return bad("ensemble", with("a noise file (for comparisons with the official code)"));
+            }
+            if self.state_dir.is_some() {
+                return bad("ensemble", with("a state folder (the ensemble averages whole outputs in memory)"));
+            }
         }
         Ok(())
     }

@@ -266,6 +266,8 @@ pub struct Planner {
     pub target: Target,
     /// The model's 2x mode and pass chaining.
     pub rule: PassRule,
+    /// Runs of each pass averaged (the flip self-ensemble, [`UpscaleOptions::ensemble`](super::UpscaleOptions)).
+    pub ensemble: usize,
 }
 
 impl Planner {
@@ -338,8 +340,19 @@ impl Planner {
             let (mode, memory) = self.mode(&grid)?;
             passes.push(PassPlan { geometry: g, mode, memory });
         }
+        // The ensemble's transposed runs have the transposed grid (the K/V cache grows with the
+        // width): it must fit the budget as well.
+        let mut transposed_memory = 0;
+        if super::ensemble::Flip::of_ensemble(self.ensemble).iter().any(|f| f.transposes()) {
+            for p in &passes {
+                let (rows, cols) = p.geometry.grid;
+                let t = BlockGrid::for_image(cols * bp, rows * bp, bp)?;
+                transposed_memory = transposed_memory.max(self.mode(&t)?.1.total());
+            }
+        }
         let evals = self.heun.evaluations() as u64;
-        let pass_work: Vec<u64> = passes.iter().map(|p| evals * p.geometry.blocks() as u64).collect();
+        let runs = self.ensemble.max(1) as u64;
+        let pass_work: Vec<u64> = passes.iter().map(|p| runs * evals * p.geometry.blocks() as u64).collect();
         let colour: u64 = pass_work.iter().sum();
         let alpha = has_alpha.then_some(alpha);
         let alpha_passes = if alpha == Some(AlphaMode::Model) { passes.len() } else { 0 };
@@ -347,7 +360,7 @@ impl Planner {
         Ok(ImagePlan {
             input: (w, h),
             output,
-            memory: passes.iter().map(|p| p.memory.total()).max().unwrap_or(0),
+            memory: passes.iter().map(|p| p.memory.total()).max().unwrap_or(0).max(transposed_memory),
             work: if alpha_passes > 0 { 2 * colour } else { colour },
             resize: last != Some(output),
             steps: self.heun.steps,

@@ -45,6 +45,7 @@ impl From<&UpscaleArgs> for UpscaleOptions {
             strip_metadata: a.strip_metadata,
             jpeg_quality: a.jpeg_quality,
             rounding: a.rounding.into(),
+            ensemble: a.ensemble,
         }
     }
 }

@@ -1,0 +1,112 @@
+//! The self-ensemble: each model pass also run on mirrored (and transposed) copies of its input,
+//! each result mapped back, and the results averaged (`UpscaleOptions::ensemble`). The model's
+//! blocks are generated in raster order from the top-left, so a mirrored input gives each block
+//! other neighbours to condition on; averaging the runs evens out what depends on that direction.
+
+use candle_core::Tensor;
+
+/// A symmetry of the square applied to an image tensor `(N, C, H, W)`: an optional transpose
+/// (rows become columns), then optional horizontal and vertical mirrors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Flip {
+    transpose: bool,
+    horizontal: bool,
+    vertical: bool,
+}
+
+/// Ensemble sizes accepted: the input alone; with its horizontal mirror; with all three mirrors;
+/// and those four of the transposed input too.
+pub const ENSEMBLE_SIZES: [usize; 4] = [1, 2, 4, 8];
+
+const fn flip(transpose: bool, horizontal: bool, vertical: bool) -> Flip {
+    Flip { transpose, horizontal, vertical }
+}
+
+const ALL: [Flip; 8] = [
+    flip(false, false, false),
+    flip(false, true, false),
+    flip(false, false, true),
+    flip(false, true, true),
+    flip(true, false, false),
+    flip(true, true, false),
+    flip(true, false, true),
+    flip(true, true, true),
+];
+
+impl Flip {
+    /// The identity.
+    pub(crate) const NONE: Flip = ALL[0];
+
+    /// The transforms of an ensemble of `n` runs (`n` in [`ENSEMBLE_SIZES`]; the identity first).
+    pub(crate) fn of_ensemble(n: usize) -> &'static [Flip] {
+        &ALL[..n.clamp(1, ALL.len())]
+    }
+
+    /// Whether the image's sides are swapped.
+    pub(crate) fn transposes(self) -> bool {
+        self.transpose
+    }
+
+    /// A short name, for the folders of the runs' resume state.
+    pub(crate) fn name(self) -> String {
+        let mut s = String::from(if self.transpose { "transpose" } else { "flip" });
+        s.push_str(match (self.horizontal, self.vertical) {
+            (false, false) => "",
+            (true, false) => "-h",
+            (false, true) => "-v",
+            (true, true) => "-hv",
+        });
+        s
+    }
+
+    /// `t` transformed.
+    pub(crate) fn apply(self, t: &Tensor) -> candle_core::Result<Tensor> {
+        let t = if self.transpose { t.transpose(2, 3)?.contiguous()? } else { t.clone() };
+        self.mirror(&t)
+    }
+
+    /// The inverse: a result of the transformed input mapped back onto the input's geometry.
+    pub(crate) fn invert(self, t: &Tensor) -> candle_core::Result<Tensor> {
+        let t = self.mirror(t)?;
+        if self.transpose { t.transpose(2, 3)?.contiguous() } else { Ok(t) }
+    }
+
+    fn mirror(self, t: &Tensor) -> candle_core::Result<Tensor> {
+        let t = if self.horizontal { reverse(t, 3)? } else { t.clone() };
+        if self.vertical { reverse(&t, 2) } else { Ok(t) }
+    }
+}
+
+/// `t` with dimension `dim` reversed.
+fn reverse(t: &Tensor, dim: usize) -> candle_core::Result<Tensor> {
+    let n = t.dim(dim)?;
+    let idx: Vec<u32> = (0..n as u32).rev().collect();
+    t.contiguous()?.index_select(&Tensor::new(idx.as_slice(), t.device())?, dim)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn flips_transform_and_invert() {
+        let t = Tensor::arange(0f32, 12., &Device::Cpu).unwrap().reshape((1, 1, 3, 4)).unwrap();
+        let rows = |f: Flip| f.apply(&t).unwrap().squeeze(0).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(rows(ALL[1])[0], [3., 2., 1., 0.]);
+        assert_eq!(rows(ALL[2])[0], [8., 9., 10., 11.]);
+        assert_eq!(rows(ALL[3])[0], [11., 10., 9., 8.]);
+        assert_eq!(rows(ALL[4]), [[0., 4., 8.], [1., 5., 9.], [2., 6., 10.], [3., 7., 11.]]);
+        // Transpose, then mirror left-right.
+        assert_eq!(rows(ALL[5])[0], [8., 4., 0.]);
+        let values = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for f in Flip::of_ensemble(8) {
+            assert_eq!(values(&f.invert(&f.apply(&t).unwrap()).unwrap()), values(&t), "{}", f.name());
+        }
+        assert_eq!(Flip::of_ensemble(1), [Flip::NONE]);
+        assert_eq!(Flip::of_ensemble(2)[1].name(), "flip-h");
+        let names: Vec<String> = Flip::of_ensemble(8).iter().map(|f| f.name()).collect();
+        assert_eq!(names.iter().collect::<std::collections::HashSet<_>>().len(), 8);
+    }
+}
