@@ -154,6 +154,7 @@ fn bad_requests_get_4xx_and_leave_the_server_healthy() {
     bad(&s.upload("a.png", &img, r#"{"scale": 4,"#), 400, "invalid_json");
     bad(&s.upload("a.png", &img, r#"{"noise": "/etc/passwd"}"#), 400, "invalid_option");
     bad(&s.upload("a.png", &img, r#"{"steps": 0}"#), 400, "invalid_option");
+    bad(&s.upload("a.png", &img, r#"{"ensemble": 3}"#), 400, "invalid_option");
     bad(&s.upload("a.png", &img, r#"{"scale": "big"}"#), 400, "invalid_option");
     // No image part, an unknown part.
     let (ct, body) = multipart(&[("options", None, b"{}")]);
