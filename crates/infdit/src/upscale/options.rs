@@ -91,10 +91,9 @@ pub struct UpscaleOptions {
     pub jpeg_quality: u8,
     /// How 8-bit samples are made.
     pub rounding: Rounding,
-    /// Self-ensemble: every model pass runs on the input and on `ensemble - 1` mirrored copies
-    /// (1: none; 2: + the horizontal mirror; 4: + the vertical and the double one; 8: + those
-    /// four of the transposed input), and the results, mapped back, are averaged. `ensemble`
-    /// times the work.
+    /// Self-ensemble: every model pass runs on the input and on `ensemble - 1` transformed copies
+    /// (mirrored and/or transposed; 1: none; 2, 4 or 8, in the measured order of `ensemble.rs`),
+    /// and the results, mapped back, are averaged. `ensemble` times the work.
     pub ensemble: usize,
 }
 
