@@ -172,7 +172,7 @@ class Upscaler:
         an exception it raises stops the run and is raised here. Ctrl-C raises ``KeyboardInterrupt``
         at the next block batch. ``crop="official"`` is the official centre crop (x4 or x2 only);
         ``block_batch``, ``whole_image``, ``max_memory`` (bytes) and ``max_pixels`` as the CLI's flags.
-        ``ensemble``: 1, 2, 4 or 8 runs on mirrored (8: and transposed) inputs, averaged (the
+        ``ensemble``: 1, 2, 4 or 8 runs on mirrored and transposed inputs, averaged (the
         self-ensemble; that many times the time).
         """
         _check_progress(progress)

@@ -58,7 +58,7 @@ pub struct NamedOptions {
     /// JPEG output quality, 1 to 100.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jpeg_quality: Option<u8>,
-    /// Self-ensemble: runs on mirrored (8: and transposed) inputs averaged, 1, 2, 4 or 8.
+    /// Self-ensemble: runs on mirrored and transposed inputs averaged, 1, 2, 4 or 8.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ensemble: Option<usize>,
 }
