@@ -84,6 +84,19 @@ def test_seed_and_size_options(up):
     assert up.upscale(img, scale=1.5, steps=1).shape == (24, 24, 3)
 
 
+def test_ensemble_averages_transformed_runs(up):
+    img = gradient(16, 24, 3, np.uint8)
+    one, two = (up.upscale(img, ensemble=n) for n in (1, 2))
+    assert one.shape == two.shape == (64, 96, 3)
+    assert not np.array_equal(one, two)
+    # The pair's second run is the anti-transposed input, mapped back: the mean of the two runs,
+    # rounded to 8 bits (one level for the rounding of each).
+    anti = np.ascontiguousarray(np.transpose(img, (1, 0, 2))[::-1, ::-1])
+    back = np.transpose(up.upscale(anti)[::-1, ::-1], (1, 0, 2)).astype(np.float64)
+    assert np.abs((one.astype(np.float64) + back) / 2 - two).max() <= 1.0
+    assert up.dry_run(img, ensemble=4)["work"] == 4 * up.dry_run(img)["work"]
+
+
 def test_alpha_modes(up):
     img = gradient(16, 16, 4, np.uint8)
     assert up.upscale(img, steps=1, alpha="drop").shape == (64, 64, 3)
@@ -184,6 +197,7 @@ def test_bad_options_raise_option_error_naming_the_option(up):
         (dict(crop="official", scale=3.0), "crop"),
         (dict(crop="diagonal"), "crop"),
         (dict(background=(0, 0, 0)), "background"),
+        (dict(ensemble=3), "ensemble: 3: give 1, 2, 4 or 8 runs"),
     ]
     for kw, words in cases:
         with pytest.raises(infdit.OptionError, match=words):
