@@ -664,6 +664,9 @@ fn serve_page_in_headless_chromium() {
     // The options, typed as a user would: 2 steps.
     let steps = b.element("#steps");
     b.cmd("POST", &format!("/element/{}/value", steps.as_str().unwrap()), &serde_json::json!({"text": "2"}));
+    // ... and an ensemble of 2 runs, picked from its list.
+    let two_runs = b.element("#ensemble option[value='2']");
+    b.cmd("POST", &format!("/element/{}/click", two_runs.as_str().unwrap()), &serde_json::json!({}));
     // Drop a 24x24 image on the drop zone (a real drop event with the file in its DataTransfer).
     let img = png(24, 24, 4);
     b.js(
@@ -701,6 +704,7 @@ fn serve_page_in_headless_chromium() {
     let (_, list) = s.get_json("/api/jobs");
     assert_eq!(list["jobs"][0]["name"], "dropped.png");
     assert_eq!(list["jobs"][0]["options"]["steps"], 2);
+    assert_eq!(list["jobs"][0]["options"]["ensemble"], 2);
     assert_eq!(list["jobs"][0]["options"]["scale"], 4.0);
     b.screenshot(&target_dir().join("serve-e2e-before-drag.png"));
 
