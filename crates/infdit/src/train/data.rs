@@ -63,6 +63,17 @@ pub struct TrainSample {
     pub concat_lr: Tensor,
 }
 
+impl TrainSample {
+    /// The example on `device` (a copy-free clone when it is already there).
+    pub fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
+        Ok(Self {
+            hr: self.hr.to_device(device)?,
+            lr: self.lr.to_device(device)?,
+            concat_lr: self.concat_lr.to_device(device)?,
+        })
+    }
+}
+
 /// Image files found under some paths, decoded once and kept in memory (as planar `[0, 1]` f32).
 #[derive(Debug, Default)]
 pub struct Dataset {

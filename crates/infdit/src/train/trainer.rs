@@ -281,17 +281,7 @@ impl Trainer {
                 .collect::<Result<Vec<_>>>()?
         };
         for (s, sigma, eps) in draws {
-            let (s, eps) = if self.device.is_cpu() {
-                (s, eps)
-            } else {
-                let dev = &self.device;
-                let s = TrainSample {
-                    hr: s.hr.to_device(dev)?,
-                    lr: s.lr.to_device(dev)?,
-                    concat_lr: s.concat_lr.to_device(dev)?,
-                };
-                (s, eps.to_device(dev)?)
-            };
+            let (s, eps) = (s.to_device(&self.device)?, eps.to_device(&self.device)?);
             let clip = model.clip_vector(&s.lr, crate::imageio::resize::Bicubic::Antialias)?;
             let loss = edm_loss(&model, &s, &clip, sigma, &eps, offset)?;
             let lv = loss.to_scalar::<f32>()? as f64;
@@ -372,7 +362,7 @@ impl Trainer {
         let ck = self.checkpoint(ema);
         let mut map = HashMap::new();
         for k in ck.keys() {
-            map.insert(k.to_string(), ck.load(k, &Device::Cpu)?.to_device(&Device::Cpu)?);
+            map.insert(k.to_string(), ck.load(k, &Device::Cpu)?);
         }
         save_atomic(&map, path)?;
         Ok(())
