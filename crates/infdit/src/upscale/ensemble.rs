@@ -42,6 +42,11 @@ impl Flip {
     /// The identity.
     pub(crate) const NONE: Flip = ALL[0];
 
+    /// Every transform, the identity first.
+    pub(crate) fn all() -> &'static [Flip] {
+        &ALL
+    }
+
     /// The transforms of an ensemble of `n` runs (`n` in [`ENSEMBLE_SIZES`]; the identity first).
     pub(crate) fn of_ensemble(n: usize) -> &'static [Flip] {
         &ALL[..n.clamp(1, ALL.len())]

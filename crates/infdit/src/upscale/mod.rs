@@ -319,9 +319,9 @@ impl Plane<'_> {
                 if let Some(f) = self.pass_output(k) {
                     let _ = std::fs::remove_file(f);
                 }
-                // The resume state of the ensemble's mirrored runs (emptied by their samplers).
+                // The resume state of the ensemble's transformed runs (emptied by their samplers).
                 if let Some(d) = self.pass_dir(k) {
-                    for f in Flip::of_ensemble(ENSEMBLE_SIZES[ENSEMBLE_SIZES.len() - 1]).iter().skip(1) {
+                    for f in &Flip::all()[1..] {
                         let _ = std::fs::remove_dir(d.join(f.name()));
                     }
                 }
@@ -418,12 +418,11 @@ impl Run<'_> {
                 plane_passes: passes.len(),
                 plan: pass,
             }));
-            // The flip self-ensemble: the pass on each mirrored input, mirrored back and averaged
-            // (one run, the input itself, without it).
+            // The self-ensemble: the pass on each transformed input, mapped back and averaged (one
+            // run, the input itself, without it).
             let flips = Flip::of_ensemble(planner.ensemble);
             let run_work = plan.pass_work[k] / flips.len() as u64;
             let mut sum: Option<Tensor> = None;
-            let mut size = (0, 0);
             for (j, &flip) in flips.iter().enumerate() {
                 let input = flip.apply(&x)?;
                 let (prep, out_crop, clip_input) = if planner.official {
@@ -441,12 +440,9 @@ impl Run<'_> {
                     None => Noise::Seeded(pass_seed(opts.seed, p.stream + k as u64)),
                 };
                 let clip = model.clip_vector(&clip_input, opts.resize)?;
-                // A transposed input has its own grid: its width (which the K/V cache grows with)
-                // is the input's height; the plan checked that it fits too.
-                let mode = if flip.transposes() { planner.mode(&prep.grid)?.0 } else { pass.mode };
                 let sopts = SampleOptions {
                     heun: planner.heun,
-                    mode,
+                    mode: pass.mode_for(flip.transposes()),
                     checkpoint_dir: p.pass_dir(k).map(|d| if flip == Flip::NONE { d } else { d.join(flip.name()) }),
                     stop_after_steps: None,
                     cancel: self.cancel.cloned(),
@@ -480,8 +476,6 @@ impl Run<'_> {
                 // Whole-image mode leaves the result on the model's device; the rest is done on the CPU.
                 let y = fin.to_tensor()?.to_device(&Device::Cpu)?;
                 let y = flip.invert(&crop(&y, out_crop.top, out_crop.left, out_crop.height, out_crop.width)?)?;
-                let (_, _, yh, yw) = y.dims4()?;
-                size = (yw, yh);
                 sum = Some(match sum {
                     Some(s) => (s + y)?,
                     None => y,
@@ -489,7 +483,8 @@ impl Run<'_> {
             }
             let sum = sum.ok_or_else(|| InfditError::Internal("an ensemble of no runs".into()))?;
             x = if flips.len() > 1 { (sum / flips.len() as f64)? } else { sum };
-            if k < last || size != (tw, th) {
+            let (_, _, xh, xw) = x.dims4()?;
+            if k < last || (xw, xh) != (tw, th) {
                 // The next pass and the resize expect images in [-1, 1].
                 x = x.clamp(-1f32, 1f32)?;
             }

@@ -182,6 +182,25 @@ pub struct PassPlan {
     pub mode: Mode,
     /// The memory estimate (of GPU memory on a GPU).
     pub memory: MemoryPlan,
+    /// With an ensemble that has transposed runs: their mode and memory estimate (a transposed
+    /// input has the transposed block grid, and the K/V cache grows with the width).
+    pub transposed: Option<(Mode, MemoryPlan)>,
+}
+
+impl PassPlan {
+    /// How a run of this pass on its input (`transposed`: on the transposed input) evaluates the
+    /// network.
+    pub fn mode_for(&self, transposed: bool) -> Mode {
+        match (transposed, self.transposed) {
+            (true, Some((mode, _))) => mode,
+            _ => self.mode,
+        }
+    }
+
+    /// The larger memory estimate of its runs.
+    pub fn peak_memory(&self) -> usize {
+        self.memory.total().max(self.transposed.map_or(0, |(_, m)| m.total()))
+    }
 }
 
 /// What the alpha plane of an image goes through.
@@ -266,7 +285,7 @@ pub struct Planner {
     pub target: Target,
     /// The model's 2x mode and pass chaining.
     pub rule: PassRule,
-    /// Runs of each pass averaged (the flip self-ensemble, [`UpscaleOptions::ensemble`](super::UpscaleOptions)).
+    /// Runs of each pass averaged (the self-ensemble, [`UpscaleOptions::ensemble`](super::UpscaleOptions)).
     pub ensemble: usize,
 }
 
@@ -334,21 +353,15 @@ impl Planner {
     pub fn plan(&self, w: usize, h: usize, has_alpha: bool, alpha: AlphaMode) -> Result<ImagePlan> {
         let bp = self.cfg.dit.block_px;
         let (geoms, output) = self.passes(w, h)?;
+        // The ensemble's transposed runs have the transposed grid: it must fit the budget as well.
+        let transposes = super::ensemble::Flip::of_ensemble(self.ensemble).iter().any(|f| f.transposes());
         let mut passes = Vec::with_capacity(geoms.len());
         for g in geoms {
-            let grid = BlockGrid::for_image(g.grid.0 * bp, g.grid.1 * bp, bp)?;
-            let (mode, memory) = self.mode(&grid)?;
-            passes.push(PassPlan { geometry: g, mode, memory });
-        }
-        // The ensemble's transposed runs have the transposed grid (the K/V cache grows with the
-        // width): it must fit the budget as well.
-        let mut transposed_memory = 0;
-        if super::ensemble::Flip::of_ensemble(self.ensemble).iter().any(|f| f.transposes()) {
-            for p in &passes {
-                let (rows, cols) = p.geometry.grid;
-                let t = BlockGrid::for_image(cols * bp, rows * bp, bp)?;
-                transposed_memory = transposed_memory.max(self.mode(&t)?.1.total());
-            }
+            let (rows, cols) = g.grid;
+            let (mode, memory) = self.mode(&BlockGrid::for_image(rows * bp, cols * bp, bp)?)?;
+            let transposed =
+                if transposes { Some(self.mode(&BlockGrid::for_image(cols * bp, rows * bp, bp)?)?) } else { None };
+            passes.push(PassPlan { geometry: g, mode, memory, transposed });
         }
         let evals = self.heun.evaluations() as u64;
         let runs = self.ensemble.max(1) as u64;
@@ -360,7 +373,7 @@ impl Planner {
         Ok(ImagePlan {
             input: (w, h),
             output,
-            memory: passes.iter().map(|p| p.memory.total()).max().unwrap_or(0).max(transposed_memory),
+            memory: passes.iter().map(PassPlan::peak_memory).max().unwrap_or(0),
             work: if alpha_passes > 0 { 2 * colour } else { colour },
             resize: last != Some(output),
             steps: self.heun.steps,
