@@ -21,10 +21,10 @@
 //! the baseline is NEON.
 
 use candle_core::{DType, Result, Tensor};
-use rayon::prelude::*;
 
-use super::{Elem, Path, exp2_portable, sum_f32, vec_f32, with_slice};
+use super::{Elem, Path, exp2_portable, par_filled, sum_f32, vec_f32, with_slice};
 use half::{bf16, f16};
+use std::mem::MaybeUninit;
 
 /// Rows per parallel task of the row-wise kernels.
 const ROWS_PER_TASK: usize = 64;
@@ -97,20 +97,23 @@ pub fn layer_norm_affine(x: &Tensor, w: Option<&Tensor>, b: Option<&Tensor>, eps
 fn ln_run<T: Elem>(x: &Tensor, dm: usize, w: Option<&[f32]>, b: Option<&[f32]>, eps: f32) -> Result<Tensor> {
     let path = super::path();
     let out = with_slice::<T, _>(x, |src| {
-        let mut out = vec![T::from_f32(0.0); src.len()];
-        out.par_chunks_mut(dm * ROWS_PER_TASK).zip(src.par_chunks(dm * ROWS_PER_TASK)).for_each(|(o, s)| {
-            let mut row = vec![0f32; dm];
-            for (orow, srow) in o.chunks_exact_mut(dm).zip(s.chunks_exact(dm)) {
-                ln_row::<T>(path, srow, orow, &mut row, w, b, eps);
-            }
-        });
-        out
+        let task = dm * ROWS_PER_TASK;
+        // SAFETY: `src` is whole rows of `dm` (the caller's last dimension), so each chunk is whole
+        // rows, and `ln_row` writes each value of its row (one per value of `row`, of length `dm`).
+        unsafe {
+            par_filled(src.len(), task, |i, o| {
+                let mut row = vec![0f32; dm];
+                for (orow, srow) in o.chunks_exact_mut(dm).zip(src[i * task..].chunks_exact(dm)) {
+                    ln_row::<T>(path, srow, orow, &mut row, w, b, eps);
+                }
+            })
+        }
     })?;
     Tensor::from_vec(out, x.elem_count(), x.device())
 }
 
 multiversion! {
-    fn ln_row<T>(src: &[T], out: &mut [T], row: &mut [f32], w: Option<&[f32]>, b: Option<&[f32]>, eps: f32) {
+    fn ln_row<T>(src: &[T], out: &mut [MaybeUninit<T>], row: &mut [f32], w: Option<&[f32]>, b: Option<&[f32]>, eps: f32) {
         let n = row.len() as f32;
         for (r, s) in row.iter_mut().zip(src) {
             *r = s.to_f32();
@@ -131,22 +134,22 @@ multiversion! {
         match (w, b) {
             (Some(w), Some(b)) => {
                 for (((o, r), w), b) in out.iter_mut().zip(row.iter()).zip(w).zip(b) {
-                    *o = T::from_f32(r * rstd * w + b);
+                    o.write(T::from_f32(r * rstd * w + b));
                 }
             }
             (Some(w), None) => {
                 for ((o, r), w) in out.iter_mut().zip(row.iter()).zip(w) {
-                    *o = T::from_f32(r * rstd * w);
+                    o.write(T::from_f32(r * rstd * w));
                 }
             }
             (None, Some(b)) => {
                 for ((o, r), b) in out.iter_mut().zip(row.iter()).zip(b) {
-                    *o = T::from_f32(r * rstd + b);
+                    o.write(T::from_f32(r * rstd + b));
                 }
             }
             (None, None) => {
                 for (o, r) in out.iter_mut().zip(row.iter()) {
-                    *o = T::from_f32(r * rstd);
+                    o.write(T::from_f32(r * rstd));
                 }
             }
         }
@@ -196,7 +199,12 @@ pub fn heads(
         Some(nr) => {
             let (w, b) = (vec_f32(nr.weight)?, vec_f32(nr.bias)?);
             let (cn, _, ct, cd) = nr.cos.dims4()?;
-            if (ct, cd) != (t, d) || !(cn == n || cn == 1) || nr.sin.dims4()? != (cn, 1, ct, cd) || w.len() != d {
+            if (ct, cd) != (t, d)
+                || !(cn == n || cn == 1)
+                || nr.sin.dims4()? != (cn, 1, ct, cd)
+                || w.len() != d
+                || d % 2 != 0
+            {
                 candle_core::bail!(
                     "heads: RoPE tables {:?} / norm {} do not fit ({n}, {t}, {d})",
                     nr.cos.dims(),
@@ -249,44 +257,47 @@ fn heads_run<T: Elem>(
     let dm = h * d;
     let path = super::path();
     let out: Vec<f32> = with_slice::<T, _>(qkv, |src| {
-        let mut out = vec![0f32; n * h * t * d];
-        out.par_chunks_mut(t * d).enumerate().for_each(|(nh, o)| {
-            let (ni, hi) = (nh / h, nh % h);
-            let b = &bias[hi * d..(hi + 1) * d];
-            let mut tmp = vec![0f32; d];
-            for ti in 0..t {
-                let base = (ni * t + ti) * 3 * dm + part * dm + hi * d;
-                let orow = &mut o[ti * d..(ti + 1) * d];
-                match nr {
-                    None => plain_head_row::<T>(path, &src[base..base + d], b, orow),
-                    Some(nr) => {
-                        let tb = if nr.per_batch { ni * t + ti } else { ti } * d;
-                        let tabs = (&nr.cos[tb..tb + d], &nr.sin[tb..tb + d]);
-                        norm_rope_row::<T>(
-                            path,
-                            &src[base..base + d],
-                            b,
-                            nr.w,
-                            nr.b,
-                            nr.eps,
-                            tabs.0,
-                            tabs.1,
-                            &mut tmp,
-                            orow,
-                        );
+        // SAFETY: chunk `nh` is the (t, d) values of one (batch, head) pair, written row by row:
+        // `plain_head_row` writes each of the `d` values of its row (zipped with `d` source values),
+        // `norm_rope_row` each pair (2k, 2k + 1) for k < d / 2, d being even (checked in `heads`).
+        unsafe {
+            par_filled(n * h * t * d, t * d, |nh, o| {
+                let (ni, hi) = (nh / h, nh % h);
+                let b = &bias[hi * d..(hi + 1) * d];
+                let mut tmp = vec![0f32; d];
+                for ti in 0..t {
+                    let base = (ni * t + ti) * 3 * dm + part * dm + hi * d;
+                    let orow = &mut o[ti * d..(ti + 1) * d];
+                    match nr {
+                        None => plain_head_row::<T>(path, &src[base..base + d], b, orow),
+                        Some(nr) => {
+                            let tb = if nr.per_batch { ni * t + ti } else { ti } * d;
+                            let tabs = (&nr.cos[tb..tb + d], &nr.sin[tb..tb + d]);
+                            norm_rope_row::<T>(
+                                path,
+                                &src[base..base + d],
+                                b,
+                                nr.w,
+                                nr.b,
+                                nr.eps,
+                                tabs.0,
+                                tabs.1,
+                                &mut tmp,
+                                orow,
+                            );
+                        }
                     }
                 }
-            }
-        });
-        out
+            })
+        }
     })?;
     Tensor::from_vec(out, (n, h, t, d), qkv.device())?.to_dtype(out_dtype)
 }
 
 multiversion! {
-    fn plain_head_row<T>(src: &[T], bias: &[f32], out: &mut [f32]) {
+    fn plain_head_row<T>(src: &[T], bias: &[f32], out: &mut [MaybeUninit<f32>]) {
         for ((o, s), b) in out.iter_mut().zip(src).zip(bias) {
-            *o = s.to_f32() + b;
+            o.write(s.to_f32() + b);
         }
     }
 }
@@ -301,7 +312,7 @@ multiversion! {
         cos: &[f32],
         sin: &[f32],
         tmp: &mut [f32],
-        out: &mut [f32]
+        out: &mut [MaybeUninit<f32>]
     ) {
         let n = tmp.len() as f32;
         for ((r, s), bb) in tmp.iter_mut().zip(src).zip(bias) {
@@ -319,8 +330,8 @@ multiversion! {
         }
         for k in 0..tmp.len() / 2 {
             let (x0, x1) = (tmp[2 * k], tmp[2 * k + 1]);
-            out[2 * k] = x0 * cos[2 * k] + -x1 * sin[2 * k];
-            out[2 * k + 1] = x1 * cos[2 * k + 1] + x0 * sin[2 * k + 1];
+            out[2 * k].write(x0 * cos[2 * k] + -x1 * sin[2 * k]);
+            out[2 * k + 1].write(x1 * cos[2 * k + 1] + x0 * sin[2 * k + 1]);
         }
     }
 }
@@ -348,13 +359,16 @@ fn gelu_run<T: Elem>(y: &Tensor, b: &[f32]) -> Result<Tensor> {
     let f = b.len();
     let path = super::path();
     let out = with_slice::<T, _>(y, |src| {
-        let mut out = vec![T::from_f32(0.0); src.len()];
-        out.par_chunks_mut(f * 16).zip(src.par_chunks(f * 16)).for_each(|(o, s)| {
-            for (orow, srow) in o.chunks_exact_mut(f).zip(s.chunks_exact(f)) {
-                gelu_row::<T>(path, srow, b, orow);
-            }
-        });
-        out
+        let task = f * 16;
+        // SAFETY: `src` is whole rows of `f` (the last dimension), so each chunk is whole rows, and
+        // `gelu_row` writes each value of its row (zipped with the `f` values of `b`).
+        unsafe {
+            par_filled(src.len(), task, |i, o| {
+                for (orow, srow) in o.chunks_exact_mut(f).zip(src[i * task..].chunks_exact(f)) {
+                    gelu_row::<T>(path, srow, b, orow);
+                }
+            })
+        }
     })?;
     Tensor::from_vec(out, y.elem_count(), y.device())
 }
@@ -363,14 +377,14 @@ fn gelu_run<T: Elem>(y: &Tensor, b: &[f32]) -> Result<Tensor> {
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 
 multiversion! {
-    fn gelu_row<T>(src: &[T], bias: &[f32], out: &mut [T]) {
+    fn gelu_row<T>(src: &[T], bias: &[f32], out: &mut [MaybeUninit<T>]) {
         for ((o, s), b) in out.iter_mut().zip(src).zip(bias) {
             let v = s.to_f32() + b;
             let two_u = 2.0 * SQRT_2_OVER_PI * (v + 0.044715 * v * v * v);
             // e = exp(-|2u|) <= 1; sigmoid(2u) = 1 / (1 + e) for u >= 0, e / (1 + e) otherwise.
             let e = exp2_portable(-two_u.abs() * std::f32::consts::LOG2_E);
             let num = if two_u >= 0.0 { 1.0 } else { e };
-            *o = T::from_f32(v * num / (1.0 + e));
+            o.write(T::from_f32(v * num / (1.0 + e)));
         }
     }
 }
@@ -395,26 +409,29 @@ fn residual_run<T: Elem>(x: &Tensor, y: &Tensor, b: &[f32]) -> Result<Tensor> {
     let path = super::path();
     let out = with_slice::<T, _>(x, |xs| {
         with_slice::<T, _>(y, |ys| {
-            let mut out = vec![T::from_f32(0.0); ys.len()];
-            out.par_chunks_mut(f * ROWS_PER_TASK)
-                .zip(xs.par_chunks(f * ROWS_PER_TASK).zip(ys.par_chunks(f * ROWS_PER_TASK)))
-                .for_each(|(o, (xs, ys))| {
-                    for ((orow, xrow), yrow) in o.chunks_exact_mut(f).zip(xs.chunks_exact(f)).zip(ys.chunks_exact(f)) {
+            let task = f * ROWS_PER_TASK;
+            // SAFETY: `x` and `y` are whole rows of `f` of the same shape, so each chunk is whole rows,
+            // and `residual_row` writes each value of its row (zipped with the `f` values of `b`).
+            unsafe {
+                par_filled(ys.len(), task, |i, o| {
+                    let rows =
+                        o.chunks_exact_mut(f).zip(xs[i * task..].chunks_exact(f)).zip(ys[i * task..].chunks_exact(f));
+                    for ((orow, xrow), yrow) in rows {
                         residual_row::<T>(path, xrow, yrow, b, orow);
                     }
-                });
-            out
+                })
+            }
         })
     })??;
     Tensor::from_vec(out, y.elem_count(), y.device())
 }
 
 multiversion! {
-    fn residual_row<T>(x: &[T], y: &[T], b: &[f32], out: &mut [T]) {
+    fn residual_row<T>(x: &[T], y: &[T], b: &[f32], out: &mut [MaybeUninit<T>]) {
         for (((o, x), y), b) in out.iter_mut().zip(x).zip(y).zip(b) {
             // Rounded like candle: y + b to T, then x + that to T.
             let yb = T::from_f32(y.to_f32() + b).to_f32();
-            *o = T::from_f32(x.to_f32() + yb);
+            o.write(T::from_f32(x.to_f32() + yb));
         }
     }
 }

@@ -17,7 +17,9 @@
 
 use candle_core::{DType, Result, Storage, Tensor, WithDType};
 use half::{bf16, f16};
+use rayon::prelude::*;
 use std::cell::Cell;
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 pub mod attention;
@@ -253,6 +255,26 @@ pub(crate) fn with_slice<T: Elem, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> R
     Ok(f(&data[a..b]))
 }
 
+/// `len` values written by `fill`, which runs in parallel on disjoint chunks of `chunk` values (the
+/// last may be shorter), given each chunk's index: the output buffer of a fused kernel, without first
+/// zeroing memory that is about to be overwritten (`vec![0; len]` memsets it: about 3 % of a CPU
+/// upscale in a profile, before the writes).
+///
+/// # Safety
+/// `fill` must write every value of the chunk it is given (or panic).
+pub(crate) unsafe fn par_filled<T: Send>(
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync + Send,
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len].par_chunks_mut(chunk.max(1)).enumerate().for_each(|(i, c)| fill(i, c));
+    // SAFETY: the caller's `fill` wrote each of the `len` values (a panic in it propagated out of
+    // `for_each` before this point, leaving the vector empty).
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// 2^f on [-0.5, 0.5]: degree-6 minimax fit of the relative error (1.9e-9 before rounding; 0.66
 /// ulp worst case evaluated in f32 with FMA). The linear coefficient rounds to ln 2 in f32.
 pub(crate) const EXP2_POLY: [f32; 7] =
@@ -264,12 +286,16 @@ pub(crate) const EXP2_POLY: [f32; 7] =
 #[inline(always)]
 pub(crate) fn exp2_portable(x: f32) -> f32 {
     let x = if x < -126.0 { -126.0 } else { x };
-    // Round to nearest through the 1.5 * 2^23 trick (|x| < 2^22).
-    let n = (x + 12_582_912.0) - 12_582_912.0;
+    // Round to nearest through the 1.5 * 2^23 trick (|x| < 2^22): t = 1.5 * 2^23 + n exactly.
+    let t = x + 12_582_912.0;
+    let n = t - 12_582_912.0;
     let f = x - n;
     let c = EXP2_POLY;
     let p = ((((((c[6] * f + c[5]) * f + c[4]) * f + c[3]) * f + c[2]) * f + c[1]) * f) + c[0];
-    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    // 2^n from t's bits, which are those of 1.5 * 2^23 plus n (the same bits as `(n as i32 + 127)
+    // << 23`, but integer arithmetic on the float's bits vectorises, where the saturating `as i32`
+    // became a scalar loop of compares and inserts: a third of the GELU kernel's time).
+    p * f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23)
 }
 
 /// A sum with 16 independent partial sums (vectorisable, and more accurate than a serial sum).
@@ -337,5 +363,32 @@ mod tests {
         for p in Path::ALL.into_iter().filter(|p| !p.supported()) {
             assert!(with_path(p, || ()).is_err(), "{p}");
         }
+    }
+
+    #[test]
+    fn exp2_portable_takes_2_to_the_n_from_the_bits() {
+        // The integer part through `as i32`, as before the bit trick: the same bits everywhere.
+        let by_cast = |x: f32| {
+            let x = if x < -126.0 { -126.0 } else { x };
+            let n = (x + 12_582_912.0) - 12_582_912.0;
+            let f = x - n;
+            let c = EXP2_POLY;
+            let p = ((((((c[6] * f + c[5]) * f + c[4]) * f + c[3]) * f + c[2]) * f + c[1]) * f) + c[0];
+            p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+        };
+        let mut worst = 0f64;
+        for i in 0..=2_000_000 {
+            let x = -130.0 + 130.0 * i as f32 / 2_000_000.0;
+            let (got, cast) = (exp2_portable(x), by_cast(x));
+            assert_eq!(got.to_bits(), cast.to_bits(), "x = {x}");
+            if x >= -126.0 {
+                worst = worst.max(((got as f64) / (x as f64).exp2() - 1.0).abs());
+            }
+        }
+        assert!(worst < 3e-7, "relative error {worst}");
+        assert_eq!(exp2_portable(0.0), 1.0);
+        assert_eq!(exp2_portable(-1.0), 0.5);
+        assert!(exp2_portable(f32::NAN).is_nan());
+        assert_eq!(exp2_portable(-1000.0), exp2_portable(-126.0));
     }
 }
