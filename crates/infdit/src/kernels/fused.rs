@@ -203,7 +203,7 @@ pub fn heads(
                 || !(cn == n || cn == 1)
                 || nr.sin.dims4()? != (cn, 1, ct, cd)
                 || w.len() != d
-                || d % 2 != 0
+                || !d.is_multiple_of(2)
             {
                 candle_core::bail!(
                     "heads: RoPE tables {:?} / norm {} do not fit ({n}, {t}, {d})",
