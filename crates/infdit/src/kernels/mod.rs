@@ -3,7 +3,8 @@
 //! * [`attention`]: fused attention with an online softmax (no score matrix in memory);
 //! * [`fused`]: the element-wise chains of the DiT layer (LayerNorm + adaLN modulation, QKV
 //!   split + QK-norm + RoPE, bias + GELU, bias + residual) in one pass each;
-//! * [`bf16_gemm`]: bf16 dense layers on AVX-512 BF16 dot products.
+//! * [`bf16_gemm`]: bf16 dense layers on AVX-512 BF16 dot products;
+//! * [`gather`]: the block scheduler's key/value neighbourhood in one copy.
 //!
 //! Every kernel has a plain reference (candle ops) that its tests compare it with.
 //!
@@ -25,6 +26,7 @@ use std::sync::OnceLock;
 pub mod attention;
 pub mod bf16_gemm;
 pub mod fused;
+pub mod gather;
 pub(crate) mod simd;
 
 /// An instruction set the kernels are written for.

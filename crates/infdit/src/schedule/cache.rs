@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::plan::Batch;
-use crate::model::blocks::{BlockGrid, BlockPos, KvSource, concat_groups, neighbours};
+use crate::kernels::gather::neighbourhood_cat;
+use crate::model::blocks::{BlockGrid, BlockPos, KvSource, neighbours};
 
 /// K and V of one block at one layer, (H, T, d) each.
 #[derive(Debug, Clone)]
@@ -144,22 +145,18 @@ impl KvSource for CachedKv {
             }
             Ok(outside[&q].clone())
         };
-        let mut groups_k: [Vec<Tensor>; 3] = Default::default();
-        let mut groups_v: [Vec<Tensor>; 3] = Default::default();
+        // Each block's [own, top-left, left, top], the own one being neighbour 0.
+        let mut pieces_k = Vec::with_capacity(pos.len());
+        let mut pieces_v = Vec::with_capacity(pos.len());
         for p in &pos {
-            let nb = neighbours(*p);
-            for g in 0..3 {
-                let e = fetch(nb[g + 1])?;
-                groups_k[g].push(e.k);
-                groups_v[g].push(e.v);
-            }
+            let [e0, e1, e2, e3] = neighbours(*p).map(fetch);
+            let (e0, e1, e2, e3) = (e0?, e1?, e2?, e3?);
+            pieces_k.push([e0.k, e1.k, e2.k, e3.k]);
+            pieces_v.push([e0.v, e1.v, e2.v, e3.v]);
         }
         drop(outside);
-        let stack = |g: &[Tensor]| Tensor::stack(g, 0);
-        let [k1, k2, k3] = &groups_k;
-        let [v1, v2, v3] = &groups_v;
-        let k4 = concat_groups(k, [stack(k1)?, stack(k2)?, stack(k3)?])?;
-        let v4 = concat_groups(v, [stack(v1)?, stack(v2)?, stack(v3)?])?;
+        let k4 = neighbourhood_cat(&pieces_k)?;
+        let v4 = neighbourhood_cat(&pieces_v)?;
 
         // Store what later batches need: the corner for the batch to the right, the bottom row for
         // the batch row below, the right column for the batch to the right.
