@@ -30,13 +30,13 @@ pub fn neighbourhood_cat(pieces: &[[Tensor; 4]]) -> Result<Tensor> {
     }
     let contiguous: Vec<Tensor> = all.iter().map(|p| p.contiguous()).collect::<Result<_>>()?;
     let n = pieces.len();
-    let out = match dtype {
-        DType::F32 => Tensor::from_vec(gather::<f32>(&contiguous, h, t * d)?, (n, h, 4 * t, d), first[0].device()),
-        DType::BF16 => Tensor::from_vec(gather::<bf16>(&contiguous, h, t * d)?, (n, h, 4 * t, d), first[0].device()),
-        DType::F16 => Tensor::from_vec(gather::<f16>(&contiguous, h, t * d)?, (n, h, 4 * t, d), first[0].device()),
-        _ => return neighbourhood_cat_plain(pieces),
-    };
-    out
+    let (shape, dev) = ((n, h, 4 * t, d), first[0].device());
+    match dtype {
+        DType::F32 => Tensor::from_vec(gather::<f32>(&contiguous, h, t * d)?, shape, dev),
+        DType::BF16 => Tensor::from_vec(gather::<bf16>(&contiguous, h, t * d)?, shape, dev),
+        DType::F16 => Tensor::from_vec(gather::<f16>(&contiguous, h, t * d)?, shape, dev),
+        _ => neighbourhood_cat_plain(pieces),
+    }
 }
 
 /// The plain [`neighbourhood_cat`]: each neighbour group stacked, then the four concatenated
