@@ -145,11 +145,24 @@ fn the_ensemble_flag_is_checked_and_runs() {
         assert!(!out.exists());
     }
     let single = dir.join("single.png");
-    assert!(upscale(&input, &single, &[]).status.success());
+    assert!(upscale(&input, &single, &["--ensemble", "1"]).status.success());
     let r = upscale(&input, &out, &["--ensemble", "8"]);
     assert!(r.status.success(), "{}", stderr(&r));
     let (a, b) = (image::open(&single).unwrap().to_rgb8(), image::open(&out).unwrap().to_rgb8());
     assert_eq!(a.dimensions(), (64, 48));
     assert_eq!(a.dimensions(), b.dimensions());
     assert_ne!(a.as_raw(), b.as_raw());
+
+    // Without the flag the built-in model runs with its own setting (config.json: an ensemble of
+    // 4), which gives way to one run with a state folder instead of refusing it.
+    let (default, four) = (dir.join("default.png"), dir.join("four.png"));
+    let r = upscale(&input, &default, &["--verbose"]);
+    assert!(stderr(&r).contains("1 Heun steps from sigma 20, ensemble of 4"), "{}", stderr(&r));
+    assert!(upscale(&input, &four, &["--ensemble", "4"]).status.success());
+    let bytes = |p: &std::path::Path| std::fs::read(p).unwrap();
+    assert_eq!(bytes(&default), bytes(&four));
+    let stated = dir.join("stated.png");
+    let r = upscale(&input, &stated, &["--verbose", "--state-dir", dir.join("st").to_str().unwrap()]);
+    assert!(stderr(&r).contains("ensemble of 1"), "{}", stderr(&r));
+    assert_eq!(bytes(&stated), bytes(&single));
 }

@@ -368,6 +368,9 @@ impl ClipConfig {
     }
 }
 
+/// Self-ensemble sizes accepted: 1 (the input alone), 2, 4 or 8 (every symmetry of the square).
+pub const ENSEMBLE_SIZES: [usize; 4] = [1, 2, 4, 8];
+
 /// Sampler settings a model was tuned for, stored beside its config as `"sampler": {...}`: the
 /// defaults of `infdit upscale` for that model (flags override them). A model trained briefly
 /// samples best from a lower starting noise than the released model's 40.
@@ -388,6 +391,11 @@ pub struct SamplerDefaults {
     /// `"reach"`).
     #[serde(default, skip_serializing_if = "is_reach")]
     pub chain: PassChain,
+    /// Self-ensemble size the model is run with unless the options say otherwise (`"ensemble"`,
+    /// 1, 2, 4 or 8; default 1): a small one-step model gains more from averaging its runs on
+    /// mirrored inputs than a many-step sampler would.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ensemble: Option<usize>,
 }
 
 /// How the planner chains model passes for a factor that they do not give exactly (8, 12, 3):
@@ -439,6 +447,13 @@ impl SamplerDefaults {
                 "sampler settings out of range: starting sigma {} (give a value above 0 and at most {})",
                 self.sigma_max,
                 Self::MAX_SIGMA
+            )));
+        }
+        if let Some(n) = self.ensemble
+            && !ENSEMBLE_SIZES.contains(&n)
+        {
+            return Err(InfditError::Config(format!(
+                "sampler settings out of range: ensemble {n} (give 1, 2, 4 or 8)"
             )));
         }
         Ok(())

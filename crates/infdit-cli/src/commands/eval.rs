@@ -69,7 +69,8 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     };
     opts.validate().map_err(|e| anyhow!(message(&e)))?;
     let up = Upscaler::load(&spec, dev, act)?;
-    eprintln!("sampler: {} Heun steps from sigma {}", heun.steps, heun.sigma_max);
+    let ensemble = opts.ensemble_for(spec.sampler_defaults()?).map_err(|e| anyhow!(message(&e)))?;
+    eprintln!("sampler: {} Heun steps from sigma {}, ensemble of {ensemble}", heun.steps, heun.sigma_max);
     let (mut model_rows, mut bic_rows, mut all) = (Vec::new(), Vec::new(), Vec::new());
     let mut failed = 0usize;
     for input in &inputs {

@@ -170,6 +170,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         sigma_max: a.sample_sigma_max,
         x2_mode: false,
         chain: PassChain::Within,
+        ensemble: None,
     };
     let heun = HeunConfig { steps: a.sample_steps, sigma_max: a.sample_sigma_max, ..HeunConfig::default() };
     write_atomic(&a.out.join("config.json"), model_json(&cfg, sampler)?.as_bytes())?;

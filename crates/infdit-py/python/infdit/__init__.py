@@ -155,7 +155,7 @@ class Upscaler:
         whole_image: bool = False,
         max_memory: Optional[int] = None,
         max_pixels: int = MAX_PIXELS,
-        ensemble: int = 1,
+        ensemble: Optional[int] = None,
     ) -> Any:
         """Upscales an image in memory and returns the result, of the input's kind.
 
@@ -173,7 +173,8 @@ class Upscaler:
         at the next block batch. ``crop="official"`` is the official centre crop (x4 or x2 only);
         ``block_batch``, ``whole_image``, ``max_memory`` (bytes) and ``max_pixels`` as the CLI's flags.
         ``ensemble``: 1, 2, 4 or 8 runs on mirrored and transposed inputs, averaged (the
-        self-ensemble; that many times the time).
+        self-ensemble; that many times the time; ``None``: the model's own setting, the built-in
+        model's 4, else 1).
         """
         _check_progress(progress)
         arr, mode = _as_array(image, max_pixels)
@@ -219,7 +220,7 @@ class Upscaler:
         whole_image: bool = False,
         max_memory: Optional[int] = None,
         max_pixels: int = MAX_PIXELS,
-        ensemble: int = 1,
+        ensemble: Optional[int] = None,
         noise: Optional[PathLike] = None,
         rounding: str = "nearest",
         strip_metadata: bool = False,
@@ -274,7 +275,7 @@ class Upscaler:
         whole_image: bool = False,
         max_memory: Optional[int] = None,
         max_pixels: int = MAX_PIXELS,
-        ensemble: int = 1,
+        ensemble: Optional[int] = None,
     ) -> Dict[str, Any]:
         """The plan of an upscale, with every check made before the model runs; nothing runs.
 

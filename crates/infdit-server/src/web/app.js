@@ -36,8 +36,8 @@
     const o = { scale: Number($('#scale').value), seed: Number($('#seed').value || 0) };
     const steps = $('#steps').value.trim();
     if (steps) o.steps = Number(steps);
-    const ensemble = Number($('#ensemble').value || 1);
-    if (ensemble > 1) o.ensemble = ensemble;
+    const ensemble = $('#ensemble').value;
+    if (ensemble) o.ensemble = Number(ensemble);
     if ($('#format').value) o.format = $('#format').value;
     return o;
   }

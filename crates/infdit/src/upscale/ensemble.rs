@@ -14,8 +14,7 @@ pub(crate) struct Flip {
     vertical: bool,
 }
 
-/// Ensemble sizes accepted: 1 (the input alone), 2, 4 or 8 (every symmetry of the square).
-pub const ENSEMBLE_SIZES: [usize; 4] = [1, 2, 4, 8];
+pub use crate::config::ENSEMBLE_SIZES;
 
 const fn flip(transpose: bool, horizontal: bool, vertical: bool) -> Flip {
     Flip { transpose, horizontal, vertical }

@@ -189,7 +189,7 @@ pub fn planner(
         },
         target: opts.target,
         rule: defaults.as_ref().map_or_else(PassRule::default, PassRule::from),
-        ensemble: opts.ensemble,
+        ensemble: opts.ensemble_for(defaults)?,
     })
 }
 
@@ -728,7 +728,7 @@ mod tests {
         let v: Vec<f32> = (0..3 * h * w).map(|i| (((i * 37) % 101) as f32 / 50.0 - 1.0) * 0.8).collect();
         let rgb = Tensor::from_vec(v, (1, 3, h, w), &Device::Cpu).unwrap();
         let run = |img: &Tensor, ensemble: usize| {
-            let opts = UpscaleOptions { ensemble, ..Default::default() };
+            let opts = UpscaleOptions { ensemble: Some(ensemble), ..Default::default() };
             up.upscale(&LoadedImage::from_rgb(img.clone()), &opts, &mut |_| {}, None).unwrap().rgb
         };
         let singles: Vec<Tensor> =
@@ -747,7 +747,7 @@ mod tests {
         }
         // Progress counts every run: the total work of an ensemble of 8 is 8 times a single run's.
         let work = |n: usize| {
-            let planner = up.planner(&UpscaleOptions { ensemble: n, ..Default::default() }).unwrap();
+            let planner = up.planner(&UpscaleOptions { ensemble: Some(n), ..Default::default() }).unwrap();
             planner.plan(w, h, false, AlphaMode::Bicubic).unwrap().work
         };
         assert_eq!(work(8), 8 * work(1));
@@ -761,7 +761,7 @@ mod tests {
     }
 
     fn run_with_events(up: &Upscaler, rgb: &Tensor, ensemble: usize, events: &mut dyn FnMut(&Event)) {
-        let opts = UpscaleOptions { ensemble, ..Default::default() };
+        let opts = UpscaleOptions { ensemble: Some(ensemble), ..Default::default() };
         up.upscale(&LoadedImage::from_rgb(rgb.clone()), &opts, events, None).unwrap();
     }
 

@@ -152,7 +152,7 @@ impl NamedOptions {
             o.jpeg_quality = q;
         }
         if let Some(n) = self.ensemble {
-            o.ensemble = n;
+            o.ensemble = Some(n);
         }
         o.validate()?;
         Ok(o)
@@ -185,8 +185,42 @@ mod tests {
         let w = NamedOptions { width: Some(100), whole_image: Some(true), ensemble: Some(4), ..Default::default() };
         let o = w.apply(UpscaleOptions::default()).unwrap();
         assert_eq!(o.target, Target::Size { width: Some(100), height: None });
-        assert_eq!((o.evaluation, o.ensemble), (Evaluation::WholeImage, 4));
+        assert_eq!((o.evaluation, o.ensemble), (Evaluation::WholeImage, Some(4)));
         assert_eq!(NamedOptions::NAMES.len(), serde_json::to_value(&n).unwrap().as_object().unwrap().len() + 7);
+    }
+
+    /// No ensemble in the options: the model's own setting, which gives way to one run where an
+    /// ensemble cannot go; options given win; a model setting out of range is an error.
+    #[test]
+    fn the_ensemble_defaults_to_the_models_setting() {
+        use crate::config::{PassChain, SamplerDefaults};
+        let model = |ensemble| SamplerDefaults {
+            steps: 1,
+            sigma_max: 20.0,
+            x2_mode: false,
+            chain: PassChain::Within,
+            ensemble,
+        };
+        let plain = UpscaleOptions::default();
+        assert_eq!(plain.ensemble_for(None).unwrap(), 1);
+        assert_eq!(plain.ensemble_for(Some(model(None))).unwrap(), 1);
+        assert_eq!(plain.ensemble_for(Some(model(Some(4)))).unwrap(), 4);
+        let given = UpscaleOptions { ensemble: Some(1), ..Default::default() };
+        assert_eq!(given.ensemble_for(Some(model(Some(4)))).unwrap(), 1);
+        for single in [
+            UpscaleOptions { crop: Crop::Official, ..Default::default() },
+            UpscaleOptions { noise: Some("eps.safetensors".into()), ..Default::default() },
+            UpscaleOptions { state_dir: Some("state".into()), ..Default::default() },
+        ] {
+            single.validate().unwrap();
+            assert_eq!(single.ensemble_for(Some(model(Some(4)))).unwrap(), 1);
+        }
+        let e = plain.ensemble_for(Some(model(Some(3)))).unwrap_err().to_string();
+        assert!(e.contains("ensemble 3 (give 1, 2, 4 or 8)"), "{e}");
+        let e = SamplerDefaults::from_json_str(r#"{"sampler": {"steps": 1, "sigma_max": 20, "ensemble": 5}}"#);
+        assert!(e.unwrap_err().to_string().contains("ensemble 5"));
+        let ok = SamplerDefaults::from_json_str(r#"{"sampler": {"steps": 1, "sigma_max": 20, "ensemble": 2}}"#);
+        assert_eq!(ok.unwrap().unwrap().ensemble, Some(2));
     }
 
     #[test]

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use candle_core::DType;
 
-use super::ensemble::ENSEMBLE_SIZES;
 use super::plan::{AlphaMode, Target};
+use crate::config::ENSEMBLE_SIZES;
 use crate::config::SamplerDefaults;
 use crate::diffusion::HeunConfig;
 use crate::error::{InfditError, Result};
@@ -93,8 +93,10 @@ pub struct UpscaleOptions {
     pub rounding: Rounding,
     /// Self-ensemble: every model pass runs on the input and on `ensemble - 1` transformed copies
     /// (mirrored and/or transposed; 1: none; 2, 4 or 8, in the measured order of `ensemble.rs`),
-    /// and the results, mapped back, are averaged. `ensemble` times the work.
-    pub ensemble: usize,
+    /// and the results, mapped back, are averaged. `ensemble` times the work. `None`: the model's
+    /// own setting (config `"sampler": {"ensemble": N}`), else 1; a model's setting gives way to
+    /// a single run where an ensemble cannot go (see [`Self::ensemble_for`]).
+    pub ensemble: Option<usize>,
 }
 
 impl Default for UpscaleOptions {
@@ -118,7 +120,7 @@ impl Default for UpscaleOptions {
             strip_metadata: false,
             jpeg_quality: 95,
             rounding: Rounding::Nearest,
-            ensemble: 1,
+            ensemble: None,
         }
     }
 }
@@ -169,22 +171,46 @@ impl UpscaleOptions {
         if self.max_pixels == 0 {
             return bad("max_pixels", "the pixel limit must be at least 1".into());
         }
-        if !ENSEMBLE_SIZES.contains(&self.ensemble) {
-            return bad("ensemble", format!("{}: give 1, 2, 4 or 8 runs", self.ensemble));
-        }
-        if self.ensemble > 1 {
-            let with = |what: &str| format!("{what} and an ensemble of {} runs do not go together", self.ensemble);
-            if self.crop == Crop::Official {
-                return bad("ensemble", with("the official crop (for parity with the official code)"));
+        if let Some(n) = self.ensemble {
+            if !ENSEMBLE_SIZES.contains(&n) {
+                return bad("ensemble", format!("{n}: give 1, 2, 4 or 8 runs"));
             }
-            if self.noise.is_some() {
-                return bad("ensemble", with("a noise file (for comparisons with the official code)"));
-            }
-            if self.state_dir.is_some() {
-                return bad("ensemble", with("a state folder (the ensemble averages whole outputs in memory)"));
+            if n > 1
+                && let Some(what) = self.single_run_only()
+            {
+                return bad("ensemble", format!("{what} and an ensemble of {n} runs do not go together"));
             }
         }
         Ok(())
+    }
+
+    /// Why these options need a single run, if they do.
+    fn single_run_only(&self) -> Option<&'static str> {
+        if self.crop == Crop::Official {
+            Some("the official crop (for parity with the official code)")
+        } else if self.noise.is_some() {
+            Some("a noise file (for comparisons with the official code)")
+        } else if self.state_dir.is_some() {
+            Some("a state folder (the ensemble averages whole outputs in memory)")
+        } else {
+            None
+        }
+    }
+
+    /// The ensemble size of a run: the options' where given, else the model's own setting where
+    /// these options allow an ensemble (not with the official crop, a noise file or a state folder:
+    /// there the model's setting gives way to one run), else 1. A model setting that is not 1, 2, 4
+    /// or 8 is an error (as [`SamplerDefaults::validate`] says).
+    pub fn ensemble_for(&self, defaults: Option<SamplerDefaults>) -> Result<usize> {
+        if let Some(n) = self.ensemble {
+            return Ok(n);
+        }
+        let Some(d) = defaults else { return Ok(1) };
+        d.validate()?;
+        Ok(match d.ensemble {
+            Some(n) if self.single_run_only().is_none() => n,
+            _ => 1,
+        })
     }
 
     /// The sampler: the options' steps and starting sigma where given, else the model's own

@@ -175,6 +175,8 @@ fn print_settings(a: &UpscaleArgs, s: &Setup) {
             if a.kv_offload { " in host memory (--kv-offload)" } else { "" },
             bf(s.planner.budget)
         );
+        let (heun, ensemble) = (&s.planner.heun, s.planner.ensemble);
+        eprintln!("sampler: {} Heun steps from sigma {}, ensemble of {ensemble}", heun.steps, heun.sigma_max);
     }
     if !s.device.is_gpu()
         && !a.quiet
