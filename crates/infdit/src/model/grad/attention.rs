@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{slice, tensor, with_f32};
-use crate::kernels::matmul;
+use crate::kernels::{matmul, sum_f32};
 
 thread_local! {
     /// Per-worker score buffers (kept between calls: fresh 1 MB buffers per item cost page faults).
@@ -72,25 +72,35 @@ pub(crate) fn exp_nonpos(x: f32) -> f32 {
         0.000_015_252_734,
     ];
     let y = x.max(-87.0) * LOG2E;
-    // Round to nearest by the 1.5 * 2^23 trick (exact for |y| < 2^22).
-    let n = (y + 12_582_912.0) - 12_582_912.0;
-    let f = y - n;
+    let (f, two_n) = crate::kernels::split_exp2(y);
     let p = C[0] + f * (C[1] + f * (C[2] + f * (C[3] + f * (C[4] + f * (C[5] + f * (C[6] + f * C[7]))))));
-    f32::from_bits(((n as i32 + 127) << 23) as u32) * p
+    two_n * p
+}
+
+/// The largest value of `x` (NaN-free scores), by 16 independent maxima so that the loop vectorises;
+/// the result is the same as a serial maximum's (the maximum does not depend on the order).
+#[inline(always)]
+fn max_f32(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, y) in acc.iter_mut().zip(c) {
+            *a = if *y > *a { *y } else { *a };
+        }
+    }
+    chunks.remainder().iter().chain(&acc).fold(f32::NEG_INFINITY, |m, y| if *y > m { *y } else { m })
 }
 
 /// Scores of one item, then the row softmax in place: `p` (tq x tk).
 fn probabilities(q: &[f32], k: &[f32], dm: &Dims, scale: f32, p: &mut [f32]) {
     matmul(dm.tq, dm.tk, dm.d, q, false, k, true, p, false);
     for row in p.chunks_exact_mut(dm.tk) {
-        let mut mx = f32::NEG_INFINITY;
-        for s in row.iter() {
-            mx = mx.max(*s);
-        }
+        let mx = max_f32(row);
         for s in row.iter_mut() {
             *s = exp_nonpos((*s - mx) * scale);
         }
-        let sum: f32 = row.iter().sum();
+        // 16 partial sums (vectorised; a serial sum was a scalar loop of dependent adds).
+        let sum = sum_f32(row);
         let inv = 1.0 / sum;
         for s in row.iter_mut() {
             *s *= inv;
