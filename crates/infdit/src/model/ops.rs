@@ -81,6 +81,10 @@ impl Module for Linear {
         }
         let y = self.forward_no_bias(x)?;
         match self.inner.bias() {
+            // Training: the bias gradient from a row sum instead of candle's strided reduction.
+            Some(b) if (y.track_op() || b.track_op()) && crate::model::grad::applies(&[&y, b]) => {
+                crate::model::grad::add_bias(&y, b)
+            }
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }

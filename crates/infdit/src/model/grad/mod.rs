@@ -55,12 +55,14 @@ pub fn applies(ts: &[&candle_core::Tensor]) -> bool {
 }
 
 pub mod attention;
+pub mod bias;
 pub mod gather;
 pub mod gelu;
 pub mod norm;
 pub mod rope;
 
 pub use attention::{attention, attention_reference, softmax_differentiable};
+pub use bias::add_bias;
 pub use gather::{gather, gather_reference};
 pub use gelu::gelu;
 pub use norm::{ln_affine, ln_affine_reference};
