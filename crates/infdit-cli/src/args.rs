@@ -435,7 +435,7 @@ pub struct UpscaleArgs {
     /// Sampler steps [default: the model's own, else 20 (39 network evaluations)]
     #[arg(long, value_name = "N", help_heading = heading::SAMPLING)]
     pub steps: Option<usize>,
-    /// Self-ensemble: average N runs on mirrored/transposed inputs (1, 2, 4 or 8; N times the time) [default: the model's own (the built-in model's: 4), else 1]
+    /// Self-ensemble: average N runs on mirrored/transposed inputs (1, 2, 4 or 8; N times the time) [default: the model's own (the built-in model's: 2), else 1]
     #[arg(long, value_name = "N", help_heading = heading::SAMPLING)]
     pub ensemble: Option<usize>,
     /// Starting sigma of the sampler [default: the model's own, else 40]
@@ -638,7 +638,7 @@ pub struct EvalArgs {
     /// Blocks per batch side for the scheduler.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub block_batch: usize,
-    /// Self-ensemble of the model's upscales: average N runs on mirrored/transposed inputs (1, 2, 4, 8) [default: the model's own (the built-in model's: 4), else 1].
+    /// Self-ensemble of the model's upscales: average N runs on mirrored/transposed inputs (1, 2, 4, 8) [default: the model's own (the built-in model's: 2), else 1].
     #[arg(long, value_name = "N")]
     pub ensemble: Option<usize>,
     /// Evaluate at most this many images.

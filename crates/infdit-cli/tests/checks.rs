@@ -154,13 +154,13 @@ fn the_ensemble_flag_is_checked_and_runs() {
     assert_ne!(a.as_raw(), b.as_raw());
 
     // Without the flag the built-in model runs with its own setting (config.json: an ensemble of
-    // 4), which gives way to one run with a state folder instead of refusing it.
-    let (default, four) = (dir.join("default.png"), dir.join("four.png"));
+    // 2), which gives way to one run with a state folder instead of refusing it.
+    let (default, two) = (dir.join("default.png"), dir.join("two.png"));
     let r = upscale(&input, &default, &["--verbose"]);
-    assert!(stderr(&r).contains("1 Heun steps from sigma 20, ensemble of 4"), "{}", stderr(&r));
-    assert!(upscale(&input, &four, &["--ensemble", "4"]).status.success());
+    assert!(stderr(&r).contains("1 Heun steps from sigma 20, ensemble of 2"), "{}", stderr(&r));
+    assert!(upscale(&input, &two, &["--ensemble", "2"]).status.success());
     let bytes = |p: &std::path::Path| std::fs::read(p).unwrap();
-    assert_eq!(bytes(&default), bytes(&four));
+    assert_eq!(bytes(&default), bytes(&two));
     let stated = dir.join("stated.png");
     let r = upscale(&input, &stated, &["--verbose", "--state-dir", dir.join("st").to_str().unwrap()]);
     assert!(stderr(&r).contains("ensemble of 1"), "{}", stderr(&r));

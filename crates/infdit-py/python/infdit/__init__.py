@@ -174,7 +174,7 @@ class Upscaler:
         ``block_batch``, ``whole_image``, ``max_memory`` (bytes) and ``max_pixels`` as the CLI's flags.
         ``ensemble``: 1, 2, 4 or 8 runs on mirrored and transposed inputs, averaged (the
         self-ensemble; that many times the time; ``None``: the model's own setting, the built-in
-        model's 4, else 1).
+        model's 2, else 1).
         """
         _check_progress(progress)
         arr, mode = _as_array(image, max_pixels)
