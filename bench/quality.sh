@@ -10,7 +10,8 @@
 #
 # Environment (defaults in brackets):
 #   INFDIT      the infdit binary [target/release/infdit; built with cargo -j 2 if missing]
-#   MODEL       extra model arguments for infdit eval, e.g. "--model DIR" or "--ensemble 2" [the built-in model, one run]
+#   MODEL       extra model arguments for infdit eval, e.g. "--model DIR" or "--ensemble 1" [the built-in model with its
+#               own ensemble setting: two runs averaged]
 #   PHOTOS      the HR photos [data/photos/validation_photos; fetched by data/fetch_validation_photos.sh]
 #   OUT         work folder [target/bench/quality]
 #   NPM_DIR     where the npm packages are installed [target/bench/npm]
