@@ -763,7 +763,8 @@ fn upscale_help_is_grouped_and_short() {
 /// the last `progress` event has every evaluation and every block done (`blocks_done` was 0 in
 /// block mode), and `work_done` climbs to the `start` event's `work` (whole-image mode's bar ran
 /// one evaluation ahead). The built-in model (64-px blocks, no --model) on a 32 x 48 crop of the
-/// quick-start photo: a 128 x 192 output, 2 x 3 blocks; two steps, three evaluations.
+/// quick-start photo: a 128 x 192 output, 2 x 3 blocks; two steps, three evaluations; one run
+/// (`--ensemble 1`; the model's own default averages two, and the counts double).
 #[test]
 fn json_progress_ends_at_the_full_count() {
     let dir = tmpdir("json-full");
@@ -776,7 +777,7 @@ fn json_progress_ends_at_the_full_count() {
             .arg(&input)
             .arg("-o")
             .arg(dir.join("out.png"))
-            .args(["--steps", "2", "--json"])
+            .args(["--steps", "2", "--json", "--ensemble", "1"])
             .args(mode)
             .output()
             .unwrap();
