@@ -57,19 +57,21 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     }
     let dev = super::open_device(a.device)?;
     let spec = model_spec(&a.model)?;
-    let heun = super::heun_config(&spec, a.steps, a.sigma_max)?;
     let act = super::run_dtype(a.dtype, &dev);
     let opts = UpscaleOptions {
         seed: a.seed,
-        steps: Some(heun.steps),
-        sigma_max: Some(heun.sigma_max),
+        steps: a.steps,
+        sigma_max: a.sigma_max,
         evaluation: Evaluation::Blocks { block_batch: Some(a.block_batch) },
         ensemble: a.ensemble,
         ..Default::default()
     };
     opts.validate().map_err(|e| anyhow!(message(&e)))?;
+    // What the upscaler will resolve from the model's own settings, for the line below.
+    let defaults = spec.sampler_defaults()?;
+    let heun = opts.heun(defaults).map_err(|e| anyhow!(message(&e)))?;
+    let ensemble = opts.ensemble_for(defaults).map_err(|e| anyhow!(message(&e)))?;
     let up = Upscaler::load(&spec, dev, act)?;
-    let ensemble = opts.ensemble_for(spec.sampler_defaults()?).map_err(|e| anyhow!(message(&e)))?;
     eprintln!("sampler: {} Heun steps from sigma {}, ensemble of {ensemble}", heun.steps, heun.sigma_max);
     let (mut model_rows, mut bic_rows, mut all) = (Vec::new(), Vec::new(), Vec::new());
     let mut failed = 0usize;

@@ -14,7 +14,6 @@ use anyhow::{Result, bail};
 use candle_core::{DType, Device};
 
 use infdit::device::{DeviceRequest, OpenedDevice};
-use infdit::diffusion::HeunConfig;
 use infdit::loaded::Model;
 use infdit::weights::{Checkpoint, convert::convert};
 use infdit::{ModelConfig, ModelSpec};
@@ -67,14 +66,6 @@ pub(crate) fn run_dtype(d: Option<DTypeArg>, dev: &OpenedDevice) -> DType {
 pub(crate) fn model_spec(a: &ModelArgs) -> Result<ModelSpec> {
     ModelSpec::from_paths(a.model.as_deref(), a.config.as_deref(), a.clip.as_deref())
         .map_err(|e| anyhow::anyhow!(e.to_string().replace("a config file needs", "--config needs")))
-}
-
-/// The sampler of `--steps` / `--sigma-max`, else the model's own defaults, else the released
-/// settings.
-pub(crate) fn heun_config(spec: &ModelSpec, steps: Option<usize>, sigma_max: Option<f32>) -> Result<HeunConfig> {
-    let opts = infdit::UpscaleOptions { steps, sigma_max, ..Default::default() };
-    opts.validate().map_err(|e| anyhow::anyhow!(upscale::flag_message(&e)))?;
-    opts.heun(spec.sampler_defaults()?).map_err(|e| anyhow::anyhow!(upscale::flag_message(&e)))
 }
 
 pub(crate) fn load_model(a: &ModelArgs, dt: DType, dev: &Device) -> Result<Model> {
