@@ -711,6 +711,9 @@ pub struct TrainArgs {
     /// Probability that both LR inputs are replaced by noise (LR dropout).
     #[arg(long, default_value_t = 0.07)]
     pub lr_dropout: f64,
+    /// Probability that an HR crop is first softened (a random Gaussian or short motion blur), so the model also learns soft photos.
+    #[arg(long, default_value_t = 0.0)]
+    pub soften_prob: f64,
     /// Downscale training images so their longer side is at most this many pixels when loaded (0: keep).
     #[arg(long, default_value_t = 0)]
     pub max_side: usize,

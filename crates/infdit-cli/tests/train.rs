@@ -116,6 +116,14 @@ fn bad_training_settings_are_refused_with_a_reason() {
     let o = infdit()
         .args(["train".as_ref(), dir.as_os_str(), "--out".as_ref(), dir.join("o").as_os_str()])
         .args(["--config".as_ref(), cfg.as_os_str(), "--crop".as_ref(), "64".as_ref()])
+        .args(["--soften-prob", "1.5"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--soften-prob 1.5 is not a probability"));
+    let o = infdit()
+        .args(["train".as_ref(), dir.as_os_str(), "--out".as_ref(), dir.join("o").as_os_str()])
+        .args(["--config".as_ref(), cfg.as_os_str(), "--crop".as_ref(), "64".as_ref()])
         .output()
         .unwrap();
     assert!(!o.status.success());

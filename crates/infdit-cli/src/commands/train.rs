@@ -91,7 +91,9 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
     if a.crop == 0 || !a.crop.is_multiple_of(bp) {
         bail!("--crop {} must be a positive multiple of the {bp}-px block", a.crop);
     }
-    for (name, p) in [("--degrade-prob", a.degrade_prob), ("--lr-dropout", a.lr_dropout)] {
+    for (name, p) in
+        [("--degrade-prob", a.degrade_prob), ("--lr-dropout", a.lr_dropout), ("--soften-prob", a.soften_prob)]
+    {
         if !(0.0..=1.0).contains(&p) {
             bail!("{name} {p} is not a probability");
         }
@@ -130,6 +132,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         scale: cfg.dit.sr_scale,
         degrade_prob: a.degrade_prob,
         lr_dropout: a.lr_dropout,
+        soften_prob: a.soften_prob,
         ..SampleConfig::default()
     };
     let dev = super::open_device(a.device)?;

@@ -7,12 +7,16 @@
 //! paper), else a clean antialiased-bicubic downscale rounded to 8 bits; the upsampled LR is made
 //! exactly as at inference ([`crate::prepare::prepare_padded`]'s antialiased bicubic, clipped);
 //! with probability `lr_dropout` (0.07) both LR inputs are replaced by clamped Gaussian noise.
+//!
+//! Not in the paper: with probability `soften_prob` (0 by default) the HR crop itself is first
+//! softened ([`soften`]), target and LR alike, so that the model also sees soft photos (out of
+//! focus, motion-blurred) whose 4x-downscaled LR differs only subtly from a sharp photo's.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
-use super::{DegradationConfig, Image, Sampler, SplitMix64, degrade};
+use super::{DegradationConfig, Image, Profile, Sampler, SplitMix64, bivariate_kernel, degrade, filter2d};
 use crate::error::{InfditError, Result};
 use crate::imageio::find::ImageWalker;
 use crate::imageio::resize::{Bicubic, resize_planar, resize_tensor};
@@ -36,6 +40,9 @@ pub struct SampleConfig {
     pub degradation: DegradationConfig,
     /// Probability that both LR inputs are replaced by clamped Gaussian noise (0.07).
     pub lr_dropout: f64,
+    /// Probability that the HR crop is softened before anything is made from it ([`soften`]; 0:
+    /// never, and then no random draw is spent on it).
+    pub soften_prob: f64,
 }
 
 impl Default for SampleConfig {
@@ -48,6 +55,7 @@ impl Default for SampleConfig {
             degrade_prob: 1.0,
             degradation: DegradationConfig::default(),
             lr_dropout: 0.07,
+            soften_prob: 0.0,
         }
     }
 }
@@ -188,7 +196,10 @@ impl Dataset {
     /// Draws one example: a random image, crop, flip and LR (deterministic in `rng`).
     pub fn sample(&self, cfg: &SampleConfig, rng: &mut SplitMix64) -> Result<TrainSample> {
         let (_, img) = &self.images[rng.below(self.images.len())];
-        let hr = random_crop(img, cfg, rng);
+        let mut hr = random_crop(img, cfg, rng);
+        if cfg.soften_prob > 0.0 && rng.unit() < cfg.soften_prob {
+            hr = soften(&hr, rng);
+        }
         make_sample(&hr, cfg, rng)
     }
 }
@@ -221,6 +232,21 @@ pub fn random_crop(img: &Image, cfg: &SampleConfig, rng: &mut SplitMix64) -> Ima
         }
     }
     Image::new(src.c, s, s, data)
+}
+
+/// Largest standard deviation, in HR pixels, of [`soften`]'s blur along either axis.
+pub const SOFTEN_SIGMA_MAX: f64 = 3.0;
+
+/// A soft version of `img`: an anisotropic Gaussian blur with standard deviations drawn uniformly
+/// in `[0.3, SOFTEN_SIGMA_MAX]` HR pixels on each axis and a uniform orientation (from a slight
+/// defocus to a short motion blur), reflect-padded at the borders. Deterministic in `rng`.
+pub fn soften(img: &Image, rng: &mut SplitMix64) -> Image {
+    let sx = rng.uniform(0.3, SOFTEN_SIGMA_MAX);
+    let sy = rng.uniform(0.3, SOFTEN_SIGMA_MAX);
+    let theta = rng.uniform(0.0, std::f64::consts::PI);
+    // 3 sigma of the longer axis on each side of the centre.
+    let size = 2 * (3.0 * sx.max(sy)).ceil() as usize + 1;
+    filter2d(img, &bivariate_kernel(size, sx, sy, theta, Profile::Gaussian))
 }
 
 /// The LR inputs of an HR crop (see the module docs).
@@ -303,6 +329,69 @@ mod tests {
         }
         let hr_t = s.hr.flatten_all()?.to_vec1::<f32>()?;
         assert!((hr_t[0] - (hr.data[0] * 2.0 - 1.0)).abs() < 1e-6);
+        Ok(())
+    }
+
+    /// Sum of absolute horizontal and vertical neighbour differences (total variation).
+    fn total_variation(img: &Image) -> f64 {
+        let mut tv = 0.0;
+        for ch in 0..img.c {
+            for y in 0..img.h {
+                for x in 0..img.w {
+                    let v = img.at(ch, y, x) as f64;
+                    if x + 1 < img.w {
+                        tv += (img.at(ch, y, x + 1) as f64 - v).abs();
+                    }
+                    if y + 1 < img.h {
+                        tv += (img.at(ch, y + 1, x) as f64 - v).abs();
+                    }
+                }
+            }
+        }
+        tv
+    }
+
+    #[test]
+    fn soften_spreads_edges_and_keeps_flat_areas() {
+        // Left half 0.2, right half 0.9: a sharp vertical edge.
+        let (h, w) = (24, 32);
+        let data = (0..3 * h * w).map(|i| if i % w < w / 2 { 0.2 } else { 0.9 }).collect();
+        let img = Image::new(3, h, w, data);
+        for seed in 0..8 {
+            let s = soften(&img, &mut SplitMix64::new(seed));
+            assert_eq!((s.c, s.h, s.w), (3, h, w));
+            // The blur sums to one: far from the edge the levels stay, everything stays in range.
+            for y in 0..h {
+                assert!((s.at(0, y, 0) - 0.2).abs() < 1e-3 && (s.at(2, y, w - 1) - 0.9).abs() < 1e-3);
+            }
+            assert!(s.data.iter().all(|v| (0.2 - 1e-5..=0.9 + 1e-5).contains(v)));
+            // The step is spread over several pixels, never reversed.
+            let row: Vec<f32> = (0..w).map(|x| s.at(1, h / 2, x)).collect();
+            let largest_step = row.windows(2).map(|p| p[1] - p[0]).fold(0f32, f32::max);
+            assert!(row.windows(2).all(|p| p[1] >= p[0] - 1e-5), "seed {seed}: {row:?}");
+            assert!(largest_step < 0.6, "seed {seed}: the edge stayed sharp ({largest_step})");
+        }
+    }
+
+    #[test]
+    fn softening_is_drawn_only_when_asked() -> Result<()> {
+        let ds = Dataset::from_images(vec![(PathBuf::from("ramp"), ramp(3, 48, 48))]);
+        let plain = SampleConfig { crop: 32, degrade_prob: 0.0, lr_dropout: 0.0, ..Default::default() };
+        // soften_prob 0 spends no draw: the same example as a crop made by hand from the same seed.
+        let mut rng = SplitMix64::new(5);
+        let _ = rng.below(1);
+        let hr = random_crop(&ds.images[0].1, &plain, &mut rng);
+        let by_hand = make_sample(&hr, &plain, &mut rng)?;
+        let drawn = ds.sample(&plain, &mut SplitMix64::new(5))?;
+        let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
+        assert_eq!(flat(&drawn.hr)?, flat(&by_hand.hr)?);
+        assert_eq!(flat(&drawn.lr)?, flat(&by_hand.lr)?);
+        // soften_prob 1: the same crop, softer (lower total variation), and the LR made from it.
+        let soft = ds.sample(&SampleConfig { soften_prob: 1.0, ..plain }, &mut SplitMix64::new(5))?;
+        let to_image = |t: &Tensor| -> Result<Image> { Ok(Image::new(3, 32, 32, flat(&((t + 1.0)? / 2.0)?)?)) };
+        let (sharp_tv, soft_tv) = (total_variation(&to_image(&drawn.hr)?), total_variation(&to_image(&soft.hr)?));
+        assert!(soft_tv < 0.9 * sharp_tv, "softened {soft_tv} vs {sharp_tv}");
+        assert_ne!(flat(&soft.lr)?, flat(&drawn.lr)?);
         Ok(())
     }
 

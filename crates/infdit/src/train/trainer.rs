@@ -160,6 +160,9 @@ struct SampleConfigMeta {
     flip_prob: f64,
     degrade_prob: f64,
     lr_dropout: f64,
+    /// Absent from the states of runs made before softening existed (which never softened).
+    #[serde(default)]
+    soften_prob: f64,
 }
 
 impl From<&SampleConfig> for SampleConfigMeta {
@@ -171,6 +174,7 @@ impl From<&SampleConfig> for SampleConfigMeta {
             flip_prob: s.flip_prob,
             degrade_prob: s.degrade_prob,
             lr_dropout: s.lr_dropout,
+            soften_prob: s.soften_prob,
         }
     }
 }
@@ -442,4 +446,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     crate::imageio::write_atomic(path, &[], |w| w.write_all(bytes).map_err(|e| ImageIoError::io(path, e)))
         .map_err(InfditError::Image)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_saved_before_softening_existed_still_resume() {
+        // The sample settings a run wrote before `soften_prob` existed: such a run never softened.
+        let old = r#"{"crop": 256, "scale": 4, "resize_prob": 0.3, "flip_prob": 0.3, "degrade_prob": 0.0, "lr_dropout": 0.0}"#;
+        let meta: SampleConfigMeta = serde_json::from_str(old).unwrap();
+        let now = SampleConfig { crop: 256, degrade_prob: 0.0, lr_dropout: 0.0, ..SampleConfig::default() };
+        assert_eq!(meta, SampleConfigMeta::from(&now));
+        // A run that softens does not resume as one that did not.
+        assert_ne!(meta, SampleConfigMeta::from(&SampleConfig { soften_prob: 0.2, ..now }));
+    }
 }
