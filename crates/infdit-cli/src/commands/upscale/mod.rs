@@ -350,7 +350,7 @@ impl BatchRun<'_> {
         if let Some(s) = setup.take() {
             if s.spec.is_builtin() && !a.quiet {
                 self.rep.line(
-                    "note: using the small model built into infdit (1.3M parameters, trained for about 7 hours on \
+                    "note: using the small model built into infdit (1.3M parameters, trained for about 8 hours on \
                      a 2-core CPU; better than bicubic, see models/default/MODEL_CARD.md); give the released \
                      checkpoint with --model for the paper's quality",
                 );
