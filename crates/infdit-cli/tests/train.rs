@@ -112,7 +112,7 @@ fn bad_training_settings_are_refused_with_a_reason() {
         .output()
         .unwrap();
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--crop 100 must be a positive multiple of the 64-px block"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--crop: 100 is not a positive multiple of the 64-px block"));
     let o = infdit()
         .args(["train".as_ref(), dir.as_os_str(), "--out".as_ref(), dir.join("o").as_os_str()])
         .args(["--config".as_ref(), cfg.as_os_str(), "--crop".as_ref(), "64".as_ref()])
@@ -120,7 +120,7 @@ fn bad_training_settings_are_refused_with_a_reason() {
         .output()
         .unwrap();
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--soften-prob 1.5 is not a probability"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--soften-prob: 1.5 is not a probability"));
     let o = infdit()
         .args(["train".as_ref(), dir.as_os_str(), "--out".as_ref(), dir.join("o").as_os_str()])
         .args(["--config".as_ref(), cfg.as_os_str(), "--crop".as_ref(), "64".as_ref()])

@@ -37,7 +37,8 @@ pub enum InfditError {
         checkpoint: String,
     },
     /// An option of a run is out of range or contradicts another; `option` is its field name in
-    /// [`crate::upscale::UpscaleOptions`] (front ends name their own flag for it).
+    /// the settings concerned ([`crate::upscale::UpscaleOptions`], [`crate::train::TrainConfig`],
+    /// [`crate::train::SampleConfig`]; front ends name their own flag for it).
     #[error("{option}: {reason}")]
     InvalidOption {
         /// The option.

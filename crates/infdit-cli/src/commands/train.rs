@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use candle_core::Tensor;
 use image::RgbImage;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -87,33 +87,9 @@ fn model_json(cfg: &ModelConfig, sampler: SamplerDefaults) -> Result<String> {
 
 pub(crate) fn train(a: TrainArgs) -> Result<()> {
     let cfg = ModelConfig::from_file(&a.config)?;
-    let bp = cfg.dit.block_px;
-    if a.crop == 0 || !a.crop.is_multiple_of(bp) {
-        bail!("--crop {} must be a positive multiple of the {bp}-px block", a.crop);
+    if a.checkpoint_every == 0 || a.sample_steps == 0 {
+        bail!("--checkpoint-every and --sample-steps must be at least 1");
     }
-    for (name, p) in
-        [("--degrade-prob", a.degrade_prob), ("--lr-dropout", a.lr_dropout), ("--soften-prob", a.soften_prob)]
-    {
-        if !(0.0..=1.0).contains(&p) {
-            bail!("{name} {p} is not a probability");
-        }
-    }
-    if a.steps == 0 || a.batch == 0 || a.checkpoint_every == 0 || a.sample_steps == 0 {
-        bail!("--steps, --batch, --checkpoint-every and --sample-steps must be at least 1");
-    }
-    let init = match &a.init {
-        Some(p) => {
-            let mut ck = Checkpoint::open(p)?;
-            if let (Some(c), Some(clip)) = (&cfg.clip, &a.clip) {
-                ck.add_clip_from(&Checkpoint::open(clip)?, c.layers)?;
-            }
-            ck
-        }
-        None if cfg.clip.is_some() => {
-            bail!("{}: the config has a CLIP tower; give its weights with --init (and --clip)", a.config.display())
-        }
-        None => training_init(&cfg, a.seed)?,
-    };
     let tc = TrainConfig {
         steps: a.steps,
         batch: a.batch,
@@ -134,6 +110,23 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         lr_dropout: a.lr_dropout,
         soften_prob: a.soften_prob,
         ..SampleConfig::default()
+    };
+    // Every setting is checked before the weights and the images are read.
+    let flagged = |e: infdit::InfditError| anyhow!(super::upscale::flag_message(&e));
+    tc.validate().map_err(flagged)?;
+    sc.validate(cfg.dit.block_px).map_err(flagged)?;
+    let init = match &a.init {
+        Some(p) => {
+            let mut ck = Checkpoint::open(p)?;
+            if let (Some(c), Some(clip)) = (&cfg.clip, &a.clip) {
+                ck.add_clip_from(&Checkpoint::open(clip)?, c.layers)?;
+            }
+            ck
+        }
+        None if cfg.clip.is_some() => {
+            bail!("{}: the config has a CLIP tower; give its weights with --init (and --clip)", a.config.display())
+        }
+        None => training_init(&cfg, a.seed)?,
     };
     let dev = super::open_device(a.device)?;
     let mut trainer = Trainer::new_on(&cfg, &init, tc, &dev.device)?;

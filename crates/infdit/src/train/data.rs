@@ -60,6 +60,33 @@ impl Default for SampleConfig {
     }
 }
 
+impl SampleConfig {
+    /// Checks the settings for a model with `block_px`-px blocks before any example is drawn: the
+    /// crop a positive multiple of the block, the scale at least 2, every probability in `[0, 1]`.
+    /// An error names the field ([`InfditError::InvalidOption`]).
+    pub fn validate(&self, block_px: usize) -> Result<()> {
+        let bad = |option, reason| Err(InfditError::InvalidOption { option, reason });
+        if self.crop == 0 || !self.crop.is_multiple_of(block_px) {
+            return bad("crop", format!("{} is not a positive multiple of the {block_px}-px block", self.crop));
+        }
+        if self.scale < 2 {
+            return bad("scale", format!("{} is not an upscaling factor", self.scale));
+        }
+        for (option, p) in [
+            ("resize_prob", self.resize_prob),
+            ("flip_prob", self.flip_prob),
+            ("degrade_prob", self.degrade_prob),
+            ("lr_dropout", self.lr_dropout),
+            ("soften_prob", self.soften_prob),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return bad(option, format!("{p} is not a probability (give 0 to 1)"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One training example, tensors (1, 3, ., .) in `[-1, 1]` on the CPU.
 #[derive(Debug, Clone)]
 pub struct TrainSample {
@@ -371,6 +398,36 @@ mod tests {
             assert!(row.windows(2).all(|p| p[1] >= p[0] - 1e-5), "seed {seed}: {row:?}");
             assert!(largest_step < 0.6, "seed {seed}: the edge stayed sharp ({largest_step})");
         }
+    }
+
+    #[test]
+    fn bad_sample_settings_name_their_field() {
+        let field = |c: SampleConfig| match c.validate(64) {
+            Err(InfditError::InvalidOption { option, reason }) => format!("{option}: {reason}"),
+            other => panic!("{other:?}"),
+        };
+        assert!(SampleConfig { crop: 256, ..Default::default() }.validate(64).is_ok());
+        assert_eq!(
+            field(SampleConfig { crop: 100, ..Default::default() }),
+            "crop: 100 is not a positive multiple of the 64-px block"
+        );
+        assert_eq!(
+            field(SampleConfig { crop: 0, ..Default::default() }),
+            "crop: 0 is not a positive multiple of the 64-px block"
+        );
+        assert_eq!(field(SampleConfig { scale: 1, ..Default::default() }), "scale: 1 is not an upscaling factor");
+        assert_eq!(
+            field(SampleConfig { soften_prob: 1.5, ..Default::default() }),
+            "soften_prob: 1.5 is not a probability (give 0 to 1)"
+        );
+        assert_eq!(
+            field(SampleConfig { lr_dropout: -0.1, ..Default::default() }),
+            "lr_dropout: -0.1 is not a probability (give 0 to 1)"
+        );
+        assert_eq!(
+            field(SampleConfig { degrade_prob: f64::NAN, ..Default::default() }),
+            "degrade_prob: NaN is not a probability (give 0 to 1)"
+        );
     }
 
     #[test]

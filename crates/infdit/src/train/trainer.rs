@@ -79,6 +79,40 @@ impl Default for TrainConfig {
     }
 }
 
+impl TrainConfig {
+    /// Checks the settings before anything is trained: at least one step and one image per step,
+    /// a positive learning rate, AdamW's betas in `[0, 1)` and a positive epsilon, a weight decay,
+    /// gradient clip (0: none) and log-normal sigma that are numbers (the spread positive), an EMA
+    /// decay in `[0, 1]`. An error names the field ([`InfditError::InvalidOption`]).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |option, reason: String| Err(InfditError::InvalidOption { option, reason });
+        for (option, n) in [("steps", self.steps), ("batch", self.batch)] {
+            if n == 0 {
+                return bad(option, "must be at least 1".into());
+            }
+        }
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        let at_least_0 = |v: f64| v.is_finite() && v >= 0.0;
+        let checks = [
+            ("lr", self.lr, positive(self.lr), "is not a positive learning rate"),
+            ("weight_decay", self.weight_decay, at_least_0(self.weight_decay), "is not a weight decay (0 or more)"),
+            ("grad_clip", self.grad_clip, at_least_0(self.grad_clip), "is not a gradient-norm clip (0: none)"),
+            ("ema_decay", self.ema_decay, (0.0..=1.0).contains(&self.ema_decay), "is not an EMA decay (give 0 to 1)"),
+            ("p_mean", self.p_mean, self.p_mean.is_finite(), "is not a number"),
+            ("p_std", self.p_std, positive(self.p_std), "is not a positive spread"),
+            ("eps", self.eps, positive(self.eps), "is not a positive epsilon"),
+        ];
+        if let Some(&(option, v, _, why)) = checks.iter().find(|c| !c.2) {
+            return bad(option, format!("{v} {why}"));
+        }
+        let (b1, b2) = self.betas;
+        if !((0.0..1.0).contains(&b1) && (0.0..1.0).contains(&b2)) {
+            return bad("betas", format!("({b1}, {b2}) are not AdamW betas (each in [0, 1))"));
+        }
+        Ok(())
+    }
+}
+
 /// What one optimiser step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepStats {
@@ -192,9 +226,7 @@ impl Trainer {
     /// same draws for the same seed) and moved there. On a GPU the network runs through candle's
     /// autograd over primitive ops (the fast backward's fused ops are CPU kernels), in f32.
     pub fn new_on(model_cfg: &ModelConfig, init: &Checkpoint, cfg: TrainConfig, device: &Device) -> Result<Self> {
-        if cfg.batch == 0 {
-            return Err(InfditError::Config("the batch must hold at least one image".into()));
-        }
+        cfg.validate()?;
         // Strict check of names and shapes before anything is trained.
         let keys = Model::expected_keys(model_cfg)?;
         Model::from_checkpoint(model_cfg, init.clone(), DType::F32, &Device::Cpu)?;
@@ -256,6 +288,7 @@ impl Trainer {
 
     /// One optimiser step on `batch` fresh examples from `data`.
     pub fn train_step(&mut self, data: &Dataset, sample_cfg: &SampleConfig) -> Result<StepStats> {
+        sample_cfg.validate(self.model_cfg.dit.block_px)?;
         let step = self.step;
         let model = self.model(false)?;
         let dc = &self.model_cfg.dit;
@@ -451,6 +484,42 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bad_train_settings_name_their_field() {
+        let field = |c: TrainConfig| match c.validate() {
+            Err(InfditError::InvalidOption { option, reason }) => format!("{option}: {reason}"),
+            other => panic!("{other:?}"),
+        };
+        assert!(TrainConfig::default().validate().is_ok());
+        assert!(
+            TrainConfig { grad_clip: 0.0, ema_decay: 0.0, weight_decay: 0.0, ..Default::default() }.validate().is_ok()
+        );
+        assert_eq!(field(TrainConfig { steps: 0, ..Default::default() }), "steps: must be at least 1");
+        assert_eq!(field(TrainConfig { batch: 0, ..Default::default() }), "batch: must be at least 1");
+        assert_eq!(
+            field(TrainConfig { lr: -1e-4, ..Default::default() }),
+            "lr: -0.0001 is not a positive learning rate"
+        );
+        assert_eq!(
+            field(TrainConfig { lr: f64::INFINITY, ..Default::default() }),
+            "lr: inf is not a positive learning rate"
+        );
+        assert_eq!(
+            field(TrainConfig { ema_decay: 1.5, ..Default::default() }),
+            "ema_decay: 1.5 is not an EMA decay (give 0 to 1)"
+        );
+        assert_eq!(
+            field(TrainConfig { grad_clip: -1.0, ..Default::default() }),
+            "grad_clip: -1 is not a gradient-norm clip (0: none)"
+        );
+        assert_eq!(field(TrainConfig { p_std: 0.0, ..Default::default() }), "p_std: 0 is not a positive spread");
+        assert_eq!(field(TrainConfig { p_mean: f64::NAN, ..Default::default() }), "p_mean: NaN is not a number");
+        assert_eq!(
+            field(TrainConfig { betas: (0.9, 1.0), ..Default::default() }),
+            "betas: (0.9, 1) are not AdamW betas (each in [0, 1))"
+        );
+    }
 
     #[test]
     fn states_saved_before_softening_existed_still_resume() {
