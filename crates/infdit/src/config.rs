@@ -60,6 +60,14 @@ pub struct DitConfig {
 /// `[c_in^2 sd (x - u), u]` (the LR unscaled; the noisy residual fades out at high noise, see
 /// [`crate::diffusion::Precond::network_input`]), and `D = u + c_skip (x - u) + c_out F`. With a zero final layer this denoiser
 /// returns the bicubic upsampling, so every step of training starts from bicubic quality.
+///
+/// In residual mode a model can also ask for **coring** (`"coring": [low, high]`): each denoised
+/// residual `r = D - u` is firmly shrunk, per sample: dropped where `|r| <= low`, kept whole where
+/// `|r| >= high`, and in between ramped linearly from 0 to `high` (Gao and Bruce's firm shrinkage:
+/// `sign(r) max(0, min(|r|, high (|r| - low) / (high - low)))`). The faint corrections that a small
+/// model draws on flat areas, where it knows no better than the upsampling, then leave the upsampling
+/// as it is instead of flipping the rounding of some pixels, while edges keep their full correction
+/// ([`crate::diffusion::Precond::core`]). Training never applies it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Precond {
@@ -67,15 +75,23 @@ pub struct Precond {
     pub sigma_data: f32,
     /// Residual mode (see the type docs). Released: false.
     pub residual: bool,
+    /// Residual mode: the coring thresholds `[low, high]` in image units (`[-1, 1]`, so one 8-bit
+    /// level is `2 / 255`); `None` (the default, and absent from a file): no coring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coring: Option<[f32; 2]>,
 }
 
 impl Default for Precond {
     fn default() -> Self {
-        Self { sigma_data: 0.5, residual: false }
+        Self { sigma_data: 0.5, residual: false, coring: None }
     }
 }
 
 impl Precond {
+    /// Largest coring threshold accepted: 0.1 in image units, about 13 8-bit levels (beyond that it
+    /// would erase real detail, not faint noise).
+    pub const MAX_CORING: f32 = 0.1;
+
     /// Whether this is the released preconditioning.
     pub fn is_released(&self) -> bool {
         *self == Self::default()
@@ -289,6 +305,16 @@ impl DitConfig {
         }
         if !(self.precond.sigma_data.is_finite() && self.precond.sigma_data > 0.0) {
             errs.push(format!("precond.sigma_data {} must be a positive number", self.precond.sigma_data));
+        }
+        if let Some([low, high]) = self.precond.coring {
+            if !(low > 0.0 && low < high && high <= Precond::MAX_CORING) {
+                errs.push(format!(
+                    "precond.coring [{low}, {high}] must be two thresholds 0 < low < high <= {}",
+                    Precond::MAX_CORING
+                ));
+            } else if !self.precond.residual {
+                errs.push("precond.coring needs the residual preconditioning (precond.residual true)".into());
+            }
         }
         for (name, v) in [("depth", self.depth), ("mlp_hidden", self.mlp_hidden), ("vector_dim", self.vector_dim)] {
             if v == 0 {
@@ -637,5 +663,45 @@ impl ModelConfig {
                 }
             };
         Ok(Self { dit, clip })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The released config as JSON with its `precond` replaced.
+    fn with_precond(precond: serde_json::Value) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(&ModelConfig::released().to_json()).unwrap_or_default();
+        v["dit"]["precond"] = precond;
+        v.to_string()
+    }
+
+    #[test]
+    fn coring_is_read_written_and_checked() {
+        let cfg = ModelConfig::from_json_str(&with_precond(serde_json::json!(
+            {"sigma_data": 0.05, "residual": true, "coring": [0.004, 0.02]}
+        )))
+        .map_err(|e| e.to_string());
+        assert_eq!(cfg.as_ref().map(|c| c.dit.precond.coring), Ok(Some([0.004, 0.02])));
+        // Written back only when set: the released config and a config without it keep their text.
+        let again = cfg.as_ref().map(|c| ModelConfig::from_json_str(&c.to_json()).map(|c| c.dit.precond.coring));
+        assert!(matches!(again, Ok(Ok(Some([0.004, 0.02])))), "{again:?}");
+        assert!(!ModelConfig::released().to_json().contains("coring"));
+        let plain =
+            ModelConfig::from_json_str(&with_precond(serde_json::json!({"sigma_data": 0.05, "residual": true})));
+        assert!(plain.is_ok_and(|c| c.dit.precond.coring.is_none()));
+        let refused = |p: serde_json::Value| match ModelConfig::from_json_str(&with_precond(p)) {
+            Err(e) => e.to_string(),
+            Ok(_) => String::from("accepted"),
+        };
+        let e = refused(serde_json::json!({"sigma_data": 0.5, "residual": false, "coring": [0.004, 0.02]}));
+        assert!(e.contains("precond.coring needs the residual preconditioning"), "{e}");
+        for bad in [[-0.001, 0.02], [0.02, 0.004], [0.01, 0.01], [0.004, 0.5], [0.0, 0.02]] {
+            let e = refused(serde_json::json!({"sigma_data": 0.05, "residual": true, "coring": bad}));
+            assert!(e.contains(&format!("precond.coring [{}, {}] must be two thresholds", bad[0], bad[1])), "{e}");
+        }
+        let e = refused(serde_json::json!({"sigma_data": 0.05, "residual": true, "coring": 0.004}));
+        assert!(e.contains("expected an array of length 2"), "{e}");
     }
 }

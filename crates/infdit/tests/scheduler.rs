@@ -421,7 +421,7 @@ fn memory_plan_with_state_dir_is_flat_in_height() {
 /// denoiser is `u + c_skip (x - u)`: the upsampled LR image, whatever the noise level.
 #[test]
 fn residual_preconditioning_blocks_match_and_zero_network_gives_the_upsampled_lr() {
-    let precond = Precond { sigma_data: 0.05, residual: true };
+    let precond = Precond { sigma_data: 0.05, residual: true, coring: None };
     let dit =
         DitConfig { hidden: 32, depth: 2, heads: 2, mlp_hidden: 64, vector_dim: 8, precond, ..DitConfig::released() };
     let cfg = ModelConfig { dit, clip: None };
@@ -456,4 +456,24 @@ fn residual_preconditioning_blocks_match_and_zero_network_gives_the_upsampled_lr
             (d - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-6, "{diff}");
     }
+
+    // Coring (a residual-mode setting of the model): block mode still equals whole-image mode, and
+    // the zero network's residual c_skip (x - u) comes out firmly shrunk.
+    let cored_cfg = |c: &ModelConfig| {
+        let mut c = c.clone();
+        c.dit.precond.coring = Some([0.002, 0.006]);
+        c
+    };
+    let cored = load(&cored_cfg(&cfg), random_checkpoint(&cfg, 21).unwrap());
+    let whole_cored = whole_of(&cored);
+    assert!(rel(&whole_cored, &whole) > 1e-3, "coring changed nothing");
+    let d = BlockDenoiser::new(&cored.dit, &clip, &p.lr, &cl, 2, DType::F32).unwrap().sweep(&x, sigma).unwrap();
+    assert!(rel(&d, &whole_cored) <= REL_BOUND, "{:e}", rel(&d, &whole_cored));
+    let zero = load(&cored_cfg(&cfg), training_init(&cfg, 21).unwrap());
+    let r = ((&x - &cl).unwrap() * c_skip).unwrap();
+    let a = r.abs().unwrap();
+    let ramp = ((&a - 0.002).unwrap() * 1.5).unwrap();
+    let want = (&cl + (r.sign().unwrap() * a.minimum(&ramp).unwrap().relu().unwrap()).unwrap()).unwrap();
+    let diff = (whole_of(&zero) - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-6, "{diff}");
 }

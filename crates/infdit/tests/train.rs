@@ -298,7 +298,7 @@ fn edm_weight_is_the_reference_formula() {
 #[test]
 fn residual_loss_uses_the_config_preconditioning() {
     let mut cfg = tiny();
-    cfg.dit.precond = Precond { sigma_data: 0.05, residual: true };
+    cfg.dit.precond = Precond { sigma_data: 0.05, residual: true, coring: None };
     let model = Model::from_checkpoint(&cfg, training_init(&cfg, 4).unwrap(), DType::F32, &Device::Cpu).unwrap();
     let mut rng = SplitMix64::new(9);
     let s = dataset().sample(&SampleConfig { lr_dropout: 0.0, ..sample_cfg() }, &mut rng).unwrap();

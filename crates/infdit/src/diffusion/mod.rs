@@ -60,13 +60,25 @@ impl Precond {
     }
 
     /// The denoised image from the network output `f`: `c_out f + c_skip x` (released) or
-    /// `c_out f + c_skip (x - up) + up` (residual).
+    /// `c_out f + c_skip (x - up) + up` (residual), the residual `c_out f + c_skip (x - up)` cored
+    /// when the model asks for it ([`Precond::core`]).
     pub fn denoised(&self, f: Tensor, x: &Tensor, up: &Tensor, s: &EdmScalings) -> Result<Tensor> {
         if self.residual {
-            ((f * s.c_out as f64)? + ((x - up)? * s.c_skip as f64)?)? + up
+            self.core(((f * s.c_out as f64)? + ((x - up)? * s.c_skip as f64)?)?)? + up
         } else {
             (f * s.c_out as f64)? + (x * s.c_skip as f64)?
         }
+    }
+
+    /// Coring of a denoised residual `r` (see [`Precond`]): with thresholds `[low, high]`,
+    /// `sign(r) max(0, min(|r|, high (|r| - low) / (high - low)))` elementwise (0 up to `low`, `r`
+    /// from `high` on, linear in between); `r` itself without coring.
+    pub fn core(&self, r: Tensor) -> Result<Tensor> {
+        let Some([low, high]) = self.coring else { return Ok(r) };
+        let (low, high) = (low as f64, high as f64);
+        let a = r.abs()?;
+        let ramp = ((&a - low)? * (high / (high - low)))?;
+        r.sign()? * a.minimum(&ramp)?.relu()?
     }
 
     /// The EDM loss weight `(sigma^2 + sigma_data^2) / (sigma sigma_data)^2`.
@@ -295,7 +307,7 @@ mod tests {
         let d = released.denoised(f.clone(), &x, &up, &s).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(d, [2.0 * s.c_out + 1.5 * s.c_skip, -2.0 * s.c_out + 0.75 * s.c_skip]);
 
-        let residual = Precond { sigma_data: 0.1, residual: true };
+        let residual = Precond { sigma_data: 0.1, residual: true, coring: None };
         for sigma in [0.01f32, 20.0] {
             let s = residual.scalings(sigma);
             let inp = residual.network_input(&x, &up, &s).unwrap();
@@ -309,5 +321,28 @@ mod tests {
             assert!(max_abs(&(d - want).unwrap()) < 1e-6);
         }
         assert!((residual.loss_weight(1.0) - 1.01 / 0.01).abs() < 1e-4);
+    }
+
+    #[test]
+    fn coring_drops_faint_residuals_and_keeps_strong_ones() {
+        let dev = Device::Cpu;
+        // Thresholds 0.01 and 0.03: dropped up to 0.01, kept from 0.03, 1.5 (|r| - 0.01) between.
+        let r = Tensor::new(&[-0.5f32, -0.02, -0.004, 0.0, 0.01, 0.015, 0.03, 0.25], &dev).unwrap();
+        let cored = Precond { sigma_data: 0.05, residual: true, coring: Some([0.01, 0.03]) };
+        let got = cored.core(r.clone()).unwrap().to_vec1::<f32>().unwrap();
+        let want = [-0.5f32, -0.015, 0.0, 0.0, 0.0, 0.0075, 0.03, 0.25];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-7, "{got:?}");
+        }
+        // Without coring, the residual is returned untouched.
+        let plain = Precond { coring: None, ..cored };
+        assert_eq!(plain.core(r.clone()).unwrap().to_vec1::<f32>().unwrap(), r.to_vec1::<f32>().unwrap());
+        // In the denoised image: u + cored residual; here x = u, so D - u = c_out f.
+        let up = Tensor::new(&[[[[0.5f32, -0.25]]]], &dev).unwrap();
+        let s = cored.scalings(20.0);
+        let f = Tensor::new(&[[[[0.005f32 / s.c_out, 0.5 / s.c_out]]]], &dev).unwrap();
+        let d = cored.denoised(f, &up, &up, &s).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(d[0], 0.5, "a residual under the threshold leaves the upsampling as it is");
+        assert!((d[1] - 0.25).abs() < 1e-6, "{d:?}");
     }
 }
