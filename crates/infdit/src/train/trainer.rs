@@ -317,26 +317,56 @@ impl Trainer {
                 })
                 .collect::<Result<Vec<_>>>()?
         };
-        for (s, sigma, eps) in draws {
+        // Each example's forward and backward is independent: on the CPU (fast backward) they run
+        // in parallel, as many at a time as the pool has threads (the dense products inside each then mostly
+        // run on one thread, and candle's element-wise ops, which run on the calling thread,
+        // stop leaving the other cores idle). The gradients are summed afterwards in the batch's
+        // order, so the step is the same bits for any thread count (and as the serial loop).
+        let example = |s: TrainSample, sigma: f32, eps: Tensor| -> Result<(f64, f32, Vec<Option<Tensor>>)> {
             let (s, eps) = (s.to_device(&self.device)?, eps.to_device(&self.device)?);
             let clip = model.clip_vector(&s.lr, crate::imageio::resize::Bicubic::Antialias)?;
             let loss = edm_loss(&model, &s, &clip, sigma, &eps, offset)?;
             let lv = loss.to_scalar::<f32>()? as f64;
             if !lv.is_finite() {
-                return Err(InfditError::NonFinite(format!("training step {}: the loss is {lv}", step + 1)));
+                return Ok((lv, sigma, Vec::new()));
             }
-            loss_sum += lv;
-            log_sigma += (sigma as f64).ln();
             let g = loss.backward()?;
-            for (acc, p) in grads.iter_mut().zip(&self.params) {
-                if let Some(gi) = g.get(p.as_tensor()) {
-                    // Detached: a gradient computed from tracked activations records its ops, and
-                    // kept in the optimiser state it would hold this step's whole graph alive.
-                    let gi = gi.detach();
-                    *acc = Some(match acc.take() {
-                        Some(a) => (a + gi)?,
-                        None => gi,
-                    });
+            // Detached: a gradient computed from tracked activations records its ops, and kept in
+            // the optimiser state it would hold this step's whole graph alive.
+            Ok((lv, sigma, self.params.iter().map(|p| g.get(p.as_tensor()).map(|t| t.detach())).collect()))
+        };
+        // The backward chosen on this thread (`grad::with_path`, thread-local) holds on the workers too.
+        let path = crate::model::grad::path();
+        let one = |(s, sigma, eps): (TrainSample, f32, Tensor)| -> Result<(f64, f32, Vec<Option<Tensor>>)> {
+            crate::model::grad::with_path(path, || example(s, sigma, eps))
+        };
+        // The autograd path keeps the serial loop it had before the fast backward (the baseline
+        // `infdit bench train` compares with).
+        let parallel = self.device.is_cpu() && path == crate::model::grad::GradPath::Fast;
+        let at_once = if parallel { rayon::current_num_threads().max(1) } else { 1 };
+        let mut draws = draws.into_iter().peekable();
+        while draws.peek().is_some() {
+            let chunk: Vec<_> = draws.by_ref().take(at_once).collect();
+            let results = if chunk.len() > 1 {
+                use rayon::prelude::*;
+                chunk.into_par_iter().map(one).collect::<Vec<_>>()
+            } else {
+                chunk.into_iter().map(one).collect()
+            };
+            for r in results {
+                let (lv, sigma, g) = r?;
+                if !lv.is_finite() {
+                    return Err(InfditError::NonFinite(format!("training step {}: the loss is {lv}", step + 1)));
+                }
+                loss_sum += lv;
+                log_sigma += (sigma as f64).ln();
+                for (acc, gi) in grads.iter_mut().zip(g) {
+                    if let Some(gi) = gi {
+                        *acc = Some(match acc.take() {
+                            Some(a) => (a + gi)?,
+                            None => gi,
+                        });
+                    }
                 }
             }
         }
