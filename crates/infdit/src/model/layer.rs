@@ -196,8 +196,21 @@ impl Layer {
                 fused::heads(&qkv, bias, 2, h, d, None, a.dtype())?,
             ));
         }
-        let qkv = self.qkv.forward(a)?; // (n, T, 3D)
-        let split = |i: usize| qkv.narrow(D::Minus1, i * dm, dm)?.reshape((n, t, h, d));
+        let split: Box<dyn Fn(usize) -> Result<Tensor>> = match self.qkv.bias() {
+            // Training: three products with the rows of W for Q, K and V, so that no slice of the
+            // (n, T, 3D) product is taken (candle's backward of a slice zero-pads it to the whole).
+            Some(b) if crate::model::grad::applies(&[a, self.qkv.weight(), b]) && (a.track_op() || b.track_op()) => {
+                let w = self.qkv.weight();
+                Box::new(move |i: usize| {
+                    let (wi, bi) = (w.narrow(0, i * dm, dm)?, b.narrow(0, i * dm, dm)?);
+                    crate::model::grad::linear(a, &wi, Some(&bi))?.reshape((n, t, h, d))
+                })
+            }
+            _ => {
+                let qkv = self.qkv.forward(a)?; // (n, T, 3D)
+                Box::new(move |i: usize| qkv.narrow(D::Minus1, i * dm, dm)?.reshape((n, t, h, d)))
+            }
+        };
         let rope = |z: Tensor| -> Result<Tensor> {
             if crate::model::grad::applies(&[&z, cos, sin]) {
                 return crate::model::grad::heads_rope(&self.qk_ln.forward(&z)?, cos, sin);
@@ -238,12 +251,12 @@ impl Layer {
         let a = norm_modulate(x, &m.shift_a, &m.scale_a, self.eps)?;
         let (q, k, v) = self.qkv_heads(&a, inp.rope)?;
         let (k4, v4) = inp.kv.neighbourhood(self.index, &k, &v)?;
-        let k4 = k4.reshape((n, h, 4, t, d))?.broadcast_add(&self.block_pos.to_dtype(k4.dtype())?)?.reshape((
-            n,
-            h,
-            4 * t,
-            d,
-        ))?;
+        let pos = self.block_pos.to_dtype(k4.dtype())?;
+        let k4 = if (k4.track_op() || pos.track_op()) && crate::model::grad::applies(&[&k4, &pos]) {
+            crate::model::grad::add_group_pos(&k4, &pos)?
+        } else {
+            k4.reshape((n, h, 4, t, d))?.broadcast_add(&pos)?.reshape((n, h, 4 * t, d))?
+        };
         let ctx = attention(&q, &k4, &v4, SCORE_BYTES)?.transpose(1, 2)?.reshape((n, t, dm))?;
         let mut x = Self::residual(x, &self.dense, &ctx)?;
         let mlp_in = match &self.cross {

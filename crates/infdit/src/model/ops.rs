@@ -79,12 +79,13 @@ impl Module for Linear {
         if crate::kernels::bf16_gemm::applies(x, w, b) {
             return crate::kernels::bf16_gemm::linear(x, w, b);
         }
+        // Training: the whole layer as one op with a hand-written backward.
+        let tracked = x.track_op() || w.track_op() || b.is_some_and(Tensor::track_op);
+        if tracked && crate::model::grad::applies(&[x, w]) && b.is_none_or(|b| crate::model::grad::applies(&[b])) {
+            return crate::model::grad::linear(x, w, b);
+        }
         let y = self.forward_no_bias(x)?;
         match self.inner.bias() {
-            // Training: the bias gradient from a row sum instead of candle's strided reduction.
-            Some(b) if (y.track_op() || b.track_op()) && crate::model::grad::applies(&[&y, b]) => {
-                crate::model::grad::add_bias(&y, b)
-            }
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }

@@ -36,29 +36,36 @@ impl CustomOp2 for AddBias {
 
     fn bwd(&self, _x: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let f = b.elem_count();
-        let db = with_f32(&grad.detach(), |g| {
-            let partial: Vec<Vec<f32>> = g
-                .par_chunks(f * ROWS)
-                .map(|g| {
-                    let mut acc = vec![0f32; f];
-                    for row in g.chunks_exact(f) {
-                        for (a, v) in acc.iter_mut().zip(row) {
-                            *a += v;
-                        }
-                    }
-                    acc
-                })
-                .collect();
-            let mut db = vec![0f32; f];
-            for p in &partial {
-                for (d, v) in db.iter_mut().zip(p) {
-                    *d += v;
-                }
-            }
-            db
-        })?;
+        let db = with_f32(&grad.detach(), |g| row_sum(g, f))?;
         Ok((Some(grad.clone()), Some(tensor(db, b.dims())?)))
     }
+}
+
+/// The sum of the rows of `g` (rows of `f` values): in blocks of [`ROWS`] rows, in parallel, the
+/// blocks' sums then added in order (the same bits for any thread count).
+pub(crate) fn row_sum(g: &[f32], f: usize) -> Vec<f32> {
+    if f == 0 {
+        return Vec::new();
+    }
+    let partial: Vec<Vec<f32>> = g
+        .par_chunks(f * ROWS)
+        .map(|g| {
+            let mut acc = vec![0f32; f];
+            for row in g.chunks_exact(f) {
+                for (a, v) in acc.iter_mut().zip(row) {
+                    *a += v;
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut db = vec![0f32; f];
+    for p in &partial {
+        for (d, v) in db.iter_mut().zip(p) {
+            *d += v;
+        }
+    }
+    db
 }
 
 /// `x + b` for an f32 CPU tensor `x` (..., F) and a bias `b` (F), with the backward above.

@@ -58,6 +58,8 @@ pub mod attention;
 pub mod bias;
 pub mod gather;
 pub mod gelu;
+pub mod group_pos;
+pub mod linear;
 pub mod norm;
 pub mod rope;
 
@@ -65,6 +67,8 @@ pub use attention::{attention, attention_reference, softmax_differentiable};
 pub use bias::add_bias;
 pub use gather::{gather, gather_reference};
 pub use gelu::gelu;
+pub use group_pos::{add_group_pos, add_group_pos_reference};
+pub use linear::{linear, linear_reference};
 pub use norm::{ln_affine, ln_affine_reference};
 pub use rope::{heads_rope, heads_rope_reference};
 

@@ -280,3 +280,75 @@ fn add_bias_matches_autograd() {
     assert!(one == three, "the bias gradient differs between 1 and 3 threads");
     assert!(add_bias(x.as_tensor(), &Tensor::zeros(23, candle_core::DType::F32, &Device::Cpu).unwrap()).is_err());
 }
+
+#[test]
+fn linear_matches_autograd() {
+    // 300 rows: two full row blocks and a partial one; 40 outputs: a partial block of dW rows.
+    let x = var(31, &[3, 100, 24]);
+    let w = var(32, &[40, 24]);
+    let b = var(33, &[40]);
+    let wt = weights(34, &[3, 100, 40]);
+    let fast = |t: &[&Tensor]| linear(t[0], t[1], Some(t[2])).unwrap();
+    let slow = |t: &[&Tensor]| linear_reference(t[0], t[1], Some(t[2])).unwrap();
+    compare(&[&x, &w, &b], &wt, fast, slow, 1e-5);
+    let fast = |t: &[&Tensor]| linear(t[0], t[1], None).unwrap();
+    let slow = |t: &[&Tensor]| linear_reference(t[0], t[1], None).unwrap();
+    compare(&[&x, &w], &wt, fast, slow, 1e-5);
+    // Against finite differences of an f64 loss sum(w * (x W^T + b)).
+    let wv = to_vec(&wt);
+    let f64_loss = |inp: &[Vec<f32>]| -> f64 {
+        let (xv, w_, bv) = (&inp[0], &inp[1], &inp[2]);
+        let mut s = 0f64;
+        for r in 0..300 {
+            for o in 0..40 {
+                let mut y = bv[o] as f64;
+                for i in 0..24 {
+                    y += xv[r * 24 + i] as f64 * w_[o * 24 + i] as f64;
+                }
+                s += y * wv[r * 40 + o] as f64;
+            }
+        }
+        s
+    };
+    let fast = |t: &[&Tensor]| linear(t[0], t[1], Some(t[2])).unwrap();
+    for which in 0..3 {
+        check_fd(&[&x, &w, &b], which, &wt, fast, f64_loss);
+    }
+    // The same bits for any thread count.
+    let run = || {
+        let loss = (linear(x.as_tensor(), w.as_tensor(), Some(b.as_tensor())).unwrap() * &wt).unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        [&x, &w, &b].map(|v| to_vec(g.get(v.as_tensor()).unwrap()))
+    };
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(run);
+    let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(run);
+    assert!(one == three, "the gradients differ between 1 and 3 threads");
+    // Shapes are checked.
+    assert!(linear(x.as_tensor(), &Tensor::zeros((40, 23), candle_core::DType::F32, &Device::Cpu).unwrap(), None).is_err());
+    assert!(linear(x.as_tensor(), w.as_tensor(), Some(&Tensor::zeros(39, candle_core::DType::F32, &Device::Cpu).unwrap())).is_err());
+}
+
+#[test]
+fn group_offsets_match_autograd() {
+    // 3 blocks, 2 heads, T = 5, d = 6.
+    let k = var(41, &[3, 2, 20, 6]);
+    let p = var(42, &[1, 2, 4, 1, 6]);
+    let w = weights(43, &[3, 2, 20, 6]);
+    let fast = |t: &[&Tensor]| add_group_pos(t[0], t[1]).unwrap();
+    let slow = |t: &[&Tensor]| add_group_pos_reference(t[0], t[1]).unwrap();
+    compare(&[&k, &p], &w, fast, slow, 1e-6);
+    let wv = to_vec(&w);
+    // sum(w * (k + p)): dp[h, g, c] is the sum of w over blocks and tokens of group g.
+    let f64_loss = |inp: &[Vec<f32>]| -> f64 {
+        let (kv, pv) = (&inp[0], &inp[1]);
+        let mut s = 0f64;
+        for (j, (&kk, &ww)) in kv.iter().zip(&wv).enumerate() {
+            let (c, tok, hh) = (j % 6, (j / 6) % 20, (j / 120) % 2);
+            s += (kk as f64 + pv[(hh * 4 + tok / 5) * 6 + c] as f64) * ww as f64;
+        }
+        s
+    };
+    check_fd(&[&k, &p], 1, &w, fast, f64_loss);
+    assert!(add_group_pos(k.as_tensor(), &Tensor::zeros((1, 2, 4, 1, 5), candle_core::DType::F32, &Device::Cpu).unwrap()).is_err());
+    assert!(add_group_pos(&Tensor::zeros((3, 2, 18, 6), candle_core::DType::F32, &Device::Cpu).unwrap(), p.as_tensor()).is_err());
+}

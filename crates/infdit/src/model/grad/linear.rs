@@ -1,0 +1,230 @@
+//! A dense layer `y = x W^T + b` as one op with a hand-written backward: `dx = g W`,
+//! `dW = g^T x`, `db` = the row sum of `g`.
+//!
+//! Through candle's autograd the same layer is five graph nodes (flatten, transpose of `W`,
+//! matmul, unflatten, bias), and candle's backward gives every node's input a zero-filled gradient
+//! buffer and adds into it, and takes `dW` through a transposed copy. Here the three products are
+//! gemm calls on the stored layouts (no copies), in fixed row blocks spread over the rayon pool:
+//! each output value is one gemm sum in a fixed order, so the result does not depend on the thread
+//! count.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{bias::row_sum, slice, tensor, with_f32};
+
+/// Rows of `x` per parallel task.
+const ROWS: usize = 128;
+/// Rows of `dW` per parallel task.
+const W_ROWS: usize = 32;
+
+/// `c (m x n, row stride ldc) = a b` (or `+=` with `acc`), `a` m x k and `b` k x n given by their
+/// element strides, single-threaded.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    v: &'a [f32],
+    /// Stride between rows.
+    rs: usize,
+    /// Stride between columns.
+    cs: usize,
+}
+
+impl Mat<'_> {
+    /// The largest index an `rows x cols` view reaches, plus one.
+    fn reach(&self, rows: usize, cols: usize) -> usize {
+        if rows == 0 || cols == 0 { 0 } else { (rows - 1) * self.rs + (cols - 1) * self.cs + 1 }
+    }
+}
+
+fn gemm(m: usize, n: usize, k: usize, a: Mat<'_>, b: Mat<'_>, c: &mut [f32], acc: bool) {
+    assert!(a.v.len() >= a.reach(m, k) && b.v.len() >= b.reach(k, n) && c.len() >= m * n, "linear: operand too short");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the assert bounds every index the strides reach: A's (i, p) is at i*a.rs + p*a.cs <
+    // a.reach(m, k) <= a.v.len(), B's (p, j) likewise, C's (i, j) at i*n + j < m*n <= c.len(); C is
+    // a unique borrow, disjoint from A and B.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            acc,
+            a.v.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.v.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// `x W^T (+ b)` for `x` (rows, k) and `W` (n, k), in blocks of rows.
+pub(crate) fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, n: usize) -> Vec<f32> {
+    let k = w.len() / n.max(1);
+    let mut y = vec![0f32; x.len() / k.max(1) * n];
+    if k == 0 {
+        return y;
+    }
+    y.par_chunks_mut(ROWS * n).zip(x.par_chunks(ROWS * k)).for_each(|(y, x)| {
+        let m = x.len() / k;
+        gemm(m, n, k, Mat { v: x, rs: k, cs: 1 }, Mat { v: w, rs: 1, cs: k }, y, false);
+        if let Some(b) = b {
+            for row in y.chunks_exact_mut(n) {
+                for (o, b) in row.iter_mut().zip(b) {
+                    *o += b;
+                }
+            }
+        }
+    });
+    y
+}
+
+/// `g W` for `g` (rows, n) and `W` (n, k): the input gradient (rows, k).
+pub(crate) fn grad_input(g: &[f32], w: &[f32], n: usize) -> Vec<f32> {
+    let k = w.len() / n.max(1);
+    let mut dx = vec![0f32; g.len() / n.max(1) * k];
+    if k == 0 {
+        return dx;
+    }
+    dx.par_chunks_mut(ROWS * k).zip(g.par_chunks(ROWS * n)).for_each(|(dx, g)| {
+        let m = g.len() / n;
+        gemm(m, k, n, Mat { v: g, rs: n, cs: 1 }, Mat { v: w, rs: k, cs: 1 }, dx, false);
+    });
+    dx
+}
+
+/// `g^T x` for `g` (rows, n) and `x` (rows, k): the weight gradient (n, k), in blocks of its rows
+/// (each value one sum over all rows).
+pub(crate) fn grad_weight(g: &[f32], x: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let rows = if n == 0 { 0 } else { g.len() / n };
+    let mut dw = vec![0f32; n * k];
+    if k == 0 {
+        return dw;
+    }
+    dw.par_chunks_mut(W_ROWS * k).enumerate().for_each(|(i, dw)| {
+        let m = dw.len() / k;
+        let a = Mat { v: &g[i * W_ROWS..], rs: 1, cs: n };
+        gemm(m, k, rows, a, Mat { v: x, rs: k, cs: 1 }, dw, false);
+    });
+    dw
+}
+
+/// Shapes of one call: `x` (..., k), `W` (n, k), optional `b` (n).
+fn check(lx: &Layout, lw: &Layout, lb: Option<&Layout>) -> Result<(usize, usize, Shape)> {
+    let (n, k) = lw.shape().dims2()?;
+    let xd = lx.shape().dims();
+    if xd.last() != Some(&k) {
+        candle_core::bail!("linear: input {xd:?} for a weight ({n}, {k})")
+    }
+    if let Some(lb) = lb {
+        if lb.shape().dims() != [n] {
+            candle_core::bail!("linear: bias {:?} for a weight ({n}, {k})", lb.shape().dims())
+        }
+    }
+    let mut out = xd.to_vec();
+    *out.last_mut().expect("checked above") = n;
+    Ok((n, k, Shape::from(out)))
+}
+
+/// The input and weight gradients of `x` (..., k), `W` (n, k) for the incoming `grad`.
+fn backward(x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let (n, k) = w.dims2()?;
+    let g = grad.detach().contiguous()?;
+    let (dx, dw) = with_f32(&g, |g| {
+        let dx = with_f32(w, |w| grad_input(g, w, n))?;
+        let dw = with_f32(x, |x| grad_weight(g, x, n, k))?;
+        Ok::<_, candle_core::Error>((dx, dw))
+    })??;
+    Ok((tensor(dx, x.dims())?, tensor(dw, &[n, k])?, g))
+}
+
+struct LinearBias;
+
+impl CustomOp3 for LinearBias {
+    fn name(&self) -> &'static str {
+        "train-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, _, shape) = check(lx, lw, Some(lb))?;
+        let (x, w, b) = (slice(sx, lx, "linear x")?, slice(sw, lw, "linear W")?, slice(sb, lb, "linear b")?);
+        Ok((CpuStorage::F32(forward(x, w, Some(b), n)), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, g) = backward(x, w, grad)?;
+        let db = with_f32(&g, |g| row_sum(g, b.elem_count()))?;
+        Ok((Some(dx), Some(dw), Some(tensor(db, b.dims())?)))
+    }
+}
+
+struct LinearNoBias;
+
+impl CustomOp2 for LinearNoBias {
+    fn name(&self) -> &'static str {
+        "train-linear-no-bias"
+    }
+
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sw: &CpuStorage, lw: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, _, shape) = check(lx, lw, None)?;
+        let (x, w) = (slice(sx, lx, "linear x")?, slice(sw, lw, "linear W")?);
+        Ok((CpuStorage::F32(forward(x, w, None, n)), shape))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = backward(x, w, grad)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `x W^T + b` for f32 CPU tensors `x` (..., k), `W` (n, k), `b` (n), with the backward above.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearBias),
+        None => x.apply_op2(&w, LinearNoBias),
+    }
+}
+
+/// [`linear`] from candle primitives (flatten, matmul with `W^T`, bias broadcast): the reference
+/// it is tested against.
+pub fn linear_reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&0);
+    let y = x.reshape((x.elem_count() / k.max(1), k))?.matmul(&w.t()?)?;
+    let mut out = dims;
+    if let Some(last) = out.last_mut() {
+        *last = w.dim(0)?;
+    }
+    let y = y.reshape(out)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
