@@ -107,7 +107,7 @@ pub(crate) fn grad_input(g: &[f32], w: &[f32], n: usize) -> Vec<f32> {
 /// `g^T x` for `g` (rows, n) and `x` (rows, k): the weight gradient (n, k), in blocks of its rows
 /// (each value one sum over all rows).
 pub(crate) fn grad_weight(g: &[f32], x: &[f32], n: usize, k: usize) -> Vec<f32> {
-    let rows = if n == 0 { 0 } else { g.len() / n };
+    let rows = g.len().checked_div(n).unwrap_or(0);
     let mut dw = vec![0f32; n * k];
     if k == 0 {
         return dw;
@@ -127,10 +127,10 @@ fn check(lx: &Layout, lw: &Layout, lb: Option<&Layout>) -> Result<(usize, usize,
     if xd.last() != Some(&k) {
         candle_core::bail!("linear: input {xd:?} for a weight ({n}, {k})")
     }
-    if let Some(lb) = lb {
-        if lb.shape().dims() != [n] {
-            candle_core::bail!("linear: bias {:?} for a weight ({n}, {k})", lb.shape().dims())
-        }
+    if let Some(lb) = lb
+        && lb.shape().dims() != [n]
+    {
+        candle_core::bail!("linear: bias {:?} for a weight ({n}, {k})", lb.shape().dims())
     }
     let mut out = xd.to_vec();
     *out.last_mut().expect("checked above") = n;
