@@ -22,7 +22,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::{Elem, Path, exp2_portable, par_filled, sum_f32, vec_f32, with_slice};
+use super::{Elem, exp2_portable, par_filled, sum_f32, vec_f32, with_slice};
 use half::{bf16, f16};
 use std::mem::MaybeUninit;
 
@@ -36,39 +36,6 @@ macro_rules! dispatch_dtype {
             DType::BF16 => $f::<bf16>($($arg),*),
             DType::F16 => $f::<f16>($($arg),*),
             dt => candle_core::bail!("fused kernel: unsupported dtype {dt:?}"),
-        }
-    };
-}
-
-/// Defines row function `$name(path, ...)` whose `$body` is compiled three times on x86-64: for
-/// AVX-512F, for AVX2 + FMA and for the baseline target (which is NEON on aarch64); `path`
-/// picks one (the compiler vectorises the loops for each).
-macro_rules! multiversion {
-    (fn $name:ident <$T:ident> ($($p:ident : $ty:ty),*) $body:block) => {
-        #[inline(always)]
-        #[allow(clippy::too_many_arguments)]
-        fn $name<$T: Elem>(path: Path, $($p: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                #[allow(clippy::too_many_arguments)]
-                fn wide<$T: Elem>($($p: $ty),*) $body
-                #[target_feature(enable = "avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                fn avx2<$T: Elem>($($p: $ty),*) $body
-                match path {
-                    // SAFETY: a path is only chosen where the CPU supports it
-                    // (`Path::supported`, checked by `kernels::path`).
-                    Path::Avx512 => return unsafe { wide::<$T>($($p),*) },
-                    // SAFETY: as above.
-                    Path::Avx2 => return unsafe { avx2::<$T>($($p),*) },
-                    _ => {}
-                }
-            }
-            let _ = path;
-            #[allow(clippy::too_many_arguments)]
-            fn narrow<$T: Elem>($($p: $ty),*) $body
-            narrow::<$T>($($p),*)
         }
     };
 }
@@ -374,17 +341,27 @@ fn gelu_run<T: Elem>(y: &Tensor, b: &[f32]) -> Result<Tensor> {
 }
 
 /// `sqrt(2 / pi)`.
-const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+pub(crate) const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+/// The cubic coefficient of the tanh GELU.
+pub(crate) const GELU_CUBIC: f32 = 0.044_715;
+
+/// `sigmoid(2u) = num / den` for the tanh GELU `v sigmoid(2u)` (`= 0.5 v (1 + tanh u)`),
+/// `u = sqrt(2 / pi) (v + 0.044715 v^3)`: with `e = exp(-|2u|) <= 1` (a degree-6 polynomial `exp2`,
+/// no call, so that row loops vectorise), `num` is 1 for `u >= 0` and `e` otherwise, `den = 1 + e`.
+#[inline(always)]
+pub(crate) fn gelu_sigmoid(v: f32) -> (f32, f32) {
+    let two_u = 2.0 * SQRT_2_OVER_PI * (v + GELU_CUBIC * v * v * v);
+    let e = exp2_portable(-two_u.abs() * std::f32::consts::LOG2_E);
+    let num = if two_u >= 0.0 { 1.0 } else { e };
+    (num, 1.0 + e)
+}
 
 multiversion! {
     fn gelu_row<T>(src: &[T], bias: &[f32], out: &mut [MaybeUninit<T>]) {
         for ((o, s), b) in out.iter_mut().zip(src).zip(bias) {
             let v = s.to_f32() + b;
-            let two_u = 2.0 * SQRT_2_OVER_PI * (v + 0.044715 * v * v * v);
-            // e = exp(-|2u|) <= 1; sigmoid(2u) = 1 / (1 + e) for u >= 0, e / (1 + e) otherwise.
-            let e = exp2_portable(-two_u.abs() * std::f32::consts::LOG2_E);
-            let num = if two_u >= 0.0 { 1.0 } else { e };
-            o.write(T::from_f32(v * num / (1.0 + e)));
+            let (num, den) = gelu_sigmoid(v);
+            o.write(T::from_f32(v * num / den));
         }
     }
 }

@@ -23,6 +23,68 @@ use std::cell::Cell;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
+/// Defines a row function `$name(path, ...)` whose `$body` is compiled three times on x86-64: for
+/// AVX-512F, for AVX2 + FMA and for the baseline target (which is NEON on aarch64); `path`
+/// picks one (the compiler vectorises the loops for each; no FMA contraction is allowed, so the
+/// three give the same bits). Generic over an element type `<T>` ([`Elem`]) or not.
+macro_rules! multiversion {
+    (fn $name:ident <$T:ident> ($($p:ident : $ty:ty),*) $body:block) => {
+        #[inline(always)]
+        #[allow(clippy::too_many_arguments)]
+        fn $name<$T: $crate::kernels::Elem>(path: $crate::kernels::Path, $($p: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                #[allow(clippy::too_many_arguments)]
+                fn wide<$T: $crate::kernels::Elem>($($p: $ty),*) $body
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx2<$T: $crate::kernels::Elem>($($p: $ty),*) $body
+                match path {
+                    // SAFETY: a path is only chosen where the CPU supports it
+                    // (`Path::supported`, checked by `kernels::path`).
+                    $crate::kernels::Path::Avx512 => return unsafe { wide::<$T>($($p),*) },
+                    // SAFETY: as above.
+                    $crate::kernels::Path::Avx2 => return unsafe { avx2::<$T>($($p),*) },
+                    _ => {}
+                }
+            }
+            let _ = path;
+            #[allow(clippy::too_many_arguments)]
+            fn narrow<$T: $crate::kernels::Elem>($($p: $ty),*) $body
+            narrow::<$T>($($p),*)
+        }
+    };
+    (fn $name:ident ($($p:ident : $ty:ty),*) $body:block) => {
+        #[inline(always)]
+        #[allow(clippy::too_many_arguments)]
+        fn $name(path: $crate::kernels::Path, $($p: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                #[allow(clippy::too_many_arguments)]
+                fn wide($($p: $ty),*) $body
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx2($($p: $ty),*) $body
+                match path {
+                    // SAFETY: a path is only chosen where the CPU supports it
+                    // (`Path::supported`, checked by `kernels::path`).
+                    $crate::kernels::Path::Avx512 => return unsafe { wide($($p),*) },
+                    // SAFETY: as above.
+                    $crate::kernels::Path::Avx2 => return unsafe { avx2($($p),*) },
+                    _ => {}
+                }
+            }
+            let _ = path;
+            #[allow(clippy::too_many_arguments)]
+            fn narrow($($p: $ty),*) $body
+            narrow($($p),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
 pub mod attention;
 pub mod bf16_gemm;
 pub mod fused;

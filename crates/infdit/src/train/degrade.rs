@@ -27,25 +27,39 @@ fn reflect(i: isize, n: usize) -> usize {
 /// `out(y, x) = Σ k(i, j) img(y + i - r, x + j - r)`). All Real-ESRGAN kernels are
 /// point-symmetric, so this equals convolution for them.
 pub fn filter2d(img: &Image, k: &Kernel) -> Image {
-    let r = (k.size / 2) as isize;
+    let (size, r) = (k.size, (k.size / 2) as isize);
     let (h, w) = (img.h, img.w);
-    let rows: Vec<Vec<usize>> = (0..h as isize).map(|y| (-r..=r).map(|d| reflect(y + d, h)).collect()).collect();
-    let cols: Vec<Vec<usize>> = (0..w as isize).map(|x| (-r..=r).map(|d| reflect(x + d, w)).collect()).collect();
+    // The plane padded by reflection, in f64, so that the taps run along contiguous rows; each
+    // output value is still the sum of k(i, j) img(...) in (i, j) order, in f64: the same bits as
+    // the per-pixel loop this replaced (about 10x slower).
+    let (ph, pw) = (h + 2 * r as usize, w + 2 * r as usize);
+    let rows: Vec<usize> = (0..ph as isize).map(|y| reflect(y - r, h)).collect();
+    let cols: Vec<usize> = (0..pw as isize).map(|x| reflect(x - r, w)).collect();
+    let kd: Vec<f64> = k.data.iter().map(|&v| v as f64).collect();
+    let mut padded = vec![0f64; ph * pw];
+    let mut acc = vec![0f64; w];
     let mut out = vec![0f32; img.data.len()];
     for ch in 0..img.c {
         let plane = &img.data[ch * h * w..(ch + 1) * h * w];
+        for (prow, &sy) in padded.chunks_exact_mut(pw).zip(&rows) {
+            let src = &plane[sy * w..(sy + 1) * w];
+            for (p, &sx) in prow.iter_mut().zip(&cols) {
+                *p = src[sx] as f64;
+            }
+        }
         let dst = &mut out[ch * h * w..(ch + 1) * h * w];
-        for y in 0..h {
-            for x in 0..w {
-                let mut acc = 0f64;
-                for (i, &sy) in rows[y].iter().enumerate() {
-                    let krow = &k.data[i * k.size..(i + 1) * k.size];
-                    let src = &plane[sy * w..(sy + 1) * w];
-                    for (kv, &sx) in krow.iter().zip(&cols[x]) {
-                        acc += *kv as f64 * src[sx] as f64;
+        for (y, drow) in dst.chunks_exact_mut(w).enumerate() {
+            acc.fill(0.0);
+            for i in 0..size {
+                let prow = &padded[(y + i) * pw..(y + i + 1) * pw];
+                for (j, &kv) in kd[i * size..(i + 1) * size].iter().enumerate() {
+                    for (a, &p) in acc.iter_mut().zip(&prow[j..j + w]) {
+                        *a += kv * p;
                     }
                 }
-                dst[y * w + x] = acc as f32;
+            }
+            for (d, &a) in drow.iter_mut().zip(&acc) {
+                *d = a as f32;
             }
         }
     }
@@ -359,6 +373,42 @@ mod tests {
         let got: Vec<usize> = (-4..9).map(|i| reflect(i, 4)).collect();
         assert_eq!(got, vec![2, 3, 2, 1, 0, 1, 2, 3, 2, 1, 0, 1, 2]);
         assert_eq!(reflect(-7, 1), 0);
+    }
+
+    /// The per-pixel definition of [`filter2d`].
+    fn filter2d_per_pixel(img: &Image, k: &Kernel) -> Image {
+        let r = (k.size / 2) as isize;
+        let (h, w) = (img.h, img.w);
+        let mut out = vec![0f32; img.data.len()];
+        for ch in 0..img.c {
+            for y in 0..h {
+                for x in 0..w {
+                    let mut acc = 0f64;
+                    for i in 0..k.size {
+                        for j in 0..k.size {
+                            let (sy, sx) =
+                                (reflect(y as isize + i as isize - r, h), reflect(x as isize + j as isize - r, w));
+                            acc += k.data[i * k.size + j] as f64 * img.data[(ch * h + sy) * w + sx] as f64;
+                        }
+                    }
+                    out[(ch * h + y) * w + x] = acc as f32;
+                }
+            }
+        }
+        Image { c: img.c, h, w, data: out }
+    }
+
+    #[test]
+    fn filter2d_is_the_per_pixel_sum() {
+        let img = gradient(3, 23, 17);
+        for (size, sx, sy) in [(7, 1.2, 0.7), (21, 3.0, 2.0), (3, 0.5, 0.5)] {
+            let k = bivariate_kernel(size, sx, sy, 0.4, Profile::Generalized(1.5));
+            assert_eq!(filter2d(&img, &k).data, filter2d_per_pixel(&img, &k).data, "size {size}");
+        }
+        // Kernel wider than the image (reflected more than once).
+        let k = bivariate_kernel(21, 3.0, 3.0, 0.0, Profile::Gaussian);
+        let tiny = gradient(1, 3, 4);
+        assert_eq!(filter2d(&tiny, &k).data, filter2d_per_pixel(&tiny, &k).data);
     }
 
     #[test]

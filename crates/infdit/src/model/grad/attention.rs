@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{slice, tensor, with_f32};
-use crate::kernels::{matmul, sum_f32};
+use crate::kernels::{Path, matmul, sum_f32};
 
 thread_local! {
     /// Per-worker score buffers (kept between calls: fresh 1 MB buffers per item cost page faults).
@@ -91,21 +91,40 @@ fn max_f32(x: &[f32]) -> f32 {
     chunks.remainder().iter().chain(&acc).fold(f32::NEG_INFINITY, |m, y| if *y > m { *y } else { m })
 }
 
-/// Scores of one item, then the row softmax in place: `p` (tq x tk).
-fn probabilities(q: &[f32], k: &[f32], dm: &Dims, scale: f32, p: &mut [f32]) {
-    matmul(dm.tq, dm.tk, dm.d, q, false, k, true, p, false);
-    for row in p.chunks_exact_mut(dm.tk) {
-        let mx = max_f32(row);
-        for s in row.iter_mut() {
-            *s = exp_nonpos((*s - mx) * scale);
-        }
-        // 16 partial sums (vectorised; a serial sum was a scalar loop of dependent adds).
-        let sum = sum_f32(row);
-        let inv = 1.0 / sum;
-        for s in row.iter_mut() {
-            *s *= inv;
+crate::kernels::multiversion! {
+    fn softmax_rows(p: &mut [f32], tk: usize, scale: f32) {
+        for row in p.chunks_exact_mut(tk) {
+            let mx = max_f32(row);
+            for s in row.iter_mut() {
+                *s = exp_nonpos((*s - mx) * scale);
+            }
+            // 16 partial sums (vectorised; a serial sum was a scalar loop of dependent adds).
+            let sum = sum_f32(row);
+            let inv = 1.0 / sum;
+            for s in row.iter_mut() {
+                *s *= inv;
+            }
         }
     }
+}
+
+crate::kernels::multiversion! {
+    fn score_grad_rows(p: &[f32], dp: &mut [f32], g: &[f32], o: &[f32], tk: usize, d: usize, scale: f32) {
+        // dS = P (dP - D) s, D_r = sum_c dO_rc O_rc (a serial sum).
+        for ((pr, dpr), (gr, or)) in p.chunks_exact(tk).zip(dp.chunks_exact_mut(tk)).zip(g.chunks_exact(d).zip(o.chunks_exact(d))) {
+            let dr: f32 = gr.iter().zip(or).map(|(a, b)| a * b).sum();
+            for (x, &pp) in dpr.iter_mut().zip(pr) {
+                *x = pp * (*x - dr) * scale;
+            }
+        }
+    }
+}
+
+/// Scores of one item, then the row softmax in place: `p` (tq x tk). The row loops run on the
+/// kernels' instruction set `path` ([`crate::kernels::multiversion`]; the same bits on each).
+fn probabilities(path: Path, q: &[f32], k: &[f32], dm: &Dims, scale: f32, p: &mut [f32]) {
+    matmul(dm.tq, dm.tk, dm.d, q, false, k, true, p, false);
+    softmax_rows(path, p, dm.tk, scale);
 }
 
 impl CustomOp3 for Attention {
@@ -125,10 +144,11 @@ impl CustomOp3 for Attention {
         let dm = dims(lq.dims(), lk.dims(), lv.dims())?;
         let (q, k, v) = (slice(sq, lq, "attention q")?, slice(sk, lk, "attention k")?, slice(sv, lv, "attention v")?);
         let (qs, ks) = (dm.tq * dm.d, dm.tk * dm.d);
+        let path = crate::kernels::path();
         let mut out = vec![0f32; dm.items * qs];
         out.par_chunks_mut(qs).enumerate().for_each(|(i, o)| {
             with_scratch(dm.tq * dm.tk, |p, _| {
-                probabilities(&q[i * qs..][..qs], &k[i * ks..][..ks], &dm, self.scale, p);
+                probabilities(path, &q[i * qs..][..qs], &k[i * ks..][..ks], &dm, self.scale, p);
                 matmul(dm.tq, dm.d, dm.tk, p, false, &v[i * ks..][..ks], false, o, false);
             })
         });
@@ -148,7 +168,7 @@ impl CustomOp3 for Attention {
         let mut dq = vec![0f32; dm.items * qs];
         let mut dk = vec![0f32; dm.items * ks];
         let mut dv = vec![0f32; dm.items * ks];
-        let scale = self.scale;
+        let (scale, path) = (self.scale, crate::kernels::path());
         with_f32(&q.detach(), |q| {
             with_f32(&k.detach(), |k| {
                 with_f32(&v.detach(), |v| {
@@ -162,18 +182,12 @@ impl CustomOp3 for Attention {
                                     let (qi, ki, vi) = (&q[i * qs..][..qs], &k[i * ks..][..ks], &v[i * ks..][..ks]);
                                     let (oi, gi) = (&o[i * qs..][..qs], &g[i * qs..][..qs]);
                                     with_scratch(dm.tq * dm.tk, |p, dp| {
-                                        probabilities(qi, ki, &dm, scale, p);
+                                        probabilities(path, qi, ki, &dm, scale, p);
                                         // dV = P^T dO
                                         matmul(dm.tk, dm.d, dm.tq, p, true, gi, false, dvi, false);
                                         // dP = dO V^T
                                         matmul(dm.tq, dm.tk, dm.d, gi, false, vi, true, dp, false);
-                                        for r in 0..dm.tq {
-                                            let dr: f32 = (0..dm.d).map(|c| gi[r * dm.d + c] * oi[r * dm.d + c]).sum();
-                                            let (pr, dpr) = (&p[r * dm.tk..][..dm.tk], &mut dp[r * dm.tk..][..dm.tk]);
-                                            for (x, &pp) in dpr.iter_mut().zip(pr) {
-                                                *x = pp * (*x - dr) * scale;
-                                            }
-                                        }
+                                        score_grad_rows(path, p, dp, gi, oi, dm.tk, dm.d, scale);
                                         // dQ = dS K, dK = dS^T Q
                                         matmul(dm.tq, dm.d, dm.tk, dp, false, ki, false, dqi, false);
                                         matmul(dm.tk, dm.d, dm.tq, dp, true, qi, false, dki, false);

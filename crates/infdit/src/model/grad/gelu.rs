@@ -1,21 +1,34 @@
 //! The tanh GELU with a hand-written backward:
-//! `y = x/2 (1 + tanh u)`, `u = sqrt(2/pi) (x + 0.044715 x^3)`,
-//! `dy/dx = (1 + tanh u)/2 + x/2 (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2)`.
+//! `y = x/2 (1 + tanh u) = x s`, `s = sigmoid(2u)`, `u = sqrt(2/pi) (x + 0.044715 x^3)`,
+//! `dy/dx = s + 2 x s (1 - s) sqrt(2/pi) (1 + 3 * 0.044715 x^2)`. `s` as the inference kernel
+//! computes it ([`crate::kernels::fused::gelu_sigmoid`], the same formula as the inference
+//! kernel's); the row loops are compiled for each instruction set ([`crate::kernels::multiversion`]).
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{slice, tensor, with_f32};
+use crate::kernels::fused::{GELU_CUBIC, SQRT_2_OVER_PI, gelu_sigmoid};
 
-const K: f32 = 0.797_884_6; // sqrt(2/pi)
-const A: f32 = 0.044_715;
 const CHUNK: usize = 1 << 14;
 
-/// `tanh u` as `1 - 2 / (1 + e^{2u})`: one `exp` instead of libm's `tanhf` (which goes through
-/// `expm1f`); exact at both saturations, absolute error about 1e-7.
-#[inline]
-fn tanh(u: f32) -> f32 {
-    1.0 - 2.0 / (1.0 + (2.0 * u).exp())
+crate::kernels::multiversion! {
+    fn forward_rows(x: &[f32], out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            let (num, den) = gelu_sigmoid(v);
+            *o = v * num / den;
+        }
+    }
+}
+
+crate::kernels::multiversion! {
+    fn backward_rows(x: &[f32], g: &[f32], dx: &mut [f32]) {
+        for ((d, &v), &g) in dx.iter_mut().zip(x).zip(g) {
+            let (num, den) = gelu_sigmoid(v);
+            let s = num / den;
+            *d = g * (s + 2.0 * v * s * (1.0 - s) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * v * v));
+        }
+    }
 }
 
 struct Gelu;
@@ -27,25 +40,21 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l, "gelu")?;
+        let path = crate::kernels::path();
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| {
-            for (o, &v) in o.iter_mut().zip(x) {
-                *o = 0.5 * v * (1.0 + tanh(K * v * (1.0 + A * v * v)));
-            }
-        });
+        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| forward_rows(path, x, o));
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let path = crate::kernels::path();
         let mut dx = vec![0f32; x.elem_count()];
         with_f32(&x.detach(), |x| {
             with_f32(&grad.detach(), |g| {
-                dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).zip(g.par_chunks(CHUNK)).for_each(|((d, x), g)| {
-                    for ((d, &v), &g) in d.iter_mut().zip(x).zip(g) {
-                        let t = tanh(K * v * (1.0 + A * v * v));
-                        *d = g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * K * (1.0 + 3.0 * A * v * v));
-                    }
-                })
+                dx.par_chunks_mut(CHUNK)
+                    .zip(x.par_chunks(CHUNK))
+                    .zip(g.par_chunks(CHUNK))
+                    .for_each(|((d, x), g)| backward_rows(path, x, g, d))
             })
         })??;
         Ok(Some(tensor(dx, x.dims())?))

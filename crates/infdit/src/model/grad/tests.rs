@@ -316,7 +316,8 @@ fn linear_matches_autograd() {
     }
     // The same bits for any thread count.
     let run = || {
-        let loss = (linear(x.as_tensor(), w.as_tensor(), Some(b.as_tensor())).unwrap() * &wt).unwrap().sum_all().unwrap();
+        let loss =
+            (linear(x.as_tensor(), w.as_tensor(), Some(b.as_tensor())).unwrap() * &wt).unwrap().sum_all().unwrap();
         let g = loss.backward().unwrap();
         [&x, &w, &b].map(|v| to_vec(g.get(v.as_tensor()).unwrap()))
     };
@@ -324,8 +325,13 @@ fn linear_matches_autograd() {
     let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(run);
     assert!(one == three, "the gradients differ between 1 and 3 threads");
     // Shapes are checked.
-    assert!(linear(x.as_tensor(), &Tensor::zeros((40, 23), candle_core::DType::F32, &Device::Cpu).unwrap(), None).is_err());
-    assert!(linear(x.as_tensor(), w.as_tensor(), Some(&Tensor::zeros(39, candle_core::DType::F32, &Device::Cpu).unwrap())).is_err());
+    assert!(
+        linear(x.as_tensor(), &Tensor::zeros((40, 23), candle_core::DType::F32, &Device::Cpu).unwrap(), None).is_err()
+    );
+    assert!(
+        linear(x.as_tensor(), w.as_tensor(), Some(&Tensor::zeros(39, candle_core::DType::F32, &Device::Cpu).unwrap()))
+            .is_err()
+    );
 }
 
 #[test]
@@ -349,6 +355,42 @@ fn group_offsets_match_autograd() {
         s
     };
     check_fd(&[&k, &p], 1, &w, fast, f64_loss);
-    assert!(add_group_pos(k.as_tensor(), &Tensor::zeros((1, 2, 4, 1, 5), candle_core::DType::F32, &Device::Cpu).unwrap()).is_err());
-    assert!(add_group_pos(&Tensor::zeros((3, 2, 18, 6), candle_core::DType::F32, &Device::Cpu).unwrap(), p.as_tensor()).is_err());
+    assert!(
+        add_group_pos(k.as_tensor(), &Tensor::zeros((1, 2, 4, 1, 5), candle_core::DType::F32, &Device::Cpu).unwrap())
+            .is_err()
+    );
+    assert!(
+        add_group_pos(&Tensor::zeros((3, 2, 18, 6), candle_core::DType::F32, &Device::Cpu).unwrap(), p.as_tensor())
+            .is_err()
+    );
+}
+
+/// The row loops compiled per instruction set (softmax, score gradient, GELU) give the same bits
+/// on every path this CPU runs (no FMA contraction, the same summation order).
+#[test]
+fn row_kernels_give_the_same_bits_on_every_path() {
+    let q = var(51, &[1, 2, 9, 8]);
+    let k = var(52, &[1, 2, 20, 8]);
+    let v = var(53, &[1, 2, 20, 8]);
+    let x = Var::from_tensor(&(weights(54, &[3, 700]) * 4.0).unwrap()).unwrap();
+    let (wa, wg) = (weights(55, &[1, 2, 9, 8]), weights(56, &[3, 700]));
+    let run = || {
+        let a = attention(q.as_tensor(), k.as_tensor(), v.as_tensor()).unwrap();
+        let y = gelu(x.as_tensor()).unwrap();
+        let loss = ((&a * &wa).unwrap().sum_all().unwrap() + (&y * &wg).unwrap().sum_all().unwrap()).unwrap();
+        let g = loss.backward().unwrap();
+        let mut out = vec![to_vec(&a), to_vec(&y)];
+        out.extend([&q, &k, &v, &x].map(|t| to_vec(g.get(t.as_tensor()).unwrap())));
+        out
+    };
+    let paths = crate::kernels::supported_paths();
+    let first = crate::kernels::with_path(paths[0], run).unwrap();
+    for &p in &paths[1..] {
+        assert!(
+            crate::kernels::with_path(p, run).unwrap() == first,
+            "path {} differs from {}",
+            p.name(),
+            paths[0].name()
+        );
+    }
 }
