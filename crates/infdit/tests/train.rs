@@ -315,3 +315,28 @@ fn residual_loss_uses_the_config_preconditioning() {
     assert!((weight - formula).abs() < 1e-6 * formula, "{weight} vs {formula}");
     assert!((loss - weight * mse).abs() <= 1e-4 * loss, "{loss} vs {}", weight * mse);
 }
+
+/// Coring is an inference setting: a model whose config asks for it trains exactly as one whose
+/// config does not (the faint residuals it drops would otherwise get no gradient), and keeps it in
+/// the config it saves.
+#[test]
+fn training_leaves_coring_out() {
+    let mut plain = tiny();
+    plain.dit.precond = Precond { sigma_data: 0.05, residual: true, coring: None };
+    let mut cored = plain.clone();
+    cored.dit.precond.coring = Some([0.05, 0.1]);
+    let init = training_init(&plain, 3).unwrap();
+    let tc = TrainConfig { batch: 2, lr: 1e-3, seed: 8, ..Default::default() };
+    let dir = std::env::temp_dir().join(format!("infdit-train-coring-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |cfg: &ModelConfig, name: &str| {
+        let mut t = Trainer::new(cfg, &init, tc.clone()).unwrap();
+        let stats = t.train_step(&dataset(), &sample_cfg()).unwrap();
+        assert_eq!(t.model_cfg.dit.precond.coring, cfg.dit.precond.coring);
+        (stats.loss, params(&t, &dir, name))
+    };
+    let (a, b) = (run(&plain, "plain.safetensors"), run(&cored, "cored.safetensors"));
+    assert_eq!(a.0, b.0);
+    assert!(a.1 == b.1, "a cored config trained differently");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -133,7 +133,8 @@ pub fn edm_weight(sigma: f64) -> f64 {
     crate::diffusion::Precond::default().loss_weight(sigma)
 }
 
-/// The weighted EDM loss of one example (a scalar tensor in the autograd graph).
+/// The weighted EDM loss of one example (a scalar tensor in the autograd graph), through `model`
+/// as it is ([`Trainer`] passes its network without the config's coring).
 /// `clip` is the (1, vector_dim) conditioning vector, `eps` the unit noise at the HR size.
 pub fn edm_loss(
     model: &Model,
@@ -281,6 +282,15 @@ impl Trainer {
         Model::from_checkpoint(&self.model_cfg, self.checkpoint(ema), DType::F32, &self.device)
     }
 
+    /// The network as training runs it: the current weights, without the config's coring (an
+    /// inference setting, [`crate::config::Precond::coring`]: trained through it, the network would get
+    /// no gradient wherever its residual is faint). Saved configs keep it.
+    fn training_model(&self) -> Result<Model> {
+        let mut cfg = self.model_cfg.clone();
+        cfg.dit.precond.coring = None;
+        Model::from_checkpoint(&cfg, self.checkpoint(false), DType::F32, &self.device)
+    }
+
     /// Where the weights live and the network runs.
     pub fn device(&self) -> &Device {
         &self.device
@@ -290,7 +300,7 @@ impl Trainer {
     pub fn train_step(&mut self, data: &Dataset, sample_cfg: &SampleConfig) -> Result<StepStats> {
         sample_cfg.validate(self.model_cfg.dit.block_px)?;
         let step = self.step;
-        let model = self.model(false)?;
+        let model = self.training_model()?;
         let dc = &self.model_cfg.dit;
         // One random RoPE start per batch, as the reference: within the table minus the crop.
         let crop_tokens = sample_cfg.crop / dc.patch;
