@@ -382,6 +382,32 @@ pub(crate) fn sum_f32(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
+/// `sum_i f(x_i)` with the 16 partial sums of [`sum_f32`] (vectorisable when `f` is).
+#[inline(always)]
+pub(crate) fn sum_map_f32(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, &y) in acc.iter_mut().zip(c) {
+            *a += f(y);
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().map(|&y| f(y)).sum::<f32>()
+}
+
+/// The dot product of `a` and `b` (equal lengths) with 16 partial sums, as [`sum_f32`].
+#[inline(always)]
+pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (mut ca, mut cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    acc.iter().sum::<f32>() + ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum::<f32>()
+}
+
 /// Deterministic random tensors for the kernels' unit tests.
 #[cfg(test)]
 pub(crate) mod test_rand {

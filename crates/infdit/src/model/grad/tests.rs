@@ -365,7 +365,7 @@ fn group_offsets_match_autograd() {
     );
 }
 
-/// The row loops compiled per instruction set (softmax, score gradient, GELU) give the same bits
+/// The row loops compiled per instruction set (softmax, score gradient, GELU, LayerNorm) give the same bits
 /// on every path this CPU runs (no FMA contraction, the same summation order).
 #[test]
 fn row_kernels_give_the_same_bits_on_every_path() {
@@ -374,13 +374,17 @@ fn row_kernels_give_the_same_bits_on_every_path() {
     let v = var(53, &[1, 2, 20, 8]);
     let x = Var::from_tensor(&(weights(54, &[3, 700]) * 4.0).unwrap()).unwrap();
     let (wa, wg) = (weights(55, &[1, 2, 9, 8]), weights(56, &[3, 700]));
+    // LayerNorm rows of 70: four 16-lane chunks and a remainder.
+    let (ln_x, ln_g, ln_b, wl) = (var(57, &[30, 70]), var(58, &[70]), var(59, &[70]), weights(60, &[30, 70]));
     let run = || {
         let a = attention(q.as_tensor(), k.as_tensor(), v.as_tensor()).unwrap();
         let y = gelu(x.as_tensor()).unwrap();
-        let loss = ((&a * &wa).unwrap().sum_all().unwrap() + (&y * &wg).unwrap().sum_all().unwrap()).unwrap();
+        let l = ln_affine(ln_x.as_tensor(), ln_g.as_tensor(), ln_b.as_tensor(), 1e-5).unwrap();
+        let parts = [(&a * &wa).unwrap(), (&y * &wg).unwrap(), (&l * &wl).unwrap()];
+        let loss = parts.iter().map(|p| p.sum_all().unwrap()).reduce(|s, p| (s + p).unwrap()).unwrap();
         let g = loss.backward().unwrap();
-        let mut out = vec![to_vec(&a), to_vec(&y)];
-        out.extend([&q, &k, &v, &x].map(|t| to_vec(g.get(t.as_tensor()).unwrap())));
+        let mut out = vec![to_vec(&a), to_vec(&y), to_vec(&l)];
+        out.extend([&q, &k, &v, &x, &ln_x, &ln_g, &ln_b].map(|t| to_vec(g.get(t.as_tensor()).unwrap())));
         out
     };
     let paths = crate::kernels::supported_paths();
