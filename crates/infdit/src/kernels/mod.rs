@@ -28,10 +28,10 @@ use std::sync::OnceLock;
 /// picks one (the compiler vectorises the loops for each; no FMA contraction is allowed, so the
 /// three give the same bits). Generic over an element type `<T>` ([`Elem`]) or not.
 macro_rules! multiversion {
-    (fn $name:ident <$T:ident> ($($p:ident : $ty:ty),*) $body:block) => {
+    ($vis:vis fn $name:ident <$T:ident> ($($p:ident : $ty:ty),*) $body:block) => {
         #[inline(always)]
         #[allow(clippy::too_many_arguments)]
-        fn $name<$T: $crate::kernels::Elem>(path: $crate::kernels::Path, $($p: $ty),*) {
+        $vis fn $name<$T: $crate::kernels::Elem>(path: $crate::kernels::Path, $($p: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
@@ -55,10 +55,10 @@ macro_rules! multiversion {
             narrow::<$T>($($p),*)
         }
     };
-    (fn $name:ident ($($p:ident : $ty:ty),*) $body:block) => {
+    ($vis:vis fn $name:ident ($($p:ident : $ty:ty),*) $body:block) => {
         #[inline(always)]
         #[allow(clippy::too_many_arguments)]
-        fn $name(path: $crate::kernels::Path, $($p: $ty),*) {
+        $vis fn $name(path: $crate::kernels::Path, $($p: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]

@@ -267,6 +267,20 @@ impl Layer {
             }
             None => norm_modulate(&x, &m.shift_m, &m.scale_m, self.eps)?,
         };
+        if let Some(y) = self.mlp_training(&mlp_in)? {
+            return x + y;
+        }
         Self::residual(&x, &self.down, &self.mlp_hidden(&mlp_in)?)
+    }
+
+    /// Training (f32 on the CPU, in an autograd graph): `down(gelu(up(z)))` with the GELU fused
+    /// into the down projection ([`crate::model::grad::gelu_linear`]); `None` elsewhere.
+    fn mlp_training(&self, z: &Tensor) -> Result<Option<Tensor>> {
+        let (w, Some(b)) = (self.down.weight(), self.down.bias()) else { return Ok(None) };
+        let tracked = z.track_op() || w.track_op() || b.track_op();
+        if !tracked || !crate::model::grad::applies(&[z, w, b, self.up.weight()]) {
+            return Ok(None);
+        }
+        Ok(Some(crate::model::grad::gelu_linear(&self.up.forward(z)?, w, b)?))
     }
 }

@@ -13,7 +13,7 @@ use crate::kernels::fused::{GELU_CUBIC, SQRT_2_OVER_PI, gelu_sigmoid};
 const CHUNK: usize = 1 << 14;
 
 crate::kernels::multiversion! {
-    fn forward_rows(x: &[f32], out: &mut [f32]) {
+    pub(crate) fn forward_rows(x: &[f32], out: &mut [f32]) {
         for (o, &v) in out.iter_mut().zip(x) {
             let (num, den) = gelu_sigmoid(v);
             *o = v * num / den;
@@ -22,7 +22,7 @@ crate::kernels::multiversion! {
 }
 
 crate::kernels::multiversion! {
-    fn backward_rows(x: &[f32], g: &[f32], dx: &mut [f32]) {
+    pub(crate) fn backward_rows(x: &[f32], g: &[f32], dx: &mut [f32]) {
         for ((d, &v), &g) in dx.iter_mut().zip(x).zip(g) {
             let (num, den) = gelu_sigmoid(v);
             let s = num / den;

@@ -184,6 +184,68 @@ impl CustomOp3 for LinearBias {
     }
 }
 
+/// `gelu(u) W^T + b`: a dense layer whose input is the tanh GELU of `u`, the GELU recomputed in
+/// the backward instead of kept (`du = (g W) gelu'(u)`, `dW = g^T gelu(u)`).
+struct GeluLinearBias;
+
+impl CustomOp3 for GeluLinearBias {
+    fn name(&self) -> &'static str {
+        "train-gelu-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        su: &CpuStorage,
+        lu: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, _, shape) = check(lu, lw, Some(lb))?;
+        let (u, w, b) =
+            (slice(su, lu, "gelu_linear u")?, slice(sw, lw, "gelu_linear W")?, slice(sb, lb, "gelu_linear b")?);
+        Ok((CpuStorage::F32(forward(&gelu_of(u), w, Some(b), n)), shape))
+    }
+
+    fn bwd(
+        &self,
+        u: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = w.dims2()?;
+        let path = crate::kernels::path();
+        let g = grad.detach().contiguous()?;
+        let (du, dw, db) = with_f32(&g, |g| {
+            with_f32(&u.detach(), |u| {
+                let da = with_f32(w, |w| grad_input(g, w, n))?;
+                let mut du = vec![0f32; u.len()];
+                du.par_chunks_mut(GELU_CHUNK)
+                    .zip(u.par_chunks(GELU_CHUNK))
+                    .zip(da.par_chunks(GELU_CHUNK))
+                    .for_each(|((d, u), da)| super::gelu::backward_rows(path, u, da, d));
+                let dw = grad_weight(g, &gelu_of(u), n, k);
+                Ok::<_, candle_core::Error>((du, dw, row_sum(g, n)))
+            })
+        })???;
+        Ok((Some(tensor(du, u.dims())?), Some(tensor(dw, &[n, k])?), Some(tensor(db, b.dims())?)))
+    }
+}
+
+/// Values per parallel task of the GELU passes.
+const GELU_CHUNK: usize = 1 << 14;
+
+/// The tanh GELU of `u` ([`super::gelu`]'s rows).
+fn gelu_of(u: &[f32]) -> Vec<f32> {
+    let path = crate::kernels::path();
+    let mut a = vec![0f32; u.len()];
+    a.par_chunks_mut(GELU_CHUNK).zip(u.par_chunks(GELU_CHUNK)).for_each(|(a, u)| super::gelu::forward_rows(path, u, a));
+    a
+}
+
 struct LinearNoBias;
 
 impl CustomOp2 for LinearNoBias {
@@ -210,6 +272,13 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearBias),
         None => x.apply_op2(&w, LinearNoBias),
     }
+}
+
+/// `gelu(u) W^T + b` (the tanh GELU, [`super::gelu`]) for f32 CPU tensors `u` (..., k), `W` (n, k),
+/// `b` (n) as one op: the MLP's activation and down projection, without the activation as a graph
+/// node (its gradient buffer and the stored activation).
+pub fn gelu_linear(u: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    u.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, GeluLinearBias)
 }
 
 /// [`linear`] from candle primitives (flatten, matmul with `W^T`, bias broadcast): the reference

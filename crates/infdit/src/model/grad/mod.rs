@@ -68,7 +68,7 @@ pub use bias::add_bias;
 pub use gather::{gather, gather_reference};
 pub use gelu::gelu;
 pub use group_pos::{add_group_pos, add_group_pos_reference};
-pub use linear::{linear, linear_reference};
+pub use linear::{gelu_linear, linear, linear_reference};
 pub use norm::{ln_affine, ln_affine_reference};
 pub use rope::{heads_rope, heads_rope_reference};
 

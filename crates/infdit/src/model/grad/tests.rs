@@ -398,3 +398,26 @@ fn row_kernels_give_the_same_bits_on_every_path() {
         );
     }
 }
+
+#[test]
+fn gelu_linear_matches_autograd() {
+    // 300 rows of 40 activations (a partial GELU chunk), 24 outputs.
+    let u = Var::from_tensor(&(weights(61, &[3, 100, 40]) * 3.0).unwrap()).unwrap();
+    let w = var(62, &[24, 40]);
+    let b = var(63, &[24]);
+    let wt = weights(64, &[3, 100, 24]);
+    let fast = |t: &[&Tensor]| gelu_linear(t[0], t[1], t[2]).unwrap();
+    let slow = |t: &[&Tensor]| linear_reference(&t[0].gelu().unwrap(), t[1], Some(t[2])).unwrap();
+    compare(&[&u, &w, &b], &wt, fast, slow, 2e-5);
+    // The same as the two fused ops one after the other.
+    let two = |t: &[&Tensor]| linear(&gelu(t[0]).unwrap(), t[1], Some(t[2])).unwrap();
+    compare(&[&u, &w, &b], &wt, fast, two, 1e-6);
+    assert!(
+        gelu_linear(
+            u.as_tensor(),
+            &Tensor::zeros((24, 39), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            b.as_tensor()
+        )
+        .is_err()
+    );
+}
