@@ -14,9 +14,9 @@ use rayon::prelude::*;
 use super::{bias::row_sum, slice, tensor, with_f32};
 
 /// Rows of `x` per parallel task.
-const ROWS: usize = 128;
+const ROWS: usize = 512;
 /// Rows of `dW` per parallel task.
-const W_ROWS: usize = 32;
+const W_ROWS: usize = 256;
 
 /// `c (m x n, row stride ldc) = a b` (or `+=` with `acc`), `a` m x k and `b` k x n given by their
 /// element strides, single-threaded.
