@@ -283,17 +283,20 @@ fn add_bias_matches_autograd() {
 
 #[test]
 fn linear_matches_autograd() {
-    // 300 rows: two full row blocks and a partial one; 40 outputs: a partial block of dW rows.
+    // 1100 rows: two full row blocks of 512 and a partial one; 300 outputs: a full and a partial
+    // block of dW rows.
+    let (xl, wl, bl, wtl) = (var(35, &[2, 550, 24]), var(36, &[300, 24]), var(37, &[300]), weights(38, &[2, 550, 300]));
+    let fast = |t: &[&Tensor]| linear(t[0], t[1], Some(t[2])).unwrap();
+    let slow = |t: &[&Tensor]| linear_reference(t[0], t[1], Some(t[2])).unwrap();
+    compare(&[&xl, &wl, &bl], &wtl, fast, slow, 1e-5);
+    let fast = |t: &[&Tensor]| linear(t[0], t[1], None).unwrap();
+    let slow = |t: &[&Tensor]| linear_reference(t[0], t[1], None).unwrap();
+    compare(&[&xl, &wl], &wtl, fast, slow, 1e-5);
+    // A small case (one partial block each) against finite differences.
     let x = var(31, &[3, 100, 24]);
     let w = var(32, &[40, 24]);
     let b = var(33, &[40]);
     let wt = weights(34, &[3, 100, 40]);
-    let fast = |t: &[&Tensor]| linear(t[0], t[1], Some(t[2])).unwrap();
-    let slow = |t: &[&Tensor]| linear_reference(t[0], t[1], Some(t[2])).unwrap();
-    compare(&[&x, &w, &b], &wt, fast, slow, 1e-5);
-    let fast = |t: &[&Tensor]| linear(t[0], t[1], None).unwrap();
-    let slow = |t: &[&Tensor]| linear_reference(t[0], t[1], None).unwrap();
-    compare(&[&x, &w], &wt, fast, slow, 1e-5);
     // Against finite differences of an f64 loss sum(w * (x W^T + b)).
     let wv = to_vec(&wt);
     let f64_loss = |inp: &[Vec<f32>]| -> f64 {
