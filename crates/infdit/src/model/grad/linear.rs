@@ -11,10 +11,12 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{bias::row_sum, slice, tensor, with_f32};
+use super::{slice, tensor, with_f32};
 
 /// Rows of `x` per parallel task.
 const ROWS: usize = 512;
+/// Rows per parallel task of the bias gradient's row sum.
+const SUM_ROWS: usize = 256;
 /// Rows of `dW` per parallel task.
 const W_ROWS: usize = 256;
 
@@ -118,6 +120,33 @@ pub(crate) fn grad_weight(g: &[f32], x: &[f32], n: usize, k: usize) -> Vec<f32> 
         gemm(m, k, rows, a, Mat { v: x, rs: k, cs: 1 }, dw, false);
     });
     dw
+}
+
+/// The sum of the rows of `g` (rows of `f` values): in blocks of [`SUM_ROWS`] rows, in parallel, the
+/// blocks' sums then added in order (the same bits for any thread count).
+fn row_sum(g: &[f32], f: usize) -> Vec<f32> {
+    if f == 0 {
+        return Vec::new();
+    }
+    let partial: Vec<Vec<f32>> = g
+        .par_chunks(f * SUM_ROWS)
+        .map(|g| {
+            let mut acc = vec![0f32; f];
+            for row in g.chunks_exact(f) {
+                for (a, v) in acc.iter_mut().zip(row) {
+                    *a += v;
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut db = vec![0f32; f];
+    for p in &partial {
+        for (d, v) in db.iter_mut().zip(p) {
+            *d += v;
+        }
+    }
+    db
 }
 
 /// Shapes of one call: `x` (..., k), `W` (n, k), optional `b` (n).

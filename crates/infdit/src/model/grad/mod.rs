@@ -55,7 +55,6 @@ pub fn applies(ts: &[&candle_core::Tensor]) -> bool {
 }
 
 pub mod attention;
-pub mod bias;
 pub mod gather;
 pub mod gelu;
 pub mod group_pos;
@@ -64,7 +63,6 @@ pub mod norm;
 pub mod rope;
 
 pub use attention::{attention, attention_reference, softmax_differentiable};
-pub use bias::add_bias;
 pub use gather::{gather, gather_reference};
 pub use gelu::gelu;
 pub use group_pos::{add_group_pos, add_group_pos_reference};

@@ -262,26 +262,6 @@ fn softmax_exp_is_accurate() {
 }
 
 #[test]
-fn add_bias_matches_autograd() {
-    // 2100 rows: several row blocks of the parallel sum, and a partial last one.
-    let x = var(21, &[3, 700, 24]);
-    let b = var(22, &[24]);
-    let w = weights(23, &[3, 700, 24]);
-    let fast = |t: &[&Tensor]| add_bias(t[0], t[1]).unwrap();
-    let slow = |t: &[&Tensor]| t[0].broadcast_add(t[1]).unwrap();
-    // dx is the incoming gradient itself; db sums 2100 rows (in another order than candle's).
-    compare(&[&x, &b], &w, fast, slow, 1e-5);
-    let run = || {
-        let loss = (add_bias(x.as_tensor(), b.as_tensor()).unwrap() * &w).unwrap().sum_all().unwrap();
-        to_vec(loss.backward().unwrap().get(b.as_tensor()).unwrap())
-    };
-    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(run);
-    let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(run);
-    assert!(one == three, "the bias gradient differs between 1 and 3 threads");
-    assert!(add_bias(x.as_tensor(), &Tensor::zeros(23, candle_core::DType::F32, &Device::Cpu).unwrap()).is_err());
-}
-
-#[test]
 fn linear_matches_autograd() {
     // 1100 rows: two full row blocks of 512 and a partial one; 300 outputs: a full and a partial
     // block of dW rows.
