@@ -222,17 +222,44 @@ pub fn bf16_dot() -> bool {
     path() == Path::Avx512 && cpu_has_bf16_dot()
 }
 
+/// A read-only matrix view: element `(i, j)` at `v[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Strided<'a> {
+    /// The values the view reaches into.
+    pub v: &'a [f32],
+    /// Stride between rows.
+    pub rs: usize,
+    /// Stride between columns.
+    pub cs: usize,
+}
+
+impl Strided<'_> {
+    /// The largest index a `rows x cols` view reaches, plus one.
+    fn reach(&self, rows: usize, cols: usize) -> usize {
+        if rows == 0 || cols == 0 { 0 } else { (rows - 1) * self.rs + (cols - 1) * self.cs + 1 }
+    }
+}
+
 /// `C = A B` (or `C += A B` with `acc`) on row-major f32 matrices, single-threaded (the callers
 /// parallelise over independent products, which keeps every result independent of the thread
 /// count). `A` is m x k, or stored k x m when `at`; `B` is k x n, or stored n x k when `bt`; `C` is
 /// m x n. Each product is summed in the gemm crate's fixed order.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul(m: usize, n: usize, k: usize, a: &[f32], at: bool, b: &[f32], bt: bool, c: &mut [f32], acc: bool) {
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "matmul: operand too short");
-    let (a_cs, a_rs) = if at { (m as isize, 1) } else { (1, k as isize) };
-    let (b_cs, b_rs) = if bt { (k as isize, 1) } else { (1, n as isize) };
-    // SAFETY: the asserts above bound every index the strides reach: A's (i, p) is at
-    // i*a_rs + p*a_cs < m*k, B's (p, j) at p*b_rs + j*b_cs < k*n, C's (i, j) at i*n + j < m*n; C is
+    let a = if at { Strided { v: a, rs: 1, cs: m } } else { Strided { v: a, rs: k, cs: 1 } };
+    let b = if bt { Strided { v: b, rs: 1, cs: k } } else { Strided { v: b, rs: n, cs: 1 } };
+    matmul_strided(m, n, k, a, b, c, acc)
+}
+
+/// [`matmul`] on strided views: `C` (m x n, row-major) `= A B` (`+=` with `acc`), `A` m x k and `B`
+/// k x n, single-threaded.
+pub(crate) fn matmul_strided(m: usize, n: usize, k: usize, a: Strided<'_>, b: Strided<'_>, c: &mut [f32], acc: bool) {
+    assert!(a.v.len() >= a.reach(m, k) && b.v.len() >= b.reach(k, n) && c.len() >= m * n, "matmul: operand too short");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the assert bounds every index the strides reach: A's (i, p) is at i*a.rs + p*a.cs <
+    // a.reach(m, k) <= a.v.len(), B's (p, j) likewise, C's (i, j) at i*n + j < m*n <= c.len(); C is
     // a unique borrow, disjoint from A and B.
     unsafe {
         gemm::gemm(
@@ -243,12 +270,12 @@ pub(crate) fn matmul(m: usize, n: usize, k: usize, a: &[f32], at: bool, b: &[f32
             1,
             n as isize,
             acc,
-            a.as_ptr(),
-            a_cs,
-            a_rs,
-            b.as_ptr(),
-            b_cs,
-            b_rs,
+            a.v.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.v.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
             1.0,
             1.0,
             false,

@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use super::{slice, tensor, with_f32};
+use crate::kernels::{Strided, matmul_strided};
 
 /// Rows of `x` per parallel task.
 const ROWS: usize = 512;
@@ -19,57 +20,6 @@ const ROWS: usize = 512;
 const SUM_ROWS: usize = 256;
 /// Rows of `dW` per parallel task.
 const W_ROWS: usize = 256;
-
-/// `c (m x n, row stride ldc) = a b` (or `+=` with `acc`), `a` m x k and `b` k x n given by their
-/// element strides, single-threaded.
-#[derive(Clone, Copy)]
-struct Mat<'a> {
-    v: &'a [f32],
-    /// Stride between rows.
-    rs: usize,
-    /// Stride between columns.
-    cs: usize,
-}
-
-impl Mat<'_> {
-    /// The largest index an `rows x cols` view reaches, plus one.
-    fn reach(&self, rows: usize, cols: usize) -> usize {
-        if rows == 0 || cols == 0 { 0 } else { (rows - 1) * self.rs + (cols - 1) * self.cs + 1 }
-    }
-}
-
-fn gemm(m: usize, n: usize, k: usize, a: Mat<'_>, b: Mat<'_>, c: &mut [f32], acc: bool) {
-    assert!(a.v.len() >= a.reach(m, k) && b.v.len() >= b.reach(k, n) && c.len() >= m * n, "linear: operand too short");
-    if m == 0 || n == 0 {
-        return;
-    }
-    // SAFETY: the assert bounds every index the strides reach: A's (i, p) is at i*a.rs + p*a.cs <
-    // a.reach(m, k) <= a.v.len(), B's (p, j) likewise, C's (i, j) at i*n + j < m*n <= c.len(); C is
-    // a unique borrow, disjoint from A and B.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            acc,
-            a.v.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.v.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
 
 /// `x W^T (+ b)` for `x` (rows, k) and `W` (n, k), in blocks of rows.
 pub(crate) fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, n: usize) -> Vec<f32> {
@@ -80,7 +30,7 @@ pub(crate) fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, n: usize) -> Vec<
     }
     y.par_chunks_mut(ROWS * n).zip(x.par_chunks(ROWS * k)).for_each(|(y, x)| {
         let m = x.len() / k;
-        gemm(m, n, k, Mat { v: x, rs: k, cs: 1 }, Mat { v: w, rs: 1, cs: k }, y, false);
+        matmul_strided(m, n, k, Strided { v: x, rs: k, cs: 1 }, Strided { v: w, rs: 1, cs: k }, y, false);
         if let Some(b) = b {
             for row in y.chunks_exact_mut(n) {
                 for (o, b) in row.iter_mut().zip(b) {
@@ -101,7 +51,7 @@ pub(crate) fn grad_input(g: &[f32], w: &[f32], n: usize) -> Vec<f32> {
     }
     dx.par_chunks_mut(ROWS * k).zip(g.par_chunks(ROWS * n)).for_each(|(dx, g)| {
         let m = g.len() / n;
-        gemm(m, k, n, Mat { v: g, rs: n, cs: 1 }, Mat { v: w, rs: k, cs: 1 }, dx, false);
+        matmul_strided(m, k, n, Strided { v: g, rs: n, cs: 1 }, Strided { v: w, rs: k, cs: 1 }, dx, false);
     });
     dx
 }
@@ -116,8 +66,8 @@ pub(crate) fn grad_weight(g: &[f32], x: &[f32], n: usize, k: usize) -> Vec<f32> 
     }
     dw.par_chunks_mut(W_ROWS * k).enumerate().for_each(|(i, dw)| {
         let m = dw.len() / k;
-        let a = Mat { v: &g[i * W_ROWS..], rs: 1, cs: n };
-        gemm(m, k, rows, a, Mat { v: x, rs: k, cs: 1 }, dw, false);
+        let a = Strided { v: &g[i * W_ROWS..], rs: 1, cs: n };
+        matmul_strided(m, k, rows, a, Strided { v: x, rs: k, cs: 1 }, dw, false);
     });
     dw
 }
