@@ -142,7 +142,7 @@ pub fn concat_groups(own: &Tensor, others: [Tensor; 3]) -> Result<Tensor> {
 impl KvSource for WholeImageKv {
     fn neighbourhood(&mut self, _layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         // Training (an operand in an autograd graph, f32 CPU): one op with a hand-written backward.
-        if (k.track_op() || v.track_op()) && crate::model::grad::applies(&[k, v]) {
+        if crate::model::grad::trains(&[k, v]) {
             let g = &self.groups;
             return Ok((crate::model::grad::gather(k, g)?, crate::model::grad::gather(v, g)?));
         }

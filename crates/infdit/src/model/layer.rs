@@ -196,20 +196,15 @@ impl Layer {
                 fused::heads(&qkv, bias, 2, h, d, None, a.dtype())?,
             ));
         }
-        let split: Box<dyn Fn(usize) -> Result<Tensor>> = match self.qkv.bias() {
+        let [q, k, v] = if self.qkv.trains(a) {
             // Training: three products with the rows of W for Q, K and V, so that no slice of the
             // (n, T, 3D) product is taken (candle's backward of a slice zero-pads it to the whole).
-            Some(b) if crate::model::grad::applies(&[a, self.qkv.weight(), b]) && (a.track_op() || b.track_op()) => {
-                let w = self.qkv.weight();
-                Box::new(move |i: usize| {
-                    let (wi, bi) = (w.narrow(0, i * dm, dm)?, b.narrow(0, i * dm, dm)?);
-                    crate::model::grad::linear(a, &wi, Some(&bi))?.reshape((n, t, h, d))
-                })
-            }
-            _ => {
-                let qkv = self.qkv.forward(a)?; // (n, T, 3D)
-                Box::new(move |i: usize| qkv.narrow(D::Minus1, i * dm, dm)?.reshape((n, t, h, d)))
-            }
+            let part = |i: usize| self.qkv.rows(i * dm, dm)?.forward(a)?.reshape((n, t, h, d));
+            [part(0)?, part(1)?, part(2)?]
+        } else {
+            let qkv = self.qkv.forward(a)?; // (n, T, 3D)
+            let part = |i: usize| qkv.narrow(D::Minus1, i * dm, dm)?.reshape((n, t, h, d));
+            [part(0)?, part(1)?, part(2)?]
         };
         let rope = |z: Tensor| -> Result<Tensor> {
             if crate::model::grad::applies(&[&z, cos, sin]) {
@@ -218,7 +213,7 @@ impl Layer {
             let z = self.qk_ln.forward(&z)?.transpose(1, 2)?; // (n, H, T, d)
             super::rope::apply_rope(&z.to_dtype(DType::F32)?, cos, sin)?.to_dtype(a.dtype())
         };
-        Ok((rope(split(0)?)?, rope(split(1)?)?, split(2)?.transpose(1, 2)?.contiguous()?))
+        Ok((rope(q)?, rope(k)?, v.transpose(1, 2)?.contiguous()?))
     }
 
     /// `x + proj(z)`: fused with the projection's bias for CPU inference.
@@ -252,7 +247,7 @@ impl Layer {
         let (q, k, v) = self.qkv_heads(&a, inp.rope)?;
         let (k4, v4) = inp.kv.neighbourhood(self.index, &k, &v)?;
         let pos = self.block_pos.to_dtype(k4.dtype())?;
-        let k4 = if (k4.track_op() || pos.track_op()) && crate::model::grad::applies(&[&k4, &pos]) {
+        let k4 = if crate::model::grad::trains(&[&k4, &pos]) {
             crate::model::grad::add_group_pos(&k4, &pos)?
         } else {
             k4.reshape((n, h, 4, t, d))?.broadcast_add(&pos)?.reshape((n, h, 4 * t, d))?
@@ -277,8 +272,7 @@ impl Layer {
     /// into the down projection ([`crate::model::grad::gelu_linear`]); `None` elsewhere.
     fn mlp_training(&self, z: &Tensor) -> Result<Option<Tensor>> {
         let (w, Some(b)) = (self.down.weight(), self.down.bias()) else { return Ok(None) };
-        let tracked = z.track_op() || w.track_op() || b.track_op();
-        if !tracked || !crate::model::grad::applies(&[z, w, b, self.up.weight()]) {
+        if !(self.up.trains(z) && self.down.trains(z)) {
             return Ok(None);
         }
         Ok(Some(crate::model::grad::gelu_linear(&self.up.forward(z)?, w, b)?))

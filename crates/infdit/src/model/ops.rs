@@ -34,6 +34,19 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         self.inner.bias()
     }
+    /// Output rows `start..start + len` of the layer (the same rows of `W` and the bias).
+    pub fn rows(&self, start: usize, len: usize) -> Result<Self> {
+        let b = self.bias().map(|b| b.narrow(0, start, len)).transpose()?;
+        Ok(Self::from_parts(self.weight().narrow(0, start, len)?, b))
+    }
+    /// Whether a call on `x` is a training forward that runs as [`crate::model::grad::linear`]
+    /// ([`crate::model::grad::trains`] for `x`, the weight and the bias).
+    pub fn trains(&self, x: &Tensor) -> bool {
+        match self.bias() {
+            Some(b) => crate::model::grad::trains(&[x, self.weight(), b]),
+            None => crate::model::grad::trains(&[x, self.weight()]),
+        }
+    }
     /// `x W^T` without the bias (for kernels that fuse the bias into what follows).
     pub fn forward_no_bias(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.inner.weight();
@@ -80,8 +93,7 @@ impl Module for Linear {
             return crate::kernels::bf16_gemm::linear(x, w, b);
         }
         // Training: the whole layer as one op with a hand-written backward.
-        let tracked = x.track_op() || w.track_op() || b.is_some_and(Tensor::track_op);
-        if tracked && crate::model::grad::applies(&[x, w]) && b.is_none_or(|b| crate::model::grad::applies(&[b])) {
+        if self.trains(x) {
             return crate::model::grad::linear(x, w, b);
         }
         let y = self.forward_no_bias(x)?;

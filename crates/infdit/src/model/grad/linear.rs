@@ -99,8 +99,8 @@ fn row_sum(g: &[f32], f: usize) -> Vec<f32> {
     db
 }
 
-/// Shapes of one call: `x` (..., k), `W` (n, k), optional `b` (n).
-fn check(lx: &Layout, lw: &Layout, lb: Option<&Layout>) -> Result<(usize, usize, Shape)> {
+/// Shapes of one call: `x` (..., k), `W` (n, k), optional `b` (n); returns n and the output shape.
+fn check(lx: &Layout, lw: &Layout, lb: Option<&Layout>) -> Result<(usize, Shape)> {
     let (n, k) = lw.shape().dims2()?;
     let xd = lx.shape().dims();
     if xd.last() != Some(&k) {
@@ -113,7 +113,7 @@ fn check(lx: &Layout, lw: &Layout, lb: Option<&Layout>) -> Result<(usize, usize,
     }
     let mut out = xd.to_vec();
     *out.last_mut().expect("checked above") = n;
-    Ok((n, k, Shape::from(out)))
+    Ok((n, Shape::from(out)))
 }
 
 /// The input and weight gradients of `x` (..., k), `W` (n, k) for the incoming `grad`.
@@ -144,7 +144,7 @@ impl CustomOp3 for LinearBias {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, _, shape) = check(lx, lw, Some(lb))?;
+        let (n, shape) = check(lx, lw, Some(lb))?;
         let (x, w, b) = (slice(sx, lx, "linear x")?, slice(sw, lw, "linear W")?, slice(sb, lb, "linear b")?);
         Ok((CpuStorage::F32(forward(x, w, Some(b), n)), shape))
     }
@@ -181,7 +181,7 @@ impl CustomOp3 for GeluLinearBias {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, _, shape) = check(lu, lw, Some(lb))?;
+        let (n, shape) = check(lu, lw, Some(lb))?;
         let (u, w, b) =
             (slice(su, lu, "gelu_linear u")?, slice(sw, lw, "gelu_linear W")?, slice(sb, lb, "gelu_linear b")?);
         Ok((CpuStorage::F32(forward(&gelu_of(u), w, Some(b), n)), shape))
@@ -233,7 +233,7 @@ impl CustomOp2 for LinearNoBias {
     }
 
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sw: &CpuStorage, lw: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, _, shape) = check(lx, lw, None)?;
+        let (n, shape) = check(lx, lw, None)?;
         let (x, w) = (slice(sx, lx, "linear x")?, slice(sw, lw, "linear W")?);
         Ok((CpuStorage::F32(forward(x, w, None, n)), shape))
     }

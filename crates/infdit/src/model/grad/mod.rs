@@ -54,6 +54,12 @@ pub fn applies(ts: &[&candle_core::Tensor]) -> bool {
     path() == GradPath::Fast && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
 }
 
+/// Whether the fast ops run for these operands: at least one is part of an autograd graph (a
+/// training forward) and [`applies`] holds for all of them.
+pub fn trains(ts: &[&candle_core::Tensor]) -> bool {
+    ts.iter().any(|t| t.track_op()) && applies(ts)
+}
+
 pub mod attention;
 pub mod gather;
 pub mod gelu;
