@@ -13,7 +13,7 @@ use crate::kernels::fused::{GELU_CUBIC, SQRT_2_OVER_PI, gelu_sigmoid};
 const CHUNK: usize = 1 << 14;
 
 crate::kernels::multiversion! {
-    pub(crate) fn forward_rows(x: &[f32], out: &mut [f32]) {
+    fn forward_rows(x: &[f32], out: &mut [f32]) {
         for (o, &v) in out.iter_mut().zip(x) {
             let (num, den) = gelu_sigmoid(v);
             *o = v * num / den;
@@ -22,13 +22,32 @@ crate::kernels::multiversion! {
 }
 
 crate::kernels::multiversion! {
-    pub(crate) fn backward_rows(x: &[f32], g: &[f32], dx: &mut [f32]) {
+    fn backward_rows(x: &[f32], g: &[f32], dx: &mut [f32]) {
         for ((d, &v), &g) in dx.iter_mut().zip(x).zip(g) {
             let (num, den) = gelu_sigmoid(v);
             let s = num / den;
             *d = g * (s + 2.0 * v * s * (1.0 - s) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * v * v));
         }
     }
+}
+
+/// The GELU of each value of `x`, in parallel chunks.
+pub(crate) fn values(x: &[f32]) -> Vec<f32> {
+    let path = crate::kernels::path();
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| forward_rows(path, x, o));
+    out
+}
+
+/// `g gelu'(x)`, in parallel chunks: the input gradient for the output gradient `g`.
+pub(crate) fn input_grad(x: &[f32], g: &[f32]) -> Vec<f32> {
+    let path = crate::kernels::path();
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .zip(g.par_chunks(CHUNK))
+        .for_each(|((d, x), g)| backward_rows(path, x, g, d));
+    dx
 }
 
 struct Gelu;
@@ -40,23 +59,11 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l, "gelu")?;
-        let path = crate::kernels::path();
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| forward_rows(path, x, o));
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        Ok((CpuStorage::F32(values(x)), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let path = crate::kernels::path();
-        let mut dx = vec![0f32; x.elem_count()];
-        with_f32(&x.detach(), |x| {
-            with_f32(&grad.detach(), |g| {
-                dx.par_chunks_mut(CHUNK)
-                    .zip(x.par_chunks(CHUNK))
-                    .zip(g.par_chunks(CHUNK))
-                    .for_each(|((d, x), g)| backward_rows(path, x, g, d))
-            })
-        })??;
+        let dx = with_f32(&x.detach(), |x| with_f32(&grad.detach(), |g| input_grad(x, g)))??;
         Ok(Some(tensor(dx, x.dims())?))
     }
 }

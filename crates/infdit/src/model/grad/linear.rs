@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{slice, tensor, with_f32};
+use super::{gelu, slice, tensor, with_f32};
 use crate::kernels::{Strided, matmul_strided};
 
 /// Rows of `x` per parallel task.
@@ -184,7 +184,7 @@ impl CustomOp3 for GeluLinearBias {
         let (n, shape) = check(lu, lw, Some(lb))?;
         let (u, w, b) =
             (slice(su, lu, "gelu_linear u")?, slice(sw, lw, "gelu_linear W")?, slice(sb, lb, "gelu_linear b")?);
-        Ok((CpuStorage::F32(forward(&gelu_of(u), w, Some(b), n)), shape))
+        Ok((CpuStorage::F32(forward(&gelu::values(u), w, Some(b), n)), shape))
     }
 
     fn bwd(
@@ -196,33 +196,16 @@ impl CustomOp3 for GeluLinearBias {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, k) = w.dims2()?;
-        let path = crate::kernels::path();
         let g = grad.detach().contiguous()?;
         let (du, dw, db) = with_f32(&g, |g| {
             with_f32(&u.detach(), |u| {
                 let da = with_f32(w, |w| grad_input(g, w, n))?;
-                let mut du = vec![0f32; u.len()];
-                du.par_chunks_mut(GELU_CHUNK)
-                    .zip(u.par_chunks(GELU_CHUNK))
-                    .zip(da.par_chunks(GELU_CHUNK))
-                    .for_each(|((d, u), da)| super::gelu::backward_rows(path, u, da, d));
-                let dw = grad_weight(g, &gelu_of(u), n, k);
-                Ok::<_, candle_core::Error>((du, dw, row_sum(g, n)))
+                let dw = grad_weight(g, &gelu::values(u), n, k);
+                Ok::<_, candle_core::Error>((gelu::input_grad(u, &da), dw, row_sum(g, n)))
             })
         })???;
         Ok((Some(tensor(du, u.dims())?), Some(tensor(dw, &[n, k])?), Some(tensor(db, b.dims())?)))
     }
-}
-
-/// Values per parallel task of the GELU passes.
-const GELU_CHUNK: usize = 1 << 14;
-
-/// The tanh GELU of `u` ([`super::gelu`]'s rows).
-fn gelu_of(u: &[f32]) -> Vec<f32> {
-    let path = crate::kernels::path();
-    let mut a = vec![0f32; u.len()];
-    a.par_chunks_mut(GELU_CHUNK).zip(u.par_chunks(GELU_CHUNK)).for_each(|(a, u)| super::gelu::forward_rows(path, u, a));
-    a
 }
 
 struct LinearNoBias;
