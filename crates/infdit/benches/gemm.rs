@@ -1,4 +1,6 @@
-//! Dense layers `x W^T`: candle's matmul in f32 and bf16 against the bf16 dot-product kernel.
+//! Dense layers `x W^T`: candle's matmul in f32 and bf16 against the bf16 dot-product kernel; and
+//! the single-threaded products of the fast training backward in f32 (the `gemm` crate) and in
+//! bf16 on AMX tiles (`train_*` cases, the built-in training config's shapes).
 //!
 //! `cargo bench -p infdit --bench gemm` (a filter such as `-- fc2` picks cases). Throughput is in
 //! elements per second where one element is one flop (2 M N K per call), so "Gelem/s" reads as
@@ -14,7 +16,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{gflops, lcg};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use infdit::kernels::bf16_gemm;
+use infdit::kernels::{MatmulPrecision, bf16_gemm};
 
 fn rand(seed: u64, shape: (usize, usize), amp: f32) -> Tensor {
     Tensor::from_vec(lcg(seed, shape.0 * shape.1, amp), shape, &Device::Cpu).unwrap()
@@ -58,5 +60,47 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// (name, m, n, k, A stored transposed, B stored transposed): the products of one training example
+/// of the built-in config (hidden 128, MLP 512, 2 heads of 64, 256-token blocks, 512-row tasks).
+const TRAIN_CASES: [(&str, usize, usize, usize, bool, bool); 8] = [
+    ("train_fwd_up_512x512x128", 512, 512, 128, false, true),
+    ("train_fwd_down_512x128x512", 512, 128, 512, false, true),
+    ("train_dx_up_512x128x512", 512, 128, 512, false, false),
+    ("train_dw_up_256x128x1024", 256, 128, 1024, true, false),
+    ("train_dw_down_128x512x1024", 128, 512, 1024, true, false),
+    ("train_attn_qk_256x1024x64", 256, 1024, 64, false, true),
+    ("train_attn_pv_256x64x1024", 256, 64, 1024, false, false),
+    ("train_attn_dv_1024x64x256", 1024, 64, 256, true, false),
+];
+
+fn bench_training(c: &mut Criterion) {
+    let amx = MatmulPrecision::Bf16.effective() == MatmulPrecision::Bf16;
+    for (name, m, n, k, at, bt) in TRAIN_CASES {
+        let (a, b) = (lcg(1, m * k, 1.0), lcg(2, k * n, 1.0));
+        let (a, b) = (&a, &b);
+        let flops = 2.0 * (m * n * k) as f64;
+        let run = |p: MatmulPrecision| {
+            let out = std::cell::RefCell::new(vec![0f32; m * n]);
+            move || {
+                p.matmul(m, n, k, a, at, b, bt, &mut out.borrow_mut(), false);
+                black_box(&out);
+            }
+        };
+        println!(
+            "{name}: f32 {:.1} GFLOP/s, bf16 on AMX {}",
+            gflops(flops, run(MatmulPrecision::F32)),
+            if amx { format!("{:.1}", gflops(flops, run(MatmulPrecision::Bf16))) } else { "n/a (no AMX)".into() }
+        );
+        let mut g = c.benchmark_group(name);
+        g.throughput(Throughput::Elements(flops as u64));
+        g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
+        g.bench_function("f32", |bch| bch.iter(run(MatmulPrecision::F32)));
+        if amx {
+            g.bench_function("bf16_amx", |bch| bch.iter(run(MatmulPrecision::Bf16)));
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, bench, bench_training);
 criterion_main!(benches);

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use infdit::config::{DitConfig, ModelConfig, Precond};
 use infdit::loaded::Model;
 use infdit::loaded::random::{random_checkpoint, training_init};
+use infdit::model::grad::MatmulPrecision;
 use infdit::schedule::WholeImageDenoiser;
 use infdit::train::bench::synthetic_picture;
 use infdit::train::{
@@ -141,24 +142,43 @@ fn every_parameter_gets_its_gradient() {
     }
 }
 
-/// The fast backward (fused ops, the default) and the plain candle-autograd path give the same loss
-/// and the same gradient for every parameter of a tiny network (f32; tolerance relative to each
-/// parameter's largest gradient).
+/// The fast backward (fused ops, the default) with f32 products and the plain candle-autograd
+/// path give the same loss and the same gradient for every parameter of a tiny network (f32;
+/// tolerance relative to each parameter's largest gradient).
 #[test]
 fn fast_backward_equals_the_autograd_path() {
-    use infdit::model::grad::{GradPath, with_path};
+    fast_against_autograd(MatmulPrecision::F32, 1e-5, 1e-3);
+}
+
+/// With bf16 products (AMX tiles where the CPU has them; f32 elsewhere) the loss and every
+/// gradient stay within bf16 rounding of the f32 autograd path.
+#[test]
+fn bf16_products_stay_within_rounding_of_the_autograd_path() {
+    fast_against_autograd(MatmulPrecision::Bf16, 2e-3, 3e-2);
+}
+
+fn fast_against_autograd(matmul: MatmulPrecision, loss_tol: f32, grad_tol: f32) {
+    use infdit::model::grad::{GradPath, with_matmul, with_path};
     let (_, _, keys, vars, m) = tracked_tiny_model();
     let s = fixed_sample(4);
     let eps = unit_noise(9, &s.hr);
     let run = |path: GradPath| {
         with_path(path, || {
-            let loss = edm_loss(&m, &s, &clip0(), 0.8, &eps, (3, 7)).unwrap();
-            (loss.to_scalar::<f32>().unwrap(), loss.backward().unwrap())
+            with_matmul(matmul, || {
+                let loss = edm_loss(&m, &s, &clip0(), 0.8, &eps, (3, 7)).unwrap();
+                (loss.to_scalar::<f32>().unwrap(), loss.backward().unwrap())
+            })
         })
     };
     let (lf, gf) = run(GradPath::Fast);
     let (la, ga) = run(GradPath::Autograd);
-    assert!((lf - la).abs() <= 1e-5 * la.abs().max(1.0), "loss {lf} vs {la}");
+    eprintln!("{} products ({} here): loss {lf} vs {la}", matmul, with_matmul(matmul, infdit::model::grad::products));
+    assert!((lf - la).abs() <= loss_tol * la.abs().max(1.0), "loss {lf} vs {la}");
+    let largest = vars
+        .iter()
+        .filter_map(|v| ga.get(v.as_tensor()))
+        .map(|a| a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap())
+        .fold(0f32, f32::max);
     let mut worst = (0f32, String::new());
     for (k, v) in keys.iter().zip(&vars) {
         let (Some(f), Some(a)) = (gf.get(v.as_tensor()), ga.get(v.as_tensor())) else {
@@ -174,7 +194,13 @@ fn fast_backward_equals_the_autograd_path() {
         if rel > worst.0 {
             worst = (rel, k.clone());
         }
-        assert!(diff <= 1e-3 * scale + 1e-7, "{k}: gradients differ by {diff} (largest {scale})");
+        // A gradient that is zero in exact arithmetic (the cross-attention key norm's bias: the
+        // softmax ignores a shift shared by all keys) is rounding noise on either path: compared
+        // with a floor of 1e-3 of the largest gradient of the network.
+        assert!(
+            diff <= grad_tol * scale.max(1e-3 * largest) + 1e-7,
+            "{k}: gradients differ by {diff} (largest {scale})"
+        );
     }
     eprintln!("largest relative gradient difference: {:e} ({})", worst.0, worst.1);
 }

@@ -364,7 +364,7 @@ fn compare(a: BenchArgs) -> Result<()> {
 /// backward paths, `--repeat` timed steps of a batch of 4 128-px crops after one warm-up step.
 fn bench_train(a: BenchArgs) -> Result<()> {
     use infdit::config::ModelConfig;
-    use infdit::model::grad::GradPath;
+    use infdit::model::grad::{GradPath, MatmulPrecision};
     use infdit::train::bench::{bench_train as run, train_flops};
     if a.repeat == 0 {
         bail!("--repeat must be at least 1");
@@ -380,16 +380,25 @@ fn bench_train(a: BenchArgs) -> Result<()> {
     large.dit.mlp_hidden = 1024;
     let dev = super::open_device(a.device)?;
     // A GPU gets crops big enough to keep it busy, and only candle's autograd (the fast
-    // backward's fused ops are CPU kernels).
-    let ((crop, batch), paths): (_, &[GradPath]) = if dev.is_gpu() {
-        ((512, 8), &[GradPath::Autograd])
+    // backward's fused ops are CPU kernels). On the CPU: the fast backward with f32 products, with
+    // bf16 products where the CPU runs them (AMX), and the autograd path it replaced.
+    let bf16 = MatmulPrecision::Bf16.effective() == MatmulPrecision::Bf16;
+    let ((crop, batch), runs): (_, Vec<(GradPath, MatmulPrecision)>) = if dev.is_gpu() {
+        ((512, 8), vec![(GradPath::Autograd, MatmulPrecision::F32)])
     } else {
-        ((128, 4), &[GradPath::Fast, GradPath::Autograd])
+        let mut runs = vec![(GradPath::Fast, MatmulPrecision::F32)];
+        if bf16 {
+            runs.push((GradPath::Fast, MatmulPrecision::Bf16));
+        }
+        runs.push((GradPath::Autograd, MatmulPrecision::F32));
+        ((128, 4), runs)
     };
     println!(
-        "device {}  threads {}  crop {crop}  batch {batch}  timed steps {}",
+        "device {}  threads {}  kernels {}  bf16 products {}  crop {crop}  batch {batch}  timed steps {}",
         dev.describe(),
         infdit::train::bench::threads(),
+        infdit::kernels::path(),
+        if bf16 { "amx" } else { "no (no AMX on this CPU): f32" },
         a.repeat
     );
     for (label, cfg) in [("built-in", &base), ("large", &large)] {
@@ -405,20 +414,22 @@ fn bench_train(a: BenchArgs) -> Result<()> {
             train_flops(d, crop) / 1e9
         );
         let mut rates = Vec::new();
-        for &path in paths {
-            let r = run(cfg, (crop, batch), 1, a.repeat, path, &dev.device)?;
+        for &run_of in &runs {
+            let r = run(cfg, (crop, batch), 1, a.repeat, run_of, &dev.device)?;
+            let name = match r.path {
+                GradPath::Fast => format!("fast {}", r.matmul),
+                GradPath::Autograd => "autograd".to_string(),
+            };
             println!(
-                "  {:<8}  step best {:.3} s  median {:.3} s  {:.2} crops/s  {:.1} GFLOP/s",
-                path.name(),
-                r.best_step_s,
-                r.median_step_s,
-                r.crops_per_s,
-                r.gflops
+                "  {name:<9}  step best {:.3} s  median {:.3} s  {:.2} crops/s  {:.1} GFLOP/s",
+                r.best_step_s, r.median_step_s, r.crops_per_s, r.gflops
             );
-            rates.push(r.crops_per_s);
+            rates.push((name, r.crops_per_s));
         }
-        if let [fast, autograd] = rates[..] {
-            println!("  ratio fast/autograd: {:.2}x", fast / autograd);
+        if let Some((_, autograd)) = rates.iter().find(|(n, _)| n == "autograd") {
+            for (name, rate) in rates.iter().filter(|(n, _)| n != "autograd") {
+                println!("  ratio {name}/autograd: {:.2}x", rate / autograd);
+            }
         }
     }
     Ok(())

@@ -85,6 +85,7 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
+pub(crate) mod amx;
 pub mod attention;
 pub mod bf16_gemm;
 pub mod fused;
@@ -249,6 +250,85 @@ pub(crate) fn matmul(m: usize, n: usize, k: usize, a: &[f32], at: bool, b: &[f32
     let a = if at { Strided { v: a, rs: 1, cs: m } } else { Strided { v: a, rs: k, cs: 1 } };
     let b = if bt { Strided { v: b, rs: 1, cs: k } } else { Strided { v: b, rs: n, cs: 1 } };
     matmul_strided(m, n, k, a, b, c, acc)
+}
+
+/// How the training products (dense layers, attention) are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MatmulPrecision {
+    /// f32 operands and sums (the `gemm` crate).
+    #[default]
+    F32,
+    /// Operands rounded to bf16, sums in f32, on AMX tiles ([`amx`]) where the CPU has them and the
+    /// kernel path is `avx512`; elsewhere as [`MatmulPrecision::F32`].
+    Bf16,
+}
+
+impl MatmulPrecision {
+    /// The name used in flags and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            MatmulPrecision::F32 => "f32",
+            MatmulPrecision::Bf16 => "bf16",
+        }
+    }
+
+    /// What runs for calls from this thread: [`MatmulPrecision::Bf16`] only where the kernel path
+    /// is [`Path::Avx512`] and [`amx::available`].
+    pub fn effective(self) -> MatmulPrecision {
+        if self == MatmulPrecision::Bf16 && path() == Path::Avx512 && amx::available() {
+            MatmulPrecision::Bf16
+        } else {
+            MatmulPrecision::F32
+        }
+    }
+
+    /// `C = A B` (`+=` with `acc`), single-threaded, in this precision (callers pass an
+    /// [`effective`](Self::effective) one, resolved on the thread that chose it): `A` is m x k, or
+    /// stored k x m when `at`; `B` is k x n, or stored n x k when `bt`; `C` is m x n, row-major.
+    /// Panics where an operand is too short.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(
+        self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        at: bool,
+        b: &[f32],
+        bt: bool,
+        c: &mut [f32],
+        acc: bool,
+    ) {
+        let a = if at { Strided { v: a, rs: 1, cs: m } } else { Strided { v: a, rs: k, cs: 1 } };
+        let b = if bt { Strided { v: b, rs: 1, cs: k } } else { Strided { v: b, rs: n, cs: 1 } };
+        self.matmul_strided(m, n, k, a, b, c, acc)
+    }
+
+    /// [`matmul_strided`] in this precision.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn matmul_strided(
+        self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Strided<'_>,
+        b: Strided<'_>,
+        c: &mut [f32],
+        acc: bool,
+    ) {
+        if self == MatmulPrecision::Bf16 && amx::available() && amx::supports(&a, &b) {
+            amx::matmul(m, n, k, a, b, c, acc)
+        } else {
+            matmul_strided(m, n, k, a, b, c, acc)
+        }
+    }
+}
+
+impl std::fmt::Display for MatmulPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// [`matmul`] on strided views: `C` (m x n, row-major) `= A B` (`+=` with `acc`), `A` m x k and `B`

@@ -15,7 +15,7 @@ use super::{Image, Sampler, SplitMix64};
 use crate::config::{DitConfig, ModelConfig};
 use crate::error::Result;
 use crate::loaded::random::random_checkpoint;
-use crate::model::grad::{self, GradPath};
+use crate::model::grad::{self, GradPath, MatmulPrecision};
 
 /// Model FLOPs of one forward pass of the network on one `crop x crop` training image, counting a
 /// multiply-add as 2: the dense layers (QKV, output projection, MLP: `2 (4 D^2 + 2 D M)` per token
@@ -54,6 +54,8 @@ pub fn train_flops(cfg: &DitConfig, crop: usize) -> f64 {
 pub struct TrainBench {
     /// The path measured.
     pub path: GradPath,
+    /// The precision the fast backward's products ran in (on this CPU; autograd's are f32).
+    pub matmul: MatmulPrecision,
     /// Seconds per optimiser step, best of the timed steps.
     pub best_step_s: f64,
     /// Median seconds per step.
@@ -87,14 +89,14 @@ pub fn synthetic_picture(seed: u64, h: usize, w: usize) -> Image {
 }
 
 /// Runs `warmup` + `steps` optimiser steps of a `batch` of `crop`-pixel crops with the given
-/// backward on `device` and times the last `steps` (on a GPU the fast backward does not apply:
-/// both paths are candle's autograd there).
+/// backward (and, for the fast one, products in `matmul`) on `device` and times the last `steps`
+/// (on a GPU the fast backward does not apply: both paths are candle's autograd there).
 pub fn bench_train(
     cfg: &ModelConfig,
     (crop, batch): (usize, usize),
     warmup: usize,
     steps: usize,
-    path: GradPath,
+    (path, matmul): (GradPath, MatmulPrecision),
     device: &candle_core::Device,
 ) -> Result<TrainBench> {
     if steps == 0 || batch == 0 {
@@ -105,7 +107,7 @@ pub fn bench_train(
         (0..4).map(|i| (PathBuf::from(format!("synthetic{i}")), synthetic_picture(i, side, side))).collect(),
     );
     let sample = SampleConfig { crop, scale: cfg.dit.sr_scale, ..Default::default() };
-    let tc = TrainConfig { steps: warmup + steps, batch, ..Default::default() };
+    let tc = TrainConfig { steps: warmup + steps, batch, matmul, ..Default::default() };
     let mut trainer = Trainer::new_on(cfg, &random_checkpoint(cfg, 1)?, tc, device)?;
     let mut times = Vec::with_capacity(steps);
     grad::with_path(path, || -> Result<()> {
@@ -121,8 +123,10 @@ pub fn bench_train(
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let per_step = train_flops(&cfg.dit, crop) * batch as f64;
+    let matmul = if path == GradPath::Fast && device.is_cpu() { matmul.effective() } else { MatmulPrecision::F32 };
     Ok(TrainBench {
         path,
+        matmul,
         best_step_s: times[0],
         median_step_s: median,
         crops_per_s: batch as f64 / median,

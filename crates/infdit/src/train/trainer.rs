@@ -27,6 +27,7 @@ use super::{Sampler, SplitMix64};
 use crate::config::ModelConfig;
 use crate::error::{InfditError, Result};
 use crate::imageio::ImageIoError;
+use crate::kernels::MatmulPrecision;
 use crate::loaded::Model;
 use crate::schedule::WholeImageDenoiser;
 use crate::weights::{CLIP_PREFIX, Checkpoint, convert::save_atomic};
@@ -58,6 +59,11 @@ pub struct TrainConfig {
     pub p_std: f64,
     /// Seed of every random draw.
     pub seed: u64,
+    /// The products of the fast backward on the CPU: bf16 operands with f32 sums on AMX tiles
+    /// where the CPU has them (the default; f32 elsewhere), or f32. A state saved before this
+    /// setting existed trained in f32 ([`MatmulPrecision::F32`] when the field is missing).
+    #[serde(default)]
+    pub matmul: MatmulPrecision,
 }
 
 impl Default for TrainConfig {
@@ -75,6 +81,7 @@ impl Default for TrainConfig {
             p_mean: -1.0,
             p_std: 1.4,
             seed: 0,
+            matmul: MatmulPrecision::Bf16,
         }
     }
 }
@@ -345,10 +352,11 @@ impl Trainer {
             // the optimiser state it would hold this step's whole graph alive.
             Ok((lv, sigma, self.params.iter().map(|p| g.get(p.as_tensor()).map(|t| t.detach())).collect()))
         };
-        // The backward chosen on this thread (`grad::with_path`, thread-local) holds on the workers too.
-        let path = crate::model::grad::path();
+        // The backward chosen on this thread (`grad::with_path`, thread-local) holds on the workers too;
+        // the products' precision is this run's setting.
+        let (path, matmul) = (crate::model::grad::path(), self.cfg.matmul);
         let one = |(s, sigma, eps): (TrainSample, f32, Tensor)| -> Result<(f64, f32, Vec<Option<Tensor>>)> {
-            crate::model::grad::with_path(path, || example(s, sigma, eps))
+            crate::model::grad::with_path(path, || crate::model::grad::with_matmul(matmul, || example(s, sigma, eps)))
         };
         // The autograd path keeps the serial loop it had before the fast backward (the baseline
         // `infdit bench train` compares with).

@@ -8,14 +8,15 @@
 //! * `dV = P^T dO`, `dP = dO V^T`, `D_i = sum_c dO_ic O_ic`,
 //! * `dS = P (dP - D) s`, `dQ = dS K`, `dK = dS^T Q`.
 //!
-//! Products are single-threaded gemm calls; the (batch, head) items are spread over the rayon
+//! Products are single-threaded gemm calls (in the precision [`super::products`] gives: f32, or bf16
+//! on AMX tiles); the (batch, head) items are spread over the rayon
 //! pool, each written by one worker, so the results do not depend on the number of threads.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{slice, tensor, with_f32};
-use crate::kernels::{Path, matmul, sum_f32};
+use crate::kernels::{MatmulPrecision, Path, sum_f32};
 
 thread_local! {
     /// Per-worker score buffers (kept between calls: fresh 1 MB buffers per item cost page faults).
@@ -122,8 +123,8 @@ crate::kernels::multiversion! {
 
 /// Scores of one item, then the row softmax in place: `p` (tq x tk). The row loops run on the
 /// kernels' instruction set `path` ([`crate::kernels::multiversion`]; the same bits on each).
-fn probabilities(path: Path, q: &[f32], k: &[f32], dm: &Dims, scale: f32, p: &mut [f32]) {
-    matmul(dm.tq, dm.tk, dm.d, q, false, k, true, p, false);
+fn probabilities(path: Path, mm: MatmulPrecision, q: &[f32], k: &[f32], dm: &Dims, scale: f32, p: &mut [f32]) {
+    mm.matmul(dm.tq, dm.tk, dm.d, q, false, k, true, p, false);
     softmax_rows(path, p, dm.tk, scale);
 }
 
@@ -144,12 +145,12 @@ impl CustomOp3 for Attention {
         let dm = dims(lq.dims(), lk.dims(), lv.dims())?;
         let (q, k, v) = (slice(sq, lq, "attention q")?, slice(sk, lk, "attention k")?, slice(sv, lv, "attention v")?);
         let (qs, ks) = (dm.tq * dm.d, dm.tk * dm.d);
-        let path = crate::kernels::path();
+        let (path, mm) = (crate::kernels::path(), super::products());
         let mut out = vec![0f32; dm.items * qs];
         out.par_chunks_mut(qs).enumerate().for_each(|(i, o)| {
             with_scratch(dm.tq * dm.tk, |p, _| {
-                probabilities(path, &q[i * qs..][..qs], &k[i * ks..][..ks], &dm, self.scale, p);
-                matmul(dm.tq, dm.d, dm.tk, p, false, &v[i * ks..][..ks], false, o, false);
+                probabilities(path, mm, &q[i * qs..][..qs], &k[i * ks..][..ks], &dm, self.scale, p);
+                mm.matmul(dm.tq, dm.d, dm.tk, p, false, &v[i * ks..][..ks], false, o, false);
             })
         });
         Ok((CpuStorage::F32(out), lq.shape().clone()))
@@ -168,7 +169,7 @@ impl CustomOp3 for Attention {
         let mut dq = vec![0f32; dm.items * qs];
         let mut dk = vec![0f32; dm.items * ks];
         let mut dv = vec![0f32; dm.items * ks];
-        let (scale, path) = (self.scale, crate::kernels::path());
+        let (scale, path, mm) = (self.scale, crate::kernels::path(), super::products());
         with_f32(&q.detach(), |q| {
             with_f32(&k.detach(), |k| {
                 with_f32(&v.detach(), |v| {
@@ -182,15 +183,15 @@ impl CustomOp3 for Attention {
                                     let (qi, ki, vi) = (&q[i * qs..][..qs], &k[i * ks..][..ks], &v[i * ks..][..ks]);
                                     let (oi, gi) = (&o[i * qs..][..qs], &g[i * qs..][..qs]);
                                     with_scratch(dm.tq * dm.tk, |p, dp| {
-                                        probabilities(path, qi, ki, &dm, scale, p);
+                                        probabilities(path, mm, qi, ki, &dm, scale, p);
                                         // dV = P^T dO
-                                        matmul(dm.tk, dm.d, dm.tq, p, true, gi, false, dvi, false);
+                                        mm.matmul(dm.tk, dm.d, dm.tq, p, true, gi, false, dvi, false);
                                         // dP = dO V^T
-                                        matmul(dm.tq, dm.tk, dm.d, gi, false, vi, true, dp, false);
+                                        mm.matmul(dm.tq, dm.tk, dm.d, gi, false, vi, true, dp, false);
                                         score_grad_rows(path, p, dp, gi, oi, dm.tk, dm.d, scale);
                                         // dQ = dS K, dK = dS^T Q
-                                        matmul(dm.tq, dm.d, dm.tk, dp, false, ki, false, dqi, false);
-                                        matmul(dm.tk, dm.d, dm.tq, dp, true, qi, false, dki, false);
+                                        mm.matmul(dm.tq, dm.d, dm.tk, dp, false, ki, false, dqi, false);
+                                        mm.matmul(dm.tk, dm.d, dm.tq, dp, true, qi, false, dki, false);
                                     })
                                 });
                         })

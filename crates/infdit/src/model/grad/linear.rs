@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use super::{gelu, slice, tensor, with_f32};
-use crate::kernels::{Strided, matmul_strided};
+use crate::kernels::{MatmulPrecision, Strided};
 
 /// Rows of `x` per parallel task.
 const ROWS: usize = 512;
@@ -22,7 +22,7 @@ const SUM_ROWS: usize = 256;
 const W_ROWS: usize = 256;
 
 /// `x W^T (+ b)` for `x` (rows, k) and `W` (n, k), in blocks of rows.
-pub(crate) fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, n: usize) -> Vec<f32> {
+pub(crate) fn forward(mm: MatmulPrecision, x: &[f32], w: &[f32], b: Option<&[f32]>, n: usize) -> Vec<f32> {
     let k = w.len() / n.max(1);
     let mut y = vec![0f32; x.len() / k.max(1) * n];
     if k == 0 {
@@ -30,7 +30,7 @@ pub(crate) fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, n: usize) -> Vec<
     }
     y.par_chunks_mut(ROWS * n).zip(x.par_chunks(ROWS * k)).for_each(|(y, x)| {
         let m = x.len() / k;
-        matmul_strided(m, n, k, Strided { v: x, rs: k, cs: 1 }, Strided { v: w, rs: 1, cs: k }, y, false);
+        mm.matmul_strided(m, n, k, Strided { v: x, rs: k, cs: 1 }, Strided { v: w, rs: 1, cs: k }, y, false);
         if let Some(b) = b {
             for row in y.chunks_exact_mut(n) {
                 for (o, b) in row.iter_mut().zip(b) {
@@ -43,7 +43,7 @@ pub(crate) fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, n: usize) -> Vec<
 }
 
 /// `g W` for `g` (rows, n) and `W` (n, k): the input gradient (rows, k).
-pub(crate) fn grad_input(g: &[f32], w: &[f32], n: usize) -> Vec<f32> {
+pub(crate) fn grad_input(mm: MatmulPrecision, g: &[f32], w: &[f32], n: usize) -> Vec<f32> {
     let k = w.len() / n.max(1);
     let mut dx = vec![0f32; g.len() / n.max(1) * k];
     if k == 0 {
@@ -51,14 +51,14 @@ pub(crate) fn grad_input(g: &[f32], w: &[f32], n: usize) -> Vec<f32> {
     }
     dx.par_chunks_mut(ROWS * k).zip(g.par_chunks(ROWS * n)).for_each(|(dx, g)| {
         let m = g.len() / n;
-        matmul_strided(m, k, n, Strided { v: g, rs: n, cs: 1 }, Strided { v: w, rs: k, cs: 1 }, dx, false);
+        mm.matmul_strided(m, k, n, Strided { v: g, rs: n, cs: 1 }, Strided { v: w, rs: k, cs: 1 }, dx, false);
     });
     dx
 }
 
 /// `g^T x` for `g` (rows, n) and `x` (rows, k): the weight gradient (n, k), in blocks of its rows
 /// (each value one sum over all rows).
-pub(crate) fn grad_weight(g: &[f32], x: &[f32], n: usize, k: usize) -> Vec<f32> {
+pub(crate) fn grad_weight(mm: MatmulPrecision, g: &[f32], x: &[f32], n: usize, k: usize) -> Vec<f32> {
     let rows = g.len().checked_div(n).unwrap_or(0);
     let mut dw = vec![0f32; n * k];
     if k == 0 {
@@ -67,7 +67,7 @@ pub(crate) fn grad_weight(g: &[f32], x: &[f32], n: usize, k: usize) -> Vec<f32> 
     dw.par_chunks_mut(W_ROWS * k).enumerate().for_each(|(i, dw)| {
         let m = dw.len() / k;
         let a = Strided { v: &g[i * W_ROWS..], rs: 1, cs: n };
-        matmul_strided(m, k, rows, a, Strided { v: x, rs: k, cs: 1 }, dw, false);
+        mm.matmul_strided(m, k, rows, a, Strided { v: x, rs: k, cs: 1 }, dw, false);
     });
     dw
 }
@@ -121,8 +121,8 @@ fn backward(x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Te
     let (n, k) = w.dims2()?;
     let g = grad.detach().contiguous()?;
     let (dx, dw) = with_f32(&g, |g| {
-        let dx = with_f32(w, |w| grad_input(g, w, n))?;
-        let dw = with_f32(x, |x| grad_weight(g, x, n, k))?;
+        let dx = with_f32(w, |w| grad_input(super::products(), g, w, n))?;
+        let dw = with_f32(x, |x| grad_weight(super::products(), g, x, n, k))?;
         Ok::<_, candle_core::Error>((dx, dw))
     })??;
     Ok((tensor(dx, x.dims())?, tensor(dw, &[n, k])?, g))
@@ -146,7 +146,7 @@ impl CustomOp3 for LinearBias {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, shape) = check(lx, lw, Some(lb))?;
         let (x, w, b) = (slice(sx, lx, "linear x")?, slice(sw, lw, "linear W")?, slice(sb, lb, "linear b")?);
-        Ok((CpuStorage::F32(forward(x, w, Some(b), n)), shape))
+        Ok((CpuStorage::F32(forward(super::products(), x, w, Some(b), n)), shape))
     }
 
     fn bwd(
@@ -184,7 +184,7 @@ impl CustomOp3 for GeluLinearBias {
         let (n, shape) = check(lu, lw, Some(lb))?;
         let (u, w, b) =
             (slice(su, lu, "gelu_linear u")?, slice(sw, lw, "gelu_linear W")?, slice(sb, lb, "gelu_linear b")?);
-        Ok((CpuStorage::F32(forward(&gelu::values(u), w, Some(b), n)), shape))
+        Ok((CpuStorage::F32(forward(super::products(), &gelu::values(u), w, Some(b), n)), shape))
     }
 
     fn bwd(
@@ -199,8 +199,8 @@ impl CustomOp3 for GeluLinearBias {
         let g = grad.detach().contiguous()?;
         let (du, dw, db) = with_f32(&g, |g| {
             with_f32(&u.detach(), |u| {
-                let da = with_f32(w, |w| grad_input(g, w, n))?;
-                let dw = grad_weight(g, &gelu::values(u), n, k);
+                let da = with_f32(w, |w| grad_input(super::products(), g, w, n))?;
+                let dw = grad_weight(super::products(), g, &gelu::values(u), n, k);
                 Ok::<_, candle_core::Error>((gelu::input_grad(u, &da), dw, row_sum(g, n)))
             })
         })???;
@@ -218,7 +218,7 @@ impl CustomOp2 for LinearNoBias {
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sw: &CpuStorage, lw: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, shape) = check(lx, lw, None)?;
         let (x, w) = (slice(sx, lx, "linear x")?, slice(sw, lw, "linear W")?);
-        Ok((CpuStorage::F32(forward(x, w, None, n)), shape))
+        Ok((CpuStorage::F32(forward(super::products(), x, w, None, n)), shape))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {

@@ -7,6 +7,8 @@
 
 use std::cell::Cell;
 
+pub use crate::kernels::MatmulPrecision;
+
 /// Which backward a training step uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GradPath {
@@ -46,6 +48,29 @@ pub fn with_path<R>(p: GradPath, f: impl FnOnce() -> R) -> R {
     }
     let _restore = Restore(PATH.with(|c| c.replace(p)));
     f()
+}
+
+thread_local! {
+    static MATMUL: Cell<MatmulPrecision> = const { Cell::new(MatmulPrecision::F32) };
+}
+
+/// Runs `f` with the fast ops' products on this thread in precision `p` (restored afterwards;
+/// f32 unless set).
+pub fn with_matmul<R>(p: MatmulPrecision, f: impl FnOnce() -> R) -> R {
+    struct Restore(MatmulPrecision);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            MATMUL.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(MATMUL.with(|c| c.replace(p)));
+    f()
+}
+
+/// The precision the fast ops' products run in on this thread: the one [`with_matmul`] set, as
+/// this CPU and kernel path can run it ([`MatmulPrecision::effective`]).
+pub fn products() -> MatmulPrecision {
+    MATMUL.with(Cell::get).effective()
 }
 
 /// Whether the fast ops apply to tensors that are part of an autograd graph: the fast path is

@@ -404,3 +404,43 @@ fn gelu_linear_matches_autograd() {
         .is_err()
     );
 }
+
+/// With bf16 products (AMX tiles where the CPU has them, f32 elsewhere) the dense layers and the
+/// attention stay within bf16 rounding of the f32 autograd composition, and do not depend on the
+/// thread count.
+#[test]
+fn bf16_products_match_autograd_within_bf16_rounding() {
+    let amx = with_matmul(MatmulPrecision::Bf16, products) == MatmulPrecision::Bf16;
+    println!("bf16 products {}", if amx { "on AMX tiles" } else { "unavailable here: f32 products checked" });
+    // bf16 keeps 8 significant bits: each product is off by up to ~2^-8 relative, sums of
+    // independent signs much less; 1e-2 of the largest value bounds every case here.
+    let tol = if amx { 1e-2 } else { 2e-5 };
+    let (xl, wl, bl, wtl) = (var(35, &[2, 550, 24]), var(36, &[300, 24]), var(37, &[300]), weights(38, &[2, 550, 300]));
+    with_matmul(MatmulPrecision::Bf16, || {
+        let fast = |t: &[&Tensor]| linear(t[0], t[1], Some(t[2])).unwrap();
+        let slow = |t: &[&Tensor]| linear_reference(t[0], t[1], Some(t[2])).unwrap();
+        compare(&[&xl, &wl, &bl], &wtl, fast, slow, tol);
+        let u = Var::from_tensor(&(weights(61, &[3, 100, 40]) * 3.0).unwrap()).unwrap();
+        let (w, b, wt) = (var(62, &[24, 40]), var(63, &[24]), weights(64, &[3, 100, 24]));
+        let fast = |t: &[&Tensor]| gelu_linear(t[0], t[1], t[2]).unwrap();
+        let slow = |t: &[&Tensor]| linear_reference(&t[0].gelu().unwrap(), t[1], Some(t[2])).unwrap();
+        compare(&[&u, &w, &b], &wt, fast, slow, tol);
+        let (n, h, tq, tk, d) = (2, 2, 70, 130, 64);
+        let (q, k, v, w) =
+            (var(1, &[n, h, tq, d]), var(2, &[n, h, tk, d]), var(3, &[n, h, tk, d]), weights(4, &[n, h, tq, d]));
+        let fast = |t: &[&Tensor]| attention(t[0], t[1], t[2]).unwrap();
+        let slow = |t: &[&Tensor]| attention_reference(t[0], t[1], t[2]).unwrap();
+        compare(&[&q, &k, &v], &w, fast, slow, tol);
+    });
+    // The same bits for any thread count.
+    let run = || {
+        with_matmul(MatmulPrecision::Bf16, || {
+            let y = linear(xl.as_tensor(), wl.as_tensor(), Some(bl.as_tensor())).unwrap();
+            let g = (y * &wtl).unwrap().sum_all().unwrap().backward().unwrap();
+            [&xl, &wl, &bl].map(|v| to_vec(g.get(v.as_tensor()).unwrap()))
+        })
+    };
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(run);
+    let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(run);
+    assert!(one == three, "the gradients differ between 1 and 3 threads");
+}
