@@ -231,6 +231,15 @@ pub enum DTypeArg {
     F16,
 }
 
+/// Precision of the training products (`infdit train --matmul`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MatmulArg {
+    /// bf16 operands, f32 sums (AMX tiles where the CPU has them, else f32).
+    Bf16,
+    /// f32 operands and sums.
+    F32,
+}
+
 /// Parses `--scale`: a factor > 0 such as `4`, `2`, `8`, `3`, `1.5`, optionally written `x4`.
 pub fn parse_scale(s: &str) -> Result<f64, String> {
     let t = s.trim();
@@ -720,6 +729,10 @@ pub struct TrainArgs {
     /// Seed of every random draw (crops, degradations, sigmas, noise).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Precision of the training products on the CPU: bf16 (operands rounded to bf16, sums in f32, on
+    /// AMX tiles where the CPU has them, else f32) or f32. A run resumes with the setting it started with.
+    #[arg(long, value_enum, default_value_t = MatmulArg::Bf16)]
+    pub matmul: MatmulArg,
     /// Save the state, model.safetensors and a sample every this many steps.
     #[arg(long, default_value_t = 100)]
     pub checkpoint_every: usize,

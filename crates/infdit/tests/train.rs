@@ -275,9 +275,21 @@ fn resumed_training_is_bit_identical() {
     assert_eq!(params(&straight, &dir, "a.safetensors"), params(&resumed, &dir, "b.safetensors"));
 
     // Other settings are refused.
-    let mut other = Trainer::new(&cfg, &init, TrainConfig { lr: 2e-3, ..tc }).unwrap();
+    let mut other = Trainer::new(&cfg, &init, TrainConfig { lr: 2e-3, ..tc.clone() }).unwrap();
     let err = other.load_state(&dir, &sample_cfg()).unwrap_err().to_string();
-    assert!(err.contains("other settings"), "{err}");
+    assert!(err.contains("other settings (train.lr: saved 0.001, now 0.002)"), "{err}");
+
+    // A state saved before the products' precision was a setting trained in f32: it resumes as f32
+    // and is refused, with the reason, by a run that asks for bf16.
+    let meta_path = dir.join("train-state.json");
+    let mut meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+    meta["train"].as_object_mut().unwrap().remove("matmul").unwrap();
+    std::fs::write(&meta_path, meta.to_string()).unwrap();
+    let mut as_f32 = Trainer::new(&cfg, &init, TrainConfig { matmul: MatmulPrecision::F32, ..tc.clone() }).unwrap();
+    assert!(as_f32.load_state(&dir, &sample_cfg()).unwrap());
+    let mut as_bf16 = Trainer::new(&cfg, &init, TrainConfig { matmul: MatmulPrecision::Bf16, ..tc }).unwrap();
+    let err = as_bf16.load_state(&dir, &sample_cfg()).unwrap_err().to_string();
+    assert!(err.contains(r#"train.matmul: saved "f32", now "bf16""#), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -16,13 +16,14 @@ use infdit::imageio::resize::{Bicubic, resize_tensor};
 use infdit::imageio::{LoadLimits, Rounding, load_image, rgb8_to_tensor, save_rgb8_atomic, tensor_to_rgb8_with};
 use infdit::loaded::Model;
 use infdit::loaded::random::training_init;
+use infdit::model::grad::MatmulPrecision;
 use infdit::train::trainer::write_atomic;
 use infdit::train::{Dataset, SampleConfig, TrainConfig, Trainer};
 use infdit::upscale::{Evaluation, UpscaleOptions, Upscaler};
 use infdit::weights::Checkpoint;
 use infdit::{ModelConfig, metrics};
 
-use crate::args::TrainArgs;
+use crate::args::{MatmulArg, TrainArgs};
 
 /// The HR crop, `(1, 3, s, s)` in `[-1, 1]`, that the periodic samples upscale: the centre of
 /// `path`, or of the first training image.
@@ -101,6 +102,10 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         p_mean: a.p_mean,
         p_std: a.p_std,
         seed: a.seed,
+        matmul: match a.matmul {
+            MatmulArg::Bf16 => MatmulPrecision::Bf16,
+            MatmulArg::F32 => MatmulPrecision::F32,
+        },
         ..TrainConfig::default()
     };
     let sc = SampleConfig {

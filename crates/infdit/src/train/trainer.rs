@@ -487,11 +487,16 @@ impl Trainer {
         })?;
         let mut want = self.cfg.clone();
         want.steps = meta.train.steps;
-        if meta.model != self.model_cfg || meta.train != want || meta.sample != SampleConfigMeta::from(sample_cfg) {
+        let sample = SampleConfigMeta::from(sample_cfg);
+        if meta.model != self.model_cfg || meta.train != want || meta.sample != sample {
+            let mut changed = differing("model", &meta.model, &self.model_cfg);
+            changed.extend(differing("train", &meta.train, &want));
+            changed.extend(differing("sample", &meta.sample, &sample));
             return Err(InfditError::Config(format!(
-                "{}: the saved run used other settings; resume with the same model config and training flags \
-                 (only --steps may change), or use another --out folder",
-                meta_path.display()
+                "{}: the saved run used other settings ({}); resume with the same model config and training \
+                 flags (only --steps may change), or use another --out folder",
+                meta_path.display(),
+                changed.join("; ")
             )));
         }
         let path = dir.join(STATE_FILE);
@@ -520,6 +525,25 @@ impl Trainer {
         self.step = meta.step;
         Ok(true)
     }
+}
+
+/// The top-level fields of two serialised settings that differ, as `what.field: saved X, now Y`.
+fn differing<T: Serialize>(what: &str, saved: &T, now: &T) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(saved), serde_json::to_value(now))
+    else {
+        return vec![what.to_string()];
+    };
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let none = serde_json::Value::Null;
+    keys.into_iter()
+        .filter_map(|k| {
+            let (x, y) = (a.get(k).unwrap_or(&none), b.get(k).unwrap_or(&none));
+            (x != y).then(|| format!("{what}.{k}: saved {x}, now {y}"))
+        })
+        .collect()
 }
 
 /// Writes `bytes` to `path` atomically (the image writer's temporary file, fsync and rename).
