@@ -125,6 +125,12 @@ mod x86 {
     use super::{KB, TILE, TR};
     use crate::kernels::Strided;
 
+    thread_local! {
+        /// This thread's packed operands, kept between calls (fresh zeroed buffers were 5 % of a
+        /// training step).
+        static PACKED: std::cell::RefCell<(Vec<u16>, Vec<u16>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    }
+
     /// Panels of 16 needed for `len` rows or columns, rounded up to an even count.
     fn panels(len: usize) -> usize {
         len.div_ceil(2 * TR) * 2
@@ -158,14 +164,30 @@ mod x86 {
     ) {
         let kbn = k.div_ceil(KB).max(1);
         let (mp, np) = (panels(m), panels(n));
-        let mut pa = vec![0u16; mp * kbn * TILE];
-        let mut pb = vec![0u16; np * kbn * TILE];
-        // SAFETY: the caller bounds the views and the CPU has the features; the packed buffers
-        // have the sizes the packers fill.
-        unsafe {
-            pack_a(a, m, k, kbn, &mut pa);
-            pack_b(b, k, n, kbn, &mut pb);
-        }
+        PACKED.with(|bufs| {
+            let (pa, pb) = &mut *bufs.borrow_mut();
+            // The packers write every value of these lengths (padding included): a buffer kept from
+            // an earlier call needs no clearing.
+            pa.resize(pa.len().max(mp * kbn * TILE), 0);
+            pb.resize(pb.len().max(np * kbn * TILE), 0);
+            let (pa, pb) = (&mut pa[..mp * kbn * TILE], &mut pb[..np * kbn * TILE]);
+            // SAFETY: the caller bounds the views and the CPU has the features (and the tiles);
+            // the packed buffers have the sizes the packers fill.
+            unsafe {
+                pack_a(a, m, k, kbn, pa);
+                pack_b(b, k, n, kbn, pb);
+                tiles(pa, pb, m, n, kbn, c, acc);
+            }
+        })
+    }
+
+    /// `C` (m x n) `=` (or `+=`) the packed `A` times the packed `B`, on the tiles.
+    ///
+    /// # Safety
+    /// The CPU has AMX and the process the tile permission; `pa` and `pb` hold the packed panels.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn tiles(pa: &[u16], pb: &[u16], m: usize, n: usize, kbn: usize, c: &mut [f32], acc: bool) {
+        let (mp, np) = (panels(m), panels(n));
         let cfg = Config::new();
         let mut edge = [0f32; 4 * TR * TR];
         // SAFETY: the CPU has AMX and the process the permission (the caller's contract);
@@ -311,7 +333,8 @@ mod x86 {
     /// Packs `A` (m x k) into `[panel][k block]` tiles of 16 rows x 32 bf16.
     ///
     /// # Safety
-    /// AVX-512 BF16; `a` reaches m x k values; `out` holds `panels(m) * kbn` zeroed tiles.
+    /// AVX-512 BF16; `a` reaches m x k values; `out` holds `panels(m) * kbn` tiles, all of which
+    /// are written (zeros in the padding).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn pack_a(a: Strided<'_>, m: usize, k: usize, kbn: usize, out: &mut [u16]) {
         let v = a.v.as_ptr();
@@ -319,11 +342,12 @@ mod x86 {
         // every write is within `out` (tile (ip, kb) at (ip * kbn + kb) * TILE).
         unsafe {
             if a.cs == 1 {
-                for i in 0..m {
+                // Every row of the padded panels: past m, zeros.
+                for i in 0..panels(m) * TR {
                     let (ip, r) = (i / TR, i % TR);
                     for kb in 0..kbn {
                         let k0 = kb * KB;
-                        let valid = k.saturating_sub(k0).min(KB);
+                        let valid = if i < m { k.saturating_sub(k0).min(KB) } else { 0 };
                         let p = v.add(i * a.rs + k0);
                         let x = bf16x32(load16(p, valid), load16(p.add(16), valid.saturating_sub(16)));
                         _mm512_storeu_si512(out.as_mut_ptr().add((ip * kbn + kb) * TILE + r * KB).cast(), x);
@@ -334,8 +358,8 @@ mod x86 {
             // Contiguous columns: pairs of k from two columns of 16 rows, then a transpose.
             // k blocks outside, so that the rows of the stored transpose are read in order.
             for kb in 0..kbn {
-                for ip in 0..m.div_ceil(TR) {
-                    let rows = (m - ip * TR).min(TR);
+                for ip in 0..panels(m) {
+                    let rows = m.saturating_sub(ip * TR).min(TR);
                     let mut t = [_mm512_setzero_si512(); 16];
                     for (p, tp) in t.iter_mut().enumerate() {
                         let (k0, k1) = (kb * KB + 2 * p, kb * KB + 2 * p + 1);
@@ -357,14 +381,15 @@ mod x86 {
     /// Packs `B` (k x n) into `[panel][k block]` tiles of 16 pairs (along k) x 16 columns.
     ///
     /// # Safety
-    /// AVX-512 BF16; `b` reaches k x n values; `out` holds `panels(n) * kbn` zeroed tiles.
+    /// AVX-512 BF16; `b` reaches k x n values; `out` holds `panels(n) * kbn` tiles, all of which
+    /// are written (zeros in the padding).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn pack_b(b: Strided<'_>, k: usize, n: usize, kbn: usize, out: &mut [u16]) {
         let v = b.v.as_ptr();
         // SAFETY: as in `pack_a`.
         unsafe {
-            for jp in 0..n.div_ceil(TR) {
-                let cols = (n - jp * TR).min(TR);
+            for jp in 0..panels(n) {
+                let cols = n.saturating_sub(jp * TR).min(TR);
                 for kb in 0..kbn {
                     let dst = out.as_mut_ptr().add((jp * kbn + kb) * TILE);
                     if b.cs == 1 {
@@ -424,9 +449,10 @@ mod tests {
             println!("no AMX on this machine (or INFDIT_AMX=0): nothing to check");
             return;
         }
-        for (m, n, k) in
-            [(1, 1, 1), (16, 16, 32), (32, 32, 64), (33, 47, 65), (100, 70, 130), (64, 256, 17), (7, 300, 512)]
-        {
+        // Growing and then shrinking: the packing buffers kept from a larger call hold stale values
+        // that a smaller call's padding must overwrite.
+        let sizes = [(1, 1, 1), (16, 16, 32), (32, 32, 64), (33, 47, 65), (100, 70, 130), (64, 256, 17), (7, 300, 512)];
+        for (m, n, k) in sizes.into_iter().chain(sizes.into_iter().rev()) {
             let av = values(m as u64 * 31 + k as u64, m * k);
             let bv = values(n as u64 * 17 + k as u64 + 1, k * n);
             let c0 = values(5, m * n);
