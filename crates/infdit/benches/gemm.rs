@@ -1,11 +1,12 @@
-//! Dense layers `x W^T`: candle's matmul in f32 and bf16 against the bf16 dot-product kernel; and
+//! Dense layers `x W^T`: candle's matmul in f32 and bf16 against infdit's bf16 kernel (AMX tiles
+//! where the CPU has them, else the bf16 dot product; `INFDIT_AMX=0` for the latter); and
 //! the single-threaded products of the fast training backward in f32 (the `gemm` crate) and in
 //! bf16 on AMX tiles (`train_*` cases, the built-in training config's shapes).
 //!
 //! `cargo bench -p infdit --bench gemm` (a filter such as `-- fc2` picks cases). Throughput is in
 //! elements per second where one element is one flop (2 M N K per call), so "Gelem/s" reads as
-//! GFLOP/s; a summary line per case is printed as well. The kernel needs avx512_bf16 (else its
-//! column is skipped).
+//! GFLOP/s; a summary line per case is printed as well. infdit's kernel needs AMX or avx512_bf16
+//! (else its column is skipped).
 #![allow(clippy::unwrap_used)] // tests, benchmarks and examples stop at the first failure
 
 use std::hint::black_box;
@@ -42,19 +43,24 @@ fn bench(c: &mut Criterion) {
         let bf16_matmul = || drop(black_box(xb.matmul(&wb.t().unwrap()).unwrap()));
         let kernel = || drop(black_box(bf16_gemm::linear(&xb, &wb, None).unwrap()));
         let dot = bf16_gemm::available();
+        let amx = MatmulPrecision::Bf16.effective() == MatmulPrecision::Bf16;
         println!(
-            "{name}: candle f32 {:.1} GFLOP/s, candle bf16 {:.1}, bf16 dot kernel {}",
+            "{name}: candle f32 {:.1} GFLOP/s, candle bf16 {:.1}, infdit bf16 kernel {}",
             gflops(flops, f32_matmul),
             gflops(flops, bf16_matmul),
-            if dot { format!("{:.1}", gflops(flops, kernel)) } else { "n/a (no avx512_bf16)".into() }
+            if amx || dot {
+                format!("{:.1} ({})", gflops(flops, kernel), if amx { "AMX tiles" } else { "dot product" })
+            } else {
+                "n/a (no avx512_bf16)".into()
+            }
         );
         let mut g = c.benchmark_group(name);
         g.throughput(Throughput::Elements(flops as u64));
         g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
         g.bench_function("candle_f32", |b| b.iter(f32_matmul));
         g.bench_function("candle_bf16", |b| b.iter(bf16_matmul));
-        if dot {
-            g.bench_function("bf16_dot", |b| b.iter(kernel));
+        if amx || dot {
+            g.bench_function("bf16_kernel", |b| b.iter(kernel));
         }
         g.finish();
     }
