@@ -91,7 +91,7 @@ fn request_tiles() -> bool {
     false
 }
 
-/// Whether [`matmul`] can read `a` (m x k) and `b` (k x n) as laid out: each operand has
+/// Whether [`matmul`](fn@matmul) can read `a` (m x k) and `b` (k x n) as laid out: each operand has
 /// contiguous rows or contiguous columns.
 pub(crate) fn supports(a: &Strided<'_>, b: &Strided<'_>) -> bool {
     (a.cs == 1 || a.rs == 1) && (b.cs == 1 || b.rs == 1)

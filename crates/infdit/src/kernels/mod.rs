@@ -241,17 +241,6 @@ impl Strided<'_> {
     }
 }
 
-/// `C = A B` (or `C += A B` with `acc`) on row-major f32 matrices, single-threaded (the callers
-/// parallelise over independent products, which keeps every result independent of the thread
-/// count). `A` is m x k, or stored k x m when `at`; `B` is k x n, or stored n x k when `bt`; `C` is
-/// m x n. Each product is summed in the gemm crate's fixed order.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul(m: usize, n: usize, k: usize, a: &[f32], at: bool, b: &[f32], bt: bool, c: &mut [f32], acc: bool) {
-    let a = if at { Strided { v: a, rs: 1, cs: m } } else { Strided { v: a, rs: k, cs: 1 } };
-    let b = if bt { Strided { v: b, rs: 1, cs: k } } else { Strided { v: b, rs: n, cs: 1 } };
-    matmul_strided(m, n, k, a, b, c, acc)
-}
-
 /// How the training products (dense layers, attention) are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -331,8 +320,9 @@ impl std::fmt::Display for MatmulPrecision {
     }
 }
 
-/// [`matmul`] on strided views: `C` (m x n, row-major) `= A B` (`+=` with `acc`), `A` m x k and `B`
-/// k x n, single-threaded.
+/// `C` (m x n, row-major) `= A B` (`+=` with `acc`) on strided views, `A` m x k and `B` k x n, in
+/// f32, single-threaded (the callers parallelise over independent products, which keeps every
+/// result independent of the thread count); each product summed in the gemm crate's fixed order.
 pub(crate) fn matmul_strided(m: usize, n: usize, k: usize, a: Strided<'_>, b: Strided<'_>, c: &mut [f32], acc: bool) {
     assert!(a.v.len() >= a.reach(m, k) && b.v.len() >= b.reach(k, n) && c.len() >= m * n, "matmul: operand too short");
     if m == 0 || n == 0 {
