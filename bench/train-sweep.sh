@@ -6,6 +6,7 @@
 #   bench/train-sweep.sh                 # all variants, STEPS=600 crops of 256 px each
 #   VARIANTS="base wide" STEPS=300 bench/train-sweep.sh
 #   BIN=target/cuda/release/infdit DEVICE=cuda STEPS=5000 bench/train-sweep.sh   # on a GPU
+#   MATMUL=f32 STEPS=3000 bench/train-sweep.sh   # continue runs started before --matmul existed (f32)
 #
 # The first run (600 crops, 2026-12-04) left every variant at bicubic: a sweep needs thousands of
 # steps per variant to separate them (docs/training.md#a-scaling-sweep). Needs target/release/infdit, data/photos/train (data/fetch_debian_wallpapers.sh) and
@@ -21,6 +22,7 @@ BIN=${BIN:-target/release/infdit}
 OUT=${OUT:-target/sweep}
 STEPS=${STEPS:-600}
 VARIANTS=${VARIANTS:-"base narrow wide block32"}
+MATMUL=${MATMUL:-bf16}
 mkdir -p "$OUT"
 variant() {
     case $1 in
@@ -42,7 +44,7 @@ for v in $VARIANTS; do
     "$BIN" train data/photos/train --config "$cfg" --out "$OUT/$v" --steps "$STEPS" --batch 1 --crop 256 \
         --max-side 1024 --lr 1e-3 --warmup 50 --grad-clip 1.0 --ema-decay 0.995 --p-mean 3.0 --p-std 0.5 \
         --degrade-prob 0.1 --lr-dropout 0 --checkpoint-every 100 --sample-steps 1 --sample-sigma-max 20 \
-        --seed 12 ${DEVICE:+--device "$DEVICE"} --quiet
+        --seed 12 --matmul "$MATMUL" ${DEVICE:+--device "$DEVICE"} --quiet
     train_s=$(( $(date +%s) - t0 ))
     "$BIN" eval --hr data/photos/validation_photos --hr-size 1024 --steps 1 --sigma-max 20 \
         --model "$OUT/$v" > "$OUT/$v-eval.txt"
