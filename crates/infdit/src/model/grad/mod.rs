@@ -40,14 +40,7 @@ pub fn path() -> GradPath {
 
 /// Runs `f` with the given backward on this thread (restored afterwards).
 pub fn with_path<R>(p: GradPath, f: impl FnOnce() -> R) -> R {
-    struct Restore(GradPath);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            PATH.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(PATH.with(|c| c.replace(p)));
-    f()
+    with_set(&PATH, p, f)
 }
 
 thread_local! {
@@ -57,13 +50,18 @@ thread_local! {
 /// Runs `f` with the fast ops' products on this thread in precision `p` (restored afterwards;
 /// f32 unless set).
 pub fn with_matmul<R>(p: MatmulPrecision, f: impl FnOnce() -> R) -> R {
-    struct Restore(MatmulPrecision);
-    impl Drop for Restore {
+    with_set(&MATMUL, p, f)
+}
+
+/// Runs `f` with the thread-local `key` set to `v`, restored afterwards (also when `f` panics).
+fn with_set<T: Copy + 'static, R>(key: &'static std::thread::LocalKey<Cell<T>>, v: T, f: impl FnOnce() -> R) -> R {
+    struct Restore<T: Copy + 'static>(&'static std::thread::LocalKey<Cell<T>>, T);
+    impl<T: Copy + 'static> Drop for Restore<T> {
         fn drop(&mut self) {
-            MATMUL.with(|c| c.set(self.0));
+            self.0.with(|c| c.set(self.1));
         }
     }
-    let _restore = Restore(MATMUL.with(|c| c.replace(p)));
+    let _restore = Restore(key, key.with(|c| c.replace(v)));
     f()
 }
 
