@@ -548,9 +548,9 @@ pub enum BenchTarget {
     /// Checks --device against the CPU: one block-scheduler call on the device (with and without
     /// --kv-offload) and on the CPU in f32, same inputs; prints the largest differences.
     Compare,
-    /// Training steps (sampling, forward, backward, AdamW) with the fast backward and with plain
-    /// candle autograd, for the built-in training config (or --config) and a larger one; prints
-    /// crops/s, GFLOP/s and the ratio.
+    /// Training steps (sampling, forward, backward, AdamW) with the fast backward (f32 products, and
+    /// bf16 products where the CPU has AMX) and with plain candle autograd, for the built-in training
+    /// config (or --config) and a larger one; prints crops/s, GFLOP/s and the ratios.
     Train,
 }
 

@@ -360,8 +360,9 @@ fn compare(a: BenchArgs) -> Result<()> {
 }
 
 /// `infdit bench train`: the library's [`infdit::train::bench::bench_train`] for the built-in
-/// training config (or `--config`) and a larger one (hidden 256, depth 8, 4 heads, MLP 1024), both
-/// backward paths, `--repeat` timed steps of a batch of 4 128-px crops after one warm-up step.
+/// training config (or `--config`) and a larger one (hidden 256, depth 8, 4 heads, MLP 1024): the fast
+/// backward with f32 products, with bf16 products where the CPU has AMX, and the autograd path;
+/// `--repeat` timed steps of a batch of 4 128-px crops after one warm-up step.
 fn bench_train(a: BenchArgs) -> Result<()> {
     use infdit::config::ModelConfig;
     use infdit::model::grad::{GradPath, MatmulPrecision};
