@@ -43,7 +43,7 @@ fn bench(c: &mut Criterion) {
         let bf16_matmul = || drop(black_box(xb.matmul(&wb.t().unwrap()).unwrap()));
         let kernel = || drop(black_box(bf16_gemm::linear(&xb, &wb, None).unwrap()));
         let dot = bf16_gemm::available();
-        let amx = MatmulPrecision::Bf16.effective() == MatmulPrecision::Bf16;
+        let amx = MatmulPrecision::bf16_runs();
         println!(
             "{name}: candle f32 {:.1} GFLOP/s, candle bf16 {:.1}, infdit bf16 kernel {}",
             gflops(flops, f32_matmul),
@@ -80,7 +80,7 @@ const TRAIN_CASES: [(&str, usize, usize, usize, bool, bool); 8] = [
 ];
 
 fn bench_training(c: &mut Criterion) {
-    let amx = MatmulPrecision::Bf16.effective() == MatmulPrecision::Bf16;
+    let amx = MatmulPrecision::bf16_runs();
     for (name, m, n, k, at, bt) in TRAIN_CASES {
         let (a, b) = (lcg(1, m * k, 1.0), lcg(2, k * n, 1.0));
         let (a, b) = (&a, &b);

@@ -383,7 +383,7 @@ fn bench_train(a: BenchArgs) -> Result<()> {
     // A GPU gets crops big enough to keep it busy, and only candle's autograd (the fast
     // backward's fused ops are CPU kernels). On the CPU: the fast backward with f32 products, with
     // bf16 products where the CPU runs them (AMX), and the autograd path it replaced.
-    let bf16 = MatmulPrecision::Bf16.effective() == MatmulPrecision::Bf16;
+    let bf16 = MatmulPrecision::bf16_runs();
     let ((crop, batch), runs): (_, Vec<(GradPath, MatmulPrecision)>) = if dev.is_gpu() {
         ((512, 8), vec![(GradPath::Autograd, MatmulPrecision::F32)])
     } else {
@@ -425,10 +425,10 @@ fn bench_train(a: BenchArgs) -> Result<()> {
                 "  {name:<9}  step best {:.3} s  median {:.3} s  {:.2} crops/s  {:.1} GFLOP/s",
                 r.best_step_s, r.median_step_s, r.crops_per_s, r.gflops
             );
-            rates.push((name, r.crops_per_s));
+            rates.push((name, r.path, r.crops_per_s));
         }
-        if let Some((_, autograd)) = rates.iter().find(|(n, _)| n == "autograd") {
-            for (name, rate) in rates.iter().filter(|(n, _)| n != "autograd") {
+        if let Some(&(_, _, autograd)) = rates.iter().find(|r| r.1 == GradPath::Autograd) {
+            for (name, _, rate) in rates.iter().filter(|r| r.1 == GradPath::Fast) {
                 println!("  ratio {name}/autograd: {:.2}x", rate / autograd);
             }
         }

@@ -102,10 +102,7 @@ pub(crate) fn supports(a: &Strided<'_>, b: &Strided<'_>) -> bool {
 /// and [`supports`] first (it panics otherwise).
 pub(crate) fn matmul(m: usize, n: usize, k: usize, a: Strided<'_>, b: Strided<'_>, c: &mut [f32], acc: bool) {
     assert!(available() && supports(&a, &b), "amx::matmul: not available for these operands");
-    assert!(
-        a.v.len() >= a.reach(m, k) && b.v.len() >= b.reach(k, n) && c.len() >= m * n,
-        "amx::matmul: operand too short"
-    );
+    assert!(super::operands_fit(m, n, k, &a, &b, c), "amx::matmul: operand too short");
     if m == 0 || n == 0 {
         return;
     }

@@ -84,15 +84,14 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     };
     let x = x.contiguous()?;
     let w = w.contiguous()?;
-    let amx = MatmulPrecision::Bf16.effective();
+    // AMX tiles where they run, else the dot product where it runs, else widened to f32.
+    let mm = MatmulPrecision::Bf16.effective();
     let out = with_slice(&x, |xs| {
         with_slice(&w, |ws| {
-            if amx == MatmulPrecision::Bf16 {
-                gemm_widened(amx, xs, ws, &bias, m, n, k)
-            } else if available() {
+            if mm == MatmulPrecision::F32 && available() {
                 gemm(xs, ws, &bias, m, n, k)
             } else {
-                gemm_widened(MatmulPrecision::F32, xs, ws, &bias, m, n, k)
+                gemm_widened(mm, xs, ws, &bias, m, n, k)
             }
         })
     })??;
@@ -316,7 +315,7 @@ mod tests {
         for path in crate::kernels::supported_paths() {
             crate::kernels::with_path(path, || {
                 linear_cases();
-                let way = if MatmulPrecision::Bf16.effective() == MatmulPrecision::Bf16 {
+                let way = if MatmulPrecision::bf16_runs() {
                     "AMX tiles"
                 } else if available() {
                     "bf16 dot product"
@@ -355,7 +354,7 @@ mod tests {
         if available() {
             ways.push(("dot product", gemm(&xs, &ws, &bias, m, n, k)));
         }
-        if MatmulPrecision::Bf16.effective() == MatmulPrecision::Bf16 {
+        if MatmulPrecision::bf16_runs() {
             ways.push(("AMX tiles", gemm_widened(MatmulPrecision::Bf16, &xs, &ws, &bias, m, n, k)));
         }
         for (way, got) in ways {

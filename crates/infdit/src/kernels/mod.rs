@@ -272,6 +272,12 @@ impl MatmulPrecision {
         }
     }
 
+    /// Whether [`MatmulPrecision::Bf16`] runs as bf16 for calls from this thread (its
+    /// [`effective`](Self::effective) precision is itself: AMX, on the `avx512` path).
+    pub fn bf16_runs() -> bool {
+        MatmulPrecision::Bf16.effective() == MatmulPrecision::Bf16
+    }
+
     /// `C = A B` (`+=` with `acc`), single-threaded, in this precision (callers pass an
     /// [`effective`](Self::effective) one, resolved on the thread that chose it): `A` is m x k, or
     /// stored k x m when `at`; `B` is k x n, or stored n x k when `bt`; `C` is m x n, row-major.
@@ -320,11 +326,17 @@ impl std::fmt::Display for MatmulPrecision {
     }
 }
 
+/// Whether `a` holds an m x k view, `b` a k x n view and `c` m x n values: the bounds every product
+/// on these operands relies on.
+fn operands_fit(m: usize, n: usize, k: usize, a: &Strided<'_>, b: &Strided<'_>, c: &[f32]) -> bool {
+    a.v.len() >= a.reach(m, k) && b.v.len() >= b.reach(k, n) && c.len() >= m * n
+}
+
 /// `C` (m x n, row-major) `= A B` (`+=` with `acc`) on strided views, `A` m x k and `B` k x n, in
 /// f32, single-threaded (the callers parallelise over independent products, which keeps every
 /// result independent of the thread count); each product summed in the gemm crate's fixed order.
 pub(crate) fn matmul_strided(m: usize, n: usize, k: usize, a: Strided<'_>, b: Strided<'_>, c: &mut [f32], acc: bool) {
-    assert!(a.v.len() >= a.reach(m, k) && b.v.len() >= b.reach(k, n) && c.len() >= m * n, "matmul: operand too short");
+    assert!(operands_fit(m, n, k, &a, &b, c), "matmul: operand too short");
     if m == 0 || n == 0 {
         return;
     }
