@@ -68,6 +68,11 @@ pub struct DitConfig {
 /// model draws on flat areas, where it knows no better than the upsampling, then leave the upsampling
 /// as it is instead of flipping the rounding of some pixels, while edges keep their full correction
 /// ([`crate::diffusion::Precond::core`]). Training never applies it.
+///
+/// It can also ask for a **flat-area gate** (`"flat_gate": full`): the (cored) residual is scaled at
+/// each output pixel by `min(range / full, 1)`, upsampled from the LR, where `range` is the LR's luma
+/// range in the 3 x 3 neighbourhood: corrections fade out where the LR is flat and stay whole wherever
+/// it varies by `full` or more ([`crate::diffusion::gate`]). Training never applies it either.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Precond {
@@ -79,11 +84,15 @@ pub struct Precond {
     /// level is `2 / 255`); `None` (the default, and absent from a file): no coring.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coring: Option<[f32; 2]>,
+    /// Residual mode: the LR luma range (image units) from which the flat-area gate keeps a
+    /// correction whole; `None` (the default, and absent from a file): no gate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flat_gate: Option<f32>,
 }
 
 impl Default for Precond {
     fn default() -> Self {
-        Self { sigma_data: 0.5, residual: false, coring: None }
+        Self { sigma_data: 0.5, residual: false, coring: None, flat_gate: None }
     }
 }
 
@@ -91,6 +100,16 @@ impl Precond {
     /// Largest coring threshold accepted: 0.1 in image units, about 13 8-bit levels (beyond that it
     /// would erase real detail, not faint noise).
     pub const MAX_CORING: f32 = 0.1;
+
+    /// Largest flat-gate range accepted: 0.5 in image units, a quarter of the whole luma range
+    /// (beyond that the gate would fade real edges).
+    pub const MAX_FLAT_GATE: f32 = 0.5;
+
+    /// The same preconditioning without its inference-only settings (coring, flat gate): what
+    /// training runs the network through.
+    pub fn for_training(&self) -> Self {
+        Self { coring: None, flat_gate: None, ..*self }
+    }
 
     /// Whether this is the released preconditioning.
     pub fn is_released(&self) -> bool {
@@ -314,6 +333,13 @@ impl DitConfig {
                 ));
             } else if !self.precond.residual {
                 errs.push("precond.coring needs the residual preconditioning (precond.residual true)".into());
+            }
+        }
+        if let Some(full) = self.precond.flat_gate {
+            if !(full > 0.0 && full <= Precond::MAX_FLAT_GATE) {
+                errs.push(format!("precond.flat_gate {full} must be a range 0 < range <= {}", Precond::MAX_FLAT_GATE));
+            } else if !self.precond.residual {
+                errs.push("precond.flat_gate needs the residual preconditioning (precond.residual true)".into());
             }
         }
         for (name, v) in [("depth", self.depth), ("mlp_hidden", self.mlp_hidden), ("vector_dim", self.vector_dim)] {
@@ -703,5 +729,28 @@ mod tests {
         }
         let e = refused(serde_json::json!({"sigma_data": 0.05, "residual": true, "coring": 0.004}));
         assert!(e.contains("expected an array of length 2"), "{e}");
+    }
+
+    #[test]
+    fn flat_gate_is_read_written_and_checked() {
+        let p = serde_json::json!({"sigma_data": 0.05, "residual": true, "coring": [0.004, 0.02], "flat_gate": 0.05});
+        let cfg = ModelConfig::from_json_str(&with_precond(p)).map_err(|e| e.to_string());
+        assert_eq!(cfg.as_ref().map(|c| c.dit.precond.flat_gate), Ok(Some(0.05)));
+        let again = cfg.as_ref().map(|c| ModelConfig::from_json_str(&c.to_json()).map(|c| c.dit.precond));
+        assert!(matches!(again, Ok(Ok(Precond { flat_gate: Some(0.05), coring: Some(_), .. }))), "{again:?}");
+        assert!(!ModelConfig::released().to_json().contains("flat_gate"));
+        // What training runs: neither inference setting, the rest kept.
+        let pre = cfg.map(|c| c.dit.precond.for_training());
+        assert_eq!(pre, Ok(Precond { sigma_data: 0.05, residual: true, coring: None, flat_gate: None }));
+        let refused = |p: serde_json::Value| match ModelConfig::from_json_str(&with_precond(p)) {
+            Err(e) => e.to_string(),
+            Ok(_) => String::from("accepted"),
+        };
+        let e = refused(serde_json::json!({"sigma_data": 0.5, "residual": false, "flat_gate": 0.05}));
+        assert!(e.contains("precond.flat_gate needs the residual preconditioning"), "{e}");
+        for bad in [0.0, -0.1, 0.75] {
+            let e = refused(serde_json::json!({"sigma_data": 0.05, "residual": true, "flat_gate": bad}));
+            assert!(e.contains(&format!("precond.flat_gate {bad} must be a range")), "{e}");
+        }
     }
 }

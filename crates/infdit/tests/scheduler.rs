@@ -421,7 +421,7 @@ fn memory_plan_with_state_dir_is_flat_in_height() {
 /// denoiser is `u + c_skip (x - u)`: the upsampled LR image, whatever the noise level.
 #[test]
 fn residual_preconditioning_blocks_match_and_zero_network_gives_the_upsampled_lr() {
-    let precond = Precond { sigma_data: 0.05, residual: true, coring: None };
+    let precond = Precond { sigma_data: 0.05, residual: true, ..Precond::default() };
     let dit =
         DitConfig { hidden: 32, depth: 2, heads: 2, mlp_hidden: 64, vector_dim: 8, precond, ..DitConfig::released() };
     let cfg = ModelConfig { dit, clip: None };
@@ -473,6 +473,36 @@ fn residual_preconditioning_blocks_match_and_zero_network_gives_the_upsampled_lr
     let zero = load(&cored_cfg(&cfg), training_init(&cfg, 21).unwrap());
     let r = ((&x - &cl).unwrap() * c_skip).unwrap();
     let want = (&cl + cored.dit.config().precond.core(r).unwrap()).unwrap();
+    let diff = (whole_of(&zero) - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-6, "{diff}");
+
+    // The flat-area gate (another residual-mode setting): block mode, batched or not and with the
+    // cache offloaded, still equals whole-image mode; the zero network's cored residual comes out
+    // scaled by the image's gate, which is 0 nowhere here (random LR) but below 1 somewhere.
+    let gated_cfg = |c: &ModelConfig| {
+        let mut c = cored_cfg(c);
+        c.dit.precond.flat_gate = Some(0.5);
+        c
+    };
+    let gated = load(&gated_cfg(&cfg), random_checkpoint(&cfg, 21).unwrap());
+    let whole_gated = whole_of(&gated);
+    assert!(rel(&whole_gated, &whole_cored) > 1e-3, "the gate changed nothing");
+    for (n, offload) in [(1, false), (2, false), (2, true)] {
+        let d = BlockDenoiser::new(&gated.dit, &clip, &p.lr, &cl, n, DType::F32)
+            .unwrap()
+            .with_kv_offload(offload)
+            .sweep(&x, sigma)
+            .unwrap();
+        assert!(rel(&d, &whole_gated) <= REL_BOUND, "n={n} offload={offload}: {:e}", rel(&d, &whole_gated));
+    }
+    let zero = load(&gated_cfg(&cfg), training_init(&cfg, 21).unwrap());
+    let (_, _, h, w) = cl.dims4().unwrap();
+    let pre = zero.dit.config().precond;
+    let gate = pre.flat_gate_of(&p.lr, h, w).unwrap().unwrap().full().unwrap();
+    let g = gate.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(g.iter().all(|&v| v > 0.0 && v <= 1.0) && g.iter().any(|&v| v < 1.0));
+    let r = pre.core(((&x - &cl).unwrap() * c_skip).unwrap()).unwrap();
+    let want = (&cl + r.broadcast_mul(&gate).unwrap()).unwrap();
     let diff = (whole_of(&zero) - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
     assert!(diff.to_scalar::<f32>().unwrap() < 1e-6, "{diff}");
 }

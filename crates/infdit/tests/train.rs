@@ -336,7 +336,7 @@ fn edm_weight_is_the_reference_formula() {
 #[test]
 fn residual_loss_uses_the_config_preconditioning() {
     let mut cfg = tiny();
-    cfg.dit.precond = Precond { sigma_data: 0.05, residual: true, coring: None };
+    cfg.dit.precond = Precond { sigma_data: 0.05, residual: true, ..Precond::default() };
     let model = Model::from_checkpoint(&cfg, training_init(&cfg, 4).unwrap(), DType::F32, &Device::Cpu).unwrap();
     let mut rng = SplitMix64::new(9);
     let s = dataset().sample(&SampleConfig { lr_dropout: 0.0, ..sample_cfg() }, &mut rng).unwrap();
@@ -360,7 +360,7 @@ fn residual_loss_uses_the_config_preconditioning() {
 #[test]
 fn training_leaves_coring_out() {
     let mut plain = tiny();
-    plain.dit.precond = Precond { sigma_data: 0.05, residual: true, coring: None };
+    plain.dit.precond = Precond { sigma_data: 0.05, residual: true, ..Precond::default() };
     let mut cored = plain.clone();
     cored.dit.precond.coring = Some([0.05, 0.1]);
     let init = training_init(&plain, 3).unwrap();

@@ -1,9 +1,12 @@
 //! EDM preconditioning (spec §3.7), the sigma schedule and the deterministic Heun sampler (§5), and
 //! the seeded noise generator.
 
+pub mod gate;
 pub mod noise;
 
 use candle_core::{Result, Tensor};
+
+use gate::FlatGate;
 
 pub use crate::config::Precond;
 
@@ -61,12 +64,34 @@ impl Precond {
 
     /// The denoised image from the network output `f`: `c_out f + c_skip x` (released) or
     /// `c_out f + c_skip (x - up) + up` (residual), the residual `c_out f + c_skip (x - up)` cored
-    /// when the model asks for it ([`Precond::core`]).
-    pub fn denoised(&self, f: Tensor, x: &Tensor, up: &Tensor, s: &EdmScalings) -> Result<Tensor> {
+    /// when the model asks for it ([`Precond::core`]) and then scaled by `gate` (n or 1, 1, h, w;
+    /// [`Precond::flat_gate_of`]) where one is given.
+    pub fn denoised(
+        &self,
+        f: Tensor,
+        x: &Tensor,
+        up: &Tensor,
+        s: &EdmScalings,
+        gate: Option<&Tensor>,
+    ) -> Result<Tensor> {
         if self.residual {
-            self.core(((f * s.c_out as f64)? + ((x - up)? * s.c_skip as f64)?)?)? + up
+            let r = self.core(((f * s.c_out as f64)? + ((x - up)? * s.c_skip as f64)?)?)?;
+            match gate {
+                Some(g) => r.broadcast_mul(&g.to_dtype(r.dtype())?)? + up,
+                None => r + up,
+            }
         } else {
             (f * s.c_out as f64)? + (x * s.c_skip as f64)?
+        }
+    }
+
+    /// The flat-area gate of one image that the model asks for ([`crate::config::Precond::flat_gate`]),
+    /// from the LR the network sees (1, 3, h, w), for an output of `height x width`; `None` without
+    /// one (and for the released preconditioning, which has none).
+    pub fn flat_gate_of(&self, lr: &Tensor, height: usize, width: usize) -> Result<Option<FlatGate>> {
+        match self.flat_gate {
+            Some(full) if self.residual => Ok(Some(FlatGate::new(lr, full, height, width)?)),
+            _ => Ok(None),
         }
     }
 
@@ -304,10 +329,11 @@ mod tests {
         assert_eq!(inp.dims(), &[1, 2, 1, 2]);
         let want = [1.5 * s.c_in, 0.75 * s.c_in, 0.5 * s.c_in, -0.25 * s.c_in];
         assert_eq!(inp.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
-        let d = released.denoised(f.clone(), &x, &up, &s).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let d =
+            released.denoised(f.clone(), &x, &up, &s, None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(d, [2.0 * s.c_out + 1.5 * s.c_skip, -2.0 * s.c_out + 0.75 * s.c_skip]);
 
-        let residual = Precond { sigma_data: 0.1, residual: true, coring: None };
+        let residual = Precond { sigma_data: 0.1, residual: true, ..Precond::default() };
         for sigma in [0.01f32, 20.0] {
             let s = residual.scalings(sigma);
             let inp = residual.network_input(&x, &up, &s).unwrap();
@@ -316,7 +342,7 @@ mod tests {
             let expect = 0.1 / (sigma * sigma + 0.01);
             assert!((noisy - expect).abs() <= 1e-6 * expect, "{sigma}: {noisy} vs {expect}");
             assert_eq!(max_abs(&(inp.narrow(1, 1, 1).unwrap() - &up).unwrap()), 0.0);
-            let d = residual.denoised(f.clone(), &x, &up, &s).unwrap();
+            let d = residual.denoised(f.clone(), &x, &up, &s, None).unwrap();
             let want = (((&f * s.c_out as f64).unwrap() + s.c_skip as f64).unwrap() + &up).unwrap();
             assert!(max_abs(&(d - want).unwrap()) < 1e-6);
         }
@@ -328,7 +354,7 @@ mod tests {
         let dev = Device::Cpu;
         // Thresholds 0.01 and 0.03: dropped up to 0.01, kept from 0.03, 1.5 (|r| - 0.01) between.
         let r = Tensor::new(&[-0.5f32, -0.02, -0.004, 0.0, 0.01, 0.015, 0.03, 0.25], &dev).unwrap();
-        let cored = Precond { sigma_data: 0.05, residual: true, coring: Some([0.01, 0.03]) };
+        let cored = Precond { sigma_data: 0.05, residual: true, coring: Some([0.01, 0.03]), flat_gate: None };
         let got = cored.core(r.clone()).unwrap().to_vec1::<f32>().unwrap();
         let want = [-0.5f32, -0.015, 0.0, 0.0, 0.0, 0.0075, 0.03, 0.25];
         for (g, w) in got.iter().zip(want) {
@@ -341,8 +367,29 @@ mod tests {
         let up = Tensor::new(&[[[[0.5f32, -0.25]]]], &dev).unwrap();
         let s = cored.scalings(20.0);
         let f = Tensor::new(&[[[[0.005f32 / s.c_out, 0.5 / s.c_out]]]], &dev).unwrap();
-        let d = cored.denoised(f, &up, &up, &s).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let d = cored.denoised(f, &up, &up, &s, None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(d[0], 0.5, "a residual under the threshold leaves the upsampling as it is");
         assert!((d[1] - 0.25).abs() < 1e-6, "{d:?}");
+    }
+
+    #[test]
+    fn the_flat_gate_scales_the_cored_residual_and_only_where_asked() {
+        let dev = Device::Cpu;
+        let gated = Precond { sigma_data: 0.05, residual: true, coring: Some([0.01, 0.03]), flat_gate: Some(0.05) };
+        let up = Tensor::new(&[[[[0.5f32, -0.25]]]], &dev).unwrap();
+        let s = gated.scalings(20.0);
+        let f = Tensor::new(&[[[[0.5f32 / s.c_out, -0.02 / s.c_out]]]], &dev).unwrap();
+        let gate = Tensor::new(&[[[[0.25f32, 1.0]]]], &dev).unwrap();
+        let d = gated.denoised(f.clone(), &up, &up, &s, Some(&gate)).unwrap();
+        let d = d.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // 0.5 kept whole by the coring, then a quarter of it; -0.02 cored to -0.015, gate 1.
+        assert!((d[0] - 0.625).abs() < 1e-6 && (d[1] + 0.265).abs() < 1e-6, "{d:?}");
+        // The gate of an image exists only where the model asks for it, and only in residual mode.
+        let lr = Tensor::zeros((1, 3, 4, 4), candle_core::DType::F32, &dev).unwrap();
+        assert!(gated.flat_gate_of(&lr, 16, 16).unwrap().is_some());
+        let plain = Precond { flat_gate: None, ..gated };
+        assert!(plain.flat_gate_of(&lr, 16, 16).unwrap().is_none());
+        let released = Precond { flat_gate: Some(0.05), ..Precond::default() };
+        assert!(released.flat_gate_of(&lr, 16, 16).unwrap().is_none());
     }
 }

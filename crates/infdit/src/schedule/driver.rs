@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use super::cache::CachedKv;
 use super::plan::batches;
 use crate::diffusion::Denoise;
+use crate::diffusion::gate::FlatGate;
 use crate::model::blocks::{BlockGrid, BlockPos, blocks_to_image, take_blocks};
 use crate::model::{ImageCond, InfDit};
 use crate::prepare::ConcatLr;
@@ -31,6 +32,9 @@ pub struct BlockDenoiser<'a> {
     /// host, usually): the parts a batch row or batch needs go to the model's device.
     lr: Tensor,
     concat_lr: ConcatLr,
+    /// The model's flat-area gate, where its preconditioning asks for one; computed, like the
+    /// upsampled LR, one batch row at a time.
+    gate: Option<FlatGate>,
     grid: BlockGrid,
     block_batch: usize,
     kv_dtype: DType,
@@ -76,6 +80,7 @@ impl<'a> BlockDenoiser<'a> {
             clip: clip.to_device(dev)?,
             lr: lr.clone(),
             concat_lr,
+            gate: model.config().precond.flat_gate_of(lr, h, w)?,
             grid: BlockGrid::for_image(h, w, model.config().block_px)?,
             block_batch: block_batch.max(1),
             kv_dtype,
@@ -144,21 +149,24 @@ impl<'a> BlockDenoiser<'a> {
         // with the width.
         // (Offloaded: only the batch's own LR window and blocks of it go to the model's device, so
         // that nothing there grows with the width either.)
-        let mut band: Option<(usize, Option<ImageCond>, Tensor)> = None;
+        let mut band: Option<(usize, Option<ImageCond>, Tensor, Option<Tensor>)> = None;
         let offload = self.kv_offload;
         for batch in batches(&grid, self.block_batch) {
             let pos = batch.blocks();
-            if band.as_ref().is_none_or(|(r, _, _)| *r != batch.row0) {
+            if band.as_ref().is_none_or(|(r, _, _, _)| *r != batch.row0) {
                 drop(band.take()); // free the previous band before building the next
-                let up = self.concat_lr.rows(batch.row0 * bp, batch.row1 * bp).map_err(to_candle)?;
+                let (y0, y1) = (batch.row0 * bp, batch.row1 * bp);
+                let up = self.concat_lr.rows(y0, y1).map_err(to_candle)?;
+                let gate = self.gate.as_ref().map(|g| g.rows(y0, y1)).transpose()?;
                 band = Some(if offload {
-                    (batch.row0, None, up)
+                    (batch.row0, None, up, gate)
                 } else {
                     let cond = self.model.image_cond_rows(&self.lr, grid, batch.row0, batch.row1)?;
-                    (batch.row0, Some(cond), crate::device::to_device_compact(&up, &dev)?)
+                    let gate = gate.map(|g| crate::device::to_device_compact(&g, &dev)).transpose()?;
+                    (batch.row0, Some(cond), crate::device::to_device_compact(&up, &dev)?, gate)
                 });
             }
-            let (_, cond, up) = band.as_ref().expect("band computed above");
+            let (_, cond, up, gate) = band.as_ref().expect("band computed above");
             let window;
             let image = match cond {
                 Some(c) => c,
@@ -171,10 +179,14 @@ impl<'a> BlockDenoiser<'a> {
             let in_band: Vec<BlockPos> = pos.iter().map(|p| BlockPos { row: p.row - batch.row0, col: p.col }).collect();
             let xb = crate::device::to_device_compact(&input(&pos)?, &dev)?;
             let ub = crate::device::to_device_compact(&take_blocks(up, bp, &in_band)?, &dev)?;
+            let gb = match gate {
+                Some(g) => Some(crate::device::to_device_compact(&take_blocks(g, bp, &in_band)?, &dev)?),
+                None => None,
+            };
             let x_in = pre.network_input(&xb, &ub, &s)?;
             cache.begin(batch);
             let f = self.model.forward_blocks(&x_in, &pos, &step, image, &mut cache, None)?;
-            let d = pre.denoised(f, &xb, &ub, &s)?;
+            let d = pre.denoised(f, &xb, &ub, &s, gb.as_ref())?;
             output(&pos, &xb, d)?;
             self.peak_cache_bytes = self.peak_cache_bytes.max(cache.bytes());
             done += pos.len();

@@ -16,6 +16,8 @@ pub struct DenoiserInputs {
     pub lr: Tensor,
     /// (1, 3, H, W)
     pub concat_lr: Tensor,
+    /// The model's flat-area gate (1, 1, H, W), where its preconditioning asks for one.
+    pub gate: Option<Tensor>,
     /// The output block grid.
     pub grid: BlockGrid,
 }
@@ -25,10 +27,15 @@ impl DenoiserInputs {
     pub fn new(model: &InfDit, clip: &Tensor, lr: &Tensor, concat_lr: &Tensor) -> candle_core::Result<Self> {
         let (_, _, h, w) = concat_lr.dims4()?;
         let dev = model.device();
+        let gate = match model.config().precond.flat_gate_of(lr, h, w)? {
+            Some(g) => Some(g.full()?.to_device(dev)?),
+            None => None,
+        };
         Ok(Self {
             clip: clip.to_device(dev)?,
             lr: lr.to_device(dev)?,
             concat_lr: concat_lr.to_device(dev)?,
+            gate,
             grid: BlockGrid::for_image(h, w, model.config().block_px)?,
         })
     }
@@ -90,7 +97,7 @@ impl<'a> WholeImageDenoiser<'a> {
             }
         }
         let f = blocks_to_image(&f, &grid)?;
-        let d = pre.denoised(f, x, &self.inputs.concat_lr, &s)?;
+        let d = pre.denoised(f, x, &self.inputs.concat_lr, &s, self.inputs.gate.as_ref())?;
         self.evals += 1;
         if let Some(cb) = self.on_eval.as_mut() {
             cb(self.evals);

@@ -141,7 +141,7 @@ pub fn edm_weight(sigma: f64) -> f64 {
 }
 
 /// The weighted EDM loss of one example (a scalar tensor in the autograd graph), through `model`
-/// as it is ([`Trainer`] passes its network without the config's coring).
+/// as it is ([`Trainer`] passes its network without the config's coring and flat gate).
 /// `clip` is the (1, vector_dim) conditioning vector, `eps` the unit noise at the HR size.
 pub fn edm_loss(
     model: &Model,
@@ -289,12 +289,13 @@ impl Trainer {
         Model::from_checkpoint(&self.model_cfg, self.checkpoint(ema), DType::F32, &self.device)
     }
 
-    /// The network as training runs it: the current weights, without the config's coring (an
-    /// inference setting, [`crate::config::Precond::coring`]: trained through it, the network would get
-    /// no gradient wherever its residual is faint). Saved configs keep it.
+    /// The network as training runs it: the current weights, without the config's coring and flat
+    /// gate (inference settings, [`crate::config::Precond::for_training`]: trained through them, the
+    /// network would get no gradient wherever its residual is faint or the LR flat). Saved configs
+    /// keep them.
     fn training_model(&self) -> Result<Model> {
         let mut cfg = self.model_cfg.clone();
-        cfg.dit.precond.coring = None;
+        cfg.dit.precond = cfg.dit.precond.for_training();
         Model::from_checkpoint(&cfg, self.checkpoint(false), DType::F32, &self.device)
     }
 
