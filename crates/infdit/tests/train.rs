@@ -354,15 +354,16 @@ fn residual_loss_uses_the_config_preconditioning() {
     assert!((loss - weight * mse).abs() <= 1e-4 * loss, "{loss} vs {}", weight * mse);
 }
 
-/// Coring is an inference setting: a model whose config asks for it trains exactly as one whose
-/// config does not (the faint residuals it drops would otherwise get no gradient), and keeps it in
-/// the config it saves.
+/// Coring and the flat-area gate are inference settings: a model whose config asks for them trains
+/// exactly as one whose config does not (the residuals they drop or fade would otherwise get no or
+/// less gradient), and keeps them in the config it saves.
 #[test]
-fn training_leaves_coring_out() {
+fn training_leaves_coring_and_the_flat_gate_out() {
     let mut plain = tiny();
     plain.dit.precond = Precond { sigma_data: 0.05, residual: true, ..Precond::default() };
     let mut cored = plain.clone();
     cored.dit.precond.coring = Some([0.05, 0.1]);
+    cored.dit.precond.flat_gate = Some(0.2);
     let init = training_init(&plain, 3).unwrap();
     let tc = TrainConfig { batch: 2, lr: 1e-3, seed: 8, ..Default::default() };
     let dir = std::env::temp_dir().join(format!("infdit-train-coring-{}", std::process::id()));
@@ -370,7 +371,7 @@ fn training_leaves_coring_out() {
     let run = |cfg: &ModelConfig, name: &str| {
         let mut t = Trainer::new(cfg, &init, tc.clone()).unwrap();
         let stats = t.train_step(&dataset(), &sample_cfg()).unwrap();
-        assert_eq!(t.model_cfg.dit.precond.coring, cfg.dit.precond.coring);
+        assert_eq!(t.model_cfg.dit.precond, cfg.dit.precond);
         (stats.loss, params(&t, &dir, name))
     };
     let (a, b) = (run(&plain, "plain.safetensors"), run(&cored, "cored.safetensors"));
