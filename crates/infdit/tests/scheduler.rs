@@ -18,7 +18,7 @@ use infdit::model::blocks::BlockGrid;
 use infdit::prepare::{ConcatLr, PassScale, Prepared};
 use infdit::sampling::{Mode, SampleOptions, sample, sample_with_noise};
 use infdit::schedule::WholeImageDenoiser;
-use infdit::schedule::{BlockDenoiser, MemoryPlan, batches};
+use infdit::schedule::{BlockDenoiser, MemoryPlan, Placement, batches};
 
 /// Relative bound: max |a - b| / max |b|.
 fn rel(a: &Tensor, b: &Tensor) -> f64 {
@@ -414,6 +414,41 @@ fn memory_plan_with_state_dir_is_flat_in_height() {
     println!("1024x8192: in memory {}, state folder {}", plan(&tall, false), plan(&tall, true));
     assert!(plan(&tall, false).image_state > 500 << 20);
     assert!(plan(&tall, true).image_state < 64 << 20);
+}
+
+/// A residual model's flat-area gate is in the plan: its LR-size map, plus the whole output-size
+/// gate (whole-image mode) or one batch row of it and the batch's blocks (scheduler; on a GPU only
+/// the batch's blocks when the cache is offloaded), one f32 channel each.
+#[test]
+fn memory_plan_counts_the_flat_gate() {
+    let plain = DitConfig {
+        hidden: 64,
+        depth: 2,
+        heads: 2,
+        mlp_hidden: 128,
+        vector_dim: 8,
+        precond: Precond { sigma_data: 0.05, residual: true, ..Precond::default() },
+        ..DitConfig::released()
+    };
+    let gated = DitConfig { precond: Precond { flat_gate: Some(0.05), ..plain.precond }, ..plain.clone() };
+    let grid = BlockGrid { rows: 4, cols: 6, block_px: 128 };
+    let px = 512 * 768;
+    let plan = |c: &DitConfig, batch, gpu, kv_offload| {
+        let placement = Placement { gpu, kv_offload, state_dir: false };
+        MemoryPlan::estimate_placed(c, 1000, &grid, batch, DType::F32, DType::F32, placement)
+    };
+    let lr_map = px / 16 * 4;
+    let (row, blocks) = (2 * 128 * 768 * 4, 4 * 128 * 128 * 4);
+    for (batch, gpu, offload, extra) in [
+        (None, false, false, lr_map + px * 4),
+        (Some(2), false, false, lr_map + row + blocks),
+        (Some(2), true, false, row + blocks),
+        (Some(2), true, true, blocks),
+    ] {
+        let (a, b) = (plan(&plain, batch, gpu, offload), plan(&gated, batch, gpu, offload));
+        assert_eq!((a.weights, a.kv_cache, a.activations), (b.weights, b.kv_cache, b.activations));
+        assert_eq!(b.image_state - a.image_state, extra, "batch {batch:?} gpu {gpu} offload {offload}");
+    }
 }
 
 /// The residual preconditioning of infdit's own models: block mode equals whole-image mode, it is

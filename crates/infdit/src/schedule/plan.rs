@@ -171,6 +171,17 @@ impl MemoryPlan {
         };
         // The LR image itself, and its padded copy (1/16 of the output's pixels each).
         let lr_image = 2 * 3 * (px / (cfg.sr_scale * cfg.sr_scale)) * 4;
+        // A residual model's flat-area gate (one f32 channel): its LR-size map, and the whole
+        // output-size gate in whole-image mode or one batch row of it and its blocks in the
+        // scheduler; on a GPU, the batch row (or, offloaded, the batch's blocks) there.
+        let gated = cfg.precond.residual && cfg.precond.flat_gate.is_some();
+        let gate_row = batch.map_or(0, |n| n.min(grid.rows).max(1) * grid.block_px * w * 4);
+        let gate_blocks = blocks * grid.block_px * grid.block_px * 4;
+        let gate = match (gated, batch) {
+            (false, _) => 0,
+            (true, None) => px / (cfg.sr_scale * cfg.sr_scale) * 4 + px * 4,
+            (true, Some(_)) => px / (cfg.sr_scale * cfg.sr_scale) * 4 + gate_row + gate_blocks,
+        };
         let activations = blocks * per_block + scores;
         let weights = params * act.size_in_bytes();
         if let (true, Some(n)) = (placement.gpu, batch) {
@@ -186,10 +197,15 @@ impl MemoryPlan {
                 // The cache, the LR features of a batch row and its upsampled LR.
                 (kv_cache, lr_tokens, 3 * n.min(grid.rows).max(1) * grid.block_px * w * 4)
             };
-            let image_state = batch_images + band + lr_tokens * 3 * d * 4;
+            let gate = match (gated, placement.kv_offload) {
+                (false, _) => 0,
+                (true, true) => gate_blocks,
+                (true, false) => gate_row + gate_blocks,
+            };
+            let image_state = batch_images + band + gate + lr_tokens * 3 * d * 4;
             return Self { weights, kv_cache, activations, image_state };
         }
-        let image_state = images + lr_image + lr_tokens * 3 * d * 4;
+        let image_state = images + lr_image + gate + lr_tokens * 3 * d * 4;
         Self { weights, kv_cache, activations, image_state }
     }
 
