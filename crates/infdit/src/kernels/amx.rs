@@ -26,10 +26,13 @@ use std::sync::OnceLock;
 use super::Strided;
 
 /// Values of k per tile.
+#[cfg(target_arch = "x86_64")]
 const KB: usize = 32;
 /// Rows (of `A`, `C`) or columns (of `B`, `C`) per tile.
+#[cfg(target_arch = "x86_64")]
 const TR: usize = 16;
 /// bf16 values per tile.
+#[cfg(target_arch = "x86_64")]
 const TILE: usize = TR * KB;
 
 /// Whether the CPU has AMX-BF16 (and AVX-512 BF16 for the packing), the operating system lets this
@@ -112,6 +115,9 @@ pub(crate) fn matmul(m: usize, n: usize, k: usize, a: Strided<'_>, b: Strided<'_
     unsafe {
         x86::matmul(m, n, k, a, b, c, acc)
     }
+    // Elsewhere `available` is false and the assert above has already panicked.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (k, c, acc);
 }
 
 #[cfg(target_arch = "x86_64")]
