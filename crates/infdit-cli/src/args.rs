@@ -644,9 +644,10 @@ pub struct EvalArgs {
     /// Seed of the initial noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Blocks per batch side for the scheduler.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    pub block_batch: usize,
+    /// Blocks per batch side for the scheduler [default: as `infdit upscale` picks it, from the memory
+    /// plan; the results are the same, only the time differs].
+    #[arg(long, value_name = "N")]
+    pub block_batch: Option<usize>,
     /// Self-ensemble of the model's upscales: average N runs on mirrored/transposed inputs (1, 2, 4, 8) [default: the model's own (the built-in model's: 2), else 1].
     #[arg(long, value_name = "N")]
     pub ensemble: Option<usize>,

@@ -67,7 +67,16 @@ fn eval_prints_both_tables_and_the_summary() {
     assert!(model.is_finite(), "model PSNR-Y {model}");
     let written = image::open(dir.join("case_b_sr.png")).unwrap();
     assert_eq!((written.width(), written.height()), (384, 256));
+    // The default block batch (the upscale's, from the memory plan) and a batch of one block give
+    // the same output image.
+    let one = tmpdir("one-block");
+    let out =
+        eval(&[shared("parity").join("case_b_sr.png")], &["--out-dir", one.to_str().unwrap(), "--block-batch", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pixels = |d: &std::path::Path| image::open(d.join("case_b_sr.png")).unwrap().to_rgb8().into_raw();
+    assert!(pixels(&dir) == pixels(&one), "the block batch changed the output");
     std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&one).unwrap();
 }
 
 #[test]

@@ -31,7 +31,7 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
     if a.steps == Some(0) {
         bail!("--steps must be at least 1");
     }
-    if a.block_batch == 0 {
+    if a.block_batch == Some(0) {
         bail!("--block-batch must be at least 1");
     }
     let settings = EvalSettings { hr_size: a.hr_size, scale: a.scale, out_dir: a.out_dir.clone() };
@@ -62,7 +62,7 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         seed: a.seed,
         steps: a.steps,
         sigma_max: a.sigma_max,
-        evaluation: Evaluation::Blocks { block_batch: Some(a.block_batch) },
+        evaluation: Evaluation::Blocks { block_batch: a.block_batch },
         ensemble: a.ensemble,
         ..Default::default()
     };
