@@ -69,24 +69,10 @@ fn lr_gate_map(lr: &Tensor, full: f32) -> Result<Tensor> {
         y = (y + (lr.narrow(1, ch, 1)? * *w)?)?;
     }
     let padded = y.pad_with_same(2, 1, 1)?.pad_with_same(3, 1, 1)?;
-    let hi = window_max(&padded)?;
-    let lo = window_max(&padded.neg()?)?.neg()?;
+    // The 3 x 3 maximum and minimum (max pooling with stride 1 over the padded plane).
+    let hi = padded.max_pool2d_with_stride(3, 1)?;
+    let lo = padded.neg()?.max_pool2d_with_stride(3, 1)?.neg()?;
     ((hi - lo)? / full as f64)?.clamp(0f32, 1f32)
-}
-
-/// The 3 x 3 maximum of a (1, 1, h + 2, w + 2) plane: (1, 1, h, w).
-fn window_max(p: &Tensor) -> Result<Tensor> {
-    let (_, _, hp, wp) = p.dims4()?;
-    let (h, w) = (hp - 2, wp - 2);
-    let mut m = p.narrow(2, 0, h)?.narrow(3, 0, w)?;
-    for dy in 0..3 {
-        for dx in 0..3 {
-            if dy + dx > 0 {
-                m = m.maximum(&p.narrow(2, dy, h)?.narrow(3, dx, w)?)?;
-            }
-        }
-    }
-    m.contiguous()
 }
 
 #[cfg(test)]

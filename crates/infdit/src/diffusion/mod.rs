@@ -89,10 +89,12 @@ impl Precond {
     /// from the LR the network sees (1, 3, h, w), for an output of `height x width`; `None` without
     /// one (and for the released preconditioning, which has none).
     pub fn flat_gate_of(&self, lr: &Tensor, height: usize, width: usize) -> Result<Option<FlatGate>> {
-        match self.flat_gate {
-            Some(full) if self.residual => Ok(Some(FlatGate::new(lr, full, height, width)?)),
-            _ => Ok(None),
-        }
+        self.gate_range().map(|full| FlatGate::new(lr, full, height, width)).transpose()
+    }
+
+    /// The flat gate's full range where the model runs with one: set, and in residual mode.
+    pub fn gate_range(&self) -> Option<f32> {
+        self.flat_gate.filter(|_| self.residual)
     }
 
     /// Coring of a denoised residual `r` (see [`Precond`]): with thresholds `[low, high]`,

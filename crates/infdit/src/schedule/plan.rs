@@ -170,17 +170,18 @@ impl MemoryPlan {
             }
         };
         // The LR image itself, and its padded copy (1/16 of the output's pixels each).
-        let lr_image = 2 * 3 * (px / (cfg.sr_scale * cfg.sr_scale)) * 4;
+        let lr_px = px / (cfg.sr_scale * cfg.sr_scale);
+        let lr_image = 2 * 3 * lr_px * 4;
         // A residual model's flat-area gate (one f32 channel): its LR-size map, and the whole
         // output-size gate in whole-image mode or one batch row of it and its blocks in the
         // scheduler; on a GPU, the batch row (or, offloaded, the batch's blocks) there.
-        let gated = cfg.precond.residual && cfg.precond.flat_gate.is_some();
+        let gated = cfg.precond.gate_range().is_some();
         let gate_row = batch.map_or(0, |n| n.min(grid.rows).max(1) * grid.block_px * w * 4);
         let gate_blocks = blocks * grid.block_px * grid.block_px * 4;
         let gate = match (gated, batch) {
             (false, _) => 0,
-            (true, None) => px / (cfg.sr_scale * cfg.sr_scale) * 4 + px * 4,
-            (true, Some(_)) => px / (cfg.sr_scale * cfg.sr_scale) * 4 + gate_row + gate_blocks,
+            (true, None) => lr_px * 4 + px * 4,
+            (true, Some(_)) => lr_px * 4 + gate_row + gate_blocks,
         };
         let activations = blocks * per_block + scores;
         let weights = params * act.size_in_bytes();
