@@ -3,6 +3,12 @@
 //! Tolerances (the `TOL_*` constants below) are about 5-10x the fp32-vs-fp64 noise floor of the
 //! parity READMEs; output PNGs are identical except at most 0.1% of values off by one. Every golden
 //! tensor a case holds is checked, and a missing one fails the test (see [`golden`]).
+//!
+//! Kernel paths (docs/kernels.md): with `INFDIT_KERNELS` set, every check runs on that path only (the
+//! aarch64 emulation script runs neon and portable that way). Without it, the network checks (f32, bf16,
+//! f16) and the two smallest sampling cases (a: one block, e: the 2x mode) run on every path this CPU
+//! supports, so an AVX-512 machine checks its AVX2 and portable paths against the vectors too; the
+//! larger sampling cases (b, c, d) run on the fastest path, to keep the suite's time.
 #![allow(clippy::unwrap_used)] // tests, benchmarks and examples stop at the first failure
 
 mod common;
@@ -73,6 +79,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use infdit::diffusion::{EdmScalings, HeunConfig, heun_sample, initial_state};
 use infdit::imageio::resize::Bicubic;
+use infdit::kernels;
 use infdit::imageio::{load_rgb, tensor_to_rgb8};
 use infdit::prepare::{PassScale, prepare_official};
 use infdit::schedule::WholeImageDenoiser;
@@ -170,45 +177,66 @@ fn check_sampling(case_name: &str) {
     assert!(off as f64 <= MAX_OFF_BY_ONE * n as f64, "{case_name}: {off} of {n} values off by one (> 0.1%)");
 }
 
+/// Which kernel paths a check runs on (see the module note).
+#[derive(Clone, Copy)]
+enum Paths {
+    /// Every path the CPU supports, unless `INFDIT_KERNELS` names one.
+    Every,
+    /// The one `INFDIT_KERNELS` names, else the fastest.
+    Default,
+}
+
+/// Runs `check` on the kernel paths `which` selects, naming each path it runs.
+fn on_paths(which: Paths, what: &str, check: impl Fn()) {
+    let paths = match which {
+        Paths::Every if std::env::var_os("INFDIT_KERNELS").is_none() => kernels::supported_paths(),
+        _ => vec![kernels::default_path()],
+    };
+    for p in paths {
+        println!("{what}: kernel path {p}");
+        kernels::with_path(p, &check).unwrap();
+    }
+}
+
 #[test]
 fn case_a_network() {
-    check_network("a");
+    on_paths(Paths::Every, "a network", || check_network("a"));
 }
 #[test]
 fn case_b_network() {
-    check_network("b");
+    on_paths(Paths::Every, "b network", || check_network("b"));
 }
 #[test]
 fn case_c_network() {
-    check_network("c");
+    on_paths(Paths::Every, "c network", || check_network("c"));
 }
 #[test]
 fn case_d_network() {
-    check_network("d");
+    on_paths(Paths::Every, "d network", || check_network("d"));
 }
 #[test]
 fn case_e_network() {
-    check_network("e");
+    on_paths(Paths::Every, "e network", || check_network("e"));
 }
 #[test]
 fn case_a_sampling() {
-    check_sampling("a");
+    on_paths(Paths::Every, "a sampling", || check_sampling("a"));
 }
 #[test]
 fn case_b_sampling() {
-    check_sampling("b");
+    on_paths(Paths::Default, "b sampling", || check_sampling("b"));
 }
 #[test]
 fn case_c_sampling() {
-    check_sampling("c");
+    on_paths(Paths::Default, "c sampling", || check_sampling("c"));
 }
 #[test]
 fn case_d_sampling() {
-    check_sampling("d");
+    on_paths(Paths::Default, "d sampling", || check_sampling("d"));
 }
 #[test]
 fn case_e_sampling() {
-    check_sampling("e");
+    on_paths(Paths::Every, "e sampling", || check_sampling("e"));
 }
 
 /// The network in bf16 and f16 (on this CPU the bf16 dot-product kernels where it has them): the
@@ -237,11 +265,11 @@ fn check_reduced_precision(case_name: &str) {
 
 #[test]
 fn case_a_network_bf16_f16() {
-    check_reduced_precision("a");
+    on_paths(Paths::Every, "a bf16/f16", || check_reduced_precision("a"));
 }
 #[test]
 fn case_d_network_bf16_f16() {
-    check_reduced_precision("d");
+    on_paths(Paths::Every, "d bf16/f16", || check_reduced_precision("d"));
 }
 
 #[test]
