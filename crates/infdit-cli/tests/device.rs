@@ -133,11 +133,13 @@ fn kv_offload_and_cpu_device_give_the_same_image() {
     assert_eq!(o.status.code(), Some(1));
     let err = stderr_of(&o);
     assert!(err.contains("--kv-offload") && err.contains("is for the block scheduler"), "{err}");
-    // --verbose names the device and the cache's place.
+    // --verbose names the device, the CPU kernel path and the cache's place.
     let o = upscale(&dir.join("v.png"), &["--kv-offload", "--verbose"]);
     assert!(o.status.success());
     let err = stderr_of(&o);
     assert!(err.contains("device: cpu") && err.contains("--kv-offload") && err.contains("memory plan"), "{err}");
+    let kernels = format!("device: cpu, kernels {}", infdit::kernels::describe());
+    assert!(err.contains(&kernels), "{kernels} not in {err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -79,8 +79,8 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use infdit::diffusion::{EdmScalings, HeunConfig, heun_sample, initial_state};
 use infdit::imageio::resize::Bicubic;
-use infdit::kernels;
 use infdit::imageio::{load_rgb, tensor_to_rgb8};
+use infdit::kernels;
 use infdit::prepare::{PassScale, prepare_official};
 use infdit::schedule::WholeImageDenoiser;
 

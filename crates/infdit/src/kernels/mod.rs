@@ -223,6 +223,20 @@ pub fn bf16_dot() -> bool {
     path() == Path::Avx512 && cpu_has_bf16_dot()
 }
 
+/// The kernel path of calls from this thread and the instructions beyond it that its kernels use,
+/// for messages and bug reports: `avx512 (bf16 dot product, AMX tiles)`, `avx2`, `neon`, `portable`.
+pub fn describe() -> String {
+    let p = path();
+    let mut extra = Vec::new();
+    if bf16_dot() {
+        extra.push("bf16 dot product");
+    }
+    if p == Path::Avx512 && amx::available() {
+        extra.push("AMX tiles");
+    }
+    if extra.is_empty() { p.name().to_owned() } else { format!("{p} ({})", extra.join(", ")) }
+}
+
 /// A read-only matrix view: element `(i, j)` at `v[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
 pub(crate) struct Strided<'a> {
@@ -551,6 +565,17 @@ mod tests {
         assert_eq!(s.last(), Some(&Path::Portable));
         assert!(s.contains(&default_path()));
         println!("paths this CPU runs: {s:?}");
+    }
+
+    #[test]
+    fn describe_names_the_path_and_its_extras() {
+        for p in supported_paths() {
+            let d = with_path(p, describe).unwrap();
+            assert!(d == p.name() || d.starts_with(&format!("{p} (")), "{d}");
+            // The extras are AVX-512 instructions: only that path lists any.
+            assert_eq!(d.contains('('), p == Path::Avx512 && (cpu_has_bf16_dot() || amx::available()), "{d}");
+        }
+        assert_eq!(with_path(Path::Portable, describe).unwrap(), "portable");
     }
 
     #[test]

@@ -167,8 +167,10 @@ fn print_settings(a: &UpscaleArgs, s: &Setup) {
             }
             None => String::new(),
         };
+        let kernels =
+            if s.device.is_gpu() { String::new() } else { format!(", kernels {}", infdit::kernels::describe()) };
         eprintln!(
-            "device: {}, network dtype {:?}, K/V cache {:?}{}{mem}; memory budget {:.1} GiB",
+            "device: {}{kernels}, network dtype {:?}, K/V cache {:?}{}{mem}; memory budget {:.1} GiB",
             s.device.describe(),
             s.act,
             s.planner.kv_dtype,
