@@ -507,6 +507,13 @@ fn imread<'py>(py: Python<'py>, path: PathBuf, max_pixels: u64) -> PyResult<Boun
     to_array(py, &img.rgb, img.alpha.as_ref(), kind)
 }
 
+/// The CPU kernel path this process runs and the instructions beyond it that its kernels use:
+/// `avx512 (bf16 dot product, AMX tiles)`, `avx2`, `neon` or `portable` (`INFDIT_KERNELS` forces one).
+#[pyfunction]
+fn cpu_kernels() -> String {
+    infdit::kernels::describe()
+}
+
 /// The native module.
 #[pymodule]
 fn _infdit(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -515,6 +522,7 @@ fn _infdit(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyUpscaler>()?;
     m.add_function(wrap_pyfunction!(eval, m)?)?;
     m.add_function(wrap_pyfunction!(imread, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_kernels, m)?)?;
     m.add("BUILTIN_LABEL", infdit::loaded::BUILTIN_LABEL)?;
     Ok(())
 }

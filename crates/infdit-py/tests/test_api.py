@@ -429,6 +429,7 @@ def test_types_check_with_mypy(tmp_path):
         "plan = up.dry_run(out)\n"
         "m = infdit.eval(out, out)\n"
         "err: type[infdit.InfditError] = infdit.TooLargeError\n"
+        "kernels: str = infdit.cpu_kernels()\n"
     )
     out, err, code = api.run([str(ok), "--no-incremental", "--cache-dir", str(tmp_path / "c")])
     assert code == 0, out + err
@@ -436,3 +437,29 @@ def test_types_check_with_mypy(tmp_path):
     bad.write_text("import numpy as np, infdit\ninfdit.Upscaler().upscale(np.zeros((1, 1, 3)), steps='one')\n")
     out, err, code = api.run([str(bad), "--no-incremental", "--cache-dir", str(tmp_path / "c")])
     assert code == 1 and 'Argument "steps"' in out, out + err
+
+
+def test_cpu_kernels_names_the_path_and_follows_infdit_kernels():
+    # The process's path; INFDIT_KERNELS forces another in a fresh process (it is read once).
+    import subprocess
+
+    names = ("avx512", "avx2", "neon", "portable")
+    assert infdit.cpu_kernels().split(" ")[0] in names, infdit.cpu_kernels()
+
+    def forced(path):
+        env = dict(os.environ, INFDIT_KERNELS=path)
+        code = "import infdit; print(infdit.cpu_kernels())"
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+
+    assert forced("portable").stdout.strip() == "portable"
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    if "avx2" in flags and "fma" in flags:
+        assert forced("avx2").stdout.strip() == "avx2"
+    if "avx512f" in flags:
+        got = forced("avx512").stdout.strip()
+        assert got.startswith("avx512"), got
+        assert ("bf16 dot product" in got) == ("avx512_bf16" in flags), got
+    # A path this CPU cannot run is clamped, with a note on stderr.
+    if "asimd" not in flags:
+        r = forced("neon")
+        assert r.stdout.strip() != "neon" and "cannot run the neon kernels" in r.stderr, r.stderr

@@ -39,6 +39,7 @@ __all__ = [
     "Upscaler",
     "eval",
     "imread",
+    "cpu_kernels",
     "InfditError",
     "InputError",
     "TooLargeError",
@@ -322,6 +323,13 @@ def imread(path: PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """An image file as the library reads it (EXIF orientation applied): H x W x 3 or 4, uint16 for
     16-bit and float files, else uint8. Raises :class:`InputError` naming the file and the problem."""
     return _infdit.imread(os.fspath(path), max_pixels)
+
+
+def cpu_kernels() -> str:
+    """The CPU kernel path this process runs, with the instructions beyond it that its kernels use:
+    ``"avx512 (bf16 dot product, AMX tiles)"``, ``"avx2"``, ``"neon"`` or ``"portable"`` (the environment
+    variable ``INFDIT_KERNELS``, read once when the first kernel runs, forces one)."""
+    return _infdit.cpu_kernels()
 
 
 def _rgb8(image: Any, what: str) -> np.ndarray:
