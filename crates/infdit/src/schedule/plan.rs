@@ -161,13 +161,13 @@ impl MemoryPlan {
         // LR of one batch row (and its blocks), x, derivative, Euler point, noise and input of one
         // batch, and the 8-bit output image (3 bytes per pixel) the caller writes.
         let px = h * w;
+        // Pixels of one batch row of the output (the band), and of the batch's blocks.
+        let band_px = batch.map_or(0, |n| n.min(grid.rows).max(1) * grid.block_px * w);
+        let batch_px = blocks * grid.block_px * grid.block_px;
         let images = match (batch, state_dir) {
             (None, _) => 7 * 3 * px * 4,
             (Some(_), false) => 6 * 3 * px * 4,
-            (Some(n), true) => {
-                let band = n.min(grid.rows).max(1) * grid.block_px * w;
-                2 * 3 * band * 4 + 6 * 3 * blocks * grid.block_px * grid.block_px * 4 + 3 * px
-            }
+            (Some(_), true) => 2 * 3 * band_px * 4 + 6 * 3 * batch_px * 4 + 3 * px,
         };
         // The LR image itself, and its padded copy (1/16 of the output's pixels each).
         let lr_px = px / (cfg.sr_scale * cfg.sr_scale);
@@ -176,18 +176,16 @@ impl MemoryPlan {
         // output-size gate in whole-image mode or one batch row of it and its blocks in the
         // scheduler; on a GPU, the batch row (or, offloaded, the batch's blocks) there.
         let gated = cfg.precond.gate_range().is_some();
-        let gate_row = batch.map_or(0, |n| n.min(grid.rows).max(1) * grid.block_px * w * 4);
-        let gate_blocks = blocks * grid.block_px * grid.block_px * 4;
         let gate = match (gated, batch) {
             (false, _) => 0,
             (true, None) => lr_px * 4 + px * 4,
-            (true, Some(_)) => lr_px * 4 + gate_row + gate_blocks,
+            (true, Some(_)) => lr_px * 4 + band_px * 4 + batch_px * 4,
         };
         let activations = blocks * per_block + scores;
         let weights = params * act.size_in_bytes();
         if let (true, Some(n)) = (placement.gpu, batch) {
             // x, the upsampled LR, D and the Heun intermediates of one batch.
-            let batch_images = 6 * 3 * blocks * grid.block_px * grid.block_px * 4;
+            let batch_images = 6 * 3 * batch_px * 4;
             let (kv_cache, lr_tokens, band) = if placement.kv_offload {
                 // The outside neighbours of one layer, and the LR window of one batch.
                 let outside = n.min(grid.rows) + n.min(grid.cols) + 1;
@@ -196,14 +194,15 @@ impl MemoryPlan {
                 (outside * 2 * t * d * kv_bytes, side(grid.rows) * side(grid.cols), 0)
             } else {
                 // The cache, the LR features of a batch row and its upsampled LR.
-                (kv_cache, lr_tokens, 3 * n.min(grid.rows).max(1) * grid.block_px * w * 4)
+                (kv_cache, lr_tokens, 3 * band_px * 4)
             };
-            let gate = match (gated, placement.kv_offload) {
+            // The flat gate on the GPU: the batch's blocks, and its band unless offloaded.
+            let gpu_gate = match (gated, placement.kv_offload) {
                 (false, _) => 0,
-                (true, true) => gate_blocks,
-                (true, false) => gate_row + gate_blocks,
+                (true, true) => batch_px * 4,
+                (true, false) => band_px * 4 + batch_px * 4,
             };
-            let image_state = batch_images + band + gate + lr_tokens * 3 * d * 4;
+            let image_state = batch_images + band + gpu_gate + lr_tokens * 3 * d * 4;
             return Self { weights, kv_cache, activations, image_state };
         }
         let image_state = images + lr_image + gate + lr_tokens * 3 * d * 4;
