@@ -231,7 +231,7 @@ pub fn describe() -> String {
     if bf16_dot() {
         extra.push("bf16 dot product");
     }
-    if p == Path::Avx512 && amx::available() {
+    if MatmulPrecision::bf16_runs() {
         extra.push("AMX tiles");
     }
     if extra.is_empty() { p.name().to_owned() } else { format!("{p} ({})", extra.join(", ")) }
