@@ -12,8 +12,10 @@
 # QEMU_CPU (read by qemu: the default `max` has FP16 arithmetic, where the gemm crate's f16 matmul
 # sums in f16 and case_a_network_bf16_f16 fails; `cortex-a72` has none: see docs/kernels.md),
 # PROFILE (cargo profile of the build, default `release`; under emulation the f32 arithmetic itself is
-# the limit, qemu's soft-float multiply-add: the sampling parity cases take 35-70 minutes each (a, d, e: measured) and hours (b, c), see
-# docs/kernels.md, so use PARITY_FILTER="--skip sampling" unless a core is free for half a day).
+# the limit, qemu's soft-float multiply-add: the sampling parity cases take 35-70 minutes each with one
+# thread (a, d, e: measured) and hours (b: 79 minutes with RAYON_NUM_THREADS=2 on an idle 2-core host;
+# c: about 2 hours so), see docs/kernels.md, so use PARITY_FILTER="--skip sampling" unless the cores are
+# free for hours).
 # Needs root (or the packages already installed) for apt-get, and rustup.
 set -euo pipefail
 cd "$(dirname "$0")/.."
