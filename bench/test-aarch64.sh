@@ -10,7 +10,8 @@
 # default ../shared), SKIP_PARITY=1 to run the unit tests only, PARITY_FILTER (a test-name filter for
 # the parity tests, e.g. `network`: the sampling cases take long under emulation), JOBS (default 2),
 # QEMU_CPU (read by qemu: the default `max` has FP16 arithmetic, where the gemm crate's f16 matmul
-# sums in f16 and case_a_network_bf16_f16 fails; `cortex-a72` has none: see docs/kernels.md),
+# would sum in f16, so infdit's f16 dense layers widen to f32 there; `cortex-a72` has none and runs
+# gemm's f32 route: both pass, see docs/kernels.md),
 # PROFILE (cargo profile of the build, default `release`; under emulation the f32 arithmetic itself is
 # the limit, qemu's soft-float multiply-add: the sampling parity cases take 35-70 minutes each with one
 # thread (a, d, e: measured) and hours (b: 79 minutes with RAYON_NUM_THREADS=2 on an idle 2-core host;
