@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The kernel and parity tests of the infdit library on an emulated AVX2-only x86-64 CPU: the
+# ordinary x86-64 test binaries run under qemu-user with an Intel Haswell CPU model (AVX2, FMA,
+# F16C, no AVX-512), so the kernels' run-time detection itself, not `INFDIT_KERNELS`, picks the AVX2
+# path, and any AVX-512 instruction reached outside the AVX-512 path would stop the run with an
+# illegal instruction. Speed under emulation means nothing: this checks results only (the speed
+# figures of the AVX2 path are bench/cpu.sh's, docs/benchmarks.md).
+#
+#   bench/test-avx2-only.sh               # install qemu-user if missing, build, run
+#   bench/test-avx2-only.sh kernels       # another test filter for the library's unit tests
+#
+# Environment: INFDIT_SHARED_DIR (the parity vectors, default ../shared), SKIP_PARITY=1 to run the
+# unit tests only, PARITY_FILTER (a test-name filter for the parity tests, default `case_a_network`:
+# the f32 network case on every path the emulated CPU has, avx2 and portable, and the bf16 / f16 case;
+# each network case takes minutes of one core under emulation, each sampling case hours), JOBS
+# (default 2), QEMU_X86_CPU (default Haswell, less the features qemu's TCG cannot emulate, which it
+# would warn about on every thread).
+# Needs root (or qemu-user already installed) for apt-get.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+FILTER=${1:-kernels}
+JOBS=${JOBS:-2}
+CPU=${QEMU_X86_CPU:-Haswell,-pcid,-x2apic,-tsc-deadline,-hle,-rtm,-invpcid}
+
+if ! command -v qemu-x86_64 >/dev/null; then
+    echo "== installing qemu-user" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user
+fi
+# cargo runs the host target's test binaries through this runner (build scripts run natively).
+export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="qemu-x86_64 -cpu $CPU"
+
+# (a) the kernels' unit tests: every path the emulated CPU runs (avx2, portable)
+echo "== unit tests ($FILTER) under qemu-x86_64 -cpu $CPU" >&2
+LOG=$(mktemp)
+trap 'rm -f "$LOG"' EXIT
+cargo test -j "$JOBS" -p infdit --lib -- "$FILTER" --nocapture 2>&1 | tee "$LOG"
+# kernels::tests prints the paths the detection found; without AVX-512 they must be these two.
+if [[ $FILTER == kernels* ]] && ! grep -q "paths this CPU runs: \[Avx2, Portable\]" "$LOG"; then
+    echo "the emulated CPU did not report exactly the avx2 and portable kernel paths" >&2
+    exit 1
+fi
+
+# (b) the parity tests against the golden vectors on the path the detection picks (and every other
+# the CPU has, for the tests that run each)
+if [ "${SKIP_PARITY:-0}" != 1 ]; then
+    echo "== parity tests (${PARITY_FILTER:-case_a_network})" >&2
+    cargo test -j "$JOBS" -p infdit --test parity -- "${PARITY_FILTER:-case_a_network}" --nocapture
+fi
+echo "AVX2-only tests passed"
