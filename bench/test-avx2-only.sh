@@ -10,7 +10,7 @@
 #   bench/test-avx2-only.sh kernels       # another test filter for the library's unit tests
 #
 # Environment: INFDIT_SHARED_DIR (the parity vectors, default ../shared), SKIP_PARITY=1 to run the
-# unit tests only, PARITY_FILTER (a test-name filter for the parity tests, default `case_a_network`:
+# unit tests only, PARITY_FILTER (test-name filters for the parity tests, default `case_a_network`:
 # the f32 network case on every path the emulated CPU has, avx2 and portable, and the bf16 / f16 case;
 # each network case takes minutes of one core under emulation, each sampling case hours), JOBS
 # (default 2), QEMU_X86_CPU (default Haswell, less the features qemu's TCG cannot emulate, which it
@@ -46,6 +46,7 @@ fi
 # the CPU has, for the tests that run each)
 if [ "${SKIP_PARITY:-0}" != 1 ]; then
     echo "== parity tests (${PARITY_FILTER:-case_a_network})" >&2
-    cargo test -j "$JOBS" -p infdit --test parity -- "${PARITY_FILTER:-case_a_network}" --nocapture
+    # shellcheck disable=SC2086 # the filter is one or more words: test names, `--skip NAME`
+    cargo test -j "$JOBS" -p infdit --test parity -- ${PARITY_FILTER:-case_a_network} --nocapture
 fi
 echo "AVX2-only tests passed"
