@@ -14,7 +14,9 @@
 # the f32 network case on every path the emulated CPU has, avx2 and portable, and the bf16 / f16 case;
 # each network case takes minutes of one core under emulation, each sampling case hours), JOBS
 # (default 2), QEMU_X86_CPU (default Haswell, less the features qemu's TCG cannot emulate, which it
-# would warn about on every thread).
+# would warn about on every thread), WORKSPACE_BUILD=1 to run the unit tests from the binary that
+# `cargo test --workspace` built (no rebuild for `-p infdit`'s features; .ci/run does this) and skip
+# the parity tests.
 # Needs root (or qemu-user already installed) for apt-get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +37,23 @@ export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="qemu-x86_64 -cpu $CPU"
 echo "== unit tests ($FILTER) under qemu-x86_64 -cpu $CPU" >&2
 LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
-cargo test -j "$JOBS" -p infdit --lib -- "$FILTER" --nocapture 2>&1 | tee "$LOG"
+if [ "${WORKSPACE_BUILD:-0}" = 1 ]; then
+    # The library's unit-test binary of the workspace build (built already by `cargo test --workspace`).
+    BIN=$(cargo test --workspace --locked --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    t = m.get("target", {})
+    if m.get("reason") == "compiler-artifact" and t.get("name") == "infdit" and "lib" in t.get("kind", []) \
+            and m.get("profile", {}).get("test") and m.get("executable"):
+        print(m["executable"])
+')
+    [ -n "$BIN" ] || { echo "no unit-test binary of the infdit library in the workspace build" >&2; exit 1; }
+    qemu-x86_64 -cpu "$CPU" "$BIN" "$FILTER" --nocapture 2>&1 | tee "$LOG"
+    SKIP_PARITY=1
+else
+    cargo test -j "$JOBS" -p infdit --lib -- "$FILTER" --nocapture 2>&1 | tee "$LOG"
+fi
 # kernels::tests prints the paths the detection found; without AVX-512 they must be these two.
 if [[ $FILTER == kernels* ]] && ! grep -q "paths this CPU runs: \[Avx2, Portable\]" "$LOG"; then
     echo "the emulated CPU did not report exactly the avx2 and portable kernel paths" >&2
