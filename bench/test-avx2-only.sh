@@ -47,6 +47,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and t.get("name") == "infdit" and "lib" in t.get("kind", []) \
             and m.get("profile", {}).get("test") and m.get("executable"):
         print(m["executable"])
+        break
 ')
     [ -n "$BIN" ] || { echo "no unit-test binary of the infdit library in the workspace build" >&2; exit 1; }
     qemu-x86_64 -cpu "$CPU" "$BIN" "$FILTER" --nocapture 2>&1 | tee "$LOG"
