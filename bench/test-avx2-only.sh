@@ -10,51 +10,52 @@
 #   bench/test-avx2-only.sh kernels       # another test filter for the library's unit tests
 #
 # Environment: INFDIT_SHARED_DIR (the parity vectors, default ../shared), SKIP_PARITY=1 to run the
-# unit tests only, PARITY_FILTER (test-name filters for the parity tests, default `case_a_network`:
-# the f32 network case on every path the emulated CPU has, avx2 and portable, and the bf16 / f16 case;
-# each network case takes minutes of one core under emulation, each sampling case hours), JOBS
-# (default 2), QEMU_X86_CPU (default Haswell, less the features qemu's TCG cannot emulate, which it
-# would warn about on every thread), WORKSPACE_BUILD=1 to run the unit tests from the binary that
-# `cargo test --workspace` built (no rebuild for `-p infdit`'s features; .ci/run does this) and skip
-# the parity tests.
+# unit tests only (.ci/run does this), PARITY_FILTER (test-name filters for the parity tests, default
+# `case_a_network`: the f32 network case on every path the emulated CPU has, avx2 and portable, and the
+# bf16 / f16 case; each network case takes minutes of one core under emulation, each sampling case
+# from half an hour to hours), JOBS (default 2), QEMU_X86_CPU (default Haswell, less the features
+# qemu's TCG cannot emulate, which it would warn about on every thread).
+# The test binaries are those of `cargo test --workspace` (built here if missing, else reused: a
+# `-p infdit` build would resolve other features and compile everything again).
 # Needs root (or qemu-user already installed) for apt-get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 FILTER=${1:-kernels}
 JOBS=${JOBS:-2}
-CPU=${QEMU_X86_CPU:-Haswell,-pcid,-x2apic,-tsc-deadline,-hle,-rtm,-invpcid}
+QEMU=(qemu-x86_64 -cpu "${QEMU_X86_CPU:-Haswell,-pcid,-x2apic,-tsc-deadline,-hle,-rtm,-invpcid}")
 
 if ! command -v qemu-x86_64 >/dev/null; then
     echo "== installing qemu-user" >&2
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user
 fi
-# cargo runs the host target's test binaries through this runner (build scripts run natively).
-export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="qemu-x86_64 -cpu $CPU"
 
-# (a) the kernels' unit tests: every path the emulated CPU runs (avx2, portable)
-echo "== unit tests ($FILTER) under qemu-x86_64 -cpu $CPU" >&2
-LOG=$(mktemp)
-trap 'rm -f "$LOG"' EXIT
-if [ "${WORKSPACE_BUILD:-0}" = 1 ]; then
-    # The library's unit-test binary of the workspace build (built already by `cargo test --workspace`).
-    BIN=$(cargo test --workspace --locked --no-run --message-format=json 2>/dev/null | python3 -c '
+# The library's unit-test binary and the parity-test binary of the workspace build.
+cargo test -j "$JOBS" --workspace --locked --no-run
+read -r LIB PARITY < <(cargo test --workspace --locked --no-run --message-format=json 2>/dev/null | python3 -c '
 import json, sys
+found = {}
 for line in sys.stdin:
     m = json.loads(line)
     t = m.get("target", {})
-    if m.get("reason") == "compiler-artifact" and t.get("name") == "infdit" and "lib" in t.get("kind", []) \
-            and m.get("profile", {}).get("test") and m.get("executable"):
-        print(m["executable"])
-        break
+    if m.get("reason") == "compiler-artifact" and m.get("profile", {}).get("test") and m.get("executable"):
+        if t.get("name") == "infdit" and "lib" in t.get("kind", []):
+            found["lib"] = m["executable"]
+        elif t.get("name") == "parity" and "test" in t.get("kind", []):
+            found["parity"] = m["executable"]
+print(found.get("lib", "-"), found.get("parity", "-"))
 ')
-    [ -n "$BIN" ] || { echo "no unit-test binary of the infdit library in the workspace build" >&2; exit 1; }
-    qemu-x86_64 -cpu "$CPU" "$BIN" "$FILTER" --nocapture 2>&1 | tee "$LOG"
-    SKIP_PARITY=1
-else
-    cargo test -j "$JOBS" -p infdit --lib -- "$FILTER" --nocapture 2>&1 | tee "$LOG"
+if [ "$LIB" = - ] || [ "$PARITY" = - ]; then
+    echo "the workspace build has no unit-test binary of the infdit library or no parity-test binary" >&2
+    exit 1
 fi
+
+# (a) the kernels' unit tests: every path the emulated CPU runs (avx2, portable)
+echo "== unit tests ($FILTER) under ${QEMU[*]}" >&2
+LOG=$(mktemp)
+trap 'rm -f "$LOG"' EXIT
+(cd crates/infdit && "${QEMU[@]}" "$LIB" "$FILTER" --nocapture) 2>&1 | tee "$LOG"
 # kernels::tests prints the paths the detection found; without AVX-512 they must be these two.
 if [[ $FILTER == kernels* ]] && ! grep -q "paths this CPU runs: \[Avx2, Portable\]" "$LOG"; then
     echo "the emulated CPU did not report exactly the avx2 and portable kernel paths" >&2
@@ -66,6 +67,6 @@ fi
 if [ "${SKIP_PARITY:-0}" != 1 ]; then
     echo "== parity tests (${PARITY_FILTER:-case_a_network})" >&2
     # shellcheck disable=SC2086 # the filter is one or more words: test names, `--skip NAME`
-    cargo test -j "$JOBS" -p infdit --test parity -- ${PARITY_FILTER:-case_a_network} --nocapture
+    (cd crates/infdit && "${QEMU[@]}" "$PARITY" ${PARITY_FILTER:-case_a_network} --nocapture)
 fi
 echo "AVX2-only tests passed"
