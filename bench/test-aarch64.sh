@@ -14,7 +14,7 @@
 # gemm's f32 route: both pass, see docs/kernels.md),
 # PROFILE (cargo profile of the build, default `release`; under emulation the f32 arithmetic itself is
 # the limit, qemu's soft-float multiply-add: the sampling parity cases take 35-70 minutes each with one
-# thread (a, d, e) and hours (neon b: 79 minutes, c: 2 hours 19 minutes; portable b: 92 minutes; each
+# thread (a, d, e) and hours (neon b: 79 minutes, c: 2 hours 19 minutes; portable b: 92 minutes, c: 110 minutes; each
 # with RAYON_NUM_THREADS=2 on a 2-core host), see docs/kernels.md, so use PARITY_FILTER="--skip sampling"
 # unless the cores are free for hours).
 # Needs root (or the packages already installed) for apt-get, and rustup.
