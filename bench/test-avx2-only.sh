@@ -31,21 +31,30 @@ if ! command -v qemu-x86_64 >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user
 fi
 
-# The library's unit-test binary and the parity-test binary of the workspace build.
-cargo test -j "$JOBS" --workspace --locked --no-run
-read -r LIB PARITY < <(cargo test --workspace --locked --no-run --message-format=json 2>/dev/null | python3 -c '
+# The library's unit-test binary and the parity-test binary of the workspace build, in one cargo run:
+# progress and compiler errors on stderr, the artifacts as JSON on stdout. cargo's exit status is lost
+# in the process substitution, so its build-finished message reports a failed build.
+read -r LIB PARITY < <(cargo test -j "$JOBS" --workspace --locked --no-run \
+        --message-format=json-render-diagnostics | python3 -c '
 import json, sys
-found = {}
+found = {"lib": "-", "parity": "-"}
+built = False
 for line in sys.stdin:
     m = json.loads(line)
     t = m.get("target", {})
-    if m.get("reason") == "compiler-artifact" and m.get("profile", {}).get("test") and m.get("executable"):
+    if m.get("reason") == "build-finished":
+        built = m.get("success", False)
+    elif m.get("reason") == "compiler-artifact" and m.get("profile", {}).get("test") and m.get("executable"):
         if t.get("name") == "infdit" and "lib" in t.get("kind", []):
             found["lib"] = m["executable"]
         elif t.get("name") == "parity" and "test" in t.get("kind", []):
             found["parity"] = m["executable"]
-print(found.get("lib", "-"), found.get("parity", "-"))
+print(found["lib"] if built else "failed", found["parity"])
 ')
+if [ "${LIB:-failed}" = failed ]; then
+    echo "the workspace test build failed (cargo test --workspace --no-run)" >&2
+    exit 1
+fi
 if [ "$LIB" = - ] || [ "$PARITY" = - ]; then
     echo "the workspace build has no unit-test binary of the infdit library or no parity-test binary" >&2
     exit 1
